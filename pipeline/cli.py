@@ -1,0 +1,213 @@
+"""qpipe: one command per pipeline stage, plus doctor and setup-converter.
+
+Stage commands read params.yaml and recipes/ from the current directory (the project root,
+where dvc.yaml calls them). Errors print one line (what | where | fix) and exit with the
+code of their type: 2 bad input, 3 something this host lacks, 1 a gate failed.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from typing import Callable
+
+import typer
+
+app = typer.Typer(
+    name="qpipe",
+    help="Build, gate and compare quantized LLM artifacts. `dvc repro` runs the stages in order.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def log(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def stage(function: Callable) -> Callable:
+    """Turn qpipe errors into one line on stderr and their exit code."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        from pipeline.errors import QpipeError
+
+        try:
+            return function(*args, **kwargs)
+        except QpipeError as error:
+            typer.echo(error.one_line(), err=True)
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: nothing was left half-written", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _params():
+    from pipeline.config import load_params
+
+    return load_params()
+
+
+def _threads(params) -> int:
+    from pipeline import host
+
+    return params.speed.threads or host.cpu_info()["physical_cores"]
+
+
+@app.command("host")
+@stage
+def host_command(remeasure: bool = typer.Option(False, help="measure the bandwidth again even if the host is unchanged")):
+    """Probe this machine -> artifacts/host.json (CPU, memory, bandwidth, GPU, runtimes)."""
+    from pipeline import host, layout
+    from pipeline.files import read_json, write_json
+
+    previous = read_json(layout.HOST_FILE) if layout.HOST_FILE.is_file() else None
+    info = host.probe(previous, remeasure=remeasure)
+    write_json(layout.HOST_FILE, info)
+    log(f"host: {info['cpu']['model']}, {info['cpu']['physical_cores']} cores, "
+        f"{info['bandwidth']['gb_s']} GB/s copy bandwidth, GPU: {info['gpus'][0]['name'] if info['gpus'] else 'none'}")
+
+
+@app.command("source")
+@stage
+def source_command():
+    """Resolve params `model.source` -> artifacts/source/ (HF checkpoint + source.json)."""
+    from pipeline import layout, source
+
+    params = _params()
+    info = source.run(params.model.source, params.model.revision, layout.SOURCE_DIR, log=log)
+    log(f"source: {info['architectures']}, {info['bytes'] / 1e6:.1f} MB in {len(info['files'])} files")
+
+
+@app.command("corpus")
+@stage
+def corpus_command():
+    """Params `corpus` -> artifacts/corpus/ (calibration.txt, evaluation.txt, disjoint)."""
+    from pipeline import corpus, layout
+
+    corpus.run(_params().corpus, layout.CORPUS_DIR, log=log)
+
+
+@app.command("reference")
+@stage
+def reference_command():
+    """Evaluation windows + the unquantized model's scores -> artifacts/reference/."""
+    from pipeline import layout, reference
+
+    reference.run(_params().reference, layout.SOURCE_DIR, layout.EVALUATION_TEXT, layout.REFERENCE_DIR, log=log)
+
+
+@app.command("build")
+@stage
+def build_command(recipe: str = typer.Argument(..., help="recipe name (recipes/NAME.yaml)")):
+    """Build the artifact of one recipe -> artifacts/builds/RECIPE/."""
+    from pipeline import formats
+
+    formats.run_build(recipe, threads=_threads(_params()), log=log)
+
+
+@app.command("gate")
+@stage
+def gate_command(recipe: str = typer.Argument(..., help="recipe name (recipes/NAME.yaml)")):
+    """Accuracy + speed gates of one artifact -> artifacts/gates/RECIPE.json."""
+    from pipeline.gates import run_gate
+
+    run_gate(recipe, speed_params=_params().speed, log=log)
+
+
+@app.command("report")
+@stage
+def report_command():
+    """Tradeoff table, Pareto front and plot over params `recipes` -> artifacts/report/."""
+    from pipeline import layout, report
+
+    params = _params()
+    rows = report.run(params.recipes, layout.REPORT_DIR, log=log)
+    typer.echo((layout.REPORT_DIR / "tradeoff.md").read_text() if rows else "no recipes")
+
+
+@app.command("check")
+@stage
+def check_command():
+    """Exit 1 naming every recipe whose verdict is not pass (fail, or a required gate not run)."""
+    from pipeline import layout
+    from pipeline.errors import BadInput, GateFailed
+    from pipeline.files import read_json
+
+    params = _params()
+    path = layout.REPORT_DIR / "tradeoff.json"
+    if not path.is_file():
+        raise BadInput("no report", where=str(path), fix="run `qpipe report` (or `dvc repro`) first")
+    rows = {r["recipe"]: r for r in read_json(path)["rows"]}
+    missing = [name for name in params.recipes if name not in rows]
+    if missing:
+        raise BadInput(f"the report lacks recipes {', '.join(missing)}", where=str(path), fix="run `dvc repro`")
+    failed = []
+    for name in params.recipes:
+        r = rows[name]
+        if r["verdict"] == "pass":
+            log(f"pass  {name}")
+        else:
+            failed.append(name)
+            log(f"{r['verdict'].upper():<5} {name}: {'; '.join(r['reasons'])}")
+    if failed:
+        raise GateFailed(f"{len(failed)} of {len(params.recipes)} artifacts did not pass: {', '.join(failed)}",
+                         where=str(path), fix="see the reasons above; raise a limit only with a reason")
+
+
+@app.command("doctor")
+@stage
+def doctor_command():
+    """What this host can build and gate: CPU, GPU, memory bandwidth, runtimes, tools."""
+    from pipeline import host
+    from pipeline.formats import gguf
+
+    started = time.perf_counter()
+    cpu = host.cpu_info()
+    gpus = host.gpus()
+    runtimes = host.runtimes()
+    bandwidth = host.measure_bandwidth_gb_s(total_mib=256, repeats=3, threads=cpu["logical_cores"])
+    typer.echo(f"CPU        {cpu['model']}: {cpu['physical_cores']} cores / {cpu['logical_cores']} threads, "
+               f"SIMD {' '.join(cpu['simd']) or 'none detected'}")
+    typer.echo(f"memory     {host.memory_gb()} GB, copy bandwidth ~{bandwidth} GB/s (quick estimate; "
+               "the host stage measures 1 GiB)")
+    typer.echo("GPU        " + ("; ".join(f"{g['name']} {g['memory_gb']} GB, CC {g['compute_capability']}, "
+                                       f"driver {g['driver']}" for g in gpus) or "none (no nvidia-smi or no device)"))
+    typer.echo("runtimes   " + ", ".join(f"{name} {version or '-'}" for name, version in runtimes.items()))
+    try:
+        converter = gguf.converter_info()
+        converter_line = f"{converter['path']} (llama.cpp {converter.get('llama_cpp_commit')})"
+    except Exception as exc:
+        converter_line = f"missing: {getattr(exc, 'fix', exc)}"
+    try:
+        imatrix_line = str(gguf.llama_tool("llama-imatrix")[0])
+    except Exception as exc:
+        imatrix_line = f"missing: {getattr(exc, 'fix', exc)}"
+    typer.echo(f"converter  {converter_line}")
+    typer.echo(f"imatrix    {imatrix_line}")
+    llama = runtimes.get("llama_cpp")
+    typer.echo("can build  gguf" + ("" if llama and not converter_line.startswith("missing") else " (NO: see above)"))
+    typer.echo("can gate   gguf accuracy + speed via llama.cpp" if llama else "can gate   nothing: llama-cpp-python missing")
+    typer.echo(f"({time.perf_counter() - started:.2f} s)")
+
+
+@app.command("setup-converter")
+@stage
+def setup_converter_command():
+    """Install llama.cpp's convert_hf_to_gguf.py matching the installed llama-cpp-python."""
+    from pipeline.formats import gguf
+
+    path = gguf.setup_converter()
+    typer.echo(f"converter ready: {path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

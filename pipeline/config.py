@@ -1,0 +1,206 @@
+"""Params (params.yaml) and recipes (recipes/NAME.yaml), validated by pydantic.
+
+Every validation error becomes one BadInput naming the file, the key and the fix.
+Unknown keys are rejected everywhere, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.errors import BadInput
+
+PARAMS_FILE = Path("params.yaml")
+RECIPES_DIR = Path("recipes")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- recipe
+
+
+GateName = Literal["accuracy", "speed"]
+
+
+class GateLimits(Strict):
+    """Limits a recipe's artifact must meet. Each is optional; absent = not checked."""
+
+    max_ppl_ratio: float | None = Field(None, gt=0)
+    max_mean_kld: float | None = Field(None, ge=0)
+    min_top1_agreement: float | None = Field(None, ge=0, le=1)
+    min_decode_speedup: float | None = Field(None, gt=0)
+    min_roofline_fraction: float | None = Field(None, ge=0)
+    max_tokenizer_mismatch: float | None = Field(None, ge=0, le=1)
+    require: list[GateName] = Field(default_factory=lambda: ["accuracy", "speed"])
+
+    @field_validator(
+        "max_ppl_ratio", "max_mean_kld", "min_top1_agreement", "min_decode_speedup",
+        "min_roofline_fraction", "max_tokenizer_mismatch", mode="before",
+    )
+    @classmethod
+    def _finite_number(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"must be finite, got {value!r}")
+        return value
+
+
+class RecipeBase(Strict):
+    """Keys every recipe has; each format module subclasses this with its own knobs."""
+
+    format: str
+    description: str = ""
+    gates: GateLimits = Field(default_factory=GateLimits)
+
+
+def load_recipe(name: str, recipes_dir: Path = RECIPES_DIR) -> RecipeBase:
+    from pipeline import formats
+
+    path = Path(recipes_dir) / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in Path(recipes_dir).glob("*.yaml"))
+        raise BadInput(
+            f"no recipe named {name!r}",
+            where=str(path),
+            fix=f"create {path} or use one of: {', '.join(available) or '(none)'}",
+        )
+    raw = _read_yaml_mapping(path)
+    fmt = raw.get("format")
+    if fmt not in formats.FORMATS:
+        raise BadInput(
+            f"unknown format {fmt!r}",
+            where=f"{path}: format",
+            fix=f"set format to one of: {', '.join(sorted(formats.FORMATS))}",
+        )
+    recipe_class = formats.recipe_class(fmt)
+    return _validate(recipe_class, raw, path)
+
+
+# ---------------------------------------------------------------- params
+
+
+class ModelParams(Strict):
+    # embedded:smollm2-135m | a local HF checkpoint directory | a hub id (org/name)
+    source: str = "embedded:smollm2-135m"
+    revision: str | None = None
+
+
+class CorpusParams(Strict):
+    # embedded:pydoc | files | hf:<dataset id>
+    source: str = "embedded:pydoc"
+    calibration_file: str | None = None
+    evaluation_file: str | None = None
+    text_field: str = "text"
+    hf_config: str | None = None
+    hf_calibration_split: str = "train"
+    hf_evaluation_split: str = "test"
+
+
+class ReferenceParams(Strict):
+    windows: int = Field(40, ge=1)
+    window_tokens: int = Field(512, ge=8)
+    top_k: int = Field(64, ge=1, le=1024)
+
+
+class SpeedParams(Strict):
+    prompt_tokens: int = Field(512, ge=1)
+    gen_tokens: int = Field(128, ge=2)
+    repeats: int = Field(3, ge=1)
+    warmup: int = Field(1, ge=0)
+    threads: int = Field(0, ge=0)  # 0 = one per physical core
+
+
+class Params(Strict):
+    model: ModelParams = Field(default_factory=ModelParams)
+    corpus: CorpusParams = Field(default_factory=CorpusParams)
+    reference: ReferenceParams = Field(default_factory=ReferenceParams)
+    speed: SpeedParams = Field(default_factory=SpeedParams)
+    recipes: list[str] = Field(default_factory=list)
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput("params file not found", where=str(path), fix="run qpipe from the project root")
+    return _validate(Params, _read_yaml_mapping(path), path)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise BadInput(f"not valid YAML ({getattr(exc, 'problem', exc)})", where=where,
+                       fix="correct the YAML syntax") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise BadInput("expected a mapping of keys to values", where=str(path),
+                       fix="write the file as `key: value` lines")
+    return raw
+
+
+def _validate(model: type[BaseModel], raw: dict[str, Any], path: Path):
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise BadInput(*_describe(exc, path)) from None
+
+
+def _describe(exc: ValidationError, path: Path) -> tuple[str, str, str]:
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    more = exc.error_count() - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model_for_loc(exc, error["loc"]))
+        return (f"unknown key {key!r}{suffix}", f"{path}: {key}",
+                f"remove it or use one of: {allowed}" if allowed else "remove it")
+    if error["type"] == "literal_error":
+        return (f"{error['msg']} (got {error.get('input')!r}){suffix}", f"{path}: {key}",
+                "use one of the values listed")
+    return (f"{error['msg']} (got {error.get('input')!r}){suffix}", f"{path}: {key}",
+            "correct the value")
+
+
+def model_for_loc(exc: ValidationError, loc: tuple) -> type[BaseModel] | None:
+    model = _MODELS_BY_TITLE.get(exc.title)
+    for part in loc[:-1]:
+        if model is None:
+            return None
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
+def _allowed_keys(model: type[BaseModel] | None) -> str:
+    return ", ".join(model.model_fields) if model else ""
+
+
+class _Registry(dict):
+    def __missing__(self, title: str):
+        from pipeline import formats
+
+        for name in formats.FORMATS:
+            cls = formats.recipe_class(name)
+            if cls.__name__ == title:
+                return cls
+        return None
+
+
+_MODELS_BY_TITLE = _Registry(Params=Params, GateLimits=GateLimits)

@@ -1,0 +1,75 @@
+"""Formats, registered by name. One module per format.
+
+A format module owns everything about its format and exposes:
+
+- ``Recipe``: the pydantic recipe model (subclass of ``config.RecipeBase``) with its knobs;
+- ``build(recipe, name, workspace, progress)``: source checkpoint -> artifact files in a
+  staging directory, returning the format-specific part of build.json;
+- ``artifact_summary(build_dir)``: path, bytes, sha256, bits per weight of what a runtime loads;
+- ``score_accuracy(...)`` and ``measure_speed(...)``: run the native runtime (or a declared
+  emulation) and return gate sections, or raise ``HostLacks`` when they cannot run here.
+
+Module import must stay light: heavy packages are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+FORMATS: dict[str, str] = {
+    "gguf": "pipeline.formats.gguf",
+}
+
+
+def module(name: str) -> ModuleType:
+    return importlib.import_module(FORMATS[name])
+
+
+def recipe_class(name: str):
+    return module(name).Recipe
+
+
+def run_build(name: str, *, threads: int, log=print) -> dict:
+    """The build@R stage: recipe R -> artifacts/builds/R/ (artifact files + build.json)."""
+    import json
+    import resource
+    import time
+    from datetime import datetime, timezone
+
+    from pipeline import layout
+    from pipeline.config import load_recipe
+    from pipeline.errors import BadInput
+    from pipeline.files import atomic_dir, sha256_file
+    from pipeline.source import checkpoint_sha256
+
+    recipe = load_recipe(name)
+    if not (layout.SOURCE_DIR / "source.json").is_file():
+        raise BadInput("no source checkpoint", where=str(layout.SOURCE_DIR), fix="run `qpipe source` first")
+    if not layout.CALIBRATION_TEXT.is_file():
+        raise BadInput("no calibration text", where=str(layout.CALIBRATION_TEXT), fix="run `qpipe corpus` first")
+    fmt = module(recipe.format)
+    started = time.perf_counter()
+    with atomic_dir(layout.build_dir(name)) as staging:
+        facts = fmt.build(recipe, source_dir=layout.SOURCE_DIR, calibration_text=layout.CALIBRATION_TEXT,
+                          out_dir=staging, threads=threads, log=log)
+        artifact = fmt.artifact_path(staging)
+        peak_kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                       resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+        source = json.loads((layout.SOURCE_DIR / "source.json").read_text())
+        record = {
+            "recipe": name,
+            "format": recipe.format,
+            "resolved_recipe": recipe.model_dump(),
+            "source": {"origin": source["origin"], "sha256": checkpoint_sha256(layout.SOURCE_DIR)},
+            "artifact": {"file": artifact.name, "bytes": artifact.stat().st_size,
+                         "sha256": sha256_file(artifact)},
+            **facts,
+            "wall_s": round(time.perf_counter() - started, 2),
+            "peak_rss_mb": round(peak_kib / 1024, 1),
+            "threads": threads,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (staging / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(f"build {name}: {record['artifact']['bytes'] / 1e6:.1f} MB in {record['wall_s']:.1f} s")
+    return record

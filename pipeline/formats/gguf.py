@@ -1,0 +1,401 @@
+"""GGUF for llama.cpp: HF checkpoint -> f16/bf16 GGUF -> llama.cpp quantization.
+
+Tools, and why they are these:
+- Conversion uses llama.cpp's own ``convert_hf_to_gguf.py`` (with its ``conversion/`` package
+  and its own ``gguf-py``) taken from the llama-cpp-python sdist whose version is installed,
+  so the converter always writes what the installed runtime reads. ``qpipe setup-converter``
+  extracts it; the PyPI ``gguf`` package alone lacks the converter and lags the script.
+- Quantization calls ``llama_model_quantize`` in the installed llama.cpp (through
+  llama-cpp-python); no quant type is re-implemented here.
+- The importance matrix comes from llama.cpp's ``llama-imatrix`` tool, built with the same
+  llama-cpp-python (``LLAMA_BUILD_TOOLS=ON``), run on the calibration text.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from pipeline.config import RecipeBase
+from pipeline.errors import BadInput, HostLacks, QpipeError
+
+ARTIFACT_FILE = "model.gguf"
+IMATRIX_FILE = "imatrix.gguf"
+
+# llama.cpp quantization types (LLAMA_FTYPE_MOSTLY_<TYPE>), as llama-quantize names them.
+QUANT_TYPES = (
+    "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S",
+    "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "Q2_K_S", "IQ4_XS", "IQ4_NL",
+    "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M",
+    "IQ1_S", "TQ2_0", "TQ1_0",
+)
+# llama.cpp refuses these without an importance matrix.
+NEEDS_IMATRIX = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "Q2_K_S")
+
+
+class Recipe(RecipeBase):
+    format: Literal["gguf"]
+    type: str
+    outtype: Literal["f16", "bf16"] = "f16"
+    imatrix: bool = False
+    imatrix_chunks: int = Field(64, ge=1)
+    imatrix_ctx: int = Field(512, ge=32)
+
+    @model_validator(mode="after")
+    def _known_type(self) -> "Recipe":
+        if self.type.upper() not in QUANT_TYPES:
+            raise ValueError(
+                f"unknown GGUF type {self.type!r}; valid types: {', '.join(QUANT_TYPES)}"
+            )
+        self.type = self.type.upper()
+        if self.type in NEEDS_IMATRIX and not self.imatrix:
+            raise ValueError(f"GGUF type {self.type} needs `imatrix: true`")
+        return self
+
+
+# ---------------------------------------------------------------- tools
+
+
+def llama_cpp_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("llama-cpp-python")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def converter_dir() -> Path:
+    """Where ``qpipe setup-converter`` put llama.cpp's converter for the installed version."""
+    override = os.environ.get("QPIPE_LLAMA_CPP_CONVERTER")
+    if override:
+        return Path(override)
+    return Path(sys.prefix) / "share" / "qpipe" / f"llama.cpp-converter-{llama_cpp_version()}"
+
+
+def converter_info() -> dict[str, Any]:
+    directory = converter_dir()
+    script = directory / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        raise HostLacks(
+            "llama.cpp's convert_hf_to_gguf.py is not installed for this llama-cpp-python",
+            where=str(directory),
+            fix="run `qpipe setup-converter` (or `make setup`)",
+        )
+    info_file = directory / "converter.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    return {"path": str(script), **info}
+
+
+def setup_converter(target: Path | None = None) -> Path:
+    """Extract convert_hf_to_gguf.py, conversion/ and gguf-py/ from the sdist of the
+    installed llama-cpp-python version (fetched with pip, so pip's cache applies)."""
+    version = llama_cpp_version()
+    if version is None:
+        raise HostLacks("llama-cpp-python is not installed", fix="pip install -e . (or `make setup`)")
+    target = Path(target or converter_dir())
+    if (target / "convert_hf_to_gguf.py").is_file():
+        return target
+    from pipeline.files import atomic_dir
+
+    with tempfile.TemporaryDirectory() as download:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               f"llama-cpp-python=={version}", "-d", download, "-q"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise HostLacks(f"could not download the llama-cpp-python {version} sdist: "
+                            f"{result.stderr.strip().splitlines()[-1:]}",
+                            fix="check access to the package index and retry")
+        sdist = next(Path(download).glob("llama_cpp_python-*.tar.gz"))
+        prefix = f"llama_cpp_python-{version}/"
+        vendor = f"{prefix}vendor/llama.cpp/"
+        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/", "LICENSE")
+        with atomic_dir(target) as staging, tarfile.open(sdist) as archive:
+            for member in archive.getmembers():
+                if not member.isfile() or not member.name.startswith(vendor):
+                    continue
+                relative = member.name[len(vendor):]
+                if relative.startswith(wanted):
+                    destination = staging / relative
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    with archive.extractfile(member) as source:
+                        destination.write_bytes(source.read())
+            changelog = archive.extractfile(f"{prefix}CHANGELOG.md").read().decode()
+            (staging / "converter.json").write_text(json.dumps({
+                "llama_cpp_python": version,
+                "llama_cpp_commit": _vendored_commit(changelog, version),
+                "source": f"llama-cpp-python=={version} sdist, vendor/llama.cpp",
+            }, indent=2))
+    return target
+
+
+def _vendored_commit(changelog: str, version: str) -> str | None:
+    section = changelog.split(f"## [{version}]", 1)[-1].split("\n## [", 1)[0]
+    match = re.search(r"llama\.cpp@([0-9a-f]{7,40})", section)
+    return match.group(1) if match else None
+
+
+def llama_tool(name: str) -> tuple[Path, dict[str, str]]:
+    """A llama.cpp tool binary installed by llama-cpp-python, and the environment it needs
+    (the binaries carry no RPATH: the package's lib folder goes on the loader path)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        raise HostLacks("llama-cpp-python is not installed", fix="pip install -e .")
+    package = Path(spec.origin).parent
+    candidates = [Path(sys.prefix) / "bin" / name, package.parent / "bin" / name, package / "bin" / name]
+    for candidate in candidates:
+        if candidate.is_file():
+            env = dict(os.environ)
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                filter(None, [str(package / "lib"), env.get("LD_LIBRARY_PATH")]))
+            return candidate, env
+    raise HostLacks(
+        f"llama.cpp tool {name} is not installed",
+        fix='reinstall llama-cpp-python with CMAKE_ARGS="-DLLAMA_BUILD_TOOLS=ON '
+            '-DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF" (see `make setup`)',
+    )
+
+
+# ---------------------------------------------------------------- build
+
+
+def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: Path,
+          threads: int, log) -> dict[str, Any]:
+    """Write model.gguf (and imatrix.gguf when used) into out_dir; return build facts."""
+    timings: dict[str, float] = {}
+    converter = converter_info()
+    with tempfile.TemporaryDirectory(prefix="qpipe-gguf-") as scratch:
+        unquantized = Path(scratch) / f"model-{recipe.outtype}.gguf"
+        started = time.perf_counter()
+        log(f"converting {source_dir} to {recipe.outtype} GGUF with llama.cpp's converter")
+        convert(source_dir, unquantized, recipe.outtype, converter["path"])
+        timings["convert_s"] = time.perf_counter() - started
+
+        imatrix = None
+        if recipe.imatrix:
+            started = time.perf_counter()
+            log(f"computing the importance matrix on the calibration text "
+                f"({recipe.imatrix_chunks} chunks of {recipe.imatrix_ctx} tokens)")
+            imatrix = out_dir / IMATRIX_FILE
+            compute_imatrix(unquantized, calibration_text, imatrix, chunks=recipe.imatrix_chunks,
+                            ctx=recipe.imatrix_ctx, threads=threads)
+            timings["imatrix_s"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        log(f"quantizing to {recipe.type}")
+        quantize(unquantized, out_dir / ARTIFACT_FILE, recipe.type, imatrix=imatrix, threads=threads)
+        timings["quantize_s"] = time.perf_counter() - started
+        unquantized_bytes = unquantized.stat().st_size
+
+    mix = tensor_type_mix(out_dir / ARTIFACT_FILE)
+    from importlib import metadata
+
+    return {
+        "tools": {
+            "llama_cpp_python": llama_cpp_version(),
+            "llama_cpp_commit": converter.get("llama_cpp_commit"),
+            "converter": converter.get("source"),
+            "gguf": metadata.version("gguf"),
+        },
+        "timings_s": timings,
+        "unquantized_bytes": unquantized_bytes,
+        "tensor_types": mix,
+        "imatrix": {"chunks": recipe.imatrix_chunks, "ctx": recipe.imatrix_ctx,
+                    "file": IMATRIX_FILE} if imatrix else None,
+    }
+
+
+def convert(source_dir: Path, outfile: Path, outtype: str, script: str) -> None:
+    result = subprocess.run(
+        [sys.executable, script, str(source_dir), "--outfile", str(outfile), "--outtype", outtype],
+        capture_output=True, text=True,
+    )
+    if result.returncode == 0 and outfile.is_file():
+        return
+    output = result.stdout + result.stderr
+    unsupported = re.search(r"Model (\S+) is not supported", output)
+    if unsupported:
+        raise BadInput(
+            f"llama.cpp's converter does not support architecture {unsupported.group(1)}",
+            where=f"{source_dir}/config.json: architectures",
+            fix="use a model llama.cpp supports, or drop the gguf recipes for it",
+        )
+    tail = "\n".join(output.strip().splitlines()[-15:])
+    raise QpipeError(f"convert_hf_to_gguf.py failed (exit {result.returncode}):\n{tail}",
+                     where=str(source_dir))
+
+
+def compute_imatrix(model: Path, text: Path, out: Path, *, chunks: int, ctx: int, threads: int) -> None:
+    binary, env = llama_tool("llama-imatrix")
+    cmd = [str(binary), "-m", str(model), "-f", str(text), "-o", str(out), "-c", str(ctx),
+           "--chunks", str(chunks), "-t", str(threads), "--no-ppl"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if result.returncode != 0 or not out.is_file():
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+        if "tokens" in tail and "need" in tail:
+            raise BadInput(f"calibration text too short for the importance matrix:\n{tail}",
+                           where=str(text), fix="lower imatrix_ctx / imatrix_chunks or use a longer text")
+        raise QpipeError(f"llama-imatrix failed (exit {result.returncode}):\n{tail}")
+
+
+def load_imatrix(path: Path) -> dict[str, np.ndarray]:
+    """Per-tensor importance = in_sum2 / counts, as llama-quantize computes it."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+    importance = {}
+    for name, sums in tensors.items():
+        if not name.endswith(".in_sum2"):
+            continue
+        weight = name[: -len(".in_sum2")]
+        counts = tensors[f"{weight}.counts"].reshape(-1)
+        sums = sums.reshape(len(counts), -1)
+        safe = np.where(counts > 0, counts, 1.0)[:, None]
+        values = np.where(counts[:, None] > 0, sums / safe, 1.0)
+        importance[weight] = np.ascontiguousarray(values.reshape(-1), dtype=np.float32)
+    return importance
+
+
+def quantize(source: Path, out: Path, qtype: str, *, imatrix: Path | None, threads: int) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
+    params.nthread = threads
+    keep_alive = []
+    if imatrix is not None:
+        entries = load_imatrix(imatrix)
+        array = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()
+        for slot, (name, values) in zip(array, entries.items()):
+            name_bytes = name.encode()
+            keep_alive.append((name_bytes, values))
+            slot.name = name_bytes
+            slot.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            slot.size = values.size
+        array[len(entries)].name = None  # NULL-terminated
+        params.imatrix = ctypes.cast(array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        keep_alive.append(array)
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
+    if code != 0 or not out.is_file():
+        raise QpipeError(f"llama_model_quantize to {qtype} failed with code {code}", where=str(source))
+
+
+def tensor_type_mix(path: Path) -> dict[str, Any]:
+    """How many tensors (and bytes, and weights) of each ggml type the file holds."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    counts: Counter[str] = Counter()
+    nbytes: Counter[str] = Counter()
+    weights: Counter[str] = Counter()
+    for tensor in reader.tensors:
+        kind = tensor.tensor_type.name
+        counts[kind] += 1
+        nbytes[kind] += int(tensor.n_bytes)
+        weights[kind] += int(tensor.n_elements)
+    total_bytes = sum(nbytes.values())
+    total_weights = sum(weights.values())
+    return {
+        "tensors": dict(counts.most_common()),
+        "bytes": dict(nbytes.most_common()),
+        "byte_share": {k: round(v / total_bytes, 4) for k, v in nbytes.most_common()},
+        "tensor_bytes": total_bytes,
+        "weights": total_weights,
+        "bits_per_weight": 8 * total_bytes / total_weights,
+    }
+
+
+# ---------------------------------------------------------------- artifact facts
+
+
+def artifact_path(build_dir: Path) -> Path:
+    return Path(build_dir) / ARTIFACT_FILE
+
+
+def bits_per_weight(build_dir: Path) -> float:
+    return tensor_type_mix(artifact_path(build_dir))["bits_per_weight"]
+
+
+def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, float]:
+    """Bytes a decode step must read: every weight tensor once, plus the f16 KV cache at
+    the given context length. With a separate output matrix the token embedding reads a
+    single row; with tied embeddings the whole matrix is read for the logits."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(artifact_path(build_dir))
+    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
+    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
+    weights = sum(sizes.values())
+    if "output.weight" in sizes and "token_embd.weight" in sizes:
+        rows = max(shapes["token_embd.weight"])
+        weights -= sizes["token_embd.weight"] - sizes["token_embd.weight"] // rows
+    arch = _field(reader, "general.architecture")
+    layers = int(_field(reader, f"{arch}.block_count"))
+    heads = int(_field(reader, f"{arch}.attention.head_count"))
+    kv_heads = int(_field(reader, f"{arch}.attention.head_count_kv") or heads)
+    width = int(_field(reader, f"{arch}.embedding_length"))
+    head_dim = width // heads
+    kv_cache = layers * 2 * kv_heads * head_dim * 2 * context_tokens
+    return {"weights": float(weights), "kv_cache": float(kv_cache), "total": float(weights + kv_cache)}
+
+
+def _field(reader, key: str):
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    value = field.parts[field.data[0]]
+    if field.types and field.types[0].name == "STRING":
+        return bytes(value).decode()
+    return value[0] if len(value) == 1 else value
+
+
+# ---------------------------------------------------------------- gates
+
+
+def runtime_name() -> str:
+    return f"llama.cpp (llama-cpp-python {llama_cpp_version()})"
+
+
+def window_logits(build_dir: Path, windows: np.ndarray, threads: int) -> Iterator[np.ndarray]:
+    from pipeline.runtimes import llama_cpp as runtime
+
+    yield from runtime.window_logits(artifact_path(build_dir), windows, threads=threads)
+
+
+def tokenize(build_dir: Path, text: str) -> list[int]:
+    from pipeline.runtimes import llama_cpp as runtime
+
+    return runtime.tokenize(artifact_path(build_dir), text)
+
+
+def measure_speed(build_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int,
+                  warmup: int, threads: int) -> dict[str, Any]:
+    from pipeline.runtimes import llama_cpp as runtime
+
+    return runtime.measure_speed(artifact_path(build_dir), prompt, gen_tokens=gen_tokens,
+                                 repeats=repeats, warmup=warmup, threads=threads)
+
+
+def speed_unavailable_reason() -> str | None:
+    from pipeline.runtimes import llama_cpp as runtime
+
+    return runtime.unavailable_reason()
+
+
+accuracy_unavailable_reason = speed_unavailable_reason

@@ -1,0 +1,119 @@
+"""The gate@R stage: score the artifact as written to disk, measure its speed, check limits.
+
+Writes artifacts/gates/R.json (a DVC metrics file) with the schema in DESIGN.md:
+recipe, format, artifact, accuracy, speed, checks, verdict, host.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from pipeline import layout
+
+
+def run_gate(name: str, *, speed_params, log=print) -> dict[str, Any]:
+    from pipeline import formats, host, reference
+    from pipeline.config import load_recipe
+    from pipeline.errors import BadInput
+    from pipeline.files import read_json, write_json
+    from pipeline.gates import verdict
+
+    recipe = load_recipe(name)
+    fmt = formats.module(recipe.format)
+    build_dir = layout.build_dir(name)
+    if not (build_dir / "build.json").is_file():
+        raise BadInput(f"no build for recipe {name}", where=str(build_dir), fix=f"run `qpipe build {name}` first")
+    if not layout.HOST_FILE.is_file():
+        raise BadInput("no host description", where=str(layout.HOST_FILE), fix="run `qpipe host` first")
+    build = read_json(build_dir / "build.json")
+    host_info = read_json(layout.HOST_FILE)
+    ref = reference.load(layout.REFERENCE_DIR)
+    threads = speed_params.threads or host_info["cpu"]["physical_cores"]
+
+    artifact = {
+        "path": str(fmt.artifact_path(build_dir)),
+        "bytes": build["artifact"]["bytes"],
+        "sha256": build["artifact"]["sha256"],
+        "bits_per_weight": fmt.bits_per_weight(build_dir),
+    }
+    accuracy = run_accuracy(fmt, build_dir, ref, threads, log)
+    speed = run_speed(fmt, build_dir, ref, speed_params, host_info, threads, log)
+    sections = {"accuracy": accuracy, "speed": speed}
+    checks = verdict.evaluate(recipe.gates, sections)
+    outcome, reasons = verdict.overall(recipe.gates, sections, checks)
+    result = {
+        "recipe": name,
+        "format": recipe.format,
+        "artifact": artifact,
+        "accuracy": accuracy,
+        "speed": speed,
+        "checks": checks,
+        "require": recipe.gates.require,
+        "verdict": outcome,
+        "reasons": reasons,
+        "host": host.summary(host_info),
+    }
+    write_json(layout.gate_file(name), result)
+    log(f"gate {name}: {outcome}" + (f" ({'; '.join(reasons)})" if reasons else ""))
+    return result
+
+
+def run_accuracy(fmt, build_dir, ref, threads: int, log) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from pipeline.gates import accuracy
+
+    reason = fmt.accuracy_unavailable_reason()
+    if reason:
+        return {"status": "not_run", "reason": reason}
+    started = time.perf_counter()
+    with tqdm(total=len(ref.tokens), desc="accuracy windows", unit="win", leave=False) as bar:
+        figures = accuracy.score(fmt.window_logits(build_dir, ref.tokens, threads), ref,
+                                 progress=lambda n: bar.update(1))
+    tokenizer = accuracy.tokenizer_mismatch(ref.text_tokens.tolist(),
+                                            fmt.tokenize(build_dir, _evaluation_text()))
+    return {"status": "ok", "runtime": fmt.runtime_name(), **figures,
+            "tokenizer_mismatch": tokenizer["mismatch"], "tokenizer": tokenizer,
+            "seconds": round(time.perf_counter() - started, 2)}
+
+
+def run_speed(fmt, build_dir, ref, speed_params, host_info, threads: int, log) -> dict[str, Any]:
+    from pipeline.gates import speed
+
+    reason = fmt.speed_unavailable_reason()
+    if reason:
+        return {"status": "not_run", "reason": reason}
+    prompt = ref.text_tokens[: speed_params.prompt_tokens].tolist()
+    if len(prompt) < speed_params.prompt_tokens:
+        from pipeline.errors import BadInput
+
+        raise BadInput(f"the evaluation text has only {len(prompt)} tokens for a "
+                       f"{speed_params.prompt_tokens}-token speed prompt",
+                       where="params.yaml: speed.prompt_tokens", fix="lower it or use a longer text")
+    log(f"speed: {len(prompt)}-token prompt, {speed_params.gen_tokens} generated tokens, "
+        f"{speed_params.warmup} warm-up + {speed_params.repeats} runs, {threads} threads")
+    measured = fmt.measure_speed(build_dir, prompt, gen_tokens=speed_params.gen_tokens,
+                                 repeats=speed_params.repeats, warmup=speed_params.warmup, threads=threads)
+    bytes_per_token = fmt.decode_bytes_per_token(
+        build_dir, speed.mean_decode_context(len(prompt), speed_params.gen_tokens))
+    return speed.section(measured, runtime=fmt.runtime_name(), prompt_tokens=len(prompt),
+                         gen_tokens=speed_params.gen_tokens, threads=threads,
+                         bandwidth_gb_s=host_info["bandwidth"]["gb_s"], bytes_per_token=bytes_per_token)
+
+
+def _evaluation_text() -> str:
+    return layout.EVALUATION_TEXT.read_text()
+
+
+def load_results(names: list[str]) -> list[dict[str, Any]]:
+    from pipeline.errors import BadInput
+
+    results = []
+    for name in names:
+        path = layout.gate_file(name)
+        if not path.is_file():
+            raise BadInput(f"no gate result for recipe {name}", where=str(path), fix=f"run `qpipe gate {name}`")
+        results.append(json.loads(path.read_text()))
+    return results

@@ -1,0 +1,49 @@
+"""Speed gate: batch-1 prefill / decode / TTFT / ITL on the native runtime, and the roofline.
+
+Decode at batch 1 is memory-bound: each token reads every weight once (plus the KV cache),
+so the fastest possible decode rate on a host is
+
+    roofline_tok_s = bandwidth (bytes/s) / bytes read per decoded token,
+
+and roofline_fraction = measured decode_tok_s / roofline_tok_s says how much of the host's
+measured memory bandwidth the runtime turns into tokens. The bandwidth comes from host.json
+(a multi-threaded array copy, bytes read plus bytes written). Speed is never emulated:
+without the native runtime the section is `not_run`.
+"""
+
+from __future__ import annotations
+
+
+def roofline_tok_s(bandwidth_gb_s: float, bytes_per_token: float) -> float:
+    if bandwidth_gb_s <= 0 or bytes_per_token <= 0:
+        raise ValueError("bandwidth and bytes per token must be positive")
+    return bandwidth_gb_s * 1e9 / bytes_per_token
+
+
+def mean_decode_context(prompt_tokens: int, gen_tokens: int) -> float:
+    """Average context length over the decode steps (the KV cache read grows each step)."""
+    return prompt_tokens + gen_tokens / 2
+
+
+def section(measured: dict, *, runtime: str, prompt_tokens: int, gen_tokens: int, threads: int,
+            bandwidth_gb_s: float | None, bytes_per_token: dict[str, float]) -> dict:
+    result = {
+        "status": "ok",
+        "runtime": runtime,
+        "threads": threads,
+        "prompt_tokens": prompt_tokens,
+        "gen_tokens": gen_tokens,
+        "prefill_tok_s": measured["prefill_tok_s"],
+        "decode_tok_s": measured["decode_tok_s"],
+        "ttft_ms": measured["ttft_ms"],
+        "itl_ms": measured["itl_ms"],
+        "bytes_per_token": bytes_per_token["total"],
+        "roofline_tok_s": None,
+        "roofline_fraction": None,
+        "repeats": len(measured.get("runs", [])),
+    }
+    if bandwidth_gb_s:
+        roof = roofline_tok_s(bandwidth_gb_s, bytes_per_token["total"])
+        result["roofline_tok_s"] = roof
+        result["roofline_fraction"] = measured["decode_tok_s"] / roof
+    return result

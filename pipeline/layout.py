@@ -1,0 +1,25 @@
+"""Where every stage reads and writes, relative to the project root (DESIGN.md, Data flow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ARTIFACTS = Path("artifacts")
+HOST_FILE = ARTIFACTS / "host.json"
+SOURCE_DIR = ARTIFACTS / "source"
+CORPUS_DIR = ARTIFACTS / "corpus"
+REFERENCE_DIR = ARTIFACTS / "reference"
+BUILDS_DIR = ARTIFACTS / "builds"
+GATES_DIR = ARTIFACTS / "gates"
+REPORT_DIR = ARTIFACTS / "report"
+
+CALIBRATION_TEXT = CORPUS_DIR / "calibration.txt"
+EVALUATION_TEXT = CORPUS_DIR / "evaluation.txt"
+
+
+def build_dir(recipe: str) -> Path:
+    return BUILDS_DIR / recipe
+
+
+def gate_file(recipe: str) -> Path:
+    return GATES_DIR / f"{recipe}.json"

