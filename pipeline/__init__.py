@@ -1,0 +1,26 @@
+"""qpipe: build, gate and compare quantized LLM artifacts with DVC.
+
+Design (the code's twin of DESIGN.md; change both together):
+
+    params.yaml, recipes/*.yaml
+    host      -> artifacts/host.json        CPU/GPU, measured bandwidth, runtimes; always re-run,
+                                             rewritten identically while the host is unchanged
+    source    -> artifacts/source/          HF checkpoint + source.json (origin, sha256 of every file)
+    corpus    -> artifacts/corpus/          calibration.txt / evaluation.txt, disjoint
+    reference -> artifacts/reference/       eval token windows + the unquantized model's scores
+    build@R   -> artifacts/builds/R/        the artifact + build.json (recipe, tools, timings, sizes)
+    gate@R    -> artifacts/gates/R.json     accuracy + speed + checks + verdict (DVC metrics)
+    report    -> artifacts/report/          tradeoff.md/json, pareto.png, points.json (DVC plots)
+    check                                   exit 1 unless every recipe's verdict is pass
+
+Modules: cli (Typer), config (pydantic params/recipes), errors (exit codes), host, source,
+corpus, reference, formats/<one per format>, runtimes/<one per runtime>, gates/accuracy,
+gates/speed, gates/verdict, report, files (atomic writes), layout (paths).
+
+Rules that keep the numbers honest: accuracy scores the artifact as written to disk through
+its native runtime (or a declared emulation, labelled `emulated:<how>`); speed only on the
+native runtime, else `not_run`; every format is scored on the same token ids against the same
+reference; calibration and evaluation text never overlap; a gate that did not run is never a pass.
+"""
+
+__version__ = "0.1.0"

@@ -158,16 +158,18 @@ def _validate(model: type[BaseModel], raw: dict[str, Any], path: Path):
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise BadInput(*_describe(exc, path)) from None
+        what, where, fix = _describe(exc, model, path)
+        raise BadInput(what, where=where, fix=fix) from None
 
 
-def _describe(exc: ValidationError, path: Path) -> tuple[str, str, str]:
+def _describe(exc: ValidationError, model: type[BaseModel], path: Path) -> tuple[str, str, str]:
     error = exc.errors()[0]
     key = ".".join(str(part) for part in error["loc"]) or "(top level)"
     more = exc.error_count() - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
     if error["type"] == "extra_forbidden":
-        allowed = _allowed_keys(model_for_loc(exc, error["loc"]))
+        parent = _model_at(model, error["loc"][:-1])
+        allowed = ", ".join(parent.model_fields) if parent else ""
         return (f"unknown key {key!r}{suffix}", f"{path}: {key}",
                 f"remove it or use one of: {allowed}" if allowed else "remove it")
     if error["type"] == "literal_error":
@@ -177,30 +179,12 @@ def _describe(exc: ValidationError, path: Path) -> tuple[str, str, str]:
             "correct the value")
 
 
-def model_for_loc(exc: ValidationError, loc: tuple) -> type[BaseModel] | None:
-    model = _MODELS_BY_TITLE.get(exc.title)
-    for part in loc[:-1]:
-        if model is None:
-            return None
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The nested pydantic model that holds the key at `loc` (None if not a model)."""
+    for part in loc:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
     return model
-
-
-def _allowed_keys(model: type[BaseModel] | None) -> str:
-    return ", ".join(model.model_fields) if model else ""
-
-
-class _Registry(dict):
-    def __missing__(self, title: str):
-        from pipeline import formats
-
-        for name in formats.FORMATS:
-            cls = formats.recipe_class(name)
-            if cls.__name__ == title:
-                return cls
-        return None
-
-
-_MODELS_BY_TITLE = _Registry(Params=Params, GateLimits=GateLimits)

@@ -85,6 +85,10 @@ def run(params: ReferenceParams, source_dir: Path, evaluation_text: Path, out_di
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not (Path(source_dir) / "source.json").is_file():
+        raise BadInput("no source checkpoint", where=str(source_dir), fix="run `qpipe source` first")
+    if not Path(evaluation_text).is_file():
+        raise BadInput("no evaluation text", where=str(evaluation_text), fix="run `qpipe corpus` first")
     text = Path(evaluation_text).read_text()
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -94,7 +98,7 @@ def run(params: ReferenceParams, source_dir: Path, evaluation_text: Path, out_di
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=dtype).to(device).eval()
     log(f"reference: scoring {params.windows} x {params.window_tokens} tokens with the unquantized "
-        f"model ({dtype}, {device})")
+        f"model ({str(dtype).removeprefix('torch.')}, {device})")
     started = time.perf_counter()
     from tqdm import tqdm
 

@@ -13,6 +13,7 @@ Tools, and why they are these:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -34,6 +35,7 @@ from pipeline.errors import BadInput, HostLacks, QpipeError
 
 ARTIFACT_FILE = "model.gguf"
 IMATRIX_FILE = "imatrix.gguf"
+QUANTIZE_LOG = "quantize.log"
 
 # llama.cpp quantization types (LLAMA_FTYPE_MOSTLY_<TYPE>), as llama-quantize names them.
 QUANT_TYPES = (
@@ -161,8 +163,9 @@ def llama_tool(name: str) -> tuple[Path, dict[str, str]]:
     for candidate in candidates:
         if candidate.is_file():
             env = dict(os.environ)
+            libraries = [candidate.parent.parent / "lib", package / "lib"]
             env["LD_LIBRARY_PATH"] = os.pathsep.join(
-                filter(None, [str(package / "lib"), env.get("LD_LIBRARY_PATH")]))
+                [str(p) for p in libraries if p.is_dir()] + [env.get("LD_LIBRARY_PATH", "")])
             return candidate, env
     raise HostLacks(
         f"llama.cpp tool {name} is not installed",
@@ -198,7 +201,8 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
 
         started = time.perf_counter()
         log(f"quantizing to {recipe.type}")
-        quantize(unquantized, out_dir / ARTIFACT_FILE, recipe.type, imatrix=imatrix, threads=threads)
+        fallback = quantize(unquantized, out_dir / ARTIFACT_FILE, recipe.type, imatrix=imatrix,
+                            threads=threads, log_file=out_dir / QUANTIZE_LOG)
         timings["quantize_s"] = time.perf_counter() - started
         unquantized_bytes = unquantized.stat().st_size
 
@@ -215,6 +219,7 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
         "timings_s": timings,
         "unquantized_bytes": unquantized_bytes,
         "tensor_types": mix,
+        "fallback": fallback,
         "imatrix": {"chunks": recipe.imatrix_chunks, "ctx": recipe.imatrix_ctx,
                     "file": IMATRIX_FILE} if imatrix else None,
     }
@@ -272,7 +277,10 @@ def load_imatrix(path: Path) -> dict[str, np.ndarray]:
     return importance
 
 
-def quantize(source: Path, out: Path, qtype: str, *, imatrix: Path | None, threads: int) -> None:
+def quantize(source: Path, out: Path, qtype: str, *, imatrix: Path | None, threads: int,
+             log_file: Path) -> dict[str, Any]:
+    """Quantize with llama.cpp's llama_model_quantize (what llama-quantize calls); with an
+    imatrix file, pass its per-tensor importance exactly as llama-quantize does."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
@@ -291,9 +299,32 @@ def quantize(source: Path, out: Path, qtype: str, *, imatrix: Path | None, threa
         array[len(entries)].name = None  # NULL-terminated
         params.imatrix = ctypes.cast(array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
         keep_alive.append(array)
-    code = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
+    with _native_output_to(log_file):
+        code = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
     if code != 0 or not out.is_file():
-        raise QpipeError(f"llama_model_quantize to {qtype} failed with code {code}", where=str(source))
+        tail = "\n".join(log_file.read_text(errors="replace").strip().splitlines()[-10:])
+        raise QpipeError(f"llama_model_quantize to {qtype} failed with code {code}:\n{tail}", where=str(source))
+    fallback = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback quantization", log_file.read_text(errors="replace"))
+    return {"fallback_tensors": int(fallback.group(1)) if fallback else 0,
+            "tensors": int(fallback.group(2)) if fallback else None}
+
+
+@contextlib.contextmanager
+def _native_output_to(path: Path) -> Iterator[None]:
+    """llama.cpp prints a line per tensor from C; send fds 1 and 2 to a log file."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "ab") as handle:
+        os.dup2(handle.fileno(), 1)
+        os.dup2(handle.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def tensor_type_mix(path: Path) -> dict[str, Any]:

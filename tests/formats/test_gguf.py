@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+from pipeline.formats import gguf as fmt
+from pipeline.source import embedded_gguf
+
+
+def test_load_imatrix_divides_sums_by_counts(tmp_path):
+    import gguf
+
+    writer = gguf.GGUFWriter(tmp_path / "imatrix.gguf", arch="imatrix")
+    writer.add_string("general.type", "imatrix")
+    writer.add_tensor("blk.0.attn_q.weight.in_sum2", np.array([[2.0, 4.0, 6.0]], dtype=np.float32))
+    writer.add_tensor("blk.0.attn_q.weight.counts", np.array([[2.0]], dtype=np.float32))
+    # two experts, the second never hit: llama-quantize uses 1.0 there
+    writer.add_tensor("blk.0.ffn_up_exps.weight.in_sum2", np.array([[3.0, 3.0], [5.0, 5.0]], dtype=np.float32))
+    writer.add_tensor("blk.0.ffn_up_exps.weight.counts", np.array([[3.0, 0.0]], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    importance = fmt.load_imatrix(tmp_path / "imatrix.gguf")
+    np.testing.assert_allclose(importance["blk.0.attn_q.weight"], [1.0, 2.0, 3.0])
+    np.testing.assert_allclose(importance["blk.0.ffn_up_exps.weight"], [1.0, 1.0, 1.0, 1.0])
+    assert importance["blk.0.attn_q.weight"].dtype == np.float32
+
+
+def test_vendored_commit_is_read_from_the_changelog_section():
+    changelog = "## [Unreleased]\n\n## [0.3.36]\n\n- feat: update llama.cpp to ggml-org/llama.cpp@0c1e57098\n\n## [0.3.35]\n- llama.cpp@4df29be4f\n"
+    assert fmt._vendored_commit(changelog, "0.3.36") == "0c1e57098"
+    assert fmt._vendored_commit(changelog, "0.3.99") is None
+
+
+@pytest.fixture
+def embedded_build(tmp_path):
+    (tmp_path / fmt.ARTIFACT_FILE).symlink_to(embedded_gguf("smollm2-135m"))
+    return tmp_path
+
+
+def test_tensor_type_mix_of_a_real_file(embedded_build):
+    mix = fmt.tensor_type_mix(embedded_build / fmt.ARTIFACT_FILE)
+    assert mix["weights"] == 134_515_008
+    assert "Q4_1" in mix["tensors"] and "F32" in mix["tensors"]
+    assert sum(mix["tensors"].values()) == 272
+    assert 4.5 < mix["bits_per_weight"] < 6.5
+    assert sum(mix["byte_share"].values()) == pytest.approx(1, abs=1e-3)
+
+
+def test_decode_bytes_per_token_counts_tied_embedding_and_kv_cache(embedded_build):
+    mix = fmt.tensor_type_mix(embedded_build / fmt.ARTIFACT_FILE)
+    read = fmt.decode_bytes_per_token(embedded_build, context_tokens=100)
+    # tied embeddings (no output.weight): the whole token_embd matrix is read for the logits
+    assert read["weights"] == mix["tensor_bytes"]
+    # 30 layers x (K and V) x 3 kv heads x 64 dims x 2 bytes x 100 positions
+    assert read["kv_cache"] == 30 * 2 * 3 * 64 * 2 * 100
+    assert read["total"] == read["weights"] + read["kv_cache"]
+
+
+def test_every_listed_quant_type_exists_in_llama_cpp():
+    import llama_cpp
+
+    for name in fmt.QUANT_TYPES:
+        assert hasattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}"), name
+
+
+def test_llama_imatrix_tool_is_installed_and_runs():
+    import subprocess
+
+    binary, env = fmt.llama_tool("llama-imatrix")
+    result = subprocess.run([str(binary), "--help"], capture_output=True, text=True, env=env)
+    assert "imatrix" in (result.stdout + result.stderr)

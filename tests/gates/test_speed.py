@@ -1,0 +1,31 @@
+import pytest
+
+from pipeline.gates import speed
+
+
+def test_roofline_arithmetic():
+    # 100 GB/s over 50 MB per token = 2000 tok/s
+    assert speed.roofline_tok_s(100, 50e6) == pytest.approx(2000)
+
+
+def test_roofline_rejects_non_positive_inputs():
+    with pytest.raises(ValueError):
+        speed.roofline_tok_s(0, 1)
+    with pytest.raises(ValueError):
+        speed.roofline_tok_s(10, 0)
+
+
+def test_mean_decode_context():
+    assert speed.mean_decode_context(512, 128) == 576
+
+
+def test_section_fraction_and_missing_bandwidth():
+    measured = {"prefill_tok_s": 400.0, "decode_tok_s": 100.0, "ttft_ms": 1300.0, "itl_ms": 10.0, "runs": [{}, {}]}
+    section = speed.section(measured, runtime="x", prompt_tokens=512, gen_tokens=128, threads=2,
+                            bandwidth_gb_s=40.0, bytes_per_token={"total": 100e6})
+    assert section["roofline_tok_s"] == pytest.approx(400)
+    assert section["roofline_fraction"] == pytest.approx(0.25)
+    assert section["repeats"] == 2
+    unmeasured = speed.section(measured, runtime="x", prompt_tokens=512, gen_tokens=128, threads=2,
+                               bandwidth_gb_s=None, bytes_per_token={"total": 100e6})
+    assert unmeasured["roofline_fraction"] is None

@@ -1,0 +1,71 @@
+import json
+
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from tests.conftest import write
+
+runner = CliRunner()
+
+
+def test_help_lists_every_stage_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ["host", "source", "corpus", "reference", "build", "gate", "report", "check", "doctor"]:
+        assert command in result.output
+
+
+def test_doctor_reports_host_runtimes_and_tools():
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    for line in ["CPU", "memory", "GPU", "runtimes", "llama_cpp 0.3", "converter", "can build"]:
+        assert line in result.output
+
+
+def test_bad_recipe_exits_2_with_one_line_and_writes_nothing(project):
+    write(project / "recipes" / "broken.yaml", "format: gguf\ntype: Q4_K_M\nbits: 4\n")
+    result = runner.invoke(app, ["build", "broken"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "unknown key 'bits'" in lines[0] and "broken.yaml" in lines[0]
+    assert not (project / "artifacts" / "builds").exists()
+
+
+def test_gate_without_build_exits_2(project):
+    result = runner.invoke(app, ["gate", "gguf-q8_0"])
+    assert result.exit_code == 2
+    assert "qpipe build gguf-q8_0" in result.output
+
+
+def test_build_without_source_exits_2(project):
+    result = runner.invoke(app, ["build", "gguf-q8_0"])
+    assert result.exit_code == 2
+    assert "qpipe source" in result.output
+
+
+def test_reference_without_source_exits_2(project):
+    write(project / "params.yaml", "reference:\n  windows: 1000\n  window_tokens: 512\nrecipes: []\n")
+    write(project / "artifacts" / "corpus" / "evaluation.txt", "just a few words")
+    result = runner.invoke(app, ["reference"])
+    # with no source checkpoint the stage refuses before tokenising; either way it is bad input
+    assert result.exit_code == 2
+
+
+def test_check_fails_naming_each_recipe_that_did_not_pass(project):
+    write(project / "params.yaml", "recipes: [a, b, c]\n")
+    rows = [{"recipe": "a", "verdict": "pass", "reasons": []},
+            {"recipe": "b", "verdict": "fail", "reasons": ["max_mean_kld: mean_kld 0.2 vs limit 0.1"]},
+            {"recipe": "c", "verdict": "incomplete", "reasons": ["required gate speed did not run: no GPU"]}]
+    write(project / "artifacts" / "report" / "tradeoff.json", json.dumps({"rows": rows}))
+    result = runner.invoke(app, ["check"])
+    assert result.exit_code == 1
+    assert "FAIL  b: max_mean_kld" in result.output
+    assert "INCOMPLETE c" in result.output
+    assert "2 of 3 artifacts did not pass: b, c" in result.output
+
+
+def test_check_passes_when_all_pass(project):
+    write(project / "params.yaml", "recipes: [a]\n")
+    write(project / "artifacts" / "report" / "tradeoff.json",
+          json.dumps({"rows": [{"recipe": "a", "verdict": "pass", "reasons": []}]}))
+    assert runner.invoke(app, ["check"]).exit_code == 0

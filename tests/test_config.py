@@ -1,0 +1,92 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_params, load_recipe
+from pipeline.errors import BadInput
+from tests.conftest import write
+
+
+def recipe(tmp_path: Path, text: str) -> Path:
+    write(tmp_path / "recipes" / "r.yaml", text)
+    return tmp_path / "recipes"
+
+
+def error_of(call) -> BadInput:
+    with pytest.raises(BadInput) as info:
+        call()
+    return info.value
+
+
+def test_valid_gguf_recipe_resolves_defaults(tmp_path):
+    loaded = load_recipe("r", recipe(tmp_path, "format: gguf\ntype: q4_k_m\n"))
+    assert loaded.type == "Q4_K_M"
+    assert loaded.outtype == "f16"
+    assert loaded.gates.require == ["accuracy", "speed"]
+
+
+def test_unknown_recipe_key_names_file_key_and_valid_keys(tmp_path):
+    error = error_of(lambda: load_recipe("r", recipe(tmp_path, "format: gguf\ntype: Q8_0\nbits: 8\n")))
+    assert "unknown key 'bits'" in error.what
+    assert error.where.endswith("r.yaml: bits")
+    assert "imatrix" in error.fix and "outtype" in error.fix
+    assert error.exit_code == 2
+
+
+def test_unknown_gate_key_lists_gate_keys(tmp_path):
+    error = error_of(lambda: load_recipe("r", recipe(tmp_path, "format: gguf\ntype: Q8_0\ngates:\n  max_kld: 1\n")))
+    assert error.where.endswith("gates.max_kld")
+    assert "max_mean_kld" in error.fix
+
+
+def test_unknown_gguf_type_lists_valid_types(tmp_path):
+    error = error_of(lambda: load_recipe("r", recipe(tmp_path, "format: gguf\ntype: Q3_X\n")))
+    assert "Q3_X" in error.what and "Q4_K_M" in error.what and "IQ4_XS" in error.what
+
+
+def test_type_that_needs_imatrix_is_refused_without_it(tmp_path):
+    error = error_of(lambda: load_recipe("r", recipe(tmp_path, "format: gguf\ntype: IQ2_XS\n")))
+    assert "imatrix: true" in error.what
+
+
+@pytest.mark.parametrize("value", ["'0.1'", "fast", ".nan", "true"])
+def test_gate_limit_must_be_a_number(tmp_path, value):
+    error = error_of(lambda: load_recipe("r", recipe(tmp_path, f"format: gguf\ntype: Q8_0\ngates:\n  max_mean_kld: {value}\n")))
+    assert error.where.endswith("gates.max_mean_kld")
+    assert "number" in error.what or "finite" in error.what
+
+
+def test_unknown_format_lists_formats(tmp_path):
+    error = error_of(lambda: load_recipe("r", recipe(tmp_path, "format: onnx\n")))
+    assert "onnx" in error.what and "gguf" in error.fix
+
+
+def test_missing_recipe_lists_available(tmp_path):
+    recipes = recipe(tmp_path, "format: gguf\ntype: Q8_0\n")
+    error = error_of(lambda: load_recipe("nope", recipes))
+    assert "nope" in error.what and "r" in error.fix
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    error = error_of(lambda: load_recipe("r", recipe(tmp_path, "format: gguf\ntype: [Q8_0\n")))
+    assert "YAML" in error.what and "r.yaml:" in error.where
+
+
+def test_params_reject_unknown_keys(tmp_path):
+    path = write(tmp_path / "params.yaml", "reference:\n  windows: 4\n  tokens: 64\n")
+    error = error_of(lambda: load_params(path))
+    assert error.where.endswith("reference.tokens")
+    assert "window_tokens" in error.fix
+
+
+def test_params_defaults(tmp_path):
+    params = load_params(write(tmp_path / "params.yaml", "recipes: [a]\n"))
+    assert params.reference.windows == 40 and params.reference.window_tokens == 512
+    assert params.model.source == "embedded:smollm2-135m"
+
+
+def test_shipped_recipes_and_params_validate():
+    repo = Path(__file__).resolve().parent.parent
+    params = load_params(repo / "params.yaml")
+    for name in params.recipes:
+        load_recipe(name, repo / "recipes")

@@ -1,0 +1,28 @@
+from pipeline import host
+
+
+def test_probe_describes_the_host():
+    info = host.probe()
+    assert info["cpu"]["physical_cores"] >= 1
+    assert info["bandwidth"]["gb_s"] > 0.1
+    assert info["runtimes"]["llama_cpp"]  # a core dependency
+    assert set(host.RUNTIMES) == set(info["runtimes"])
+    assert len(info["fingerprint"]) == 16
+
+
+def test_unchanged_host_reuses_its_bandwidth_so_host_json_is_stable():
+    first = host.probe()
+    second = host.probe(previous=first)
+    assert second == first
+
+
+def test_changed_fingerprint_or_remeasure_measures_again():
+    first = host.probe()
+    stale = {**first, "fingerprint": "0" * 16, "bandwidth": {"gb_s": -1}}
+    assert host.probe(previous=stale)["bandwidth"]["gb_s"] > 0
+    assert host.probe(previous=first, remeasure=True)["bandwidth"]["measured_at"]
+
+
+def test_summary_for_gate_results():
+    summary = host.summary(host.probe())
+    assert set(summary) == {"cpu", "cores", "gpu", "bandwidth_gb_s", "fingerprint"}

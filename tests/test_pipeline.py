@@ -1,0 +1,146 @@
+"""The whole pipeline through real DVC on the embedded model, with small params."""
+
+import json
+import math
+import subprocess
+
+import pytest
+
+from tests.conftest import write
+
+pytestmark = pytest.mark.integration
+
+SMALL_PARAMS = """\
+model:
+  source: embedded:smollm2-135m
+corpus:
+  source: embedded:pydoc
+reference:
+  windows: 3
+  window_tokens: 128
+  top_k: 16
+speed:
+  prompt_tokens: 64
+  gen_tokens: 16
+  repeats: 1
+  warmup: 1
+  threads: 0
+recipes:
+  - gguf-q8_0
+  - gguf-q4_0
+"""
+
+
+def run(args, env, check=True):
+    result = subprocess.run(args, capture_output=True, text=True, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """One temporary repo shared by the tests below: repro is the expensive part."""
+    import os
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import REPO, tracked_files
+
+    root = tmp_path_factory.mktemp("pipeline") / "repo"
+    for name in tracked_files():
+        if not name.startswith("tests/"):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    write(root / "params.yaml", SMALL_PARAMS)
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    git = ["git", "-C", str(root), "-c", "user.name=qpipe-test", "-c", "user.email=test@example.invalid"]
+    run(git + ["init", "-q"], env)
+    run(git + ["add", "-A"], env)
+    run(git + ["commit", "-qm", "test project"], env)
+    old = os.getcwd()
+    os.chdir(root)
+    first = run(["dvc", "repro"], env)
+    yield root, env, first, git
+    os.chdir(old)
+
+
+def gate(root, name):
+    return json.loads((root / "artifacts" / "gates" / f"{name}.json").read_text())
+
+
+def test_gate_files_hold_finite_figures_in_range(repo):
+    root, _, _, _ = repo
+    q8, q4 = gate(root, "gguf-q8_0"), gate(root, "gguf-q4_0")
+    for result in (q8, q4):
+        accuracy, speed = result["accuracy"], result["speed"]
+        assert accuracy["status"] == speed["status"] == "ok"
+        assert accuracy["runtime"].startswith("llama.cpp")
+        assert accuracy["eval_tokens"] == 3 * 127
+        assert 1.0 < accuracy["ppl"] < 1000 and math.isfinite(accuracy["ppl"])
+        assert 0.9 < accuracy["ppl_ratio"] < 2.0
+        assert 0 <= accuracy["mean_kld"] < 1.0
+        assert 0.5 < accuracy["top1_agreement"] <= 1.0
+        assert accuracy["tokenizer_mismatch"] < 0.01
+        for key in ["prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_ms", "roofline_tok_s"]:
+            assert speed[key] > 0 and math.isfinite(speed[key])
+        assert 0 < speed["roofline_fraction"] < 1.5
+        assert result["verdict"] == "pass"
+        assert result["artifact"]["bytes"] > 50e6
+    # more bits, closer to the reference and a bigger file
+    assert q8["accuracy"]["mean_kld"] < q4["accuracy"]["mean_kld"]
+    assert q8["artifact"]["bytes"] > q4["artifact"]["bytes"]
+    assert q8["artifact"]["bits_per_weight"] > q4["artifact"]["bits_per_weight"]
+
+
+def test_build_json_records_tools_timings_and_type_mix(repo):
+    root, _, _, _ = repo
+    build = json.loads((root / "artifacts" / "builds" / "gguf-q4_0" / "build.json").read_text())
+    assert build["tools"]["llama_cpp_python"] and build["tools"]["gguf"]
+    assert build["timings_s"]["quantize_s"] > 0 and build["timings_s"]["convert_s"] > 0
+    assert build["tensor_types"]["tensors"]["Q4_0"] > 0
+    assert build["fallback"]["fallback_tensors"] > 0  # width 576 is not a multiple of 256
+    assert len(build["source"]["sha256"]) == 64
+
+
+def test_report_table_plot_and_dvc_views(repo):
+    root, env, _, _ = repo
+    report = json.loads((root / "artifacts" / "report" / "tradeoff.json").read_text())
+    assert [r["recipe"] for r in report["rows"]] == ["gguf-q8_0", "gguf-q4_0"]
+    assert any(r["pareto"] for r in report["rows"])
+    assert (root / "artifacts" / "report" / "pareto.png").stat().st_size > 10_000
+    assert "| gguf-q4_0 |" in (root / "artifacts" / "report" / "tradeoff.md").read_text()
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], env).stdout)
+    files = next(iter(metrics.values()))["data"]
+    assert files["artifacts/gates/gguf-q4_0.json"]["data"]["accuracy"]["mean_kld"] > 0
+    plots = run(["dvc", "plots", "show", "--json"], env)
+    assert "decode_tok_s" in plots.stdout
+
+
+def test_second_repro_runs_nothing_but_the_host_probe(repo):
+    root, env, first, _ = repo
+    assert "Running stage 'gate@gguf-q4_0'" in first.stdout
+    second = run(["dvc", "repro"], env)
+    ran = [line for line in second.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == ["Running stage 'host':"], second.stdout
+    assert "didn't change, skipping" in second.stdout
+
+
+def test_an_impossible_limit_makes_check_fail_with_exit_1(repo):
+    root, env, _, _ = repo
+    recipe = root / "recipes" / "gguf-q4_0.yaml"
+    original = recipe.read_text()
+    try:
+        recipe.write_text(original.replace("gates:\n", "gates:\n  max_mean_kld: 0.0\n"))
+        failed = run(["dvc", "repro"], env, check=False)
+        assert failed.returncode != 0
+        assert "gguf-q4_0" in failed.stderr and "max_mean_kld" in failed.stderr
+        check = run(["qpipe", "check"], env, check=False)
+        assert check.returncode == 1
+        assert "FAIL  gguf-q4_0" in check.stderr
+        assert gate(root, "gguf-q4_0")["verdict"] == "fail"
+        assert gate(root, "gguf-q8_0")["verdict"] == "pass"
+    finally:
+        recipe.write_text(original)

@@ -1,0 +1,51 @@
+from pipeline import report
+
+
+def rows(*points):
+    return [{"recipe": str(i), "mean_kld": kld, "decode_tok_s": speed} for i, (kld, speed) in enumerate(points)]
+
+
+def test_pareto_front_on_hand_made_points():
+    # (kld, decode): 0 best quality, 3 fastest, 1 dominated by 0, 2 on the front between
+    front = report.pareto_front(rows((0.01, 60), (0.02, 55), (0.05, 80), (0.2, 100), (0.25, 90)))
+    assert front == [True, False, True, True, False]
+
+
+def test_ties_are_both_on_the_front():
+    assert report.pareto_front(rows((0.05, 80), (0.05, 80))) == [True, True]
+
+
+def test_equal_on_one_axis_better_on_other_dominates():
+    assert report.pareto_front(rows((0.05, 80), (0.05, 90))) == [False, True]
+
+
+def test_missing_figure_takes_no_part():
+    front = report.pareto_front(rows((0.05, None), (0.2, 50), (None, 100)))
+    assert front == [None, True, None]
+
+
+def test_custom_objectives():
+    points = [{"size": 100, "kld": 0.01}, {"size": 50, "kld": 0.05}, {"size": 120, "kld": 0.02}]
+    assert report.pareto_front(points, {"size": "min", "kld": "min"}) == [True, True, False]
+
+
+def gate_result(recipe, kld, decode, verdict="pass"):
+    return {
+        "recipe": recipe, "format": "gguf", "verdict": verdict, "reasons": [],
+        "artifact": {"bytes": 1_000_000, "bits_per_weight": 4.5},
+        "accuracy": {"status": "ok", "runtime": "r", "ppl": 10.0, "ppl_ratio": 1.05, "mean_kld": kld,
+                     "top1_agreement": 0.9, "tokenizer_mismatch": 0.0},
+        "speed": ({"status": "ok", "runtime": "r", "decode_tok_s": decode, "prefill_tok_s": 400.0,
+                   "ttft_ms": 1.0, "itl_ms": 1.0, "roofline_fraction": 0.3}
+                  if decode is not None else {"status": "not_run", "reason": "needs a CUDA GPU"}),
+    }
+
+
+def test_markdown_and_plot_handle_not_run(tmp_path):
+    results = [gate_result("a", 0.01, 50.0), gate_result("b", 0.05, None, verdict="incomplete")]
+    table = report.build_rows(results, tmp_path)
+    assert [r["pareto"] for r in table] == [True, None]
+    text = report.markdown(table, {"ppl": 13.0, "windows": 2, "window_tokens": 64}, {"cpu": "x"})
+    assert "not run" in text and "not_run: needs a CUDA GPU" in text
+    report.plot(table, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
