@@ -101,6 +101,15 @@ def reference_command():
     reference.run(_params().reference, layout.SOURCE_DIR, layout.EVALUATION_TEXT, layout.REFERENCE_DIR, log=log)
 
 
+@app.command("recipe")
+@stage
+def recipe_command(recipe: str = typer.Argument(..., help="recipe name (recipes/NAME.yaml)")):
+    """Validate one recipe -> artifacts/recipes/RECIPE.json (its build knobs only)."""
+    from pipeline import formats
+
+    formats.write_build_spec(recipe)
+
+
 @app.command("build")
 @stage
 def build_command(recipe: str = typer.Argument(..., help="recipe name (recipes/NAME.yaml)")):

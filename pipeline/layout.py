@@ -9,12 +9,17 @@ HOST_FILE = ARTIFACTS / "host.json"
 SOURCE_DIR = ARTIFACTS / "source"
 CORPUS_DIR = ARTIFACTS / "corpus"
 REFERENCE_DIR = ARTIFACTS / "reference"
+RECIPES_DIR = ARTIFACTS / "recipes"
 BUILDS_DIR = ARTIFACTS / "builds"
 GATES_DIR = ARTIFACTS / "gates"
 REPORT_DIR = ARTIFACTS / "report"
 
 CALIBRATION_TEXT = CORPUS_DIR / "calibration.txt"
 EVALUATION_TEXT = CORPUS_DIR / "evaluation.txt"
+
+
+def recipe_spec(recipe: str) -> Path:
+    return RECIPES_DIR / f"{recipe}.json"
 
 
 def build_dir(recipe: str) -> Path:

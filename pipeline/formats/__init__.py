@@ -30,6 +30,23 @@ def recipe_class(name: str):
     return module(name).Recipe
 
 
+def build_spec(recipe) -> dict:
+    """What a build depends on: the recipe without its gate limits and description, so that
+    tuning a limit re-runs the gate, not the build."""
+    return {"format": recipe.format, **recipe.model_dump(exclude={"gates", "description", "format"})}
+
+
+def write_build_spec(name: str) -> dict:
+    """The recipe@R stage: validate recipes/R.yaml early and write its build knobs."""
+    from pipeline import layout
+    from pipeline.config import load_recipe
+    from pipeline.files import write_json
+
+    spec = {"recipe": name, "build": build_spec(load_recipe(name))}
+    write_json(layout.recipe_spec(name), spec)
+    return spec
+
+
 def run_build(name: str, *, threads: int, log=print) -> dict:
     """The build@R stage: recipe R -> artifacts/builds/R/ (artifact files + build.json)."""
     import json
