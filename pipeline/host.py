@@ -135,6 +135,25 @@ def measure_bandwidth_gb_s(total_mib: int = 1024, repeats: int = 5, threads: int
     return round(best, 1)
 
 
+def measure_gpu_bandwidth_gb_s(total_mib: int = 1024, repeats: int = 10) -> float | None:
+    """Device-to-device copy bandwidth of GPU 0 (bytes read + written), or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    source = torch.empty(total_mib * 2**20, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    target.copy_(source)
+    torch.cuda.synchronize()
+    best = 0.0
+    for _ in range(repeats):
+        started = time.perf_counter()
+        target.copy_(source)
+        torch.cuda.synchronize()
+        best = max(best, 2 * source.numel() / (time.perf_counter() - started) / 1e9)
+    return round(best, 1)
+
+
 def probe(previous: dict[str, Any] | None = None, remeasure: bool = False) -> dict[str, Any]:
     identity = {
         "cpu": cpu_info(),
@@ -153,6 +172,9 @@ def probe(previous: dict[str, Any] | None = None, remeasure: bool = False) -> di
             "method": "numpy copy of 1 GiB split over all logical cores; bytes read + written; best of 5",
             "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if identity["gpus"]:  # import torch only where nvidia-smi found a device
+            bandwidth["gpu_gb_s"] = measure_gpu_bandwidth_gb_s()
+            bandwidth["gpu_method"] = "torch device-to-device copy of 1 GiB; bytes read + written; best of 10"
     return {"fingerprint": fingerprint, **identity, "bandwidth": bandwidth}
 
 
@@ -160,4 +182,5 @@ def summary(host: dict[str, Any]) -> dict[str, Any]:
     """The `host` block of a gate result."""
     gpu = host["gpus"][0]["name"] if host.get("gpus") else None
     return {"cpu": host["cpu"]["model"], "cores": host["cpu"]["physical_cores"], "gpu": gpu,
-            "bandwidth_gb_s": host["bandwidth"]["gb_s"], "fingerprint": host["fingerprint"]}
+            "bandwidth_gb_s": host["bandwidth"]["gb_s"], "gpu_bandwidth_gb_s": host["bandwidth"].get("gpu_gb_s"),
+            "fingerprint": host["fingerprint"]}

@@ -25,4 +25,14 @@ def test_changed_fingerprint_or_remeasure_measures_again():
 
 def test_summary_for_gate_results():
     summary = host.summary(host.probe())
-    assert set(summary) == {"cpu", "cores", "gpu", "bandwidth_gb_s", "fingerprint"}
+    assert set(summary) == {"cpu", "cores", "gpu", "bandwidth_gb_s", "gpu_bandwidth_gb_s", "fingerprint"}
+
+
+def test_gpu_bandwidth_is_none_without_cuda_and_positive_with_it():
+    import torch
+
+    value = host.measure_gpu_bandwidth_gb_s(total_mib=64, repeats=2)
+    if torch.cuda.is_available():
+        assert value > 1
+    else:
+        assert value is None

@@ -158,3 +158,16 @@ def test_an_impossible_limit_makes_check_fail_with_exit_1(repo):
         assert gate(root, "gguf-q8_0")["verdict"] == "pass"
     finally:
         recipe.write_text(original)
+
+
+def test_experiment_with_another_recipe_set_reuses_cached_stages(repo):
+    root, env, _, _ = repo
+    run(["dvc", "repro"], env)  # up to date after the previous test restored the recipe
+    experiment = run(["dvc", "exp", "run", "-S", "recipes=[gguf-q8_0]", "-n", "only-q8"], env)
+    ran = [line for line in experiment.stdout.splitlines() if line.startswith("Running stage")]
+    assert "Running stage 'report':" in ran
+    assert not any("build@" in line or "gate@" in line for line in ran), experiment.stdout
+    report = json.loads((root / "artifacts" / "report" / "tradeoff.json").read_text())
+    assert [r["recipe"] for r in report["rows"]] == ["gguf-q8_0"]
+    shown = run(["dvc", "exp", "show", "--json"], env).stdout
+    assert "only-q8" in shown

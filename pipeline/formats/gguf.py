@@ -18,12 +18,14 @@ import ctypes
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -329,17 +331,13 @@ def _native_output_to(path: Path) -> Iterator[None]:
 
 def tensor_type_mix(path: Path) -> dict[str, Any]:
     """How many tensors (and bytes, and weights) of each ggml type the file holds."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
     counts: Counter[str] = Counter()
     nbytes: Counter[str] = Counter()
     weights: Counter[str] = Counter()
-    for tensor in reader.tensors:
-        kind = tensor.tensor_type.name
-        counts[kind] += 1
-        nbytes[kind] += int(tensor.n_bytes)
-        weights[kind] += int(tensor.n_elements)
+    for tensor in read_header(path).tensors:
+        counts[tensor.type] += 1
+        nbytes[tensor.type] += tensor.n_bytes
+        weights[tensor.type] += tensor.n_elements
     total_bytes = sum(nbytes.values())
     total_weights = sum(weights.values())
     return {
@@ -350,6 +348,82 @@ def tensor_type_mix(path: Path) -> dict[str, Any]:
         "weights": total_weights,
         "bits_per_weight": 8 * total_bytes / total_weights,
     }
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    type: str
+    n_elements: int
+    n_bytes: int
+
+
+@dataclass
+class Header:
+    metadata: dict[str, Any]  # scalar and string values; arrays are skipped
+    tensors: list[TensorInfo]
+
+
+# GGUF value types -> struct format of one scalar (8 = string, 9 = array)
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def read_header(path: Path) -> Header:
+    """The GGUF key/values and tensor table, without touching tensor data.
+
+    gguf.GGUFReader builds a numpy view of every vocabulary string (about 2 s for a 49k
+    vocabulary); this skips arrays and reads only what the build and gates need.
+    """
+    import mmap
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        magic, version, n_tensors, n_kv = struct.unpack_from("<4sIQQ", data, 0)
+        if magic != b"GGUF":
+            raise QpipeError("not a GGUF file", where=str(path))
+        offset = 24
+
+        def string(at: int) -> tuple[str, int]:
+            (length,) = struct.unpack_from("<Q", data, at)
+            return data[at + 8: at + 8 + length].decode("utf-8", errors="replace"), at + 8 + length
+
+        def skip_or_read(kind: int, at: int) -> tuple[Any, int]:
+            if kind in _SCALARS:
+                fmt = _SCALARS[kind]
+                return struct.unpack_from(fmt, data, at)[0], at + struct.calcsize(fmt)
+            if kind == 8:
+                return string(at)
+            item, count = struct.unpack_from("<IQ", data, at)
+            at += 12
+            if item in _SCALARS:
+                return None, at + count * struct.calcsize(_SCALARS[item])
+            for _ in range(count):
+                _, at = skip_or_read(item, at)
+            return None, at
+
+        metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key, offset = string(offset)
+            (kind,) = struct.unpack_from("<I", data, offset)
+            value, offset = skip_or_read(kind, offset + 4)
+            if value is not None:
+                metadata[key] = value
+        tensors = []
+        for _ in range(n_tensors):
+            name, offset = string(offset)
+            (n_dims,) = struct.unpack_from("<I", data, offset)
+            shape = struct.unpack_from(f"<{n_dims}Q", data, offset + 4)
+            type_id, _data_offset = struct.unpack_from("<IQ", data, offset + 4 + 8 * n_dims)
+            offset += 4 + 8 * n_dims + 12
+            quant = GGMLQuantizationType(type_id)
+            block, block_bytes = GGML_QUANT_SIZES[quant]
+            elements = 1
+            for dim in shape:
+                elements *= dim
+            tensors.append(TensorInfo(name, tuple(shape), quant.name, elements, elements // block * block_bytes))
+    return Header(metadata, tensors)
 
 
 # ---------------------------------------------------------------- artifact facts
@@ -367,33 +441,20 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
     """Bytes a decode step must read: every weight tensor once, plus the f16 KV cache at
     the given context length. With a separate output matrix the token embedding reads a
     single row; with tied embeddings the whole matrix is read for the logits."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(artifact_path(build_dir))
-    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
-    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
-    weights = sum(sizes.values())
-    if "output.weight" in sizes and "token_embd.weight" in sizes:
-        rows = max(shapes["token_embd.weight"])
-        weights -= sizes["token_embd.weight"] - sizes["token_embd.weight"] // rows
-    arch = _field(reader, "general.architecture")
-    layers = int(_field(reader, f"{arch}.block_count"))
-    heads = int(_field(reader, f"{arch}.attention.head_count"))
-    kv_heads = int(_field(reader, f"{arch}.attention.head_count_kv") or heads)
-    width = int(_field(reader, f"{arch}.embedding_length"))
-    head_dim = width // heads
+    header = read_header(artifact_path(build_dir))
+    tensors = {t.name: t for t in header.tensors}
+    weights = sum(t.n_bytes for t in header.tensors)
+    if "output.weight" in tensors and "token_embd.weight" in tensors:
+        embedding = tensors["token_embd.weight"]
+        weights -= embedding.n_bytes - embedding.n_bytes // embedding.shape[-1]
+    meta = header.metadata
+    arch = meta["general.architecture"]
+    layers = int(meta[f"{arch}.block_count"])
+    heads = int(meta[f"{arch}.attention.head_count"])
+    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv") or heads)
+    head_dim = int(meta[f"{arch}.embedding_length"]) // heads
     kv_cache = layers * 2 * kv_heads * head_dim * 2 * context_tokens
     return {"weights": float(weights), "kv_cache": float(kv_cache), "total": float(weights + kv_cache)}
-
-
-def _field(reader, key: str):
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    value = field.parts[field.data[0]]
-    if field.types and field.types[0].name == "STRING":
-        return bytes(value).decode()
-    return value[0] if len(value) == 1 else value
 
 
 # ---------------------------------------------------------------- gates
