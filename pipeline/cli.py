@@ -179,7 +179,7 @@ def doctor_command():
     cpu = host.cpu_info()
     gpus = host.gpus()
     runtimes = host.runtimes()
-    bandwidth = host.measure_bandwidth_gb_s(total_mib=256, repeats=3, threads=cpu["logical_cores"])
+    bandwidth = host.measure_bandwidth_gb_s(total_mib=128, repeats=3, threads=cpu["logical_cores"])
     typer.echo(f"CPU        {cpu['model']}: {cpu['physical_cores']} cores / {cpu['logical_cores']} threads, "
                f"SIMD {' '.join(cpu['simd']) or 'none detected'}")
     typer.echo(f"memory     {host.memory_gb()} GB, copy bandwidth ~{bandwidth} GB/s (quick estimate; "
