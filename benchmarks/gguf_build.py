@@ -22,6 +22,7 @@ from pathlib import Path
 from pipeline import host, layout
 from pipeline.files import sha256_file
 from pipeline.formats import gguf
+from pipeline.runtimes.llama_cpp import native_output_to
 
 
 def raw_quantize(source: Path, out: Path, qtype: str, threads: int) -> None:
@@ -63,7 +64,7 @@ def main() -> None:
                     out.unlink(missing_ok=True)
                     started = time.perf_counter()
                     if label == "raw":
-                        with gguf._native_output_to(scratch / "raw.log"):
+                        with native_output_to(scratch / "raw.log", streams=(1, 2)):
                             function(f16, out, qtype, threads)
                     else:
                         function(f16, out, qtype, threads)

@@ -198,9 +198,15 @@ def doctor_command():
         imatrix_line = f"missing: {getattr(exc, 'fix', exc)}"
     typer.echo(f"converter  {converter_line}")
     typer.echo(f"imatrix    {imatrix_line}")
-    llama = runtimes.get("llama_cpp")
-    typer.echo("can build  gguf" + ("" if llama and not converter_line.startswith("missing") else " (NO: see above)"))
-    typer.echo("can gate   gguf accuracy + speed via llama.cpp" if llama else "can gate   nothing: llama-cpp-python missing")
+    from pipeline.runtimes import llama_cpp
+
+    llama_problem = llama_cpp.unavailable_reason()  # a real import: the shared library must load
+    build_ok = llama_problem is None and not converter_line.startswith("missing")
+    typer.echo("can build  gguf" if build_ok else f"can build  nothing: {llama_problem or converter_line}")
+    typer.echo("can gate   gguf accuracy + speed via llama.cpp (imports)" if llama_problem is None
+               else f"can gate   nothing: {llama_problem}")
+    typer.echo("others     vllm / tensorrt_llm / modelopt / llmcompressor are listed above when installed "
+               "(found by package metadata, not imported: importing them takes seconds)")
     typer.echo(f"({time.perf_counter() - started:.2f} s)")
 
 

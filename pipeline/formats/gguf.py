@@ -13,7 +13,6 @@ Tools, and why they are these:
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import os
@@ -301,7 +300,9 @@ def quantize(source: Path, out: Path, qtype: str, *, imatrix: Path | None, threa
         array[len(entries)].name = None  # NULL-terminated
         params.imatrix = ctypes.cast(array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
         keep_alive.append(array)
-    with _native_output_to(log_file):
+    from pipeline.runtimes.llama_cpp import native_output_to
+
+    with native_output_to(log_file, streams=(1, 2)):
         code = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
     if code != 0 or not out.is_file():
         tail = "\n".join(log_file.read_text(errors="replace").strip().splitlines()[-10:])
@@ -309,24 +310,6 @@ def quantize(source: Path, out: Path, qtype: str, *, imatrix: Path | None, threa
     fallback = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback quantization", log_file.read_text(errors="replace"))
     return {"fallback_tensors": int(fallback.group(1)) if fallback else 0,
             "tensors": int(fallback.group(2)) if fallback else None}
-
-
-@contextlib.contextmanager
-def _native_output_to(path: Path) -> Iterator[None]:
-    """llama.cpp prints a line per tensor from C; send fds 1 and 2 to a log file."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(path, "ab") as handle:
-        os.dup2(handle.fileno(), 1)
-        os.dup2(handle.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
 
 
 def tensor_type_mix(path: Path) -> dict[str, Any]:
@@ -490,4 +473,5 @@ def speed_unavailable_reason() -> str | None:
     return runtime.unavailable_reason()
 
 
+# both gates of a GGUF need llama.cpp itself: there is no emulation of GGUF quant types
 accuracy_unavailable_reason = speed_unavailable_reason

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,23 +35,28 @@ def unavailable_reason() -> str | None:
 
 
 @contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """llama.cpp logs model loading to fd 2 from C; keep stage output readable."""
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
+def native_output_to(path: Path | None = None, streams: tuple[int, ...] = (2,)) -> Iterator[None]:
+    """Send what llama.cpp prints from C (model loading, a line per quantized tensor) to a
+    file, or discard it, so stage output stays readable."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in streams]
+    target = os.open(path or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        os.dup2(devnull, 2)
+        for fd in streams:
+            os.dup2(target, fd)
         yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+        for fd, copy in zip(streams, saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(target)
 
 
 def open_model(path: Path, *, n_ctx: int, logits_all: bool, threads: int, n_gpu_layers: int = 0):
     from llama_cpp import Llama
 
-    with _quiet_stderr():
+    with native_output_to():
         return Llama(
             model_path=str(path),
             n_ctx=n_ctx,
@@ -86,7 +92,7 @@ def tokenize(path: Path, text: str) -> list[int]:
 
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
-    with _quiet_stderr():
+    with native_output_to():
         model = LlamaModel(path_model=str(path), params=params, verbose=False)
     try:
         return model.tokenize(text.encode("utf-8"), add_bos=False, special=False)
