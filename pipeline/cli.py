@@ -119,6 +119,15 @@ def build_command(recipe: str = typer.Argument(..., help="recipe name (recipes/N
     formats.run_build(recipe, threads=_threads(_params()), log=log)
 
 
+@app.command("baseline")
+@stage
+def baseline_command():
+    """Unquantized speed per format on this host -> artifacts/baselines/ (for decode_speedup)."""
+    from pipeline.gates import run_baselines
+
+    run_baselines(_params().speed, log=log)
+
+
 @app.command("gate")
 @stage
 def gate_command(recipe: str = typer.Argument(..., help="recipe name (recipes/NAME.yaml)")):

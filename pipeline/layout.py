@@ -12,6 +12,7 @@ REFERENCE_DIR = ARTIFACTS / "reference"
 RECIPES_DIR = ARTIFACTS / "recipes"
 BUILDS_DIR = ARTIFACTS / "builds"
 GATES_DIR = ARTIFACTS / "gates"
+BASELINES_DIR = ARTIFACTS / "baselines"
 REPORT_DIR = ARTIFACTS / "report"
 
 CALIBRATION_TEXT = CORPUS_DIR / "calibration.txt"
@@ -28,3 +29,7 @@ def build_dir(recipe: str) -> Path:
 
 def gate_file(recipe: str) -> Path:
     return GATES_DIR / f"{recipe}.json"
+
+
+def baseline_file(format_name: str) -> Path:
+    return BASELINES_DIR / f"{format_name}.json"

@@ -11,7 +11,8 @@ runner = CliRunner()
 def test_help_lists_every_stage_command():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ["host", "source", "corpus", "reference", "build", "gate", "report", "check", "doctor"]:
+    for command in ["host", "source", "corpus", "reference", "recipe", "build", "baseline", "gate", "report",
+                    "check", "doctor", "setup-converter"]:
         assert command in result.output
 
 
@@ -35,6 +36,12 @@ def test_gate_without_build_exits_2(project):
     result = runner.invoke(app, ["gate", "gguf-q8_0"])
     assert result.exit_code == 2
     assert "qpipe build gguf-q8_0" in result.output
+
+
+def test_baseline_without_host_exits_2(project):
+    result = runner.invoke(app, ["baseline"])
+    assert result.exit_code == 2
+    assert "qpipe host" in result.output
 
 
 def test_build_without_source_exits_2(project):

@@ -32,6 +32,7 @@ recipes:
 
 
 LOOSE_GATES = """gates:
+  min_decode_speedup: 0.3
   max_mean_kld: 0.5
   min_top1_agreement: 0.5
   max_tokenizer_mismatch: 0.01
@@ -98,12 +99,25 @@ def test_gate_files_hold_finite_figures_in_range(repo):
         for key in ["prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_ms", "roofline_tok_s"]:
             assert speed[key] > 0 and math.isfinite(speed[key])
         assert 0 < speed["roofline_fraction"] < 1.5
+        assert speed["decode_speedup"] > 0.3 and math.isfinite(speed["decode_speedup"])
+        assert {c["name"]: c["verdict"] for c in result["checks"]}["min_decode_speedup"] == "pass"
         assert result["verdict"] == "pass"
         assert result["artifact"]["bytes"] > 50e6
     # more bits, closer to the reference and a bigger file
     assert q8["accuracy"]["mean_kld"] < q4["accuracy"]["mean_kld"]
     assert q8["artifact"]["bytes"] > q4["artifact"]["bytes"]
     assert q8["artifact"]["bits_per_weight"] > q4["artifact"]["bits_per_weight"]
+
+
+def test_baseline_is_the_unquantized_gguf_on_the_same_runtime(repo):
+    root, _, _, _ = repo
+    baseline = json.loads((root / "artifacts" / "baselines" / "gguf.json").read_text())
+    assert baseline["status"] == "ok" and baseline["runtime"].startswith("llama.cpp")
+    assert baseline["artifact"].startswith("f16 GGUF")
+    assert baseline["bytes"] > gate(root, "gguf-q8_0")["artifact"]["bytes"]
+    assert baseline["decode_tok_s"] > 0 and baseline["prompt_tokens"] == 64
+    q4 = gate(root, "gguf-q4_0")["speed"]
+    assert q4["decode_speedup"] == pytest.approx(q4["decode_tok_s"] / baseline["decode_tok_s"])
 
 
 def test_build_json_records_tools_timings_and_type_mix(repo):
@@ -166,7 +180,7 @@ def test_experiment_with_another_recipe_set_reuses_cached_stages(repo):
     experiment = run(["dvc", "exp", "run", "-S", "recipes=[gguf-q8_0]", "-n", "only-q8"], env)
     ran = [line for line in experiment.stdout.splitlines() if line.startswith("Running stage")]
     assert "Running stage 'report':" in ran
-    assert not any("build@" in line or "gate@" in line for line in ran), experiment.stdout
+    assert not any("build@" in line or "gate@" in line or "baseline" in line for line in ran), experiment.stdout
     report = json.loads((root / "artifacts" / "report" / "tradeoff.json").read_text())
     assert [r["recipe"] for r in report["rows"]] == ["gguf-q8_0"]
     shown = run(["dvc", "exp", "show", "--json"], env).stdout

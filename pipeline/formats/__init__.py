@@ -6,8 +6,12 @@ A format module owns everything about its format and exposes:
 - ``build(recipe, name, workspace, progress)``: source checkpoint -> artifact files in a
   staging directory, returning the format-specific part of build.json;
 - ``artifact_summary(build_dir)``: path, bytes, sha256, bits per weight of what a runtime loads;
-- ``score_accuracy(...)`` and ``measure_speed(...)``: run the native runtime (or a declared
-  emulation) and return gate sections, or raise ``HostLacks`` when they cannot run here.
+- ``window_logits(...)``, ``tokenize(...)``, ``measure_speed(...)``: run the native runtime
+  (or a declared emulation, for accuracy only); ``accuracy_unavailable_reason()`` and
+  ``speed_unavailable_reason()`` say why not, so the gate records ``not_run``;
+- ``baseline_speed(...)``: the unquantized model's speed on the same runtime, for the
+  ``baseline`` stage and ``decode_speedup``;
+- ``decode_bytes_per_token(...)`` and ``bits_per_weight(...)`` for the roofline and report.
 
 Module import must stay light: heavy packages are imported inside the functions.
 """

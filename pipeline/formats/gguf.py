@@ -467,6 +467,20 @@ def measure_speed(build_dir: Path, prompt: list[int], *, gen_tokens: int, repeat
                                  repeats=repeats, warmup=warmup, threads=threads)
 
 
+def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
+                   threads: int) -> dict[str, Any]:
+    """Speed of the unquantized model in this format: the f16 GGUF from the same converter,
+    measured on the same runtime with the same prompt and settings as the gates."""
+    from pipeline.runtimes import llama_cpp as runtime
+
+    with tempfile.TemporaryDirectory(prefix="qpipe-baseline-") as scratch:
+        f16 = Path(scratch) / "model-f16.gguf"
+        convert(source_dir, f16, "f16", converter_info()["path"])
+        measured = runtime.measure_speed(f16, prompt, gen_tokens=gen_tokens, repeats=repeats,
+                                         warmup=warmup, threads=threads)
+        return {"artifact": "f16 GGUF (llama.cpp converter)", "bytes": f16.stat().st_size, **measured}
+
+
 def speed_unavailable_reason() -> str | None:
     from pipeline.runtimes import llama_cpp as runtime
 

@@ -39,7 +39,7 @@ def run_gate(name: str, *, speed_params, log=print) -> dict[str, Any]:
         "bits_per_weight": fmt.bits_per_weight(build_dir),
     }
     accuracy = run_accuracy(fmt, build_dir, ref, threads, log)
-    speed = run_speed(fmt, build_dir, ref, speed_params, host_info, threads, log)
+    speed = run_speed(fmt, build_dir, ref, speed_params, host_info, threads, log, fmt_name=recipe.format)
     sections = {"accuracy": accuracy, "speed": speed}
     checks = verdict.evaluate(recipe.gates, sections)
     outcome, reasons = verdict.overall(recipe.gates, sections, checks)
@@ -79,12 +79,8 @@ def run_accuracy(fmt, build_dir, ref, threads: int, log) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - started, 2)}
 
 
-def run_speed(fmt, build_dir, ref, speed_params, host_info, threads: int, log) -> dict[str, Any]:
-    from pipeline.gates import speed
-
-    reason = fmt.speed_unavailable_reason()
-    if reason:
-        return {"status": "not_run", "reason": reason}
+def speed_prompt(ref, speed_params) -> list[int]:
+    """The first `speed.prompt_tokens` ids of the evaluation text: the same prompt everywhere."""
     prompt = ref.text_tokens[: speed_params.prompt_tokens].tolist()
     if len(prompt) < speed_params.prompt_tokens:
         from pipeline.errors import BadInput
@@ -92,15 +88,64 @@ def run_speed(fmt, build_dir, ref, speed_params, host_info, threads: int, log) -
         raise BadInput(f"the evaluation text has only {len(prompt)} tokens for a "
                        f"{speed_params.prompt_tokens}-token speed prompt",
                        where="params.yaml: speed.prompt_tokens", fix="lower it or use a longer text")
+    return prompt
+
+
+def run_speed(fmt, build_dir, ref, speed_params, host_info, threads: int, log, fmt_name: str = "") -> dict[str, Any]:
+    from pipeline.gates import speed
+
+    reason = fmt.speed_unavailable_reason()
+    if reason:
+        return {"status": "not_run", "reason": reason}
+    prompt = speed_prompt(ref, speed_params)
     log(f"speed: {len(prompt)}-token prompt, {speed_params.gen_tokens} generated tokens, "
         f"{speed_params.warmup} warm-up + {speed_params.repeats} runs, {threads} threads")
     measured = fmt.measure_speed(build_dir, prompt, gen_tokens=speed_params.gen_tokens,
                                  repeats=speed_params.repeats, warmup=speed_params.warmup, threads=threads)
     bytes_per_token = fmt.decode_bytes_per_token(
         build_dir, speed.mean_decode_context(len(prompt), speed_params.gen_tokens))
-    return speed.section(measured, runtime=fmt.runtime_name(), prompt_tokens=len(prompt),
-                         gen_tokens=speed_params.gen_tokens, threads=threads,
-                         bandwidth_gb_s=host_info["bandwidth"]["gb_s"], bytes_per_token=bytes_per_token)
+    section = speed.section(measured, runtime=fmt.runtime_name(), prompt_tokens=len(prompt),
+                            gen_tokens=speed_params.gen_tokens, threads=threads,
+                            bandwidth_gb_s=host_info["bandwidth"]["gb_s"], bytes_per_token=bytes_per_token)
+    return speed.with_speedup(section, _baseline(fmt_name))
+
+
+def _baseline(format_name: str) -> dict[str, Any] | None:
+    path = layout.baseline_file(format_name)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_baselines(speed_params, log=print) -> dict[str, Any]:
+    """The baseline stage: the unquantized model's speed in every registered format, on the
+    same runtime, prompt and settings as the gates (`not_run` where the runtime is absent)."""
+    from pipeline import formats, reference
+    from pipeline.errors import BadInput
+    from pipeline.files import atomic_dir, read_json
+
+    if not layout.HOST_FILE.is_file():
+        raise BadInput("no host description", where=str(layout.HOST_FILE), fix="run `qpipe host` first")
+    host_info = read_json(layout.HOST_FILE)
+    threads = speed_params.threads or host_info["cpu"]["physical_cores"]
+    prompt = speed_prompt(reference.load(layout.REFERENCE_DIR), speed_params)
+    results = {}
+    with atomic_dir(layout.BASELINES_DIR) as staging:
+        for name in formats.FORMATS:
+            fmt = formats.module(name)
+            reason = fmt.speed_unavailable_reason()
+            if reason:
+                result = {"format": name, "status": "not_run", "reason": reason}
+            else:
+                log(f"baseline {name}: unquantized speed, {len(prompt)}-token prompt, {speed_params.gen_tokens} tokens")
+                measured = fmt.baseline_speed(layout.SOURCE_DIR, prompt, gen_tokens=speed_params.gen_tokens,
+                                              repeats=speed_params.repeats, warmup=speed_params.warmup,
+                                              threads=threads)
+                result = {"format": name, "status": "ok", "runtime": fmt.runtime_name(), "threads": threads,
+                          "prompt_tokens": len(prompt), "gen_tokens": speed_params.gen_tokens, **measured}
+                log(f"baseline {name}: decode {measured['decode_tok_s']:.1f} tok/s, "
+                    f"prefill {measured['prefill_tok_s']:.0f} tok/s")
+            (staging / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+            results[name] = result
+    return results
 
 
 def _evaluation_text() -> str:

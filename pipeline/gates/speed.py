@@ -9,6 +9,10 @@ and roofline_fraction = measured decode_tok_s / roofline_tok_s says how much of 
 measured memory bandwidth the runtime turns into tokens. The bandwidth comes from host.json
 (a multi-threaded array copy, bytes read plus bytes written). Speed is never emulated:
 without the native runtime the section is `not_run`.
+
+decode_speedup (and prefill_speedup) = the artifact's rate / the unquantized model's rate in
+the same format, runtime, prompt and settings, measured once per host by the baseline stage.
+Both are measured, so both carry this host's run-to-run noise.
 """
 
 from __future__ import annotations
@@ -47,3 +51,14 @@ def section(measured: dict, *, runtime: str, prompt_tokens: int, gen_tokens: int
         result["roofline_tok_s"] = roof
         result["roofline_fraction"] = measured["decode_tok_s"] / roof
     return result
+
+
+def with_speedup(section: dict, baseline: dict | None) -> dict:
+    if not baseline or baseline.get("status") != "ok":
+        section["decode_speedup"] = section["prefill_speedup"] = None
+        section["decode_speedup_reason"] = (baseline or {}).get("reason", "no baseline measured (run the baseline stage)")
+        return section
+    section["baseline_decode_tok_s"] = baseline["decode_tok_s"]
+    section["decode_speedup"] = section["decode_tok_s"] / baseline["decode_tok_s"]
+    section["prefill_speedup"] = section["prefill_tok_s"] / baseline["prefill_tok_s"]
+    return section

@@ -40,7 +40,8 @@ def evaluate(limits: GateLimits, sections: dict[str, dict[str, Any]]) -> list[di
         check = {"name": key, "gate": section_name, "figure": figure, "limit": limit,
                  "value": value, "verdict": verdict}
         if verdict == "not_run":
-            check["reason"] = section.get("reason") or f"{figure} was not measured"
+            check["reason"] = (section.get("reason") or section.get(f"{figure}_reason")
+                               or f"{figure} was not measured")
         checks.append(check)
     return checks
 

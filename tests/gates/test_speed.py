@@ -29,3 +29,23 @@ def test_section_fraction_and_missing_bandwidth():
     unmeasured = speed.section(measured, runtime="x", prompt_tokens=512, gen_tokens=128, threads=2,
                                bandwidth_gb_s=None, bytes_per_token={"total": 100e6})
     assert unmeasured["roofline_fraction"] is None
+
+
+def section_for(decode=100.0, prefill=400.0):
+    measured = {"prefill_tok_s": prefill, "decode_tok_s": decode, "ttft_ms": 1.0, "itl_ms": 1.0}
+    return speed.section(measured, runtime="x", prompt_tokens=8, gen_tokens=8, threads=1,
+                         bandwidth_gb_s=None, bytes_per_token={"total": 1.0})
+
+
+def test_speedup_against_the_unquantized_baseline():
+    result = speed.with_speedup(section_for(150.0, 500.0), {"status": "ok", "decode_tok_s": 100.0, "prefill_tok_s": 400.0})
+    assert result["decode_speedup"] == pytest.approx(1.5)
+    assert result["prefill_speedup"] == pytest.approx(1.25)
+    assert result["baseline_decode_tok_s"] == 100.0
+
+
+def test_no_baseline_leaves_speedup_unmeasured_with_a_reason():
+    result = speed.with_speedup(section_for(), None)
+    assert result["decode_speedup"] is None and "baseline" in result["decode_speedup_reason"]
+    absent = speed.with_speedup(section_for(), {"status": "not_run", "reason": "needs a CUDA GPU"})
+    assert absent["decode_speedup_reason"] == "needs a CUDA GPU"

@@ -43,10 +43,16 @@ def test_gate_not_required_may_be_absent():
     assert outcome == "pass"
 
 
-def test_unmeasured_figure_is_not_run():
-    checks, (outcome, _) = judge(GateLimits(min_decode_speedup=1.5))
-    assert checks[0]["verdict"] == "not_run"
+def test_unmeasured_figure_is_not_run_with_its_reason():
+    speed = {**OK_SPEED, "decode_speedup": None, "decode_speedup_reason": "no baseline measured"}
+    checks, (outcome, _) = judge(GateLimits(min_decode_speedup=1.5), speed=speed)
+    assert checks[0]["verdict"] == "not_run" and checks[0]["reason"] == "no baseline measured"
     assert outcome == "incomplete"
+
+
+def test_decode_speedup_is_checked():
+    checks, (outcome, _) = judge(GateLimits(min_decode_speedup=1.2), speed={**OK_SPEED, "decode_speedup": 1.1})
+    assert checks[0]["verdict"] == "fail" and outcome == "fail"
 
 
 def test_failure_wins_over_incomplete():
