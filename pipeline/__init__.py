@@ -8,7 +8,11 @@ Design (the code's twin of DESIGN.md; change both together):
     source    -> artifacts/source/          HF checkpoint + source.json (origin, sha256 of every file)
     corpus    -> artifacts/corpus/          calibration.txt / evaluation.txt, disjoint
     reference -> artifacts/reference/       eval token windows + the unquantized model's scores
+    recipe@R  -> artifacts/recipes/R.json   the validated recipe's build knobs (limits excluded, so
+                                             tuning a limit re-runs the gate, not the build)
     build@R   -> artifacts/builds/R/        the artifact + build.json (recipe, tools, timings, sizes)
+    baseline  -> artifacts/baselines/F.json the unquantized model's speed per format F on the native
+                                             runtime (for decode_speedup)
     gate@R    -> artifacts/gates/R.json     accuracy + speed + checks + verdict (DVC metrics)
     report    -> artifacts/report/          tradeoff.md/json, pareto.png, points.json (DVC plots)
     check                                   exit 1 unless every recipe's verdict is pass
