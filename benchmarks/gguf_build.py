@@ -31,7 +31,8 @@ def raw_quantize(source: Path, out: Path, qtype: str, threads: int) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
     params.nthread = threads
-    assert llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    with native_output_to(out.with_suffix(".log"), streams=(1, 2)):  # as qpipe's call does
+        assert llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) == 0
 
 
 def qpipe_quantize(source: Path, out: Path, qtype: str, threads: int) -> None:
@@ -50,7 +51,7 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=["Q4_K_M", "Q8_0"])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    threads = host.cpu_info()["physical_cores"]
+    threads = host.worker_threads(0)
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         f16 = scratch / "model-f16.gguf"
@@ -63,11 +64,7 @@ def main() -> None:
                     out = scratch / f"{label}-{qtype}.gguf"
                     out.unlink(missing_ok=True)
                     started = time.perf_counter()
-                    if label == "raw":
-                        with native_output_to(scratch / "raw.log", streams=(1, 2)):
-                            function(f16, out, qtype, threads)
-                    else:
-                        function(f16, out, qtype, threads)
+                    function(f16, out, qtype, threads)
                     times.append(time.perf_counter() - started)
                     if label == "qpipe":
                         extra_times.append(bookkeeping(out))

@@ -25,7 +25,7 @@ def main() -> None:
     params = load_params().speed
     fmt = formats.module(load_recipe(args.recipe).format)
     prompt = speed_prompt(reference.load(layout.REFERENCE_DIR), params)
-    threads = params.threads or host.cpu_info()["physical_cores"]
+    threads = host.worker_threads(params.threads)
     decode, prefill = [], []
     for trial in range(args.trials):
         measured = fmt.measure_speed(layout.build_dir(args.recipe), prompt, gen_tokens=params.gen_tokens,

@@ -55,7 +55,7 @@ def _params():
 def _threads(params) -> int:
     from pipeline import host
 
-    return params.speed.threads or host.cpu_info()["physical_cores"]
+    return host.worker_threads(params.speed.threads)
 
 
 @app.command("host")

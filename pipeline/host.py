@@ -178,6 +178,11 @@ def probe(previous: dict[str, Any] | None = None, remeasure: bool = False) -> di
     return {"fingerprint": fingerprint, **identity, "bandwidth": bandwidth}
 
 
+def worker_threads(requested: int, cpu: dict[str, Any] | None = None) -> int:
+    """Threads for builds and gates: what params ask for, else one per physical core."""
+    return requested or (cpu or cpu_info())["physical_cores"]
+
+
 def summary(host: dict[str, Any]) -> dict[str, Any]:
     """The `host` block of a gate result."""
     gpu = host["gpus"][0]["name"] if host.get("gpus") else None

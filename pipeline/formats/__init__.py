@@ -3,9 +3,9 @@
 A format module owns everything about its format and exposes:
 
 - ``Recipe``: the pydantic recipe model (subclass of ``config.RecipeBase``) with its knobs;
-- ``build(recipe, name, workspace, progress)``: source checkpoint -> artifact files in a
-  staging directory, returning the format-specific part of build.json;
-- ``artifact_summary(build_dir)``: path, bytes, sha256, bits per weight of what a runtime loads;
+- ``build(recipe, *, source_dir, calibration_text, out_dir, threads, log)``: source checkpoint
+  -> artifact files in a staging directory, returning the format-specific part of build.json;
+- ``artifact_path(build_dir)``: the file a runtime loads; ``runtime_name()``: what the gates ran;
 - ``window_logits(...)``, ``tokenize(...)``, ``measure_speed(...)``: run the native runtime
   (or a declared emulation, for accuracy only); ``accuracy_unavailable_reason()`` and
   ``speed_unavailable_reason()`` say why not, so the gate records ``not_run``;

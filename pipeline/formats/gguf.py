@@ -304,10 +304,11 @@ def quantize(source: Path, out: Path, qtype: str, *, imatrix: Path | None, threa
 
     with native_output_to(log_file, streams=(1, 2)):
         code = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
+    log = log_file.read_text(errors="replace")
     if code != 0 or not out.is_file():
-        tail = "\n".join(log_file.read_text(errors="replace").strip().splitlines()[-10:])
+        tail = "\n".join(log.strip().splitlines()[-10:])
         raise QpipeError(f"llama_model_quantize to {qtype} failed with code {code}:\n{tail}", where=str(source))
-    fallback = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback quantization", log_file.read_text(errors="replace"))
+    fallback = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback quantization", log)
     return {"fallback_tensors": int(fallback.group(1)) if fallback else 0,
             "tensors": int(fallback.group(2)) if fallback else None}
 

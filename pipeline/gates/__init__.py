@@ -25,12 +25,9 @@ def run_gate(name: str, *, speed_params, log=print) -> dict[str, Any]:
     build_dir = layout.build_dir(name)
     if not (build_dir / "build.json").is_file():
         raise BadInput(f"no build for recipe {name}", where=str(build_dir), fix=f"run `qpipe build {name}` first")
-    if not layout.HOST_FILE.is_file():
-        raise BadInput("no host description", where=str(layout.HOST_FILE), fix="run `qpipe host` first")
     build = read_json(build_dir / "build.json")
-    host_info = read_json(layout.HOST_FILE)
+    host_info, threads = _host_and_threads(speed_params)
     ref = reference.load(layout.REFERENCE_DIR)
-    threads = speed_params.threads or host_info["cpu"]["physical_cores"]
 
     artifact = {
         "path": str(fmt.artifact_path(build_dir)),
@@ -39,7 +36,7 @@ def run_gate(name: str, *, speed_params, log=print) -> dict[str, Any]:
         "bits_per_weight": fmt.bits_per_weight(build_dir),
     }
     accuracy = run_accuracy(fmt, build_dir, ref, threads, log)
-    speed = run_speed(fmt, build_dir, ref, speed_params, host_info, threads, log, fmt_name=recipe.format)
+    speed = run_speed(fmt, recipe.format, build_dir, ref, speed_params, host_info, threads, log)
     sections = {"accuracy": accuracy, "speed": speed}
     checks = verdict.evaluate(recipe.gates, sections)
     outcome, reasons = verdict.overall(recipe.gates, sections, checks)
@@ -58,6 +55,18 @@ def run_gate(name: str, *, speed_params, log=print) -> dict[str, Any]:
     write_json(layout.gate_file(name), result)
     log(f"gate {name}: {outcome}" + (f" ({'; '.join(reasons)})" if reasons else ""))
     return result
+
+
+def _host_and_threads(speed_params) -> tuple[dict[str, Any], int]:
+    """host.json (written by the host stage) and the thread count gates run with."""
+    from pipeline import host
+    from pipeline.errors import BadInput
+    from pipeline.files import read_json
+
+    if not layout.HOST_FILE.is_file():
+        raise BadInput("no host description", where=str(layout.HOST_FILE), fix="run `qpipe host` first")
+    host_info = read_json(layout.HOST_FILE)
+    return host_info, host.worker_threads(speed_params.threads, host_info["cpu"])
 
 
 def run_accuracy(fmt, build_dir, ref, threads: int, log) -> dict[str, Any]:
@@ -91,7 +100,7 @@ def speed_prompt(ref, speed_params) -> list[int]:
     return prompt
 
 
-def run_speed(fmt, build_dir, ref, speed_params, host_info, threads: int, log, fmt_name: str = "") -> dict[str, Any]:
+def run_speed(fmt, format_name: str, build_dir, ref, speed_params, host_info, threads: int, log) -> dict[str, Any]:
     from pipeline.gates import speed
 
     reason = fmt.speed_unavailable_reason()
@@ -107,7 +116,7 @@ def run_speed(fmt, build_dir, ref, speed_params, host_info, threads: int, log, f
     section = speed.section(measured, runtime=fmt.runtime_name(), prompt_tokens=len(prompt),
                             gen_tokens=speed_params.gen_tokens, threads=threads,
                             bandwidth_gb_s=host_info["bandwidth"]["gb_s"], bytes_per_token=bytes_per_token)
-    return speed.with_speedup(section, _baseline(fmt_name))
+    return speed.with_speedup(section, _baseline(format_name))
 
 
 def _baseline(format_name: str) -> dict[str, Any] | None:
@@ -119,13 +128,9 @@ def run_baselines(speed_params, log=print) -> dict[str, Any]:
     """The baseline stage: the unquantized model's speed in every registered format, on the
     same runtime, prompt and settings as the gates (`not_run` where the runtime is absent)."""
     from pipeline import formats, reference
-    from pipeline.errors import BadInput
-    from pipeline.files import atomic_dir, read_json
+    from pipeline.files import atomic_dir
 
-    if not layout.HOST_FILE.is_file():
-        raise BadInput("no host description", where=str(layout.HOST_FILE), fix="run `qpipe host` first")
-    host_info = read_json(layout.HOST_FILE)
-    threads = speed_params.threads or host_info["cpu"]["physical_cores"]
+    _, threads = _host_and_threads(speed_params)
     prompt = speed_prompt(reference.load(layout.REFERENCE_DIR), speed_params)
     results = {}
     with atomic_dir(layout.BASELINES_DIR) as staging:
