@@ -29,7 +29,8 @@ def main() -> None:
     decode, prefill = [], []
     for trial in range(args.trials):
         measured = fmt.measure_speed(layout.build_dir(args.recipe), prompt, gen_tokens=params.gen_tokens,
-                                     repeats=params.repeats, warmup=params.warmup, threads=threads)
+                                     repeats=params.repeats, warmup=params.warmup, threads=threads,
+                                     concurrency=params.concurrency)
         decode.append(measured["decode_tok_s"])
         prefill.append(measured["prefill_tok_s"])
         print(f"trial {trial + 1}: decode {measured['decode_tok_s']:6.1f} tok/s  prefill {measured['prefill_tok_s']:6.0f} tok/s")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from pipeline.errors import BadInput
 
@@ -61,6 +61,11 @@ class RecipeBase(Strict):
     format: str
     description: str = ""
     gates: GateLimits = Field(default_factory=GateLimits)
+    _path: Path | None = PrivateAttr(default=None)  # the YAML file it was read from
+
+    def where(self, key: str) -> str:
+        """`<recipe file>: <key>`, for errors a build finds after validation."""
+        return f"{self._path or 'recipe'}: {key}"
 
 
 def load_recipe(name: str, recipes_dir: Path = RECIPES_DIR) -> RecipeBase:
@@ -82,8 +87,9 @@ def load_recipe(name: str, recipes_dir: Path = RECIPES_DIR) -> RecipeBase:
             where=f"{path}: format",
             fix=f"set format to one of: {', '.join(sorted(formats.FORMATS))}",
         )
-    recipe_class = formats.recipe_class(fmt)
-    return _validate(recipe_class, raw, path)
+    recipe = _validate(formats.recipe_class(fmt), raw, path)
+    recipe._path = path
+    return recipe
 
 
 # ---------------------------------------------------------------- params
@@ -118,6 +124,8 @@ class SpeedParams(Strict):
     repeats: int = Field(3, ge=1)
     warmup: int = Field(1, ge=0)
     threads: int = Field(0, ge=0)  # 0 = one per physical core
+    # requests at once for output throughput, where the runtime batches (vLLM, TensorRT-LLM)
+    concurrency: int = Field(8, ge=1)
 
 
 class Params(Strict):

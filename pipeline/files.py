@@ -28,6 +28,21 @@ def sha256_tree(root: Path) -> dict[str, str]:
     }
 
 
+def sha256_artifact(path: Path) -> str:
+    """sha256 of a file; for a directory, sha256 of its manifest (`<sha256>  <relative path>`
+    lines, sorted by path, as `sha256sum` prints them)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    manifest = "".join(f"{digest}  {name}\n" for name, digest in sha256_tree(path).items())
+    return hashlib.sha256(manifest.encode()).hexdigest()
+
+
+def artifact_bytes(path: Path) -> int:
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else tree_bytes(path)
+
+
 def tree_bytes(root: Path) -> int:
     return sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
 

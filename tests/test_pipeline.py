@@ -28,6 +28,7 @@ speed:
 recipes:
   - gguf-q8_0
   - gguf-q4_0
+  - awq-w4a16
 """
 
 
@@ -37,6 +38,18 @@ LOOSE_GATES = """gates:
   min_top1_agreement: 0.5
   max_tokenizer_mismatch: 0.01
   require: [accuracy, speed]
+"""
+
+
+# AWQ with a tiny calibration (2 x 64 tokens, a coarse grid) to keep CI fast; speed is not_run
+# on a host without vLLM and a GPU, so accuracy alone is required.
+TINY_AWQ = """calibration_samples: 2
+calibration_seq_len: 64
+n_grid: 4
+gates:
+  max_ppl_ratio: 2.0
+  max_tokenizer_mismatch: 0.01
+  require: [accuracy]
 """
 
 
@@ -66,6 +79,10 @@ def repo(tmp_path_factory):
     for name in ("gguf-q8_0", "gguf-q4_0"):  # 3 x 128 tokens are noisier than the default 40 x 512
         recipe = root / "recipes" / f"{name}.yaml"
         recipe.write_text(recipe.read_text().split("gates:")[0] + LOOSE_GATES)
+    awq = root / "recipes" / "awq-w4a16.yaml"
+    knobs = [line for line in awq.read_text().split("gates:")[0].splitlines()
+             if not line.startswith(("calibration_samples", "calibration_seq_len"))]
+    awq.write_text("\n".join(knobs) + "\n" + TINY_AWQ)
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     git = ["git", "-C", str(root), "-c", "user.name=qpipe-test", "-c", "user.email=test@example.invalid"]
@@ -130,11 +147,36 @@ def test_build_json_records_tools_timings_and_type_mix(repo):
     assert len(build["source"]["sha256"]) == 64
 
 
+def test_awq_artifact_is_scored_as_written(repo):
+    root, _, _, _ = repo
+    build_dir = root / "artifacts" / "builds" / "awq-w4a16"
+    config = json.loads((build_dir / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    assert config["config_groups"]["group_0"]["weights"]["num_bits"] == 4
+    build = json.loads((build_dir / "build.json").read_text())
+    assert build["calibration"]["tokens"] == 2 * 64 and build["device"] == "cpu"
+    assert build["reload_check"]["max_abs_logit_diff"] <= build["reload_check"]["limit"]
+    assert build["awq"]["skipped_mappings"], "3 KV heads: llm-compressor skips v_proj -> o_proj"
+    assert build["tools"]["llmcompressor"] and build["tools"]["compressed-tensors"]
+    result = gate(root, "awq-w4a16")
+    accuracy, speed = result["accuracy"], result["speed"]
+    assert accuracy["status"] == "ok" and accuracy["runtime"].startswith("transformers ")
+    assert math.isfinite(accuracy["ppl"]) and accuracy["ppl"] > accuracy["reference_ppl"]
+    assert accuracy["tokenizer_mismatch"] == 0.0
+    assert speed["status"] == "not_run" and "vLLM" in speed["reason"]
+    assert result["verdict"] == "pass"
+    baseline = json.loads((root / "artifacts" / "baselines" / "awq.json").read_text())
+    assert baseline["status"] == "not_run"
+    # int4 codes with bf16 scales and zero points per 64, plus the bf16 (tied) embedding
+    assert 4.5 < result["artifact"]["bits_per_weight"] < gate(root, "gguf-q8_0")["artifact"]["bits_per_weight"]
+
+
 def test_report_table_plot_and_dvc_views(repo):
     root, env, _, _ = repo
     report = json.loads((root / "artifacts" / "report" / "tradeoff.json").read_text())
-    assert [r["recipe"] for r in report["rows"]] == ["gguf-q8_0", "gguf-q4_0"]
+    assert [r["recipe"] for r in report["rows"]] == ["gguf-q8_0", "gguf-q4_0", "awq-w4a16"]
     assert any(r["pareto"] for r in report["rows"])
+    assert report["rows"][2]["pareto"] is None and report["rows"][2]["decode_tok_s"] is None
     assert (root / "artifacts" / "report" / "pareto.png").stat().st_size > 10_000
     assert "| gguf-q4_0 |" in (root / "artifacts" / "report" / "tradeoff.md").read_text()
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], env).stdout)

@@ -5,13 +5,15 @@ A format module owns everything about its format and exposes:
 - ``Recipe``: the pydantic recipe model (subclass of ``config.RecipeBase``) with its knobs;
 - ``build(recipe, *, source_dir, calibration_text, out_dir, threads, log)``: source checkpoint
   -> artifact files in a staging directory, returning the format-specific part of build.json;
-- ``artifact_path(build_dir)``: the file a runtime loads; ``runtime_name()``: what the gates ran;
+- ``artifact_path(build_dir)``: the file (or directory) a runtime loads; ``runtime_name()``: what
+  the gates ran;
 - ``window_logits(...)``, ``tokenize(...)``, ``measure_speed(...)``: run the native runtime
   (or a declared emulation, for accuracy only); ``accuracy_unavailable_reason()`` and
   ``speed_unavailable_reason()`` say why not, so the gate records ``not_run``;
 - ``baseline_speed(...)``: the unquantized model's speed on the same runtime, for the
   ``baseline`` stage and ``decode_speedup``;
-- ``decode_bytes_per_token(...)`` and ``bits_per_weight(...)`` for the roofline and report.
+- ``decode_bytes_per_token(...)`` and ``bits_per_weight(...)`` for the roofline and report;
+- optionally ``host_build_knobs(host_info)``: host facts its build depends on.
 
 Module import must stay light: heavy packages are imported inside the functions.
 """
@@ -23,6 +25,7 @@ from types import ModuleType
 
 FORMATS: dict[str, str] = {
     "gguf": "pipeline.formats.gguf",
+    "awq": "pipeline.formats.awq",
 }
 
 
@@ -41,12 +44,18 @@ def build_spec(recipe) -> dict:
 
 
 def write_build_spec(name: str) -> dict:
-    """The recipe@R stage: validate recipes/R.yaml early and write its build knobs."""
+    """The recipe@R stage: validate recipes/R.yaml early and write its build knobs, plus the
+    host facts a format's build depends on (``host_build_knobs``, e.g. calibrating on a GPU),
+    so that moving to another kind of host rebuilds exactly the builds it changes."""
     from pipeline import layout
     from pipeline.config import load_recipe
-    from pipeline.files import write_json
+    from pipeline.files import read_json, write_json
 
-    spec = {"recipe": name, "build": build_spec(load_recipe(name))}
+    recipe = load_recipe(name)
+    spec = {"recipe": name, "build": build_spec(recipe)}
+    host_build_knobs = getattr(module(recipe.format), "host_build_knobs", None)
+    if host_build_knobs:
+        spec["host"] = host_build_knobs(read_json(layout.HOST_FILE) if layout.HOST_FILE.is_file() else {})
     write_json(layout.recipe_spec(name), spec)
     return spec
 
@@ -61,7 +70,7 @@ def run_build(name: str, *, threads: int, log=print) -> dict:
     from pipeline import layout
     from pipeline.config import load_recipe
     from pipeline.errors import BadInput
-    from pipeline.files import atomic_dir, sha256_file
+    from pipeline.files import artifact_bytes, atomic_dir, sha256_artifact
     from pipeline.source import checkpoint_sha256
 
     recipe = load_recipe(name)
@@ -75,6 +84,8 @@ def run_build(name: str, *, threads: int, log=print) -> dict:
         facts = fmt.build(recipe, source_dir=layout.SOURCE_DIR, calibration_text=layout.CALIBRATION_TEXT,
                           out_dir=staging, threads=threads, log=log)
         artifact = fmt.artifact_path(staging)
+        artifact_facts = {"file": artifact.name if artifact != staging else ".",
+                          "bytes": artifact_bytes(artifact), "sha256": sha256_artifact(artifact)}
         peak_kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
         source = json.loads((layout.SOURCE_DIR / "source.json").read_text())
@@ -83,8 +94,7 @@ def run_build(name: str, *, threads: int, log=print) -> dict:
             "format": recipe.format,
             "resolved_recipe": recipe.model_dump(),
             "source": {"origin": source["origin"], "sha256": checkpoint_sha256(layout.SOURCE_DIR)},
-            "artifact": {"file": artifact.name, "bytes": artifact.stat().st_size,
-                         "sha256": sha256_file(artifact)},
+            "artifact": artifact_facts,
             **facts,
             "wall_s": round(time.perf_counter() - started, 2),
             "peak_rss_mb": round(peak_kib / 1024, 1),

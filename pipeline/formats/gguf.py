@@ -461,7 +461,8 @@ def tokenize(build_dir: Path, text: str) -> list[int]:
 
 
 def measure_speed(build_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int,
-                  warmup: int, threads: int) -> dict[str, Any]:
+                  warmup: int, threads: int, concurrency: int) -> dict[str, Any]:
+    """Batch 1 only: llama-cpp-python serves one sequence at a time, so `concurrency` is unused."""
     from pipeline.runtimes import llama_cpp as runtime
 
     return runtime.measure_speed(artifact_path(build_dir), prompt, gen_tokens=gen_tokens,
@@ -469,7 +470,7 @@ def measure_speed(build_dir: Path, prompt: list[int], *, gen_tokens: int, repeat
 
 
 def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                   threads: int) -> dict[str, Any]:
+                   threads: int, concurrency: int) -> dict[str, Any]:
     """Speed of the unquantized model in this format: the f16 GGUF from the same converter,
     measured on the same runtime with the same prompt and settings as the gates."""
     from pipeline.runtimes import llama_cpp as runtime

@@ -110,7 +110,8 @@ def run_speed(fmt, format_name: str, build_dir, ref, speed_params, host_info, th
     log(f"speed: {len(prompt)}-token prompt, {speed_params.gen_tokens} generated tokens, "
         f"{speed_params.warmup} warm-up + {speed_params.repeats} runs, {threads} threads")
     measured = fmt.measure_speed(build_dir, prompt, gen_tokens=speed_params.gen_tokens,
-                                 repeats=speed_params.repeats, warmup=speed_params.warmup, threads=threads)
+                                 repeats=speed_params.repeats, warmup=speed_params.warmup, threads=threads,
+                                 concurrency=speed_params.concurrency)
     bytes_per_token = fmt.decode_bytes_per_token(
         build_dir, speed.mean_decode_context(len(prompt), speed_params.gen_tokens))
     section = speed.section(measured, runtime=fmt.runtime_name(), prompt_tokens=len(prompt),
@@ -143,7 +144,7 @@ def run_baselines(speed_params, log=print) -> dict[str, Any]:
                 log(f"baseline {name}: unquantized speed, {len(prompt)}-token prompt, {speed_params.gen_tokens} tokens")
                 measured = fmt.baseline_speed(layout.SOURCE_DIR, prompt, gen_tokens=speed_params.gen_tokens,
                                               repeats=speed_params.repeats, warmup=speed_params.warmup,
-                                              threads=threads)
+                                              threads=threads, concurrency=speed_params.concurrency)
                 result = {"format": name, "status": "ok", "runtime": fmt.runtime_name(), "threads": threads,
                           "prompt_tokens": len(prompt), "gen_tokens": speed_params.gen_tokens, **measured}
                 log(f"baseline {name}: decode {measured['decode_tok_s']:.1f} tok/s, "

@@ -46,6 +46,9 @@ def section(measured: dict, *, runtime: str, prompt_tokens: int, gen_tokens: int
         "roofline_fraction": None,
         "repeats": len(measured.get("runs", [])),
     }
+    if "output_tok_s" in measured:  # runtimes that batch: throughput at params speed.concurrency
+        result["concurrency"] = measured["concurrency"]
+        result["output_tok_s"] = measured["output_tok_s"]
     if bandwidth_gb_s:
         roof = roofline_tok_s(bandwidth_gb_s, bytes_per_token["total"])
         result["roofline_tok_s"] = roof

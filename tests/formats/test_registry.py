@@ -23,6 +23,15 @@ def test_write_build_spec(project):
     assert written == {"recipe": "gguf-q8_0", "build": formats.build_spec(load_recipe("gguf-q8_0"))}
 
 
+def test_build_spec_of_a_calibrating_format_records_the_calibration_device(project):
+    write(layout.HOST_FILE, json.dumps({"gpus": [{"name": "NVIDIA H100"}]}))
+    spec = formats.write_build_spec("awq-w4a16")
+    assert spec["host"] == {"calibration_device": "cuda"}
+    write(layout.HOST_FILE, json.dumps({"gpus": []}))
+    assert formats.write_build_spec("awq-w4a16")["host"] == {"calibration_device": "cpu"}
+    assert "host" not in formats.write_build_spec("gguf-q8_0")
+
+
 def test_interrupted_build_leaves_no_artifact(project, monkeypatch):
     write(layout.SOURCE_DIR / "source.json", json.dumps({"origin": {}, "files": {}}))
     write(layout.CALIBRATION_TEXT, "calibration")

@@ -1,0 +1,461 @@
+"""AWQ 4-bit for vLLM: llm-compressor ``oneshot`` -> a compressed-tensors ``pack-quantized`` directory.
+
+Why llm-compressor and not AutoAWQ: AutoAWQ is deprecated (its README points to
+llm-compressor, "adopted by the vLLM project"). llm-compressor's ``AWQModifier`` (in
+``llmcompressor.modifiers.transform.awq``) smooths activations, and a ``QuantizationModifier``
+with a W4A16 scheme then quantizes the Linear weights; ``save_pretrained(save_compressed=True)``
+packs them as int4 into compressed-tensors, which vLLM loads natively
+(``quant_method: compressed-tensors``, ``CompressedTensorsWNA16``). ``algorithm: rtn`` runs the
+same QuantizationModifier without AWQ: plain round-to-nearest, the baseline that shows what AWQ
+buys.
+
+The build directory is the artifact: ``vllm serve artifacts/builds/<recipe>`` loads it as it is.
+
+Checks a build makes, in order:
+1. before loading weights: every quantized Linear's input width is a multiple of group_size;
+   the architecture has an AWQ mapping (for ``algorithm: awq``); the calibration text is long
+   enough for samples x sequence length;
+2. after saving: the directory reloaded from disk gives the same logits on one calibration
+   window as the calibrated in-memory model (``max_reload_logit_diff``), else the build fails.
+   Calibrate in the dtype you save: calibrating in fp32 and saving bf16 re-rounds the scales.
+
+Gates: accuracy through vLLM where vLLM and a CUDA GPU are present, else through transformers
+loading the directory (compressed-tensors decompresses the packed int4 weights to dense),
+labelled with that runtime. Speed only through vLLM on a GPU; elsewhere ``not_run``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from pipeline.config import RecipeBase
+from pipeline.errors import BadInput, HostLacks, QpipeError
+
+# 4-bit weight-only integer presets of compressed-tensors that pack as `pack-quantized`.
+SCHEMES = ("W4A16", "W4A16_ASYM")
+# Group sizes vLLM's mixed-precision kernels take (Marlin: -1, 32, 64, 128; Machete: 64, 128).
+KERNEL_GROUP_SIZES = (32, 64, 128)
+BUILD_FILE = "build.json"
+
+
+class Recipe(RecipeBase):
+    format: Literal["awq"]
+    algorithm: Literal["awq", "rtn"] = "awq"
+    scheme: str = "W4A16_ASYM"
+    group_size: int = Field(64, ge=1)
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    # calibrate and save in this dtype (vLLM's 4-bit kernels run in fp16 or bf16)
+    dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    # AWQ calibration: samples of calibration_seq_len tokens from the calibration text. AWQ is
+    # slow on a CPU (about a minute per 1000 tokens for the 135M model on 2 cores), so the CPU
+    # default is small; a CUDA host uses gpu_calibration_samples.
+    calibration_samples: int = Field(8, ge=1)
+    gpu_calibration_samples: int = Field(128, ge=1)
+    calibration_seq_len: int = Field(512, ge=16)
+    n_grid: int = Field(20, ge=3)  # AWQ's scale grid; llm-compressor divides by n_grid - 2
+    duo_scaling: bool = True
+    max_reload_logit_diff: float = Field(0.01, ge=0)
+
+    @field_validator("scheme", mode="before")
+    @classmethod
+    def _known_scheme(cls, value: Any) -> Any:
+        if not isinstance(value, str) or value.upper() not in SCHEMES:
+            raise ValueError(f"unknown scheme {value!r}; this format builds the 4-bit weight-only "
+                             f"schemes {', '.join(SCHEMES)} (llm-compressor's other presets, such as "
+                             "FP8 or W8A8, are other formats)")
+        return value.upper()
+
+
+def host_build_knobs(host_info: dict[str, Any]) -> dict[str, Any]:
+    """Calibration runs on the GPU where there is one, with gpu_calibration_samples."""
+    return {"calibration_device": "cuda" if host_info.get("gpus") else "cpu"}
+
+
+# ---------------------------------------------------------------- checks before calibrating
+
+
+def linear_widths(source_dir: Path) -> dict[str, int]:
+    """Input width of every nn.Linear of the checkpoint's model, built on the meta device
+    (no weights are read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: module.in_features for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear)}
+
+
+def is_ignored(name: str, ignore: list[str]) -> bool:
+    """llm-compressor's matching: `re:<regex>` matched from the start, else the exact name."""
+    return any(re.match(p[3:], name) if p.startswith("re:") else name == p for p in ignore)
+
+
+def check_group_size(widths: dict[str, int], group_size: int, ignore: list[str], where: str) -> None:
+    quantized = {name: width for name, width in widths.items() if not is_ignored(name, ignore)}
+    bad = {name: width for name, width in quantized.items() if width % group_size}
+    if not bad:
+        return
+    common = math.gcd(*quantized.values())
+    valid = [g for g in KERNEL_GROUP_SIZES if common % g == 0]
+    name, width = next(iter(bad.items()))
+    raise BadInput(
+        f"group_size {group_size} does not divide the input width {width} of layer {name} "
+        f"({len(bad)} of {len(quantized)} quantized layers)",
+        where=where,
+        fix=(f"use a group size that divides every width: {', '.join(map(str, valid))}" if valid
+             else f"no kernel group size ({', '.join(map(str, KERNEL_GROUP_SIZES))}) divides every "
+                  f"width (their gcd is {common}); add the layers to `ignore`"),
+    )
+
+
+def check_awq_mapping(model, where: str) -> dict[str, Any]:
+    """Name the AWQ mapping llm-compressor will use, or refuse an architecture it has none for."""
+    from compressed_tensors.utils import match_named_modules
+    from llmcompressor.modifiers.transform.awq.dynamic_mappings import AWQ_DYNAMIC_MAPPING_REGISTRY
+    from llmcompressor.modifiers.transform.awq.mappings import AWQ_MAPPING_REGISTRY, default_mappings
+
+    architecture = type(model).__name__
+    if architecture in AWQ_MAPPING_REGISTRY or architecture in AWQ_DYNAMIC_MAPPING_REGISTRY:
+        return {"architecture": architecture, "mapping": "llm-compressor registry"}
+    # llm-compressor falls back to Llama-style default mappings; they must match this model
+    smooth_layers = [m.smooth_layer for m in default_mappings]
+    if not any(True for _ in match_named_modules(model, smooth_layers)):
+        raise BadInput(
+            f"llm-compressor has no AWQ mapping for architecture {architecture}, and its default "
+            "(Llama-style) mapping matches none of its layers, so AWQ cannot run",
+            where=where,
+            fix="use `algorithm: rtn` (round-to-nearest, no calibration) for this model",
+        )
+    return {"architecture": architecture, "mapping": "llm-compressor default (Llama-style)"}
+
+
+def calibration_windows(tokenizer, text_path: Path, samples: int, seq_len: int, where: str) -> list[list[int]]:
+    """`samples` consecutive windows of `seq_len` token ids from the calibration text."""
+    ids = tokenizer(Path(text_path).read_text(), add_special_tokens=False)["input_ids"]
+    need = samples * seq_len
+    if len(ids) < need:
+        raise BadInput(
+            f"the calibration text has {len(ids)} tokens; {samples} samples x {seq_len} tokens need {need}",
+            where=where,
+            fix=f"use at most {len(ids) // seq_len} samples of {seq_len} tokens, or a longer calibration text "
+                "(params.yaml: corpus)",
+        )
+    return [ids[i * seq_len:(i + 1) * seq_len] for i in range(samples)]
+
+
+# ---------------------------------------------------------------- build
+
+
+@contextlib.contextmanager
+def cpu_pinning_disabled() -> Iterator[bool]:
+    """llm-compressor 0.14's AWQ pins its cached activations before the grid search
+    (`IntermediatesCache.pin_memory`, still so upstream in Aug 2026), and `Tensor.pin_memory()`
+    raises "Cannot access accelerator device when none is available" on a host without one.
+    Pinning only speeds up host-to-device copies, so with no accelerator it is skipped; with
+    one, nothing is changed. Yields whether the workaround is active."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.accelerator.is_available():
+        yield False
+        return
+    original = IntermediatesCache.__dict__["_pin_intermediate"]
+    IntermediatesCache._pin_intermediate = classmethod(lambda cls, intermediate: None)
+    try:
+        yield True
+    finally:
+        IntermediatesCache._pin_intermediate = original
+
+
+@contextlib.contextmanager
+def captured_llmcompressor_warnings() -> Iterator[list[str]]:
+    """Collect llm-compressor's WARNING-level log lines (loguru) for build.json."""
+    from loguru import logger
+
+    messages: list[str] = []
+    sink = logger.add(lambda message: messages.append(message.record["message"]), level="WARNING",
+                      filter=lambda record: record["name"].startswith("llmcompressor"))
+    try:
+        yield messages
+    finally:
+        logger.remove(sink)
+
+
+def modifiers(recipe: Recipe) -> list:
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    scheme = preset_name_to_scheme(recipe.scheme, ["Linear"])
+    weights = scheme.weights.model_copy(update={"group_size": recipe.group_size})
+    quantize = QuantizationModifier(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+        ignore=list(recipe.ignore),
+    )
+    if recipe.algorithm == "rtn":
+        return [quantize]
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    return [AWQModifier(n_grid=recipe.n_grid, duo_scaling=recipe.duo_scaling), quantize]
+
+
+def samples_that_fit(samples: int, used_bytes: float, model_bytes: float, budget_bytes: float) -> int:
+    """Estimate how many calibration samples fit, assuming memory beyond the model grows
+    linearly with the sample count (AWQ caches every sample's layer inputs)."""
+    per_sample = max(used_bytes - model_bytes, 1.0) / samples
+    return max(int((budget_bytes - model_bytes) // per_sample), 0)
+
+
+def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: Path,
+          threads: int, log) -> dict[str, Any]:
+    """Calibrate, quantize and save into out_dir; reload and compare; return build facts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if tool_versions()["llmcompressor"] is None:
+        raise HostLacks("llm-compressor is not installed", where=recipe.where("format"),
+                        fix="pip install 'qpipe[awq]' (make setup does)")
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    check_group_size(linear_widths(source_dir), recipe.group_size, recipe.ignore, recipe.where("group_size"))
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    samples = recipe.gpu_calibration_samples if device == "cuda" else recipe.calibration_samples
+    windows = calibration_windows(tokenizer, calibration_text, samples, recipe.calibration_seq_len,
+                                  recipe.where("calibration_samples / calibration_seq_len"))
+    dtype = getattr(torch, recipe.dtype)
+    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=dtype)
+    mapping = check_awq_mapping(model, recipe.where("algorithm")) if recipe.algorithm == "awq" else None
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    log(f"{recipe.algorithm.upper()} {recipe.scheme} group {recipe.group_size} in {recipe.dtype} on {device}"
+        + (f": {samples} calibration samples x {recipe.calibration_seq_len} tokens" if mapping else ""))
+    with cpu_pinning_disabled() as pinning_skipped, captured_llmcompressor_warnings() as warnings:
+        _oneshot(model, recipe, windows if mapping else None, device=device, model_bytes=model_bytes)
+    timings["quantize_s"] = time.perf_counter() - started
+
+    check_window = torch.tensor([windows[0]])
+    with torch.inference_mode():
+        calibrated_logits = model(check_window.to(model.device)).logits.float().cpu()
+    started = time.perf_counter()
+    model.save_pretrained(out_dir, save_compressed=True)
+    tokenizer.save_pretrained(out_dir)
+    timings["save_s"] = time.perf_counter() - started
+    del model
+    reload_diff = reload_logit_diff(out_dir, check_window, calibrated_logits, dtype)
+    if not reload_diff <= recipe.max_reload_logit_diff:
+        raise QpipeError(
+            f"the saved artifact is not the calibrated model: reloaded logits differ by up to "
+            f"{reload_diff:.4g} on a calibration window (limit {recipe.max_reload_logit_diff})",
+            where=recipe.where("dtype"), fix="calibrate in the dtype you save; nothing was written to artifacts/",
+        )
+    log(f"reloaded from disk: logits within {reload_diff:.3g} of the calibrated model")
+
+    quantization = json.loads((out_dir / "config.json").read_text())["quantization_config"]
+    skipped = [m for m in warnings if "skipped" in m]
+    return {
+        "tools": tool_versions(),
+        "timings_s": timings,
+        "device": device,
+        "dtype": recipe.dtype,
+        "calibration": ({"samples": samples, "seq_len": recipe.calibration_seq_len,
+                         "tokens": samples * recipe.calibration_seq_len,
+                         "text": str(calibration_text)} if mapping else None),
+        "awq": ({**mapping, "n_grid": recipe.n_grid, "duo_scaling": recipe.duo_scaling,
+                 "skipped_mappings": skipped} if mapping else None),
+        "quantization_config": {"quant_method": quantization["quant_method"], "format": quantization["format"],
+                                "ignore": quantization.get("ignore")},
+        "reload_check": {"max_abs_logit_diff": reload_diff, "limit": recipe.max_reload_logit_diff,
+                         "window_tokens": int(check_window.shape[1])},
+        "cpu_pin_memory_skipped": pinning_skipped,
+        "llmcompressor_warnings": list(dict.fromkeys(warnings)),
+    }
+
+
+def _oneshot(model, recipe: Recipe, windows: list[list[int]] | None, *, device: str, model_bytes: int) -> None:
+    import torch
+    from llmcompressor import oneshot
+
+    dataset = None
+    if windows is not None:
+        from datasets import Dataset
+
+        dataset = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        oneshot(model=model, dataset=dataset, recipe=modifiers(recipe),
+                num_calibration_samples=len(windows or []) or 1,
+                max_seq_length=recipe.calibration_seq_len, shuffle_calibration_samples=False)
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        samples = len(windows or [])
+        if device == "cuda":
+            used = torch.cuda.max_memory_allocated()
+            budget = torch.cuda.get_device_properties(0).total_memory
+        else:
+            import resource
+
+            from pipeline.host import memory_gb
+
+            used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            budget = (memory_gb() or 0) * 1024**3
+        fit = samples_that_fit(max(samples, 1), used, model_bytes, budget)
+        key = "gpu_calibration_samples" if device == "cuda" else "calibration_samples"
+        raise HostLacks(
+            f"out of memory calibrating {samples} samples x {recipe.calibration_seq_len} tokens on {device} "
+            f"({used / 1e9:.1f} GB used of {budget / 1e9:.1f} GB): {type(exc).__name__}",
+            where=recipe.where(key),
+            fix=f"about {fit} samples fit (an estimate from the memory used); set {key} to that or fewer",
+        ) from None
+
+
+def reload_logit_diff(out_dir: Path, window, calibrated_logits, dtype) -> float:
+    """Largest |logit| difference between the calibrated model and the directory as saved."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype)
+    with torch.inference_mode():
+        logits = reloaded(window).logits.float()
+    return float((logits - calibrated_logits).abs().max())
+
+
+def tool_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    versions = {}
+    for package in ("llmcompressor", "compressed-tensors", "transformers", "torch"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+# ---------------------------------------------------------------- artifact facts
+
+
+def artifact_path(build_dir: Path) -> Path:
+    """The directory itself: vLLM and transformers load it as it is."""
+    return Path(build_dir)
+
+
+def _tensor_table(build_dir: Path) -> list[tuple[str, tuple[int, ...], int]]:
+    """(name, shape, bytes) of every tensor in the directory's safetensors files, from their
+    headers; `weight_shape` tensors (the unpacked shape of a packed weight) are read in full."""
+    from safetensors import safe_open
+
+    table = []
+    for path in sorted(Path(build_dir).glob("*.safetensors")):
+        with safe_open(path, framework="pt") as handle:
+            for name in handle.keys():
+                view = handle.get_slice(name)
+                shape = tuple(view.get_shape())
+                item = _DTYPE_BYTES[view.get_dtype()]
+                entry = (name, shape, item * math.prod(shape))
+                if name.endswith(".weight_shape"):
+                    entry = (name, tuple(int(v) for v in handle.get_tensor(name).tolist()), entry[2])
+                table.append(entry)
+    return table
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_PACKING_TENSORS = (".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_g_idx")
+
+
+def bits_per_weight(build_dir: Path) -> float:
+    """Stored bits (packed weights, scales, zero points, unquantized tensors) per logical weight."""
+    table = _tensor_table(build_dir)
+    unpacked = {name.removesuffix(".weight_shape"): shape for name, shape, _ in table
+                if name.endswith(".weight_shape")}
+    logical = 0
+    for name, shape, _ in table:
+        if name.endswith(".weight_packed"):
+            logical += math.prod(unpacked[name.removesuffix(".weight_packed")])
+        elif not name.endswith(_PACKING_TENSORS):
+            logical += math.prod(shape)
+    return 8 * sum(size for _, _, size in table) / logical
+
+
+def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, float]:
+    """Every stored tensor once (a separate input embedding reads one row), plus a KV cache in
+    the model dtype at the given context length."""
+    table = _tensor_table(build_dir)
+    weights = sum(size for _, _, size in table)
+    config = json.loads((Path(build_dir) / "config.json").read_text())
+    if not config.get("tie_word_embeddings"):
+        for name, shape, size in table:
+            if name.endswith("embed_tokens.weight"):
+                weights -= size - size // shape[0]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    kv_cache = config["num_hidden_layers"] * 2 * kv_heads * head_dim * 2 * context_tokens
+    return {"weights": float(weights), "kv_cache": float(kv_cache), "total": float(weights + kv_cache)}
+
+
+# ---------------------------------------------------------------- gates
+
+
+def _runtime():
+    """vLLM where it can run, else transformers (accuracy only)."""
+    from pipeline.runtimes import transformers as hf
+    from pipeline.runtimes import vllm
+
+    return vllm if vllm.unavailable_reason() is None else hf
+
+
+def runtime_name() -> str:
+    return _runtime().name()
+
+
+def window_logits(build_dir: Path, windows: np.ndarray, threads: int) -> Iterator[np.ndarray]:
+    yield from _runtime().window_logits(artifact_path(build_dir), windows, threads=threads)
+
+
+def tokenize(build_dir: Path, text: str) -> list[int]:
+    from pipeline.runtimes import transformers as hf
+
+    return hf.tokenize(artifact_path(build_dir), text)
+
+
+def measure_speed(build_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
+                  threads: int, concurrency: int) -> dict[str, Any]:
+    from pipeline.runtimes import vllm
+
+    return vllm.measure_speed(artifact_path(build_dir), prompt, gen_tokens=gen_tokens, repeats=repeats,
+                              warmup=warmup, concurrency=concurrency)
+
+
+def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
+                   threads: int, concurrency: int) -> dict[str, Any]:
+    """The unquantized checkpoint served by vLLM with the same prompt and settings."""
+    from pipeline.runtimes import vllm
+
+    measured = vllm.measure_speed(Path(source_dir), prompt, gen_tokens=gen_tokens, repeats=repeats,
+                                  warmup=warmup, concurrency=concurrency)
+    return {"artifact": "unquantized checkpoint (vLLM)", **measured}
+
+
+def speed_unavailable_reason() -> str | None:
+    from pipeline.runtimes import vllm
+
+    return vllm.unavailable_reason()
+
+
+def accuracy_unavailable_reason() -> str | None:
+    return _runtime().unavailable_reason()

@@ -1,0 +1,190 @@
+"""vLLM as a runtime: prompt log-probs for the accuracy gate, batch-1 and concurrent speed.
+
+Written against vLLM's offline API (``vllm.LLM``, ``SamplingParams``, ``RequestOutput``), read
+in its source (vllm/entrypoints/llm.py, sampling_params.py, logprobs.py, v1/metrics/stats.py);
+this module is imported only where vLLM is installed, and reports its absence otherwise.
+
+Prompt log-probs: ``SamplingParams(prompt_logprobs=N)`` returns, per prompt token, ``None`` for
+the first token and then a ``dict[token_id, Logprob]`` holding the top-N tokens plus the
+actual prompt token (N or N+1 entries). They are the log-softmax of the raw model logits (the
+``logprobs_mode`` option does not apply to prompt log-probs). ``N`` may not exceed the
+engine's ``max_logprobs`` (default 20), so the engine is started with ``max_logprobs=TOP_N``.
+
+KLD from top-N only: the accuracy gate's KLD is over the reference's top-k tokens plus one
+"rest" bucket. A reference top-k token that is missing from vLLM's top-N is given an equal
+share of the mass vLLM left outside its returned tokens: at most the N-th probability, usually
+far less. ``dense_logprobs`` builds the [T, V] rows that way; NLL (the actual token is always
+returned) and top-1 (rank 1 is always returned) are exact.
+
+Speed: TTFT and decode time come from the request's own metrics (``RequestOutput.metrics``,
+filled when the engine is started with ``disable_log_stats=False``), else from wall-clock time.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+# top log-probs requested per prompt position (and the engine's max_logprobs)
+TOP_N = 128
+GPU_MEMORY_UTILIZATION = 0.85
+
+
+def version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def name() -> str:
+    return f"vLLM {version()}"
+
+
+def unavailable_reason() -> str | None:
+    if version() is None:
+        return ("needs vLLM and a CUDA GPU: vLLM is not installed (it pins its own torch: install "
+                "`qpipe[vllm]` in a separate environment on a GPU host)")
+    import torch
+
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU for vLLM; this host has none"
+    return None
+
+
+def engine_kwargs(model_dir: Path, *, max_model_len: int, max_logprobs: int = TOP_N) -> dict[str, Any]:
+    """Arguments for ``vllm.LLM``: the checkpoint's own dtype and quantization config, no prefix
+    caching (every prompt is computed in full), request metrics on."""
+    return {
+        "model": str(model_dir),
+        "dtype": "auto",
+        "max_model_len": max_model_len,
+        "max_logprobs": max_logprobs,
+        "seed": 0,
+        "gpu_memory_utilization": GPU_MEMORY_UTILIZATION,
+        "enable_prefix_caching": False,
+        "disable_log_stats": False,
+    }
+
+
+def prompt_logprob_params(top_n: int = TOP_N) -> dict[str, Any]:
+    return {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": top_n, "detokenize": False}
+
+
+def generation_params(gen_tokens: int) -> dict[str, Any]:
+    """Greedy decoding of exactly gen_tokens tokens."""
+    return {"max_tokens": gen_tokens, "min_tokens": gen_tokens, "ignore_eos": True, "temperature": 0.0,
+            "detokenize": False}
+
+
+def dense_logprobs(prompt_logprobs: list, vocab_size: int) -> np.ndarray:
+    """[T, V] log-probs, row p predicting token p+1, from one request's prompt log-probs.
+
+    Tokens vLLM did not return share the remaining mass of their row equally. The last row
+    (which predicts nothing in the window) is left uniform.
+    """
+    length = len(prompt_logprobs)
+    rows = np.full((length, vocab_size), -np.log(vocab_size), dtype=np.float32)
+    for position, entry in enumerate(prompt_logprobs[1:]):
+        ids = np.fromiter(entry.keys(), dtype=np.int64, count=len(entry))
+        values = np.fromiter((lp.logprob for lp in entry.values()), dtype=np.float64, count=len(entry))
+        rest = max(1.0 - float(np.exp(values).sum()), 0.0)
+        missing = vocab_size - len(ids)
+        fill = np.log(rest / missing) if rest > 0 and missing else -np.inf
+        rows[position].fill(max(fill, np.finfo(np.float32).min))
+        rows[position, ids] = values
+    return rows
+
+
+def _vocab_size(model_dir: Path) -> int:
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(config.get("vocab_size") or config["text_config"]["vocab_size"])
+
+
+def _engine(model_dir: Path, max_model_len: int):
+    from vllm import LLM
+
+    return LLM(**engine_kwargs(model_dir, max_model_len=max_model_len))
+
+
+def _release(llm) -> None:
+    import torch
+
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def window_logits(model_dir: Path, windows: np.ndarray, *, threads: int) -> Iterator[np.ndarray]:
+    from vllm import SamplingParams
+
+    llm = _engine(model_dir, max_model_len=int(windows.shape[1]) + 8)
+    try:
+        outputs = llm.generate([{"prompt_token_ids": [int(t) for t in w]} for w in windows],
+                               SamplingParams(**prompt_logprob_params()), use_tqdm=False)
+        vocab = _vocab_size(model_dir)
+        for output in outputs:
+            yield dense_logprobs(output.prompt_logprobs, vocab)
+    finally:
+        _release(llm)
+
+
+def request_timings(output, wall_s: float, first_token_wall_s: float) -> dict[str, Any]:
+    """TTFT and decode time of one request: its engine metrics where filled, else wall time
+    (TTFT then is the wall time of a one-token request with the same prompt)."""
+    metrics = getattr(output, "metrics", None)
+    if metrics is not None and getattr(metrics, "first_token_latency", 0) > 0:
+        return {"ttft_s": metrics.first_token_latency,
+                "decode_s": metrics.last_token_ts - metrics.first_token_ts, "source": "request metrics"}
+    return {"ttft_s": first_token_wall_s, "decode_s": wall_s - first_token_wall_s, "source": "wall clock"}
+
+
+def measure_speed(model_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
+                  concurrency: int) -> dict[str, Any]:
+    """Batch-1 greedy generation (median of `repeats` runs after `warmup`), then `concurrency`
+    copies of the prompt at once for output throughput."""
+    from vllm import SamplingParams
+
+    llm = _engine(model_dir, max_model_len=len(prompt) + gen_tokens + 8)
+    params = SamplingParams(**generation_params(gen_tokens))
+    first_token = SamplingParams(**generation_params(1))
+    request = {"prompt_token_ids": list(prompt)}
+    runs = []
+    try:
+        for run in range(warmup + repeats):
+            started = time.perf_counter()
+            llm.generate([request], first_token, use_tqdm=False)
+            first_token_wall = time.perf_counter() - started
+            started = time.perf_counter()
+            (output,) = llm.generate([request], params, use_tqdm=False)
+            wall = time.perf_counter() - started
+            if run < warmup:
+                continue
+            timing = request_timings(output, wall, first_token_wall)
+            decoded = len(output.outputs[0].token_ids)
+            runs.append({
+                "prefill_tok_s": len(prompt) / timing["ttft_s"],
+                "decode_tok_s": (decoded - 1) / timing["decode_s"],
+                "ttft_ms": 1000 * timing["ttft_s"],
+                "itl_ms": 1000 * timing["decode_s"] / (decoded - 1),
+                "timing_source": timing["source"],
+            })
+        started = time.perf_counter()
+        outputs = llm.generate([request] * concurrency, params, use_tqdm=False)
+        wall = time.perf_counter() - started
+        generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    finally:
+        _release(llm)
+    figures = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_ms")
+    result: dict[str, Any] = {key: statistics.median(r[key] for r in runs) for key in figures}
+    result.update({"runs": runs, "concurrency": concurrency, "output_tok_s": generated / wall})
+    return result

@@ -1,0 +1,217 @@
+import json
+
+import pytest
+
+from pipeline.config import load_recipe
+from pipeline.errors import BadInput, HostLacks
+from pipeline.formats import awq
+from tests.conftest import write
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_llama):
+    return tiny_llama
+
+
+def recipe(**knobs):
+    return awq.Recipe.model_validate({"format": "awq", **knobs})
+
+
+def build(tiny_checkpoint, tmp_path, **knobs):
+    out = tmp_path / "out"
+    out.mkdir()
+    facts = awq.build(recipe(**knobs), source_dir=tiny_checkpoint, calibration_text=tiny_checkpoint.parent / "calibration.txt",
+                      out_dir=out, threads=1, log=lambda _: None)
+    return out, facts
+
+
+# ---------------------------------------------------------------- recipe
+
+
+def test_scheme_is_normalised_and_unknown_schemes_list_the_valid_ones():
+    assert recipe(scheme="w4a16").scheme == "W4A16"
+    with pytest.raises(ValueError, match="W4A16, W4A16_ASYM"):
+        recipe(scheme="W4A17")
+
+
+def test_recipe_file_errors_name_file_and_key(project):
+    write(project / "recipes/bad.yaml", "format: awq\nscheme: FP8\n")
+    with pytest.raises(BadInput, match="unknown scheme 'FP8'") as info:
+        load_recipe("bad")
+    assert info.value.where == "recipes/bad.yaml: scheme"
+    write(project / "recipes/bad.yaml", "format: awq\ngroup_sise: 64\n")
+    with pytest.raises(BadInput, match="unknown key 'group_sise'") as info:
+        load_recipe("bad")
+    assert "group_size" in info.value.fix
+
+
+def test_shipped_recipes_validate(project):
+    assert load_recipe("awq-w4a16").algorithm == "awq"
+    assert load_recipe("awq-w4a16").where("group_size") == "recipes/awq-w4a16.yaml: group_size"
+    assert load_recipe("rtn-w4a16").algorithm == "rtn"
+
+
+def test_shipped_schemes_are_llm_compressor_presets():
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    assert set(awq.SCHEMES) <= set(PRESET_SCHEMES)
+
+
+def test_calibration_device_follows_the_host():
+    assert awq.host_build_knobs({"gpus": []}) == {"calibration_device": "cpu"}
+    assert awq.host_build_knobs({"gpus": [{"name": "H100"}]}) == {"calibration_device": "cuda"}
+
+
+# ---------------------------------------------------------------- checks before calibrating
+
+
+WIDTHS = {"model.layers.0.self_attn.q_proj": 576, "model.layers.0.mlp.down_proj": 1536, "lm_head": 576}
+
+
+def test_group_size_that_divides_every_width_passes():
+    awq.check_group_size(WIDTHS, 64, ["lm_head"], "r")
+
+
+def test_group_size_error_names_the_layer_and_the_valid_sizes():
+    with pytest.raises(BadInput, match="input width 576 of layer model.layers.0.self_attn.q_proj") as info:
+        awq.check_group_size(WIDTHS, 128, ["lm_head"], "recipes/x.yaml: group_size")
+    assert info.value.where == "recipes/x.yaml: group_size"
+    assert info.value.fix.endswith("32, 64")
+
+
+def test_ignored_layers_are_not_checked():
+    widths = {"model.layers.0.mlp.up_proj": 512, "lm_head": 100}
+    awq.check_group_size(widths, 128, ["lm_head"], "r")
+    awq.check_group_size(widths, 128, ["re:lm_"], "r")
+    with pytest.raises(BadInput, match="lm_head"):
+        awq.check_group_size(widths, 128, [], "r")
+
+
+def test_no_kernel_group_size_fits():
+    with pytest.raises(BadInput) as info:
+        awq.check_group_size({"a": 48, "b": 80}, 32, [], "r")
+    assert "gcd is 16" in info.value.fix
+
+
+def test_linear_widths_come_from_the_config_alone(tiny_checkpoint):
+    widths = awq.linear_widths(tiny_checkpoint)
+    assert widths["model.layers.0.mlp.down_proj"] == 192 and widths["lm_head"] == 64
+    assert len(widths) == 2 * 7 + 1
+
+
+def test_architecture_without_an_awq_mapping_is_refused():
+    import torch
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = torch.nn.Linear(8, 8)
+
+    with pytest.raises(BadInput, match="no AWQ mapping for architecture Toy") as info:
+        awq.check_awq_mapping(Toy(), "r")
+    assert "algorithm: rtn" in info.value.fix
+
+
+def test_llama_has_a_registered_mapping(tiny_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    assert awq.check_awq_mapping(model, "r") == {"architecture": "LlamaForCausalLM",
+                                                  "mapping": "llm-compressor registry"}
+
+
+def test_short_calibration_text_says_how_many_samples_fit(tiny_checkpoint, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    text = write(tmp_path / "short.txt", "word1 token2 . " * 10)
+    with pytest.raises(BadInput, match="has 30 tokens; 4 samples x 16 tokens need 64") as info:
+        awq.calibration_windows(tokenizer, text, 4, 16, "r")
+    assert "at most 1 samples" in info.value.fix
+    windows = awq.calibration_windows(tokenizer, text, 3, 8, "r")
+    assert [len(w) for w in windows] == [8, 8, 8]
+
+
+def test_samples_that_fit():
+    # 1 GB model, 8 samples used 5 GB: 0.5 GB a sample; 9 GB budget leaves 8 GB: 16 samples
+    assert awq.samples_that_fit(8, 5e9, 1e9, 9e9) == 16
+    assert awq.samples_that_fit(8, 5e9, 1e9, 0.5e9) == 0
+
+
+def test_out_of_memory_names_the_knob_and_what_fits(tiny_checkpoint, tmp_path, monkeypatch):
+    import llmcompressor
+
+    def out_of_memory(**_):
+        raise MemoryError
+
+    monkeypatch.setattr(llmcompressor, "oneshot", out_of_memory)
+    with pytest.raises(HostLacks, match="out of memory calibrating 2 samples x 16 tokens on cpu") as info:
+        build(tiny_checkpoint, tmp_path, calibration_samples=2, calibration_seq_len=16, group_size=32)
+    assert info.value.where == "recipe: calibration_samples"
+    assert "samples fit" in info.value.fix
+
+
+def test_cpu_pinning_workaround_applies_only_without_an_accelerator():
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache, IntermediateValue
+
+    if torch.accelerator.is_available():
+        with awq.cpu_pinning_disabled() as active:
+            assert active is False
+        return
+    with pytest.raises(RuntimeError, match="accelerator"):
+        torch.ones(2).pin_memory()  # the upstream failure the workaround avoids
+    original = IntermediatesCache.__dict__["_pin_intermediate"]
+    value = IntermediateValue(value=torch.ones(2), device=None)
+    with awq.cpu_pinning_disabled() as active:
+        assert active is True
+        IntermediatesCache._pin_intermediate(value)
+    assert IntermediatesCache.__dict__["_pin_intermediate"] is original
+
+
+# ---------------------------------------------------------------- builds of a tiny model
+
+
+def test_rtn_build_writes_a_pack_quantized_directory(tiny_checkpoint, tmp_path):
+    out, facts = build(tiny_checkpoint, tmp_path, algorithm="rtn", group_size=32)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    weights = config["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (4, 32, False)
+    assert facts["reload_check"]["max_abs_logit_diff"] <= facts["reload_check"]["limit"]
+    assert facts["calibration"] is None and facts["awq"] is None
+    assert (out / "tokenizer.json").is_file()
+    # 4-bit codes + bf16 scales and zero points per 32, plus the bf16 embedding (tied)
+    assert 4 < awq.bits_per_weight(out) < 16
+    nbytes = awq.decode_bytes_per_token(out, 100)
+    assert nbytes["kv_cache"] == 2 * 2 * 2 * 16 * 2 * 100
+    assert nbytes["weights"] < sum(p.stat().st_size for p in out.glob("*.safetensors"))
+
+
+def test_awq_build_calibrates_and_records_it(tiny_checkpoint, tmp_path):
+    out, facts = build(tiny_checkpoint, tmp_path, algorithm="awq", scheme="W4A16", group_size=32,
+                       calibration_samples=2, calibration_seq_len=16, n_grid=3)
+    assert facts["calibration"]["tokens"] == 32 and facts["device"] == "cpu"
+    assert facts["awq"]["architecture"] == "LlamaForCausalLM"
+    assert facts["tools"]["llmcompressor"] and facts["tools"]["compressed-tensors"]
+    weights = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert weights["symmetric"] is True
+
+
+def test_a_saved_model_that_differs_from_the_calibrated_one_fails_the_build(tiny_checkpoint, tmp_path, monkeypatch):
+    from pipeline.errors import QpipeError
+
+    monkeypatch.setattr(awq, "reload_logit_diff", lambda *args: 4.9)
+    with pytest.raises(QpipeError, match="not the calibrated model: reloaded logits differ by up to 4.9"):
+        build(tiny_checkpoint, tmp_path, algorithm="rtn", group_size=32)
+
+
+def test_group_size_is_checked_before_loading_weights(tiny_checkpoint, tmp_path, monkeypatch):
+    import transformers
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("weights were loaded before the group-size check")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", must_not_load)
+    with pytest.raises(BadInput, match="group_size 128 does not divide"):
+        build(tiny_checkpoint, tmp_path, algorithm="rtn", group_size=128)

@@ -1,0 +1,22 @@
+import numpy as np
+
+from pipeline.runtimes import transformers as runtime
+
+
+def test_window_logits_score_the_directory_as_written(tiny_llama):
+    windows = np.array([[1, 2, 3, 4, 5], [5, 4, 3, 2, 1]], dtype=np.int32)
+    logits = list(runtime.window_logits(tiny_llama, windows, threads=1))
+    assert [x.shape for x in logits] == [(5, 130), (5, 130)]
+    assert logits[0].dtype == np.float32 and not np.allclose(logits[0], logits[1])
+
+
+def test_tokenize_uses_the_directory_tokenizer(tiny_llama):
+    import json
+
+    vocab = json.loads((tiny_llama / "tokenizer.json").read_text())["model"]["vocab"]
+    assert runtime.tokenize(tiny_llama, "word1 token2 . unseen") == [vocab["word1"], vocab["token2"], vocab["."], 0]
+
+
+def test_name_says_what_ran():
+    assert runtime.name().startswith("transformers ") and "decompressed to dense" in runtime.name()
+    assert runtime.unavailable_reason() is None

@@ -1,0 +1,112 @@
+"""The vLLM runtime's argument building and result parsing, against the shapes vLLM's own
+source defines (vllm/logprobs.py: Logprob, create_prompt_logprobs; vllm/v1/metrics/stats.py:
+RequestStateStats). vLLM itself cannot be installed here: it needs CUDA and its own torch."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from pipeline.gates import accuracy
+from pipeline.runtimes import vllm
+
+
+@dataclass
+class Logprob:  # vllm/logprobs.py
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class RequestStateStats:  # vllm/v1/metrics/stats.py
+    num_generation_tokens: int = 0
+    arrival_time: float = 0.0
+    queued_ts: float = 0.0
+    scheduled_ts: float = 0.0
+    first_token_ts: float = 0.0
+    last_token_ts: float = 0.0
+    first_token_latency: float = 0.0
+    is_corrupted: bool = False
+
+
+def log_softmax(logits):
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def prompt_logprobs(logprobs, tokens, top_n):
+    """What vLLM returns for one prompt: None, then per position the top-N plus the actual
+    next token (a dict, so N entries when that token is among the top N)."""
+    result = [None]
+    for position in range(len(tokens) - 1):
+        row = logprobs[position]
+        order = np.argsort(-row)
+        entry = {int(t): Logprob(float(row[t]), rank=r + 1) for r, t in enumerate(order[:top_n])}
+        actual = int(tokens[position + 1])
+        entry.setdefault(actual, Logprob(float(row[actual]), rank=int((row > row[actual]).sum()) + 1))
+        result.append(entry)
+    return result
+
+
+class Reference:
+    def __init__(self, logprobs, tokens, k):
+        self.tokens = tokens[None]
+        ids = np.argsort(-logprobs[:-1], axis=1)[:, :k]
+        self.topk_ids = ids[None]
+        self.topk_logprobs = np.take_along_axis(logprobs[:-1], ids, axis=1)[None]
+        self.nll = -logprobs[np.arange(len(tokens) - 1), tokens[1:]][None]
+
+
+def test_engine_and_sampling_arguments():
+    kwargs = vllm.engine_kwargs("artifacts/builds/awq-w4a16", max_model_len=520)
+    assert kwargs["model"] == "artifacts/builds/awq-w4a16" and kwargs["max_logprobs"] == vllm.TOP_N
+    assert kwargs["enable_prefix_caching"] is False and kwargs["disable_log_stats"] is False
+    params = vllm.prompt_logprob_params()
+    assert params["prompt_logprobs"] <= kwargs["max_logprobs"], "vLLM rejects prompt_logprobs > max_logprobs"
+    assert params["max_tokens"] == 1 and params["temperature"] == 0.0
+    assert vllm.generation_params(64)["min_tokens"] == 64
+
+
+def test_dense_rows_give_exact_nll_and_top1_and_close_kld():
+    rng = np.random.default_rng(0)
+    vocab, length = 300, 40
+    artifact = log_softmax(rng.normal(size=(length, vocab)) * 3)
+    reference = log_softmax(np.log(np.exp(artifact) + 0.01 * rng.random((length, vocab))))
+    tokens = rng.integers(0, vocab, size=length)
+    ref = Reference(reference, tokens, k=16)
+    exact = accuracy.window_scores(artifact, tokens, ref.topk_ids[0], ref.topk_logprobs[0])
+    rows = vllm.dense_logprobs(prompt_logprobs(artifact, tokens, top_n=16), vocab)
+    assert rows.shape == (length, vocab)
+    approx = accuracy.window_scores(rows, tokens, ref.topk_ids[0], ref.topk_logprobs[0])
+    np.testing.assert_allclose(approx["nll"], exact["nll"], atol=1e-5)
+    np.testing.assert_array_equal(approx["top1"], exact["top1"])
+    assert abs(approx["kld"].mean() - exact["kld"].mean()) < 0.05 * exact["kld"].mean()
+    # every token returned: nothing is approximated
+    full = vllm.dense_logprobs(prompt_logprobs(artifact, tokens, top_n=vocab), vocab)
+    np.testing.assert_allclose(accuracy.window_scores(full, tokens, ref.topk_ids[0], ref.topk_logprobs[0])["kld"],
+                               exact["kld"], atol=1e-5)
+
+
+def test_timings_from_request_metrics_and_from_wall_clock():
+    class Output:
+        metrics = RequestStateStats(num_generation_tokens=64, first_token_ts=10.0, last_token_ts=10.63,
+                                    first_token_latency=0.012)
+
+    timing = vllm.request_timings(Output(), wall_s=1.0, first_token_wall_s=0.02)
+    assert timing == {"ttft_s": 0.012, "decode_s": pytest.approx(0.63), "source": "request metrics"}
+
+    class Offline:  # LLM(...) defaults to disable_log_stats=True: metrics is None
+        metrics = None
+
+    timing = vllm.request_timings(Offline(), wall_s=1.0, first_token_wall_s=0.02)
+    assert timing == {"ttft_s": 0.02, "decode_s": 0.98, "source": "wall clock"}
+
+
+def test_absence_is_reported_not_raised():
+    if vllm.version() is None:
+        assert "vLLM is not installed" in vllm.unavailable_reason()
+    else:
+        import torch
+
+        assert (vllm.unavailable_reason() is None) == torch.cuda.is_available()
