@@ -9,7 +9,8 @@ Design (the code's twin of DESIGN.md; change both together):
     corpus    -> artifacts/corpus/          calibration.txt / evaluation.txt, disjoint
     reference -> artifacts/reference/       eval token windows + the unquantized model's scores
     recipe@R  -> artifacts/recipes/R.json   the validated recipe's build knobs (limits excluded, so
-                                             tuning a limit re-runs the gate, not the build)
+                                             tuning a limit re-runs the gate, not the build), plus
+                                             the host facts a build depends on (AWQ: cpu or cuda)
     build@R   -> artifacts/builds/R/        the artifact + build.json (recipe, tools, timings, sizes)
     baseline  -> artifacts/baselines/F.json the unquantized model's speed per format F on the native
                                              runtime (for decode_speedup)
@@ -22,7 +23,8 @@ corpus, reference, formats/<one per format>, runtimes/<one per runtime>, gates/a
 gates/speed, gates/verdict, report, files (atomic writes), layout (paths).
 
 Rules that keep the numbers honest: accuracy scores the artifact as written to disk through
-its native runtime (or a declared emulation, labelled `emulated:<how>`); speed only on the
+its native runtime, else through another runtime that reads the format itself (transformers
+for compressed-tensors, named as such) or a declared emulation (`emulated:<how>`); speed only on the
 native runtime, else `not_run`; every format is scored on the same token ids against the same
 reference; calibration and evaluation text never overlap; a gate that did not run is never a pass.
 """

@@ -209,11 +209,19 @@ def doctor_command():
     typer.echo(f"imatrix    {imatrix_line}")
     from pipeline.runtimes import llama_cpp
 
+    from pipeline.runtimes import vllm
+
     llama_problem = llama_cpp.unavailable_reason()  # a real import: the shared library must load
-    build_ok = llama_problem is None and not converter_line.startswith("missing")
-    typer.echo("can build  gguf" if build_ok else f"can build  nothing: {llama_problem or converter_line}")
+    builds = [name for name, ok in (("gguf", llama_problem is None and not converter_line.startswith("missing")),
+                                    ("awq", runtimes["llmcompressor"] is not None)) if ok]
+    typer.echo(f"can build  {', '.join(builds) or 'nothing'}"
+               + (f" (gguf: {llama_problem or converter_line})" if "gguf" not in builds else "")
+               + ("" if "awq" in builds else " (awq: llm-compressor missing: pip install 'qpipe[awq]')"))
     typer.echo("can gate   gguf accuracy + speed via llama.cpp (imports)" if llama_problem is None
-               else f"can gate   nothing: {llama_problem}")
+               else f"can gate   gguf: nothing: {llama_problem}")
+    vllm_problem = vllm.unavailable_reason()
+    typer.echo("can gate   awq accuracy + speed via vLLM" if vllm_problem is None
+               else f"can gate   awq accuracy via transformers; speed not: {vllm_problem}")
     typer.echo("others     vllm / tensorrt_llm / modelopt / llmcompressor are listed above when installed "
                "(found by package metadata, not imported: importing them takes seconds)")
     typer.echo(f"({time.perf_counter() - started:.2f} s)")

@@ -94,6 +94,14 @@ def gpus() -> list[dict[str, Any]]:
     return found
 
 
+def package_version(distribution: str) -> str | None:
+    """Installed version of a distribution (by package metadata, without importing it), or None."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def runtimes() -> dict[str, str | None]:
     """Installed version of each runtime package, or None. Found by package metadata, not
     imported (importing vllm or tensorrt_llm takes many seconds)."""
@@ -101,11 +109,8 @@ def runtimes() -> dict[str, str | None]:
     for module, distribution in RUNTIMES.items():
         if importlib.util.find_spec(module) is None:
             found[module] = None
-            continue
-        try:
-            found[module] = metadata.version(distribution)
-        except metadata.PackageNotFoundError:
-            found[module] = "unknown"
+        else:
+            found[module] = package_version(distribution) or "unknown"
     return found
 
 

@@ -19,7 +19,8 @@ def test_help_lists_every_stage_command():
 def test_doctor_reports_host_runtimes_and_tools():
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 0, result.output
-    for line in ["CPU", "memory", "GPU", "runtimes", "llama_cpp 0.3", "converter", "can build"]:
+    for line in ["CPU", "memory", "GPU", "runtimes", "llama_cpp 0.3", "converter", "can build  gguf, awq",
+                 "can gate   awq accuracy via"]:
         assert line in result.output
 
 

@@ -246,6 +246,7 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     with cpu_pinning_disabled() as pinning_skipped, captured_llmcompressor_warnings() as warnings:
         _oneshot(model, recipe, windows if mapping else None, device=device, model_bytes=model_bytes)
     timings["quantize_s"] = time.perf_counter() - started
+    peak_gpu_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1) if device == "cuda" else None
 
     check_window = torch.tensor([windows[0]])
     with torch.inference_mode():
@@ -270,6 +271,7 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
         "tools": tool_versions(),
         "timings_s": timings,
         "device": device,
+        "peak_gpu_mb": peak_gpu_mb,
         "dtype": recipe.dtype,
         "calibration": ({"samples": samples, "seq_len": recipe.calibration_seq_len,
                          "tokens": samples * recipe.calibration_seq_len,
@@ -334,15 +336,10 @@ def reload_logit_diff(out_dir: Path, window, calibrated_logits, dtype) -> float:
 
 
 def tool_versions() -> dict[str, str | None]:
-    from importlib import metadata
+    from pipeline.host import package_version
 
-    versions = {}
-    for package in ("llmcompressor", "compressed-tensors", "transformers", "torch"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
+    return {package: package_version(package)
+            for package in ("llmcompressor", "compressed-tensors", "transformers", "torch")}
 
 
 # ---------------------------------------------------------------- artifact facts

@@ -73,12 +73,9 @@ class Recipe(RecipeBase):
 
 
 def llama_cpp_version() -> str | None:
-    from importlib import metadata
+    from pipeline.host import package_version
 
-    try:
-        return metadata.version("llama-cpp-python")
-    except metadata.PackageNotFoundError:
-        return None
+    return package_version("llama-cpp-python")
 
 
 def converter_dir() -> Path:

@@ -18,12 +18,9 @@ import numpy as np
 
 
 def version() -> str | None:
-    from importlib import metadata
+    from pipeline.host import package_version
 
-    try:
-        return metadata.version("llama-cpp-python")
-    except metadata.PackageNotFoundError:
-        return None
+    return package_version("llama-cpp-python")
 
 
 def unavailable_reason() -> str | None:

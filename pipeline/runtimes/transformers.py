@@ -15,19 +15,11 @@ import numpy as np
 
 
 def name() -> str:
-    from importlib import metadata
+    from pipeline.host import package_version
 
-    return (f"transformers {metadata.version('transformers')} (compressed-tensors "
-            f"{_version('compressed-tensors')}, decompressed to dense; torch {metadata.version('torch')})")
-
-
-def _version(package: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
+    return (f"transformers {package_version('transformers')} (compressed-tensors "
+            f"{package_version('compressed-tensors') or 'not installed'}, decompressed to dense; "
+            f"torch {package_version('torch')})")
 
 
 def unavailable_reason() -> str | None:

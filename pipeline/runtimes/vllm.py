@@ -36,12 +36,9 @@ GPU_MEMORY_UTILIZATION = 0.85
 
 
 def version() -> str | None:
-    from importlib import metadata
+    from pipeline.host import package_version
 
-    try:
-        return metadata.version("vllm")
-    except metadata.PackageNotFoundError:
-        return None
+    return package_version("vllm")
 
 
 def name() -> str:
