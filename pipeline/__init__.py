@@ -20,7 +20,13 @@ Design (the code's twin of DESIGN.md; change both together):
 
 Modules: cli (Typer), config (pydantic params/recipes), errors (exit codes), host, source,
 corpus, reference, formats/<one per format>, runtimes/<one per runtime>, gates/accuracy,
-gates/speed, gates/verdict, report, files (atomic writes), layout (paths).
+gates/speed, gates/verdict, report, compare (across `dvc exp` experiments; recommend),
+publish (staging, model card, provenance) with registries/<one per registry: directory,
+oci, hub>, files (atomic writes), layout (paths).
+
+Not stages: `qpipe publish` (after a green repro), `qpipe compare` and `qpipe recommend`.
+Gate results (artifacts/gates/*.json, DVC metrics, cache: false) are committed to git so that
+DVC keeps them for every commit and experiment.
 
 Rules that keep the numbers honest: accuracy scores the artifact as written to disk through
 its native runtime, else through another runtime that reads the format itself (transformers

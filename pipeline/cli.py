@@ -177,6 +177,73 @@ def check_command():
                          where=str(path), fix="see the reasons above; raise a limit only with a reason")
 
 
+def _compared_rows(workspace_only: bool):
+    from pipeline import compare, layout
+    from pipeline.errors import BadInput
+    from pipeline.files import read_json
+
+    if workspace_only:
+        entries = [("workspace", read_json(path)) for path in sorted(layout.GATES_DIR.glob("*.json"))]
+    else:
+        entries = compare.gate_results(compare.dvc_exp_show())
+    if not entries:
+        raise BadInput("no gate results", where=str(layout.GATES_DIR), fix="run `dvc repro` first")
+    return compare.compare_rows(entries)
+
+
+@app.command("compare")
+@stage
+def compare_command(
+    sort: str = typer.Option("mean_kld", help="column to sort by"),
+    descending: bool = typer.Option(False, "--descending", help="largest first"),
+    output: str = typer.Option("md", "--format", help="md | csv | json"),
+    workspace_only: bool = typer.Option(False, "--workspace-only", help="skip `dvc exp` experiments"),
+):
+    """Every artifact of the workspace and of `dvc exp` experiments in one table, Pareto front marked."""
+    from pipeline import compare
+
+    rows = compare.sort_rows(_compared_rows(workspace_only), sort, descending)
+    typer.echo(compare.render(rows, output), nl=False)
+
+
+@app.command("recommend")
+@stage
+def recommend_command(
+    max_size: str = typer.Option(None, help="largest artifact, e.g. 120MB or 1.5GiB"),
+    max_kld: float = typer.Option(None, help="largest mean KLD"),
+    max_ppl_ratio: float = typer.Option(None, help="largest ppl ratio"),
+    min_top1: float = typer.Option(None, help="smallest top-1 agreement"),
+    min_decode: float = typer.Option(None, help="smallest decode tok/s"),
+    objective: str = typer.Option("decode", help="decode | prefill | kld | ppl | top1 | size"),
+    workspace_only: bool = typer.Option(False, "--workspace-only", help="skip `dvc exp` experiments"),
+):
+    """The best passing artifact under the constraints, and why each other one lost."""
+    from pipeline import compare
+
+    given = [("--max-size", "bytes", compare.parse_size(max_size) if max_size else None, True),
+             ("--max-kld", "mean_kld", max_kld, True), ("--max-ppl-ratio", "ppl_ratio", max_ppl_ratio, True),
+             ("--min-top1", "top1_agreement", min_top1, False), ("--min-decode", "decode_tok_s", min_decode, False)]
+    constraints = [compare.Constraint(flag, column, limit, at_most, text=max_size if flag == "--max-size" else "")
+                   for flag, column, limit, at_most in given if limit is not None]
+    choice = compare.recommend(_compared_rows(workspace_only), constraints, objective)
+    typer.echo(compare.explain(choice), nl=False)
+
+
+@app.command("publish")
+@stage
+def publish_command(
+    to: str = typer.Option(..., "--to", help="dir://PATH | oci://HOST[:PORT]/REPOSITORY | hf://ORG/NAME"),
+    include_failed: bool = typer.Option(False, "--include-failed", help="also publish artifacts that did not pass"),
+):
+    """Publish every artifact whose verdict is pass, with model card, SHA256SUMS and provenance."""
+    from pipeline import publish
+
+    published = publish.run(to, _params().recipes, include_failed=include_failed, log=log)
+    for entry in published:
+        typer.echo(f"{entry['recipe']}\t{entry['version']}\t{'pushed' if entry['pushed'] else 'unchanged'}\t"
+                   f"{entry['location']}")
+
+
 @app.command("doctor")
 @stage
 def doctor_command():

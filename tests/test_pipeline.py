@@ -216,6 +216,38 @@ def test_an_impossible_limit_makes_check_fail_with_exit_1(repo):
         recipe.write_text(original)
 
 
+def test_publish_what_passed_to_a_directory_registry_and_again(repo, tmp_path):
+    root, env, _, _ = repo
+    run(["dvc", "repro"], env)  # the gate the previous test failed passes again with its limit restored
+    registry = tmp_path / "registry"
+    first = run(["qpipe", "publish", "--to", f"dir://{registry}"], env)
+    lines = [line.split("\t") for line in first.stdout.splitlines()]
+    assert [(line[0], line[2]) for line in lines] == [("gguf-q8_0", "pushed"), ("gguf-q4_0", "pushed"),
+                                                     ("awq-w4a16", "pushed")]
+    awq = registry / "SmolLM2-135M-Instruct" / "awq-w4a16" / lines[2][1]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "SHA256SUMS",
+            "provenance.json"} <= {p.name for p in awq.iterdir()}
+    provenance = json.loads((awq / "provenance.json").read_text())
+    assert provenance["dvc_lock"]["stage"] == "build@awq-w4a16" and len(provenance["dvc_lock"]["sha256"]) == 64
+    card = (awq / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "library_name: transformers" in card
+    assert "transformers " in card and "not run: needs vLLM" in card
+    second = run(["qpipe", "publish", "--to", f"dir://{registry}"], env)
+    assert [line.split("\t")[2] for line in second.stdout.splitlines()] == ["unchanged"] * 3
+
+
+def test_dvc_artifacts_get_fetches_a_built_artifact(repo, tmp_path):
+    root, env, _, git = repo
+    run(git + ["add", "-A"], env)
+    run(git + ["commit", "-qm", "results"], env)
+    # artifact versions are annotated git tags in GTO's convention; the data comes from the
+    # DVC remote, or (for a local repository, as here) from that repository's cache
+    run(git + ["tag", "-a", "gguf-q4_0@v1.0.0", "-m", "gguf-q4_0 v1.0.0"], env)
+    out = tmp_path / "fetched"
+    run(["dvc", "artifacts", "get", str(root), "gguf-q4_0", "--rev", "v1.0.0", "-o", str(out)], env)
+    assert (out / "model.gguf").read_bytes() == (root / "artifacts/builds/gguf-q4_0/model.gguf").read_bytes()
+
+
 def test_experiment_with_another_recipe_set_reuses_cached_stages(repo):
     root, env, _, _ = repo
     run(["dvc", "repro"], env)  # up to date after the previous test restored the recipe
@@ -227,3 +259,16 @@ def test_experiment_with_another_recipe_set_reuses_cached_stages(repo):
     assert [r["recipe"] for r in report["rows"]] == ["gguf-q8_0"]
     shown = run(["dvc", "exp", "show", "--json"], env).stdout
     assert "only-q8" in shown
+
+    # compare reads every commit and experiment through DVC; identical results are one row
+    rows = json.loads(run(["qpipe", "compare", "--format", "json", "--sort", "decode_tok_s", "--descending"],
+                          env).stdout)
+    by_recipe = {r["recipe"]: r for r in rows}
+    assert set(by_recipe) == {"gguf-q8_0", "gguf-q4_0", "awq-w4a16"}
+    assert "only-q8" in by_recipe["gguf-q8_0"]["experiment"] and "workspace" in by_recipe["gguf-q8_0"]["experiment"]
+    assert rows[-1]["recipe"] == "awq-w4a16" and rows[-1]["pareto"] is None  # speed not run: last
+    chosen = run(["qpipe", "recommend", "--max-size", "1GB", "--objective", "kld"], env).stdout
+    assert chosen.startswith("best: gguf-q8_0")
+    assert "lost: gguf-q4_0" in chosen and "lost: awq-w4a16" in chosen
+    nobody = run(["qpipe", "recommend", "--max-size", "10MB"], env, check=False)
+    assert nobody.returncode == 2 and "--max-size 10MB excluded the last candidates" in nobody.stderr

@@ -1,0 +1,220 @@
+"""Compare artifacts across the workspace and `dvc exp` experiments, and recommend one.
+
+Gate results are DVC metrics files (artifacts/gates/R.json, committed to git), so DVC keeps
+them for every experiment; `dvc exp show --json` returns them for the workspace, each
+baseline commit and each experiment. One row per (experiment, recipe) is made with the
+report's own row function, identical rows seen in several experiments are merged, and the
+Pareto front is the report's `pareto_front` over all of them.
+
+`recommend` filters those rows by constraints, in the order given, and names the best by an
+objective; every other row gets the reason it lost: the first constraint it broke, a figure
+that was not measured, a verdict other than pass, or a worse objective.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import subprocess
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pipeline import report
+from pipeline.errors import BadInput, QpipeError
+
+GATES_PREFIX = "artifacts/gates/"
+COLUMNS = ["experiment", "recipe", "format", "size_mb", "bits_per_weight", "ppl_ratio", "mean_kld",
+           "top1_agreement", "prefill_tok_s", "decode_tok_s", "decode_speedup", "ttft_ms", "itl_ms",
+           "roofline_fraction", "verdict", "pareto", "accuracy_runtime", "speed_runtime"]
+OUTPUT_FORMATS = ("md", "csv", "json")
+
+
+# ---------------------------------------------------------------- reading experiments
+
+
+def dvc_exp_show() -> list[dict[str, Any]]:
+    result = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise QpipeError("`dvc exp show --json` failed", where="the DVC repository in the current directory",
+                         fix=(result.stderr.strip().splitlines() or ["run qpipe from the project root"])[-1])
+    return json.loads(result.stdout)
+
+
+def gate_results(exp_show: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(experiment label, gate result) for every readable gate file in `dvc exp show --json`."""
+    found = []
+
+    def collect(label: str, data: dict[str, Any]) -> None:
+        for path, entry in sorted((data.get("metrics") or {}).items()):
+            if path.startswith(GATES_PREFIX) and "data" in entry and "verdict" in entry["data"]:
+                found.append((label, entry["data"]))
+
+    for commit in exp_show:
+        label = "workspace" if commit["rev"] == "workspace" else (commit.get("name") or commit["rev"][:7])
+        collect(label, commit.get("data") or {})
+        for group in commit.get("experiments") or []:
+            for experiment in group.get("revs") or []:
+                collect(experiment.get("name") or experiment["rev"][:7], experiment.get("data") or {})
+    return found
+
+
+def compare_rows(entries: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Rows of the report's shape plus `experiment`; an artifact whose gate result is the same
+    in several experiments is one row listing all of them."""
+    rows: list[dict[str, Any]] = []
+    seen: dict[str, dict[str, Any]] = {}
+    for label, result in entries:
+        key = json.dumps({k: result.get(k) for k in ("recipe", "artifact", "accuracy", "speed", "verdict")},
+                         sort_keys=True)
+        if key in seen:
+            seen[key]["experiments"].append(label)
+            continue
+        row = {"experiment": label, "experiments": [label], **report.row(result, None)}
+        seen[key] = row
+        rows.append(row)
+    for row, on_front in zip(rows, report.pareto_front(rows)):
+        row["pareto"] = on_front
+        row["experiment"] = ", ".join(row["experiments"])
+    return rows
+
+
+def sort_rows(rows: list[dict[str, Any]], column: str, descending: bool = False) -> list[dict[str, Any]]:
+    if column not in COLUMNS:
+        raise BadInput(f"unknown column {column!r}", where="--sort", fix=f"use one of: {', '.join(COLUMNS)}")
+    present = [r for r in rows if r.get(column) is not None]
+    missing = [r for r in rows if r.get(column) is None]  # not measured: always last
+    return sorted(present, key=lambda r: r[column], reverse=descending) + missing
+
+
+def render(rows: list[dict[str, Any]], output: str) -> str:
+    if output == "json":
+        return json.dumps([{c: r.get(c) for c in COLUMNS} for r in rows], indent=2) + "\n"
+    if output == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+    if output != "md":
+        raise BadInput(f"unknown output format {output!r}", where="--format", fix=f"use one of: {', '.join(OUTPUT_FORMATS)}")
+    shown = [c for c in COLUMNS if c not in ("accuracy_runtime", "speed_runtime")]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r.get(c), c) for c in shown) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any, column: str) -> str:
+    if column == "pareto":
+        return {True: "yes", False: "", None: "n/a"}[value]
+    if value is None:
+        return "not run"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+# ---------------------------------------------------------------- recommend
+
+
+@dataclass
+class Constraint:
+    flag: str
+    column: str
+    limit: float
+    at_most: bool
+    text: str = ""  # the limit as the user wrote it
+
+    def describe(self) -> str:
+        return f"{self.flag} {self.text or format(self.limit, 'g')}"
+
+    def broken_by(self, row: dict[str, Any]) -> str | None:
+        value = row.get(self.column)
+        if value is None:
+            return f"{self.column} not measured ({self.flag} needs it)"
+        if (value > self.limit) if self.at_most else (value < self.limit):
+            return f"{self.column} {value:.4g} breaks {self.describe()}"
+        return None
+
+
+# objective -> (column, larger is better)
+OBJECTIVES: dict[str, tuple[str, bool]] = {
+    "decode": ("decode_tok_s", True),
+    "prefill": ("prefill_tok_s", True),
+    "kld": ("mean_kld", False),
+    "ppl": ("ppl_ratio", False),
+    "top1": ("top1_agreement", True),
+    "size": ("bytes", False),
+}
+
+
+def parse_size(text: str) -> float:
+    """'120MB', '1.5 GB', '900MiB', '2e8' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b?|b)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise BadInput(f"not a size: {text!r}", where="--max-size", fix="write it like 120MB, 1.5GB or 900MiB")
+    number, unit = float(match.group(1)), (match.group(2) or "b").lower()
+    scale = {"b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+             "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
+    return number * scale[unit]
+
+
+def recommend(rows: list[dict[str, Any]], constraints: list[Constraint], objective: str) -> dict[str, Any]:
+    """The best passing row under the constraints, and why each other row lost."""
+    if objective not in OBJECTIVES:
+        raise BadInput(f"unknown objective {objective!r}", where="--objective", fix=f"use one of: {', '.join(OBJECTIVES)}")
+    if not rows:
+        raise BadInput("no gate results to choose from", where="artifacts/gates/ and dvc experiments",
+                       fix="run `dvc repro` first")
+    column, larger_is_better = OBJECTIVES[objective]
+    lost: dict[int, str] = {}
+    remaining = list(range(len(rows)))
+    last_excluded: tuple[str, list[int]] | None = None
+
+    def exclude(reason_of: Callable[[dict[str, Any]], str | None], what: str) -> None:
+        nonlocal remaining, last_excluded
+        kept, dropped = [], []
+        for i in remaining:
+            reason = reason_of(rows[i])
+            if reason:
+                lost[i] = reason
+                dropped.append(i)
+            else:
+                kept.append(i)
+        if dropped and not kept:
+            last_excluded = (what, dropped)
+        remaining = kept
+
+    exclude(lambda r: None if r["verdict"] == "pass" else f"verdict {r['verdict']}", "verdict pass")
+    for constraint in constraints:
+        exclude(constraint.broken_by, constraint.describe())
+    exclude(lambda r: None if r.get(column) is not None else f"{column} not measured (objective {objective})",
+            f"objective {objective} needs {column}")
+    if not remaining:
+        what, dropped = last_excluded or ("verdict pass", [])
+        names = ", ".join(_label(rows[i]) for i in dropped)
+        raise BadInput(f"no artifact meets every constraint: {what} excluded the last candidates ({names})",
+                       where="qpipe recommend", fix="relax that constraint; `qpipe compare` shows every figure")
+    ordered = sorted(remaining, key=lambda i: (-rows[i][column] if larger_is_better else rows[i][column],
+                                               rows[i]["bytes"], rows[i]["recipe"]))
+    best = ordered[0]
+    for i in ordered[1:]:
+        tie = rows[i][column] == rows[best][column]
+        lost[i] = (f"ties on {column} {rows[i][column]:.4g}, larger file" if tie
+                   else f"{column} {rows[i][column]:.4g} vs {rows[best][column]:.4g}")
+    return {"best": rows[best], "objective": objective, "column": column,
+            "lost": [{"row": rows[i], "reason": lost[i]} for i in range(len(rows)) if i != best]}
+
+
+def _label(row: dict[str, Any]) -> str:
+    return f"{row['recipe']} ({row['experiment']})"
+
+
+def explain(choice: dict[str, Any]) -> str:
+    best = choice["best"]
+    lines = [f"best: {_label(best)}: {choice['column']} {best[choice['column']]:.4g}, "
+             f"{best['size_mb']:.1f} MB, mean KLD {_cell(best.get('mean_kld'), 'mean_kld')}"]
+    lines += [f"  lost: {_label(entry['row'])}: {entry['reason']}" for entry in choice["lost"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,122 @@
+import json
+
+import pytest
+
+from pipeline import compare
+from pipeline.errors import BadInput
+from tests.test_report import gate_result
+
+
+def exp_show(workspace, experiments=(), commit=()):
+    """The shape `dvc exp show --json` prints (recorded from DVC 3.67): workspace first, then
+    each baseline commit with its experiments; unreadable metrics carry an `error`."""
+
+    def data(results):
+        return {"params": {}, "metrics": {f"artifacts/gates/{r['recipe']}.json": {"data": r} for r in results}}
+
+    missing = {"metrics": {"artifacts/gates/x.json": {"error": {"type": "FileNotFoundError", "msg": "no file"}}}}
+    return [
+        {"rev": "workspace", "name": None, "data": data(workspace), "error": None, "experiments": None},
+        {"rev": "d610d361cc2017e4c49ee71b2263a8f76df65709", "name": "main", "data": data(commit) if commit else missing,
+         "error": None,
+         "experiments": [{"revs": [{"rev": "515c3dc40f640f1e5b0e3b00a75a81990876e459", "name": name,
+                                    "data": data(results), "error": None, "experiments": None}],
+                          "executor": None, "name": name} for name, results in experiments]},
+    ]
+
+
+def sized(result, megabytes):
+    result["artifact"]["bytes"] = int(megabytes * 1e6)
+    return result
+
+
+def rows_of(*entries):
+    return compare.compare_rows([(label, result) for label, result in entries])
+
+
+def test_gate_results_are_read_from_every_experiment_and_errors_skipped():
+    shown = exp_show([gate_result("a", 0.01, 50.0)], experiments=[("fast", [gate_result("b", 0.2, 90.0)])])
+    assert [(label, r["recipe"]) for label, r in compare.gate_results(shown)] == [("workspace", "a"), ("fast", "b")]
+
+
+def test_the_same_result_in_two_experiments_is_one_row():
+    same = gate_result("a", 0.01, 50.0)
+    rows = compare.compare_rows(compare.gate_results(exp_show([same], commit=[same])))
+    assert len(rows) == 1 and rows[0]["experiment"] == "workspace, main"
+
+
+def test_pareto_front_spans_experiments_and_skips_not_run():
+    rows = rows_of(("workspace", gate_result("q8", 0.004, 78.0)), ("exp1", gate_result("q4", 0.23, 110.0)),
+                   ("exp1", gate_result("q5", 0.06, 76.0)), ("exp2", gate_result("awq", 0.12, None)))
+    assert [r["pareto"] for r in rows] == [True, True, False, None]
+
+
+def test_sort_by_any_column_with_unmeasured_last():
+    rows = rows_of(("w", gate_result("a", 0.05, 80.0)), ("w", gate_result("b", 0.01, None)),
+                   ("w", gate_result("c", 0.2, 100.0)))
+    assert [r["recipe"] for r in compare.sort_rows(rows, "decode_tok_s", descending=True)] == ["c", "a", "b"]
+    assert [r["recipe"] for r in compare.sort_rows(rows, "mean_kld")] == ["b", "a", "c"]
+    with pytest.raises(BadInput, match="unknown column 'speed'") as info:
+        compare.sort_rows(rows, "speed")
+    assert "decode_tok_s" in info.value.fix
+
+
+def test_render_markdown_csv_json():
+    rows = rows_of(("w", gate_result("a", 0.05, 80.0)), ("w", gate_result("b", 0.01, None)))
+    markdown = compare.render(rows, "md")
+    assert "| w | b | gguf |" in markdown and "not run" in markdown and "n/a" in markdown
+    lines = compare.render(rows, "csv").splitlines()
+    assert lines[0].startswith("experiment,recipe,format,size_mb") and len(lines) == 3
+    assert json.loads(compare.render(rows, "json"))[1]["decode_tok_s"] is None
+    with pytest.raises(BadInput, match="unknown output format 'xml'"):
+        compare.render(rows, "xml")
+
+
+def test_parse_size():
+    assert compare.parse_size("120MB") == 120e6
+    assert compare.parse_size("1.5 GiB") == 1.5 * 2**30
+    assert compare.parse_size("2e8") == 2e8
+    with pytest.raises(BadInput, match="not a size"):
+        compare.parse_size("big")
+
+
+def constraint(flag, column, limit, at_most=True):
+    return compare.Constraint(flag, column, limit, at_most)
+
+
+def test_recommend_names_the_best_and_why_each_other_lost():
+    rows = rows_of(("w", sized(gate_result("q8", 0.004, 78.0), 145)), ("w", sized(gate_result("q4", 0.23, 110.0), 92)),
+                   ("w", sized(gate_result("iq4", 0.07, 120.0), 91)), ("w", sized(gate_result("awq", 0.12, None), 118)),
+                   ("w", sized(gate_result("bad", 0.01, 200.0, verdict="fail"), 90)))
+    choice = compare.recommend(rows, [constraint("--max-size", "bytes", 120e6), constraint("--max-kld", "mean_kld", 0.1)],
+                               "decode")
+    assert choice["best"]["recipe"] == "iq4"
+    reasons = {entry["row"]["recipe"]: entry["reason"] for entry in choice["lost"]}
+    assert reasons["bad"] == "verdict fail"
+    assert reasons["q8"].startswith("bytes 1.45e+08 breaks --max-size")
+    assert reasons["q4"] == "mean_kld 0.23 breaks --max-kld 0.1"
+    assert reasons["awq"].startswith("mean_kld 0.12 breaks")
+    assert "best: iq4 (w)" in compare.explain(choice)
+
+
+def test_recommend_ties_go_to_the_smaller_file():
+    rows = rows_of(("w", sized(gate_result("big", 0.05, 100.0), 120)), ("w", sized(gate_result("small", 0.05, 100.0), 90)))
+    choice = compare.recommend(rows, [], "decode")
+    assert choice["best"]["recipe"] == "small"
+    assert choice["lost"][0]["reason"].startswith("ties on decode_tok_s")
+
+
+def test_recommend_without_a_speed_figure_says_so():
+    rows = rows_of(("w", gate_result("awq", 0.12, None)), ("w", gate_result("q4", 0.2, 100.0)))
+    choice = compare.recommend(rows, [], "decode")
+    assert {e["row"]["recipe"]: e["reason"] for e in choice["lost"]}["awq"] == "decode_tok_s not measured (objective decode)"
+    assert compare.recommend(rows, [], "kld")["best"]["recipe"] == "awq"
+
+
+def test_constraints_nobody_meets_name_the_one_that_excluded_the_last_candidate():
+    rows = rows_of(("w", gate_result("q8", 0.004, 78.0)), ("w", gate_result("q4", 0.23, 110.0)))
+    with pytest.raises(BadInput, match=r"--min-decode 200 excluded the last candidates \(q8 \(w\)\)"):
+        compare.recommend(rows, [constraint("--max-kld", "mean_kld", 0.1), constraint("--min-decode", "decode_tok_s", 200, False)],
+                          "decode")
+    with pytest.raises(BadInput, match="unknown objective"):
+        compare.recommend(rows, [], "fastest")
