@@ -135,7 +135,8 @@ class Constraint:
         if value is None:
             return f"{self.column} not measured ({self.flag} needs it)"
         if (value > self.limit) if self.at_most else (value < self.limit):
-            return f"{self.column} {value:.4g} breaks {self.describe()}"
+            shown = f"size {value / 1e6:.1f} MB" if self.column == "bytes" else f"{self.column} {value:.4g}"
+            return f"{shown} breaks {self.describe()}"
         return None
 
 

@@ -93,7 +93,7 @@ def test_recommend_names_the_best_and_why_each_other_lost():
     assert choice["best"]["recipe"] == "iq4"
     reasons = {entry["row"]["recipe"]: entry["reason"] for entry in choice["lost"]}
     assert reasons["bad"] == "verdict fail"
-    assert reasons["q8"].startswith("bytes 1.45e+08 breaks --max-size")
+    assert reasons["q8"].startswith("size 145.0 MB breaks --max-size")
     assert reasons["q4"] == "mean_kld 0.23 breaks --max-kld 0.1"
     assert reasons["awq"].startswith("mean_kld 0.12 breaks")
     assert "best: iq4 (w)" in compare.explain(choice)

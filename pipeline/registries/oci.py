@@ -69,12 +69,12 @@ class OciRegistry:
 
     def client(self):
         if self._client is None:
-            import os
-
             import requests
             from oras.provider import Registry
 
-            user, password = os.environ.get(USER_VARIABLE), os.environ.get(PASSWORD_VARIABLE)
+            from pipeline.publish import env_secret
+
+            user, password = env_secret(USER_VARIABLE), env_secret(PASSWORD_VARIABLE)
             scheme = "http" if self.insecure else "https"
             try:
                 probe = requests.get(f"{scheme}://{self.host}/v2/", timeout=10,
