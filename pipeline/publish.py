@@ -204,8 +204,9 @@ def model_card(release: Release, result: dict[str, Any], build: dict[str, Any], 
         f"| decode tok/s (batch 1) | {figure(speed, 'decode_tok_s', '{:.1f}')} | {speed_by} |",
         f"| prefill tok/s | {figure(speed, 'prefill_tok_s', '{:.0f}')} | {speed_by} |",
         "",
-        f"Evaluation: {accuracy.get('eval_tokens', 'no')} tokens of held-out text, disjoint from the calibration "
-        f"text. Host: {result['host'].get('cpu')}, {result['host'].get('gpu') or 'no GPU'}.", "",
+        f"Evaluation: {accuracy.get('eval_tokens', 'no')} tokens of {evaluation_text()}, disjoint from the "
+        f"calibration text, scored against the unquantized model. Host: {result['host'].get('cpu')}, "
+        f"{result['host'].get('gpu') or 'no GPU'}.", "",
         "## Checks", "",
         *[f"- {c['name']}: {c['value'] if c['value'] is None else format(c['value'], '.4g')} vs {c['limit']} → {c['verdict']}"
           for c in result["checks"]],
@@ -214,6 +215,17 @@ def model_card(release: Release, result: dict[str, Any], build: dict[str, Any], 
         "", f"Files are listed with their sha256 in `{SUMS_FILE}`; `{PROVENANCE_FILE}` holds the full record.", "",
     ]
     return "\n".join(lines)
+
+
+def evaluation_text() -> str:
+    """Which text the gates scored: the corpus source and the evaluation text's sha256."""
+    from pipeline.files import read_json
+
+    corpus = read_json(layout.CORPUS_DIR / "corpus.json") if (layout.CORPUS_DIR / "corpus.json").is_file() else {}
+    reference = read_json(layout.REFERENCE_DIR / "reference.json") if (layout.REFERENCE_DIR / "reference.json").is_file() else {}
+    source = corpus.get("source") or "the evaluation text"
+    digest = reference.get("evaluation_text_sha256")
+    return f"`{source}` evaluation text" + (f" (sha256 `{digest[:16]}…`)" if digest else "")
 
 
 def validate_card(path: Path) -> None:

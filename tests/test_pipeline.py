@@ -232,6 +232,7 @@ def test_publish_what_passed_to_a_directory_registry_and_again(repo, tmp_path):
     card = (awq / "README.md").read_text()
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "library_name: transformers" in card
     assert "transformers " in card and "not run: needs vLLM" in card
+    assert "`embedded:pydoc` evaluation text (sha256" in card
     second = run(["qpipe", "publish", "--to", f"dir://{registry}"], env)
     assert [line.split("\t")[2] for line in second.stdout.splitlines()] == ["unchanged"] * 3
 

@@ -4,8 +4,9 @@ Layout, following Docker Model Runner's model artifacts (the closest published c
 a GGUF file as an OCI artifact; Ollama's layout is private to Ollama, and KitOps packs whole
 directories as tarballs):
 
-- the manifest's `artifactType` and config media type are qpipe's own
-  (`application/vnd.qpipe.model.config.v1+json`): the config JSON holds the format, the
+- the manifest's `artifactType` is one per format (`application/vnd.qpipe.model.<format>.v1`)
+  and the config media type is qpipe's own (`application/vnd.qpipe.model.config.v1+json`): the
+  config JSON holds the format, the
   recipe, the gate verdict and figures, and the source hash;
 - one layer per file with Docker Model Runner's media types (`application/vnd.docker.ai.gguf.v3`,
   `application/vnd.docker.ai.safetensors`, `...chat.template.jinja`, and
@@ -30,7 +31,13 @@ from pipeline.errors import BadInput, HostLacks, QpipeError
 
 USER_VARIABLE = "QPIPE_REGISTRY_USERNAME"
 PASSWORD_VARIABLE = "QPIPE_REGISTRY_PASSWORD"
-ARTIFACT_TYPE = "application/vnd.qpipe.model.v1"
+
+
+def artifact_type(format_name: str) -> str:
+    """One OCI artifact type per format, e.g. application/vnd.qpipe.model.gguf.v1."""
+    return f"application/vnd.qpipe.model.{format_name}.v1"
+
+
 CONFIG_MEDIA_TYPE = "application/vnd.qpipe.model.config.v1+json"
 TITLE = "org.opencontainers.image.title"
 FILE_PATH = "org.cncf.model.filepath"  # Docker Model Runner's per-file annotation
@@ -153,7 +160,7 @@ class OciRegistry:
             config = oras.oci.NewLayer(str(config_path), media_type=CONFIG_MEDIA_TYPE)
             client._check_200_response(client.upload_blob(str(config_path), container, config))
         manifest = oras.oci.NewManifest()
-        manifest.update(artifactType=ARTIFACT_TYPE, config=config, layers=layers, annotations={
+        manifest.update(artifactType=artifact_type(release.format), config=config, layers=layers, annotations={
             "org.opencontainers.image.title": f"{release.model} {release.recipe}",
             "org.opencontainers.image.version": release.version,
             "org.opencontainers.image.description": f"{release.format} artifact built and gated by qpipe",

@@ -26,7 +26,7 @@ def test_push_pull_verify_and_push_again(gated, oci_registry):  # noqa: F811
 
     manifest = requests.get(f"http://{oci_registry}/v2/team/smollm2/manifests/{tag}", timeout=5,
                             headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
-    assert manifest["artifactType"] == oci.ARTIFACT_TYPE and manifest["config"]["mediaType"] == oci.CONFIG_MEDIA_TYPE
+    assert manifest["artifactType"] == "application/vnd.qpipe.model.gguf.v1" and manifest["config"]["mediaType"] == oci.CONFIG_MEDIA_TYPE
     layers = {l["annotations"][oci.TITLE]: l["mediaType"] for l in manifest["layers"]}
     assert layers["model.gguf"] == "application/vnd.docker.ai.gguf.v3"
     assert layers["build.json"] == "application/vnd.docker.ai.model.file"
