@@ -28,14 +28,18 @@ def sha256_tree(root: Path) -> dict[str, str]:
     }
 
 
+def sha256sum_lines(hashes: dict[str, str]) -> str:
+    """`<sha256>  <path>` lines, as `sha256sum` prints them (and `sha256sum -c` reads them)."""
+    return "".join(f"{digest}  {name}\n" for name, digest in hashes.items())
+
+
 def sha256_artifact(path: Path) -> str:
-    """sha256 of a file; for a directory, sha256 of its manifest (`<sha256>  <relative path>`
-    lines, sorted by path, as `sha256sum` prints them)."""
+    """sha256 of a file; for a directory, sha256 of its manifest (sha256sum lines of every file,
+    sorted by path)."""
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
-    manifest = "".join(f"{digest}  {name}\n" for name, digest in sha256_tree(path).items())
-    return hashlib.sha256(manifest.encode()).hexdigest()
+    return hashlib.sha256(sha256sum_lines(sha256_tree(path)).encode()).hexdigest()
 
 
 def artifact_bytes(path: Path) -> int:

@@ -139,8 +139,9 @@ def stage_release(result: dict[str, Any], staging_root: Path) -> Release:
 
 
 def write_sums(folder: Path) -> None:
-    lines = "".join(f"{digest}  {name}\n" for name, digest in sha256sums(folder).items())
-    (Path(folder) / SUMS_FILE).write_text(lines)
+    from pipeline.files import sha256sum_lines
+
+    (Path(folder) / SUMS_FILE).write_text(sha256sum_lines(sha256sums(folder)))
 
 
 def read_sums(text: str) -> dict[str, str]:
