@@ -177,20 +177,6 @@ def check_command():
                          where=str(path), fix="see the reasons above; raise a limit only with a reason")
 
 
-def _compared_rows(workspace_only: bool):
-    from pipeline import compare, layout
-    from pipeline.errors import BadInput
-    from pipeline.files import read_json
-
-    if workspace_only:
-        entries = [("workspace", read_json(path)) for path in sorted(layout.GATES_DIR.glob("*.json"))]
-    else:
-        entries = compare.gate_results(compare.dvc_exp_show())
-    if not entries:
-        raise BadInput("no gate results", where=str(layout.GATES_DIR), fix="run `dvc repro` first")
-    return compare.compare_rows(entries)
-
-
 @app.command("compare")
 @stage
 def compare_command(
@@ -202,7 +188,7 @@ def compare_command(
     """Every artifact of the workspace and of `dvc exp` experiments in one table, Pareto front marked."""
     from pipeline import compare
 
-    rows = compare.sort_rows(_compared_rows(workspace_only), sort, descending)
+    rows = compare.sort_rows(compare.load_rows(workspace_only), sort, descending)
     typer.echo(compare.render(rows, output), nl=False)
 
 
@@ -225,7 +211,7 @@ def recommend_command(
              ("--min-top1", "top1_agreement", min_top1, False), ("--min-decode", "decode_tok_s", min_decode, False)]
     constraints = [compare.Constraint(flag, column, limit, at_most, text=max_size if flag == "--max-size" else "")
                    for flag, column, limit, at_most in given if limit is not None]
-    choice = compare.recommend(_compared_rows(workspace_only), constraints, objective)
+    choice = compare.recommend(compare.load_rows(workspace_only), constraints, objective)
     typer.echo(compare.explain(choice), nl=False)
 
 

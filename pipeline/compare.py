@@ -60,6 +60,20 @@ def gate_results(exp_show: list[dict[str, Any]]) -> list[tuple[str, dict[str, An
     return found
 
 
+def load_rows(workspace_only: bool) -> list[dict[str, Any]]:
+    """Rows of every gate result: artifacts/gates/ alone, or every commit and experiment."""
+    from pipeline import layout
+    from pipeline.files import read_json
+
+    if workspace_only:
+        entries = [("workspace", read_json(path)) for path in sorted(layout.GATES_DIR.glob("*.json"))]
+    else:
+        entries = gate_results(dvc_exp_show())
+    if not entries:
+        raise BadInput("no gate results", where=str(layout.GATES_DIR), fix="run `dvc repro` first")
+    return compare_rows(entries)
+
+
 def compare_rows(entries: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     """Rows of the report's shape plus `experiment`; an artifact whose gate result is the same
     in several experiments is one row listing all of them."""
@@ -74,10 +88,9 @@ def compare_rows(entries: list[tuple[str, dict[str, Any]]]) -> list[dict[str, An
         row = {"experiment": label, "experiments": [label], **report.row(result, None)}
         seen[key] = row
         rows.append(row)
-    for row, on_front in zip(rows, report.pareto_front(rows)):
-        row["pareto"] = on_front
+    for row in rows:
         row["experiment"] = ", ".join(row["experiments"])
-    return rows
+    return report.mark_pareto(rows)
 
 
 def sort_rows(rows: list[dict[str, Any]], column: str, descending: bool = False) -> list[dict[str, Any]]:

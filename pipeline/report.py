@@ -92,6 +92,11 @@ def build_rows(results: list[dict[str, Any]], builds_dir: Path) -> list[dict[str
     for result in results:
         build_file = Path(builds_dir) / result["recipe"] / "build.json"
         rows.append(row(result, read_json(build_file) if build_file.is_file() else None))
+    return mark_pareto(rows)
+
+
+def mark_pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Set each row's `pareto` (True, False, or None without the figures) in place."""
     for r, on_front in zip(rows, pareto_front(rows)):
         r["pareto"] = on_front
     return rows

@@ -223,7 +223,8 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if tool_versions()["llmcompressor"] is None:
+    tools = tool_versions()
+    if tools["llmcompressor"] is None:
         raise HostLacks("llm-compressor is not installed", where=recipe.where("format"),
                         fix="pip install 'qpipe[awq]' (make setup does)")
     torch.set_num_threads(threads)
@@ -268,7 +269,7 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     quantization = json.loads((out_dir / "config.json").read_text())["quantization_config"]
     skipped = [m for m in warnings if "skipped" in m]
     return {
-        "tools": tool_versions(),
+        "tools": tools,
         "timings_s": timings,
         "device": device,
         "peak_gpu_mb": peak_gpu_mb,
@@ -389,8 +390,10 @@ def bits_per_weight(build_dir: Path) -> float:
 
 
 def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, float]:
-    """Every stored tensor once (a separate input embedding reads one row), plus a KV cache in
-    the model dtype at the given context length."""
+    """Every stored tensor once (a separate input embedding reads one row), plus a bf16/fp16 KV
+    cache at the given context length."""
+    from pipeline.gates.speed import kv_cache_bytes
+
     table = _tensor_table(build_dir)
     weights = sum(size for _, _, size in table)
     config = json.loads((Path(build_dir) / "config.json").read_text())
@@ -401,7 +404,7 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     kv_heads = config.get("num_key_value_heads") or heads
-    kv_cache = config["num_hidden_layers"] * 2 * kv_heads * head_dim * 2 * context_tokens
+    kv_cache = kv_cache_bytes(config["num_hidden_layers"], kv_heads, head_dim, context_tokens)
     return {"weights": float(weights), "kv_cache": float(kv_cache), "total": float(weights + kv_cache)}
 
 

@@ -73,9 +73,9 @@ class Recipe(RecipeBase):
 
 
 def llama_cpp_version() -> str | None:
-    from pipeline.host import package_version
+    from pipeline.runtimes import llama_cpp as runtime
 
-    return package_version("llama-cpp-python")
+    return runtime.version()
 
 
 def converter_dir() -> Path:
@@ -422,6 +422,8 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
     """Bytes a decode step must read: every weight tensor once, plus the f16 KV cache at
     the given context length. With a separate output matrix the token embedding reads a
     single row; with tied embeddings the whole matrix is read for the logits."""
+    from pipeline.gates.speed import kv_cache_bytes
+
     header = read_header(artifact_path(build_dir))
     tensors = {t.name: t for t in header.tensors}
     weights = sum(t.n_bytes for t in header.tensors)
@@ -434,7 +436,7 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
     heads = int(meta[f"{arch}.attention.head_count"])
     kv_heads = int(meta.get(f"{arch}.attention.head_count_kv") or heads)
     head_dim = int(meta[f"{arch}.embedding_length"]) // heads
-    kv_cache = layers * 2 * kv_heads * head_dim * 2 * context_tokens
+    kv_cache = kv_cache_bytes(layers, kv_heads, head_dim, context_tokens)
     return {"weights": float(weights), "kv_cache": float(kv_cache), "total": float(weights + kv_cache)}
 
 

@@ -24,6 +24,12 @@ def roofline_tok_s(bandwidth_gb_s: float, bytes_per_token: float) -> float:
     return bandwidth_gb_s * 1e9 / bytes_per_token
 
 
+def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, context_tokens: float,
+                   bytes_per_value: int = 2) -> float:
+    """Bytes of K and V a decode step reads at the given context length (f16/bf16 cache)."""
+    return layers * 2 * kv_heads * head_dim * bytes_per_value * context_tokens
+
+
 def mean_decode_context(prompt_tokens: int, gen_tokens: int) -> float:
     """Average context length over the decode steps (the KV cache read grows each step)."""
     return prompt_tokens + gen_tokens / 2

@@ -49,3 +49,9 @@ def test_no_baseline_leaves_speedup_unmeasured_with_a_reason():
     assert result["decode_speedup"] is None and "baseline" in result["decode_speedup_reason"]
     absent = speed.with_speedup(section_for(), {"status": "not_run", "reason": "needs a CUDA GPU"})
     assert absent["decode_speedup_reason"] == "needs a CUDA GPU"
+
+
+def test_kv_cache_bytes_counts_k_and_v_per_layer():
+    # 30 layers x (K and V) x 3 KV heads x 64 dims x 2 bytes x 576 tokens
+    assert speed.kv_cache_bytes(30, 3, 64, 576) == 30 * 2 * 3 * 64 * 2 * 576
+    assert speed.kv_cache_bytes(1, 1, 1, 10, bytes_per_value=1) == 20
