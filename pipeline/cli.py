@@ -119,6 +119,15 @@ def build_command(recipe: str = typer.Argument(..., help="recipe name (recipes/N
     formats.run_build(recipe, threads=_threads(_params()), log=log)
 
 
+@app.command("engine")
+@stage
+def engine_command(recipe: str = typer.Argument(..., help="recipe name (recipes/NAME.yaml)")):
+    """TensorRT engine of a modelopt recipe (TensorRT-LLM 1.2.x on a CUDA GPU) -> artifacts/engines/RECIPE/."""
+    from pipeline import engines
+
+    engines.run_engine(recipe, log=log)
+
+
 @app.command("baseline")
 @stage
 def baseline_command():
@@ -266,15 +275,22 @@ def doctor_command():
 
     llama_problem = llama_cpp.unavailable_reason()  # a real import: the shared library must load
     builds = [name for name, ok in (("gguf", llama_problem is None and not converter_line.startswith("missing")),
-                                    ("awq", runtimes["llmcompressor"] is not None)) if ok]
+                                    ("awq", runtimes["llmcompressor"] is not None),
+                                    ("modelopt", runtimes["modelopt"] is not None)) if ok]
     typer.echo(f"can build  {', '.join(builds) or 'nothing'}"
                + (f" (gguf: {llama_problem or converter_line})" if "gguf" not in builds else "")
-               + ("" if "awq" in builds else " (awq: llm-compressor missing: pip install 'qpipe[awq]')"))
+               + ("" if "awq" in builds else " (awq: llm-compressor missing: pip install 'qpipe[awq]')")
+               + ("" if "modelopt" in builds else " (modelopt: nvidia-modelopt missing: pip install 'qpipe[modelopt]')"))
     typer.echo("can gate   gguf accuracy + speed via llama.cpp (imports)" if llama_problem is None
                else f"can gate   gguf: nothing: {llama_problem}")
     vllm_problem = vllm.unavailable_reason()
     typer.echo("can gate   awq accuracy + speed via vLLM" if vllm_problem is None
                else f"can gate   awq accuracy via transformers; speed not: {vllm_problem}")
+    from pipeline.runtimes import tensorrt_llm
+
+    trtllm_problem = tensorrt_llm.unavailable_reason(has_gpu=bool(gpus))
+    typer.echo("can gate   modelopt accuracy + speed via TensorRT-LLM engines" if trtllm_problem is None
+               else f"can gate   modelopt accuracy via the checkpoint emulation; engines and speed not: {trtllm_problem}")
     typer.echo("others     vllm / tensorrt_llm / modelopt / llmcompressor are listed above when installed "
                "(found by package metadata, not imported: importing them takes seconds)")
     typer.echo(f"({time.perf_counter() - started:.2f} s)")

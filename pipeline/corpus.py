@@ -161,3 +161,17 @@ def run(params: CorpusParams, out_dir: Path, log=print) -> dict[str, Any]:
         }
         (staging / "corpus.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def calibration_windows(tokenizer, text_path: Path, samples: int, seq_len: int, where: str) -> list[list[int]]:
+    """`samples` consecutive windows of `seq_len` token ids from the calibration text."""
+    ids = tokenizer(Path(text_path).read_text(), add_special_tokens=False)["input_ids"]
+    need = samples * seq_len
+    if len(ids) < need:
+        raise BadInput(
+            f"the calibration text has {len(ids)} tokens; {samples} samples x {seq_len} tokens need {need}",
+            where=where,
+            fix=f"use at most {len(ids) // seq_len} samples of {seq_len} tokens, or a longer calibration text "
+                "(params.yaml: corpus)",
+        )
+    return [ids[i * seq_len:(i + 1) * seq_len] for i in range(samples)]

@@ -11,6 +11,7 @@ CORPUS_DIR = ARTIFACTS / "corpus"
 REFERENCE_DIR = ARTIFACTS / "reference"
 RECIPES_DIR = ARTIFACTS / "recipes"
 BUILDS_DIR = ARTIFACTS / "builds"
+ENGINES_DIR = ARTIFACTS / "engines"
 GATES_DIR = ARTIFACTS / "gates"
 BASELINES_DIR = ARTIFACTS / "baselines"
 REPORT_DIR = ARTIFACTS / "report"
@@ -25,6 +26,10 @@ def recipe_spec(recipe: str) -> Path:
 
 def build_dir(recipe: str) -> Path:
     return BUILDS_DIR / recipe
+
+
+def engine_dir(recipe: str) -> Path:
+    return ENGINES_DIR / recipe
 
 
 def gate_file(recipe: str) -> Path:

@@ -73,3 +73,15 @@ def test_evaluation_equal_to_calibration_is_empty_and_refused(tmp_path):
 def test_unknown_source(tmp_path):
     with pytest.raises(BadInput, match="unknown corpus source"):
         corpus.run(CorpusParams(source="wiki"), tmp_path / "out", log=lambda _: None)
+
+
+def test_short_calibration_text_says_how_many_samples_fit(tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    text = write(tmp_path / "short.txt", "word1 token2 . " * 10)
+    with pytest.raises(BadInput, match="has 30 tokens; 4 samples x 16 tokens need 64") as info:
+        corpus.calibration_windows(tokenizer, text, 4, 16, "r")
+    assert "at most 1 samples" in info.value.fix
+    windows = corpus.calibration_windows(tokenizer, text, 3, 8, "r")
+    assert [len(w) for w in windows] == [8, 8, 8]

@@ -29,6 +29,8 @@ recipes:
   - gguf-q8_0
   - gguf-q4_0
   - awq-w4a16
+  - trtllm-fp8
+  - trtllm-int8-sq
 """
 
 
@@ -48,6 +50,17 @@ calibration_seq_len: 64
 n_grid: 4
 gates:
   max_ppl_ratio: 2.0
+  max_tokenizer_mismatch: 0.01
+  require: [accuracy]
+"""
+
+
+# ModelOpt with a tiny calibration (2 x 128 tokens) and a 2-window cross-check; no engine here.
+TINY_MODELOPT = """calibration_samples: 2
+calibration_seq_len: 128
+crosscheck_windows: 2
+gates:
+  max_ppl_ratio: 1.5
   max_tokenizer_mismatch: 0.01
   require: [accuracy]
 """
@@ -83,6 +96,11 @@ def repo(tmp_path_factory):
     knobs = [line for line in awq.read_text().split("gates:")[0].splitlines()
              if not line.startswith(("calibration_samples", "calibration_seq_len"))]
     awq.write_text("\n".join(knobs) + "\n" + TINY_AWQ)
+    for name in ("trtllm-fp8", "trtllm-int8-sq"):
+        recipe = root / "recipes" / f"{name}.yaml"
+        knobs = [line for line in recipe.read_text().split("gates:")[0].splitlines()
+                 if not line.startswith(("calibration_samples", "calibration_seq_len"))]
+        recipe.write_text("\n".join(knobs) + "\n" + TINY_MODELOPT)
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     git = ["git", "-C", str(root), "-c", "user.name=qpipe-test", "-c", "user.email=test@example.invalid"]
@@ -171,10 +189,69 @@ def test_awq_artifact_is_scored_as_written(repo):
     assert 4.5 < result["artifact"]["bits_per_weight"] < gate(root, "gguf-q8_0")["artifact"]["bits_per_weight"]
 
 
+def test_modelopt_checkpoints_are_scored_as_written(repo):
+    from safetensors import safe_open
+
+    root, _, _, _ = repo
+    for name, quant_algo in (("trtllm-fp8", "FP8"), ("trtllm-int8-sq", "W8A8_SQ_PER_CHANNEL")):
+        build_dir = root / "artifacts" / "builds" / name
+        build = json.loads((build_dir / "build.json").read_text())
+        assert build["calibration"]["tokens"] == 2 * 128 and build["tools"]["nvidia-modelopt"]
+        config = json.loads((build_dir / "trtllm_checkpoint" / "config.json").read_text())
+        assert config["quantization"]["quant_algo"] == quant_algo
+        assert config["rotary_base"] == 100000.0  # SmolLM2's RoPE base, not TensorRT-LLM's default 10000
+        with safe_open(build_dir / "trtllm_checkpoint" / "rank0.safetensors", "pt") as handle:
+            weight = handle.get_slice("transformer.layers.0.attention.qkv.weight")
+            assert weight.get_shape() == [(9 + 3 + 3) * 64, 576]
+            assert weight.get_dtype() == ("F8_E4M3" if quant_algo == "FP8" else "I8")
+        check = build["crosscheck"]
+        for export in check["exports"].values():
+            assert export["gap"] <= check["limit"] == 0.01
+        engine = json.loads((root / "artifacts" / "engines" / name / "engine.json").read_text())
+        assert engine["status"] == "not_run" and "TensorRT-LLM" in engine["reason"]
+        result = gate(root, name)
+        assert result["accuracy"]["status"] == "ok"
+        assert result["accuracy"]["runtime"].startswith(f"emulated:trtllm checkpoint {quant_algo}")
+        assert result["speed"] == {"status": "not_run", "reason": engine["reason"]}
+        assert result["verdict"] == "pass"
+    assert set(json.loads((root / "artifacts/builds/trtllm-fp8/build.json").read_text())["exports"]) == {"trtllm", "hf"}
+    assert not (root / "artifacts/builds/trtllm-int8-sq/hf_checkpoint").exists()
+    fp8, sq = gate(root, "trtllm-fp8")["accuracy"], gate(root, "trtllm-int8-sq")["accuracy"]
+    assert fp8["eval_tokens"] == sq["eval_tokens"] == 3 * 127
+    assert fp8["mean_kld"] < sq["mean_kld"]  # per-tensor int8 activations cost this model more than fp8
+    engine = json.loads((root / "artifacts/engines/gguf-q8_0/engine.json").read_text())
+    assert engine["status"] == "not_applicable"
+
+
+def test_the_emulation_sees_a_wrong_scale_in_the_file(repo, tmp_path):
+    """The failure the cross-check exists for: ModelOpt's second export from a reused model
+    wrote up_proj codes under the fused gate/up scale. One such scale, x1.6, moves the ppl."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.formats import modelopt
+
+    root, _, _, _ = repo
+    good = root / "artifacts/builds/trtllm-fp8/trtllm_checkpoint"
+    broken = tmp_path / "trtllm_checkpoint"
+    shutil.copytree(good, broken)
+    tensors = load_file(broken / "rank0.safetensors")
+    for layer in range(30):
+        tensors[f"transformer.layers.{layer}.mlp.gate.weights_scaling_factor"] *= 1.6
+    save_file(tensors, broken / "rank0.safetensors")
+    from pipeline import reference
+
+    window = [reference.load(root / "artifacts/reference").tokens[0].tolist()]
+    right, wrong = (modelopt.emulated_ppl(path, window, threads=2) for path in (good, broken))
+    assert wrong / right - 1 > 0.05
+
+
 def test_report_table_plot_and_dvc_views(repo):
     root, env, _, _ = repo
     report = json.loads((root / "artifacts" / "report" / "tradeoff.json").read_text())
-    assert [r["recipe"] for r in report["rows"]] == ["gguf-q8_0", "gguf-q4_0", "awq-w4a16"]
+    assert [r["recipe"] for r in report["rows"]] == ["gguf-q8_0", "gguf-q4_0", "awq-w4a16", "trtllm-fp8",
+                                                     "trtllm-int8-sq"]
     assert any(r["pareto"] for r in report["rows"])
     assert report["rows"][2]["pareto"] is None and report["rows"][2]["decode_tok_s"] is None
     assert (root / "artifacts" / "report" / "pareto.png").stat().st_size > 10_000
@@ -223,7 +300,8 @@ def test_publish_what_passed_to_a_directory_registry_and_again(repo, tmp_path):
     first = run(["qpipe", "publish", "--to", f"dir://{registry}"], env)
     lines = [line.split("\t") for line in first.stdout.splitlines()]
     assert [(line[0], line[2]) for line in lines] == [("gguf-q8_0", "pushed"), ("gguf-q4_0", "pushed"),
-                                                     ("awq-w4a16", "pushed")]
+                                                     ("awq-w4a16", "pushed"), ("trtllm-fp8", "pushed"),
+                                                     ("trtllm-int8-sq", "pushed")]
     awq = registry / "SmolLM2-135M-Instruct" / "awq-w4a16" / lines[2][1]
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "SHA256SUMS",
             "provenance.json"} <= {p.name for p in awq.iterdir()}
@@ -234,7 +312,12 @@ def test_publish_what_passed_to_a_directory_registry_and_again(repo, tmp_path):
     assert "transformers " in card and "not run: needs vLLM" in card
     assert "`embedded:pydoc` evaluation text (sha256" in card
     second = run(["qpipe", "publish", "--to", f"dir://{registry}"], env)
-    assert [line.split("\t")[2] for line in second.stdout.splitlines()] == ["unchanged"] * 3
+    fp8 = registry / "SmolLM2-135M-Instruct" / "trtllm-fp8" / lines[3][1]
+    assert {"trtllm_checkpoint/rank0.safetensors", "hf_checkpoint/hf_quant_config.json",
+            "hf_checkpoint/tokenizer.json", "build.json"} <= {str(p.relative_to(fp8)) for p in fp8.rglob("*")}
+    assert "emulated:trtllm checkpoint FP8" in (fp8 / "README.md").read_text()
+    second = run(["qpipe", "publish", "--to", f"dir://{registry}"], env)
+    assert [line.split("\t")[2] for line in second.stdout.splitlines()] == ["unchanged"] * 5
 
 
 def test_dvc_artifacts_get_fetches_a_built_artifact(repo, tmp_path):
@@ -265,11 +348,12 @@ def test_experiment_with_another_recipe_set_reuses_cached_stages(repo):
     rows = json.loads(run(["qpipe", "compare", "--format", "json", "--sort", "decode_tok_s", "--descending"],
                           env).stdout)
     by_recipe = {r["recipe"]: r for r in rows}
-    assert set(by_recipe) == {"gguf-q8_0", "gguf-q4_0", "awq-w4a16"}
+    assert set(by_recipe) == {"gguf-q8_0", "gguf-q4_0", "awq-w4a16", "trtllm-fp8", "trtllm-int8-sq"}
     assert "only-q8" in by_recipe["gguf-q8_0"]["experiment"] and "workspace" in by_recipe["gguf-q8_0"]["experiment"]
-    assert rows[-1]["recipe"] == "awq-w4a16" and rows[-1]["pareto"] is None  # speed not run: last
+    assert {r["recipe"] for r in rows[-3:]} == {"awq-w4a16", "trtllm-fp8", "trtllm-int8-sq"}  # no speed: last
+    assert rows[-1]["pareto"] is None
     chosen = run(["qpipe", "recommend", "--max-size", "1GB", "--objective", "kld"], env).stdout
     assert chosen.startswith("best: gguf-q8_0")
-    assert "lost: gguf-q4_0" in chosen and "lost: awq-w4a16" in chosen
+    assert "lost: gguf-q4_0" in chosen and "lost: awq-w4a16" in chosen and "lost: trtllm-fp8" in chosen
     nobody = run(["qpipe", "recommend", "--max-size", "10MB"], env, check=False)
     assert nobody.returncode == 2 and "--max-size 10MB excluded the last candidates" in nobody.stderr

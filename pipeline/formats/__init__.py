@@ -5,11 +5,12 @@ A format module owns everything about its format and exposes:
 - ``Recipe``: the pydantic recipe model (subclass of ``config.RecipeBase``) with its knobs;
 - ``build(recipe, *, source_dir, calibration_text, out_dir, threads, log)``: source checkpoint
   -> artifact files in a staging directory, returning the format-specific part of build.json;
-- ``artifact_path(build_dir)``: the file (or directory) a runtime loads; ``runtime_name()``: what
-  the gates ran;
+- ``artifact_path(build_dir)``: the file (or directory) a runtime loads; ``runtime_name(build_dir)``:
+  what the gates ran;
 - ``window_logits(...)``, ``tokenize(...)``, ``measure_speed(...)``: run the native runtime
-  (or a declared emulation, for accuracy only); ``accuracy_unavailable_reason()`` and
-  ``speed_unavailable_reason()`` say why not, so the gate records ``not_run``;
+  (or a declared emulation, for accuracy only); ``accuracy_unavailable_reason(build_dir)`` and
+  ``speed_unavailable_reason(build_dir)`` say why not, so the gate records ``not_run`` (the
+  baseline stage asks with ``build_dir=None``);
 - ``baseline_speed(...)``: the unquantized model's speed on the same runtime, for the
   ``baseline`` stage and ``decode_speedup``;
 - ``decode_bytes_per_token(...)`` and ``bits_per_weight(...)`` for the roofline and report;
@@ -26,6 +27,7 @@ from types import ModuleType
 FORMATS: dict[str, str] = {
     "gguf": "pipeline.formats.gguf",
     "awq": "pipeline.formats.awq",
+    "modelopt": "pipeline.formats.modelopt",
 }
 
 
@@ -38,9 +40,10 @@ def recipe_class(name: str):
 
 
 def build_spec(recipe) -> dict:
-    """What a build depends on: the recipe without its gate limits and description, so that
-    tuning a limit re-runs the gate, not the build."""
-    return {"format": recipe.format, **recipe.model_dump(exclude={"gates", "description", "format"})}
+    """What a build depends on: the recipe without its gate limits, description and engine
+    settings, so that tuning a limit re-runs the gate (an engine setting, the engine stage),
+    not the build."""
+    return {"format": recipe.format, **recipe.model_dump(exclude={"gates", "description", "format", "engine"})}
 
 
 def write_build_spec(name: str) -> dict:

@@ -38,6 +38,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from pipeline.config import RecipeBase
+from pipeline.corpus import calibration_windows
 from pipeline.errors import BadInput, HostLacks, QpipeError
 
 # 4-bit weight-only integer presets of compressed-tensors that pack as `pack-quantized`.
@@ -138,20 +139,6 @@ def check_awq_mapping(model, where: str) -> dict[str, Any]:
             fix="use `algorithm: rtn` (round-to-nearest, no calibration) for this model",
         )
     return {"architecture": architecture, "mapping": "llm-compressor default (Llama-style)"}
-
-
-def calibration_windows(tokenizer, text_path: Path, samples: int, seq_len: int, where: str) -> list[list[int]]:
-    """`samples` consecutive windows of `seq_len` token ids from the calibration text."""
-    ids = tokenizer(Path(text_path).read_text(), add_special_tokens=False)["input_ids"]
-    need = samples * seq_len
-    if len(ids) < need:
-        raise BadInput(
-            f"the calibration text has {len(ids)} tokens; {samples} samples x {seq_len} tokens need {need}",
-            where=where,
-            fix=f"use at most {len(ids) // seq_len} samples of {seq_len} tokens, or a longer calibration text "
-                "(params.yaml: corpus)",
-        )
-    return [ids[i * seq_len:(i + 1) * seq_len] for i in range(samples)]
 
 
 # ---------------------------------------------------------------- build
@@ -419,7 +406,7 @@ def _runtime():
     return vllm if vllm.unavailable_reason() is None else hf
 
 
-def runtime_name() -> str:
+def runtime_name(build_dir: Path | None = None) -> str:
     return _runtime().name()
 
 
@@ -451,11 +438,11 @@ def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repe
     return {"artifact": "unquantized checkpoint (vLLM)", **measured}
 
 
-def speed_unavailable_reason() -> str | None:
+def speed_unavailable_reason(build_dir: Path | None = None) -> str | None:
     from pipeline.runtimes import vllm
 
     return vllm.unavailable_reason()
 
 
-def accuracy_unavailable_reason() -> str | None:
+def accuracy_unavailable_reason(build_dir: Path | None = None) -> str | None:
     return _runtime().unavailable_reason()

@@ -443,7 +443,7 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
 # ---------------------------------------------------------------- gates
 
 
-def runtime_name() -> str:
+def runtime_name(build_dir: Path | None = None) -> str:
     return f"llama.cpp (llama-cpp-python {llama_cpp_version()})"
 
 
@@ -482,7 +482,7 @@ def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repe
         return {"artifact": "f16 GGUF (llama.cpp converter)", "bytes": f16.stat().st_size, **measured}
 
 
-def speed_unavailable_reason() -> str | None:
+def speed_unavailable_reason(build_dir: Path | None = None) -> str | None:
     from pipeline.runtimes import llama_cpp as runtime
 
     return runtime.unavailable_reason()

@@ -74,7 +74,7 @@ def run_accuracy(fmt, build_dir, ref, threads: int, log) -> dict[str, Any]:
 
     from pipeline.gates import accuracy
 
-    reason = fmt.accuracy_unavailable_reason()
+    reason = fmt.accuracy_unavailable_reason(build_dir)
     if reason:
         return {"status": "not_run", "reason": reason}
     started = time.perf_counter()
@@ -83,7 +83,7 @@ def run_accuracy(fmt, build_dir, ref, threads: int, log) -> dict[str, Any]:
                                  progress=lambda n: bar.update(1))
     tokenizer = accuracy.tokenizer_mismatch(ref.text_tokens.tolist(),
                                             fmt.tokenize(build_dir, _evaluation_text()))
-    return {"status": "ok", "runtime": fmt.runtime_name(), **figures,
+    return {"status": "ok", "runtime": fmt.runtime_name(build_dir), **figures,
             "tokenizer_mismatch": tokenizer["mismatch"], "tokenizer": tokenizer,
             "seconds": round(time.perf_counter() - started, 2)}
 
@@ -103,7 +103,7 @@ def speed_prompt(ref, speed_params) -> list[int]:
 def run_speed(fmt, format_name: str, build_dir, ref, speed_params, host_info, threads: int, log) -> dict[str, Any]:
     from pipeline.gates import speed
 
-    reason = fmt.speed_unavailable_reason()
+    reason = fmt.speed_unavailable_reason(build_dir)
     if reason:
         return {"status": "not_run", "reason": reason}
     prompt = speed_prompt(ref, speed_params)
@@ -114,7 +114,7 @@ def run_speed(fmt, format_name: str, build_dir, ref, speed_params, host_info, th
                                  concurrency=speed_params.concurrency)
     bytes_per_token = fmt.decode_bytes_per_token(
         build_dir, speed.mean_decode_context(len(prompt), speed_params.gen_tokens))
-    section = speed.section(measured, runtime=fmt.runtime_name(), prompt_tokens=len(prompt),
+    section = speed.section(measured, runtime=fmt.runtime_name(build_dir), prompt_tokens=len(prompt),
                             gen_tokens=speed_params.gen_tokens, threads=threads,
                             bandwidth_gb_s=host_info["bandwidth"]["gb_s"], bytes_per_token=bytes_per_token)
     return speed.with_speedup(section, _baseline(format_name))
@@ -137,7 +137,7 @@ def run_baselines(speed_params, log=print) -> dict[str, Any]:
     with atomic_dir(layout.BASELINES_DIR) as staging:
         for name in formats.FORMATS:
             fmt = formats.module(name)
-            reason = fmt.speed_unavailable_reason()
+            reason = fmt.speed_unavailable_reason(None)
             if reason:
                 result = {"format": name, "status": "not_run", "reason": reason}
             else:
@@ -145,7 +145,7 @@ def run_baselines(speed_params, log=print) -> dict[str, Any]:
                 measured = fmt.baseline_speed(layout.SOURCE_DIR, prompt, gen_tokens=speed_params.gen_tokens,
                                               repeats=speed_params.repeats, warmup=speed_params.warmup,
                                               threads=threads, concurrency=speed_params.concurrency)
-                result = {"format": name, "status": "ok", "runtime": fmt.runtime_name(), "threads": threads,
+                result = {"format": name, "status": "ok", "runtime": fmt.runtime_name(None), "threads": threads,
                           "prompt_tokens": len(prompt), "gen_tokens": speed_params.gen_tokens, **measured}
                 log(f"baseline {name}: decode {measured['decode_tok_s']:.1f} tok/s, "
                     f"prefill {measured['prefill_tok_s']:.0f} tok/s")

@@ -27,6 +27,18 @@ import numpy as np
 _MIN_PROB = 1e-12
 
 
+def _logsumexp(logits: np.ndarray) -> np.ndarray:
+    peak = logits.max(axis=1)
+    return peak.astype(np.float64) + np.log(np.exp(logits - peak[:, None]).sum(axis=1, dtype=np.float64))
+
+
+def window_nll(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Per-position negative log-likelihood of the next token ([T, V] logits, [T] tokens)."""
+    logits = np.asarray(logits[:-1], dtype=np.float32)
+    targets = np.asarray(tokens[1:], dtype=np.int64)
+    return _logsumexp(logits) - logits[np.arange(len(targets)), targets].astype(np.float64)
+
+
 def window_scores(logits: np.ndarray, tokens: np.ndarray, ref_ids: np.ndarray,
                   ref_logprobs: np.ndarray) -> dict[str, np.ndarray]:
     """Per-position NLL, KLD and top-1 agreement for one window.
@@ -34,12 +46,9 @@ def window_scores(logits: np.ndarray, tokens: np.ndarray, ref_ids: np.ndarray,
     logits: [T, V] artifact logits; tokens: [T]; ref_ids / ref_logprobs: [T-1, k].
     """
     logits = np.asarray(logits[:-1], dtype=np.float32)
-    peak = logits.max(axis=1)
-    lse = peak.astype(np.float64) + np.log(
-        np.exp(logits - peak[:, None]).sum(axis=1, dtype=np.float64))
+    lse = _logsumexp(logits)
     targets = np.asarray(tokens[1:], dtype=np.int64)
-    rows = np.arange(len(targets))
-    nll = lse - logits[rows, targets].astype(np.float64)
+    nll = lse - logits[np.arange(len(targets)), targets].astype(np.float64)
 
     log_q_top = np.take_along_axis(logits, ref_ids.astype(np.int64), axis=1).astype(np.float64) - lse[:, None]
     log_p_top = ref_logprobs.astype(np.float64)

@@ -30,6 +30,28 @@ def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, context_tokens: fl
     return layers * 2 * kv_heads * head_dim * bytes_per_value * context_tokens
 
 
+def batch1_run(prompt_tokens: int, *, ttft_s: float, decode_s: float, decoded: int, source: str) -> dict:
+    """One batch-1 generation's figures: prefill from the time to the first token, decode and
+    ITL from the time between the first and the last of `decoded` tokens."""
+    return {
+        "prefill_tok_s": prompt_tokens / ttft_s,
+        "decode_tok_s": (decoded - 1) / decode_s,
+        "ttft_ms": 1000 * ttft_s,
+        "itl_ms": 1000 * decode_s / (decoded - 1),
+        "timing_source": source,
+    }
+
+
+def summarize_runs(runs: list[dict], *, concurrency: int, generated: int, wall_s: float) -> dict:
+    """Medians of the batch-1 runs, plus output throughput of a concurrent batch."""
+    import statistics
+
+    result = {key: statistics.median(run[key] for run in runs)
+              for key in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_ms")}
+    result.update({"runs": runs, "concurrency": concurrency, "output_tok_s": generated / wall_s})
+    return result
+
+
 def mean_decode_context(prompt_tokens: int, gen_tokens: int) -> float:
     """Average context length over the decode steps (the KV cache read grows each step)."""
     return prompt_tokens + gen_tokens / 2

@@ -23,7 +23,6 @@ filled when the engine is started with ``disable_log_stats=False``), else from w
 from __future__ import annotations
 
 import gc
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -151,6 +150,8 @@ def measure_speed(model_dir: Path, prompt: list[int], *, gen_tokens: int, repeat
     copies of the prompt at once for output throughput."""
     from vllm import SamplingParams
 
+    from pipeline.gates.speed import batch1_run, summarize_runs
+
     llm = _engine(model_dir, max_model_len=len(prompt) + gen_tokens + 8)
     params = SamplingParams(**generation_params(gen_tokens))
     first_token = SamplingParams(**generation_params(1))
@@ -167,21 +168,12 @@ def measure_speed(model_dir: Path, prompt: list[int], *, gen_tokens: int, repeat
             if run < warmup:
                 continue
             timing = request_timings(output, wall, first_token_wall)
-            decoded = len(output.outputs[0].token_ids)
-            runs.append({
-                "prefill_tok_s": len(prompt) / timing["ttft_s"],
-                "decode_tok_s": (decoded - 1) / timing["decode_s"],
-                "ttft_ms": 1000 * timing["ttft_s"],
-                "itl_ms": 1000 * timing["decode_s"] / (decoded - 1),
-                "timing_source": timing["source"],
-            })
+            runs.append(batch1_run(len(prompt), ttft_s=timing["ttft_s"], decode_s=timing["decode_s"],
+                                   decoded=len(output.outputs[0].token_ids), source=timing["source"]))
         started = time.perf_counter()
         outputs = llm.generate([request] * concurrency, params, use_tqdm=False)
         wall = time.perf_counter() - started
         generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     finally:
         _release(llm)
-    figures = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_ms")
-    result: dict[str, Any] = {key: statistics.median(r[key] for r in runs) for key in figures}
-    result.update({"runs": runs, "concurrency": concurrency, "output_tok_s": generated / wall})
-    return result
+    return summarize_runs(runs, concurrency=concurrency, generated=generated, wall_s=wall)

@@ -120,18 +120,6 @@ def test_llama_has_a_registered_mapping(tiny_checkpoint):
                                                   "mapping": "llm-compressor registry"}
 
 
-def test_short_calibration_text_says_how_many_samples_fit(tiny_checkpoint, tmp_path):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
-    text = write(tmp_path / "short.txt", "word1 token2 . " * 10)
-    with pytest.raises(BadInput, match="has 30 tokens; 4 samples x 16 tokens need 64") as info:
-        awq.calibration_windows(tokenizer, text, 4, 16, "r")
-    assert "at most 1 samples" in info.value.fix
-    windows = awq.calibration_windows(tokenizer, text, 3, 8, "r")
-    assert [len(w) for w in windows] == [8, 8, 8]
-
-
 def test_samples_that_fit():
     # 1 GB model, 8 samples used 5 GB: 0.5 GB a sample; 9 GB budget leaves 8 GB: 16 samples
     assert awq.samples_that_fit(8, 5e9, 1e9, 9e9) == 16

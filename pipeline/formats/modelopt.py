@@ -1,0 +1,457 @@
+"""FP8 and INT8 for TensorRT-LLM: NVIDIA ModelOpt post-training quantization -> checkpoints.
+
+The build calibrates with ``modelopt.torch.quantization.quantize`` (the config the recipe
+names, plus ModelOpt's FP8 KV-cache config when ``kv_cache: fp8``) on the calibration text,
+casts the calibrated model to the recipe's dtype, and exports:
+
+- ``trtllm_checkpoint/``: the legacy TensorRT-LLM checkpoint (config.json with
+  ``quantization.quant_algo``, rank0.safetensors) that ``trtllm-build`` of TensorRT-LLM 1.2.x
+  turns into an engine (the engine@R stage). Every config exports it; it is the artifact the
+  gates score and the report sizes.
+- ``hf_checkpoint/`` (FP8 only): the unified HF checkpoint (hf_quant_config.json,
+  ``quant_method: modelopt``) that TensorRT-LLM's PyTorch backend (``LLM(model=dir)``), vLLM
+  (``quantization="modelopt"``) and SGLang load. INT8 SmoothQuant and INT8 weight-only ship
+  only as the legacy checkpoint.
+
+Both get the tokenizer files, which ModelOpt's exporters do not write.
+
+What the build guards against (each reproduced with ModelOpt 0.47):
+- each exporter mutates the model it is given (the HF exporter swaps weights for fp8 codes in
+  place; the TensorRT-LLM exporter unifies the scales of fused layers), and the second export
+  from the same model is wrong (the legacy checkpoint's v and up weights came out 1.6x to
+  7.8x too large). So the TensorRT-LLM export gets its own copy of the model;
+- with transformers 5 the TensorRT-LLM export drops the RoPE base (no ``config.rope_theta``;
+  TensorRT-LLM then assumes 10000): it is set from ``rope_parameters`` before export and
+  checked in the written config;
+- ``export_hf_checkpoint(dtype=bfloat16)`` casts only the quantized weights: the model is cast
+  to the recipe dtype after calibration, before export.
+
+Cross-check (fails the build): the exported files, read back by the emulation in
+``runtimes.checkpoint_emulation``, and ModelOpt's in-memory fake-quant model must agree on
+perplexity within ``max_crosscheck_ppl_gap`` on held-out calibration windows.
+
+Gates: through TensorRT-LLM and its engine where the engine@R stage built one (a CUDA GPU
+and TensorRT-LLM < 1.3), else accuracy through the emulation (``emulated:...``) and speed
+``not_run``. A ModelOpt export is never scored through plain transformers: transformers
+5.23 loads one without raising and takes the raw FP8 codes as weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from pipeline.config import RecipeBase, Strict
+from pipeline.corpus import calibration_windows
+from pipeline.errors import BadInput, HostLacks, QpipeError
+
+# ModelOpt configs this format builds, exports and emulates -> the quant_algo they export as
+CONFIGS = {
+    "FP8_DEFAULT_CFG": "FP8",
+    "INT8_SMOOTHQUANT_CFG": "W8A8_SQ_PER_CHANNEL",
+    "INT8_WEIGHT_ONLY_CFG": "W8A16",
+}
+# configs with a unified HF export that TensorRT-LLM's PyTorch backend and vLLM load
+UNIFIED_EXPORT_CONFIGS = ("FP8_DEFAULT_CFG",)
+KV_CACHE_CONFIGS = {"fp8": "FP8_KV_CFG"}
+TRTLLM_DIR = "trtllm_checkpoint"
+HF_DIR = "hf_checkpoint"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+
+
+class EngineKnobs(Strict):
+    """trtllm-build settings for the engine@R stage (TensorRT-LLM 1.2.x)."""
+
+    # auto: build where a CUDA GPU and TensorRT-LLM < 1.3 are present, else `not_run`;
+    # required: fail (exit 3) where they are not; never: do not build
+    build: Literal["auto", "required", "never"] = "auto"
+    max_batch_size: int = Field(8, ge=1)
+    max_input_len: int = Field(1024, ge=1)
+    max_seq_len: int = Field(2048, ge=2)
+    max_num_tokens: int = Field(8192, ge=1)
+
+
+class Recipe(RecipeBase):
+    format: Literal["modelopt"]
+    config: str = "FP8_DEFAULT_CFG"  # a ModelOpt PTQ config (modelopt.torch.quantization.<NAME>)
+    kv_cache: Literal["fp8", "none"] = "none"
+    dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    # calibration windows of calibration_seq_len tokens: few on a CPU, more on a GPU
+    calibration_samples: int = Field(16, ge=1)
+    gpu_calibration_samples: int = Field(64, ge=1)
+    calibration_seq_len: int = Field(512, ge=16)
+    # held-out calibration windows on which the exported files must match the fake-quant model
+    crosscheck_windows: int = Field(4, ge=1)
+    max_crosscheck_ppl_gap: float = Field(0.01, gt=0)
+    engine: EngineKnobs = Field(default_factory=EngineKnobs)
+
+    @field_validator("config")
+    @classmethod
+    def _known_config(cls, value: str) -> str:
+        if value not in CONFIGS:
+            raise ValueError(
+                f"unknown ModelOpt config {value!r}; this format builds {', '.join(CONFIGS)} "
+                "(ModelOpt's NVFP4 and MX configs need a CUDA GPU, and its INT4/W4A8 AWQ exports have "
+                "no emulation here yet)")
+        return value
+
+
+def host_build_knobs(host_info: dict[str, Any]) -> dict[str, Any]:
+    """Calibration runs on the GPU where there is one, with gpu_calibration_samples."""
+    return {"calibration_device": "cuda" if host_info.get("gpus") else "cpu"}
+
+
+def quant_config(recipe: Recipe) -> dict[str, Any]:
+    """The config passed to ``mtq.quantize``: the named config, with the KV-cache config's
+    quantizers appended (ModelOpt's ``*_KV_CFG`` are partial: alone they would leave INT8
+    quantizers on every Linear)."""
+    import modelopt.torch.quantization as mtq
+
+    missing = [name for name in (recipe.config, KV_CACHE_CONFIGS.get(recipe.kv_cache)) if name and not hasattr(mtq, name)]
+    if missing:
+        available = sorted(name for name in dir(mtq) if name.endswith("_CFG"))
+        raise BadInput(f"the installed ModelOpt has no config {missing[0]}", where=recipe.where("config"),
+                       fix=f"use one of: {', '.join(n for n in available if n in CONFIGS) or ', '.join(available)}")
+    config = copy.deepcopy(getattr(mtq, recipe.config))
+    if recipe.kv_cache != "none":
+        kv = getattr(mtq, KV_CACHE_CONFIGS[recipe.kv_cache])
+        config["quant_cfg"] = list(config["quant_cfg"]) + list(kv["quant_cfg"])
+    return config
+
+
+def decoder_type(architecture: str, where: str) -> str:
+    """ModelOpt's TensorRT-LLM decoder type for an architecture, or a refusal naming it. The
+    emulation reads Llama-style checkpoints, so only those are built."""
+    from modelopt.torch.export.model_utils import MODEL_NAME_TO_TYPE
+
+    found = next((kind for key, kind in MODEL_NAME_TO_TYPE.items() if key.lower() in architecture.lower()), None)
+    if found is None:
+        raise BadInput(f"ModelOpt cannot export architecture {architecture} to a TensorRT-LLM checkpoint",
+                       where=where, fix="use a GGUF or AWQ recipe for this model")
+    if found != "llama":
+        raise BadInput(f"architecture {architecture} exports as ModelOpt decoder {found!r}, and qpipe emulates "
+                       "only Llama-style checkpoints, so its files could not be checked",
+                       where=where, fix="use a GGUF or AWQ recipe for this model")
+    return found
+
+
+# ---------------------------------------------------------------- build
+
+
+def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: Path,
+          threads: int, log) -> dict[str, Any]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tools = tool_versions()
+    if tools["nvidia-modelopt"] is None:
+        raise HostLacks("nvidia-modelopt is not installed", where=recipe.where("format"),
+                        fix="pip install 'qpipe[modelopt]' (make setup does)")
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    architecture = AutoConfig.from_pretrained(source_dir).architectures[0]
+    decoder = decoder_type(architecture, f"{source_dir}/config.json: architectures")
+    config = quant_config(recipe)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    samples = recipe.gpu_calibration_samples if device == "cuda" else recipe.calibration_samples
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    windows = calibration_windows(tokenizer, calibration_text, samples + recipe.crosscheck_windows,
+                                  recipe.calibration_seq_len,
+                                  recipe.where("calibration_samples / crosscheck_windows / calibration_seq_len"))
+    calibration, held_out = windows[:samples], windows[samples:]
+    dtype = getattr(torch, recipe.dtype)
+    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).to(device).eval()
+
+    timings: dict[str, float] = {}
+    log(f"ModelOpt {recipe.config}{' + ' + KV_CACHE_CONFIGS[recipe.kv_cache] if recipe.kv_cache != 'none' else ''} "
+        f"on {device}: {samples} calibration samples x {recipe.calibration_seq_len} tokens")
+    started = time.perf_counter()
+    model = _calibrate(model, config, calibration, device)
+    timings["calibrate_s"] = time.perf_counter() - started
+    peak_gpu_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1) if device == "cuda" else None
+    model = model.to(dtype)
+    model.config.dtype = dtype  # the exporters read the dtype from the config
+    started = time.perf_counter()
+    fake_quant_ppl = windows_ppl(_model_logits(model, held_out), held_out)
+    timings["fake_quant_eval_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    exports = {"trtllm": export_trtllm(copy.deepcopy(model), decoder, dtype, out_dir / TRTLLM_DIR, source_dir)}
+    if recipe.config in UNIFIED_EXPORT_CONFIGS:
+        exports["hf"] = export_hf(model, dtype, out_dir / HF_DIR, source_dir)
+    timings["export_s"] = time.perf_counter() - started
+    del model
+    log(f"exported {', '.join(exports)} checkpoint(s); fake-quant ppl {fake_quant_ppl:.4f} on "
+        f"{len(held_out)} held-out windows")
+
+    started = time.perf_counter()
+    crosscheck = {"windows": len(held_out), "window_tokens": recipe.calibration_seq_len,
+                  "fake_quant_ppl": fake_quant_ppl, "limit": recipe.max_crosscheck_ppl_gap, "exports": {}}
+    for layout, facts in exports.items():
+        emulated = emulated_ppl(out_dir / facts["dir"], held_out, threads)
+        gap = abs(emulated / fake_quant_ppl - 1)
+        crosscheck["exports"][layout] = {"emulated_ppl": emulated, "gap": gap}
+        log(f"cross-check {facts['dir']}: emulated ppl {emulated:.4f} vs fake-quant {fake_quant_ppl:.4f} "
+            f"({100 * gap:.2f} %, limit {100 * recipe.max_crosscheck_ppl_gap:.2f} %)")
+        if not gap <= recipe.max_crosscheck_ppl_gap:
+            raise QpipeError(
+                f"the exported {facts['dir']} does not compute what ModelOpt calibrated: emulated ppl "
+                f"{emulated:.4f} vs fake-quant {fake_quant_ppl:.4f} on {len(held_out)} held-out windows "
+                f"({100 * gap:.2f} % apart, limit {100 * recipe.max_crosscheck_ppl_gap:.2f} %)",
+                where=recipe.where("max_crosscheck_ppl_gap"),
+                fix="nothing was written to artifacts/; report it with build.json's tool versions")
+    timings["crosscheck_s"] = time.perf_counter() - started
+    return {
+        "tools": tools,
+        "timings_s": timings,
+        "device": device,
+        "peak_gpu_mb": peak_gpu_mb,
+        "dtype": recipe.dtype,
+        "modelopt": {"config": recipe.config, "kv_cache_config": KV_CACHE_CONFIGS.get(recipe.kv_cache),
+                     "decoder_type": decoder, "architecture": architecture},
+        "calibration": {"samples": samples, "seq_len": recipe.calibration_seq_len,
+                        "tokens": samples * recipe.calibration_seq_len, "device": device,
+                        "text": str(calibration_text)},
+        "exports": exports,
+        "crosscheck": crosscheck,
+    }
+
+
+def _calibrate(model, config: dict[str, Any], windows: list[list[int]], device: str):
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    def forward_loop(module) -> None:
+        with torch.no_grad():
+            for window in windows:
+                module(torch.tensor([window], device=device))
+
+    return mtq.quantize(model, config, forward_loop)
+
+
+def _model_logits(model, windows: list[list[int]]) -> Iterator[np.ndarray]:
+    import torch
+
+    with torch.inference_mode():
+        for window in windows:
+            yield model(torch.tensor([window], device=model.device)).logits[0].float().cpu().numpy()
+
+
+def windows_ppl(logits: Iterator[np.ndarray], windows: list[list[int]]) -> float:
+    """Perplexity of next-token prediction over the windows, from their [T, V] logits."""
+    from pipeline.gates.accuracy import window_nll
+
+    nll = [window_nll(window_logits, np.asarray(window)) for window_logits, window in zip(logits, windows)]
+    return float(math.exp(np.concatenate(nll).mean()))
+
+
+def emulated_ppl(checkpoint_dir: Path, windows: list[list[int]], threads: int) -> float:
+    from pipeline.runtimes import checkpoint_emulation
+
+    return windows_ppl(checkpoint_emulation.window_logits(checkpoint_dir, np.asarray(windows), threads=threads),
+                       windows)
+
+
+def export_trtllm(model, decoder: str, dtype, export_dir: Path, source_dir: Path) -> dict[str, Any]:
+    """The legacy TensorRT-LLM checkpoint. ModelOpt writes it itself (TensorRT-LLM need not be
+    installed: it only warns that the module is missing)."""
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+
+    rope_theta = (getattr(model.config, "rope_parameters", None) or {}).get("rope_theta")
+    if rope_theta is not None and getattr(model.config, "rope_theta", None) is None:
+        model.config.rope_theta = rope_theta
+    export_tensorrt_llm_checkpoint(model, decoder, dtype=dtype, export_dir=str(export_dir), inference_tensor_parallel=1)
+    written = json.loads((export_dir / "config.json").read_text())
+    if rope_theta is not None and written.get("rotary_base") != rope_theta:
+        raise QpipeError(f"the TensorRT-LLM checkpoint's rotary_base is {written.get('rotary_base')}, the model's "
+                         f"RoPE base is {rope_theta}", where=str(export_dir / "config.json"),
+                         fix="report it with build.json's tool versions")
+    copy_tokenizer(source_dir, export_dir)
+    quant = written["quantization"]
+    return {"dir": TRTLLM_DIR, "quant_algo": quant.get("quant_algo"),
+            "kv_cache_quant_algo": quant.get("kv_cache_quant_algo"),
+            "exclude_modules": quant.get("exclude_modules"), "rotary_base": written.get("rotary_base"),
+            **_dir_facts(export_dir)}
+
+
+def export_hf(model, dtype, export_dir: Path, source_dir: Path) -> dict[str, Any]:
+    """The unified HF checkpoint (hf_quant_config.json) for TensorRT-LLM's PyTorch backend and vLLM."""
+    from modelopt.torch.export import export_hf_checkpoint
+
+    export_hf_checkpoint(model, dtype=dtype, export_dir=str(export_dir))
+    copy_tokenizer(source_dir, export_dir)
+    quant = json.loads((export_dir / "hf_quant_config.json").read_text())["quantization"]
+    return {"dir": HF_DIR, "quant_algo": quant.get("quant_algo"),
+            "kv_cache_quant_algo": quant.get("kv_cache_quant_algo"),
+            "exclude_modules": quant.get("exclude_modules"), **_dir_facts(export_dir)}
+
+
+def copy_tokenizer(source_dir: Path, export_dir: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(source_dir) / name).is_file() and not (export_dir / name).exists():
+            shutil.copy2(Path(source_dir) / name, export_dir / name)
+            copied.append(name)
+    return copied
+
+
+def _dir_facts(directory: Path) -> dict[str, Any]:
+    from pipeline.files import artifact_bytes, sha256_artifact
+
+    return {"bytes": artifact_bytes(directory), "sha256": sha256_artifact(directory)}
+
+
+def tool_versions() -> dict[str, str | None]:
+    from pipeline.host import package_version
+
+    return {package: package_version(package) for package in ("nvidia-modelopt", "transformers", "torch")}
+
+
+# ---------------------------------------------------------------- artifact facts
+
+
+def artifact_path(build_dir: Path) -> Path:
+    """The legacy TensorRT-LLM checkpoint: what trtllm-build reads and the gates score. The
+    unified checkpoint (FP8) sits beside it in hf_checkpoint/."""
+    return Path(build_dir) / TRTLLM_DIR
+
+
+def _tensor_bytes(checkpoint_dir: Path) -> list[tuple[str, tuple[int, ...], int]]:
+    from safetensors import safe_open
+
+    from pipeline.formats.awq import _DTYPE_BYTES
+
+    table = []
+    for path in sorted(Path(checkpoint_dir).glob("*.safetensors")):
+        with safe_open(path, framework="pt") as handle:
+            for name in handle.keys():
+                view = handle.get_slice(name)
+                shape = tuple(view.get_shape())
+                table.append((name, shape, _DTYPE_BYTES[view.get_dtype()] * math.prod(shape)))
+    return table
+
+
+_SCALE_SUFFIXES = ("scaling_factor",)
+
+
+def bits_per_weight(build_dir: Path) -> float:
+    """Stored bits (codes, scales, unquantized tensors) per weight of the TensorRT-LLM checkpoint."""
+    table = _tensor_bytes(artifact_path(build_dir))
+    weights = sum(math.prod(shape) for name, shape, _ in table if not name.endswith(_SCALE_SUFFIXES))
+    return 8 * sum(size for _, _, size in table) / weights
+
+
+def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, float]:
+    """Every stored tensor once except the input embedding (one row), plus the KV cache in its
+    stored format (1 byte per value for FP8, else 2)."""
+    from pipeline.gates.speed import kv_cache_bytes
+
+    checkpoint = artifact_path(build_dir)
+    table = _tensor_bytes(checkpoint)
+    weights = sum(size for name, shape, size in table if name != "transformer.vocab_embedding.weight")
+    weights += sum(size // shape[0] for name, shape, size in table if name == "transformer.vocab_embedding.weight")
+    config = json.loads((checkpoint / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    kv_bytes = 1 if config["quantization"].get("kv_cache_quant_algo") == "FP8" else 2
+    kv_cache = kv_cache_bytes(config["num_hidden_layers"], config.get("num_key_value_heads") or heads,
+                              config.get("head_size") or config["hidden_size"] // heads, context_tokens,
+                              bytes_per_value=kv_bytes)
+    return {"weights": float(weights), "kv_cache": float(kv_cache), "total": float(weights + kv_cache)}
+
+
+# ---------------------------------------------------------------- gates
+
+
+def _engine(build_dir: Path | None) -> dict[str, Any] | None:
+    """The engine@R stage's record for this build, if it built an engine."""
+    from pipeline import engines
+
+    if build_dir is None:
+        return None
+    record = engines.read_record(Path(build_dir).name)
+    return record if record and record.get("status") == "ok" else None
+
+
+def _native(build_dir: Path | None) -> bool:
+    """TensorRT-LLM can run this build's engine here."""
+    from pipeline.runtimes import tensorrt_llm
+
+    return _engine(build_dir) is not None and tensorrt_llm.unavailable_reason() is None
+
+
+def runtime_name(build_dir: Path | None = None) -> str:
+    from pipeline.runtimes import checkpoint_emulation, tensorrt_llm
+
+    if _native(build_dir):
+        return f"{tensorrt_llm.name()} engine"
+    return checkpoint_emulation.name(artifact_path(build_dir))
+
+
+def window_logits(build_dir: Path, windows: np.ndarray, threads: int) -> Iterator[np.ndarray]:
+    from pipeline.runtimes import checkpoint_emulation, tensorrt_llm
+
+    if _native(build_dir):
+        yield from tensorrt_llm.window_logits(_engine_path(build_dir), windows, tokenizer_dir=artifact_path(build_dir))
+    else:
+        yield from checkpoint_emulation.window_logits(artifact_path(build_dir), windows, threads=threads)
+
+
+def _engine_path(build_dir: Path) -> Path:
+    from pipeline import engines
+
+    return engines.engine_path(Path(build_dir).name, _engine(build_dir))
+
+
+def tokenize(build_dir: Path, text: str) -> list[int]:
+    from pipeline.runtimes import transformers as hf
+
+    return hf.tokenize(artifact_path(build_dir), text)
+
+
+def measure_speed(build_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
+                  threads: int, concurrency: int) -> dict[str, Any]:
+    from pipeline.runtimes import tensorrt_llm
+
+    return tensorrt_llm.measure_speed(_engine_path(build_dir), prompt, tokenizer_dir=artifact_path(build_dir),
+                                      gen_tokens=gen_tokens, repeats=repeats, warmup=warmup, concurrency=concurrency)
+
+
+def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
+                   threads: int, concurrency: int) -> dict[str, Any]:
+    """The unquantized checkpoint as a TensorRT engine, built the same way as the quantized ones."""
+    import tempfile
+
+    from pipeline.runtimes import tensorrt_llm
+
+    with tempfile.TemporaryDirectory() as scratch:
+        engine_dir = tensorrt_llm.build_unquantized_engine(Path(source_dir), Path(scratch), EngineKnobs())
+        measured = tensorrt_llm.measure_speed(engine_dir, prompt, tokenizer_dir=Path(source_dir),
+                                              gen_tokens=gen_tokens, repeats=repeats, warmup=warmup,
+                                              concurrency=concurrency)
+    return {"artifact": "unquantized checkpoint (TensorRT-LLM engine, bf16)", **measured}
+
+
+def speed_unavailable_reason(build_dir: Path | None = None) -> str | None:
+    from pipeline import engines
+    from pipeline.runtimes import tensorrt_llm
+
+    reason = tensorrt_llm.unavailable_reason()
+    if reason or build_dir is None:
+        return reason
+    record = engines.read_record(Path(build_dir).name)
+    if record is None:
+        return "no engine record: run `qpipe engine <recipe>` (the engine@R stage) first"
+    return None if record.get("status") == "ok" else record.get("reason")
+
+
+def accuracy_unavailable_reason(build_dir: Path | None = None) -> str | None:
+    return None  # the emulation runs wherever torch does

@@ -1,0 +1,131 @@
+import json
+
+import pytest
+
+from pipeline import formats
+from pipeline.errors import BadInput
+from pipeline.formats import modelopt
+
+
+def recipe(**knobs):
+    return modelopt.Recipe.model_validate({"format": "modelopt", **knobs})
+
+
+def test_unknown_config_lists_the_valid_ones(project):
+    from pipeline.config import load_recipe
+    from tests.conftest import write
+
+    write(project / "recipes/bad.yaml", "format: modelopt\nconfig: FP8_FAST_CFG\n")
+    with pytest.raises(BadInput, match="unknown ModelOpt config 'FP8_FAST_CFG'") as info:
+        load_recipe("bad")
+    assert "FP8_DEFAULT_CFG, INT8_SMOOTHQUANT_CFG, INT8_WEIGHT_ONLY_CFG" in info.value.what
+    assert info.value.where == "recipes/bad.yaml: config"
+    write(project / "recipes/bad.yaml", "format: modelopt\nkv_cache: int8\n")
+    with pytest.raises(BadInput, match="'fp8' or 'none'") as info:
+        load_recipe("bad")
+    assert info.value.where == "recipes/bad.yaml: kv_cache"
+
+
+def test_the_shipped_recipes_validate(project):
+    from pipeline.config import load_recipe
+
+    configs = {name: load_recipe(name).config for name in ("trtllm-fp8", "trtllm-int8-sq", "trtllm-int8-wo")}
+    assert configs == {"trtllm-fp8": "FP8_DEFAULT_CFG", "trtllm-int8-sq": "INT8_SMOOTHQUANT_CFG",
+                       "trtllm-int8-wo": "INT8_WEIGHT_ONLY_CFG"}
+    assert load_recipe("trtllm-fp8").kv_cache == "fp8"
+
+
+def test_engine_settings_do_not_rebuild():
+    spec = formats.build_spec(recipe(engine={"max_batch_size": 64}))
+    assert "engine" not in spec and spec["config"] == "FP8_DEFAULT_CFG"
+
+
+def test_kv_cache_config_is_appended_to_the_base_config():
+    import modelopt.torch.quantization as mtq
+
+    base = modelopt.quant_config(recipe(config="FP8_DEFAULT_CFG"))
+    with_kv = modelopt.quant_config(recipe(config="FP8_DEFAULT_CFG", kv_cache="fp8"))
+    assert with_kv["quant_cfg"] == base["quant_cfg"] + mtq.FP8_KV_CFG["quant_cfg"]
+    assert base["quant_cfg"] == mtq.FP8_DEFAULT_CFG["quant_cfg"]  # the library's config is not mutated
+
+
+def test_architectures_modelopt_cannot_export_are_named():
+    assert modelopt.decoder_type("LlamaForCausalLM", "c") == "llama"
+    with pytest.raises(BadInput, match="cannot export architecture FooBarForCausalLM"):
+        modelopt.decoder_type("FooBarForCausalLM", "c")
+    with pytest.raises(BadInput, match="exports as ModelOpt decoder 'gpt'"):
+        modelopt.decoder_type("GPT2LMHeadModel", "c")
+
+
+@pytest.fixture(scope="module")
+def fp8_build(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("modelopt") / "build"
+    out.mkdir()
+    facts = modelopt.build(recipe(config="FP8_DEFAULT_CFG", kv_cache="fp8", calibration_samples=2,
+                                  calibration_seq_len=32, crosscheck_windows=2, max_crosscheck_ppl_gap=0.05),
+                           source_dir=tiny_llama, calibration_text=tiny_llama.parent / "calibration.txt",
+                           out_dir=out, threads=1, log=lambda _: None)
+    return out, facts
+
+
+def test_fp8_build_writes_both_checkpoints_as_documented(fp8_build):
+    from safetensors import safe_open
+
+    out, facts = fp8_build
+    trtllm = json.loads((out / "trtllm_checkpoint/config.json").read_text())
+    assert trtllm["quantization"]["quant_algo"] == "FP8"
+    assert trtllm["quantization"]["kv_cache_quant_algo"] == "FP8"
+    assert trtllm["rotary_base"] == 10000.0  # the tiny model's RoPE base, carried over explicitly
+    assert trtllm["dtype"] == "bfloat16"
+    with safe_open(out / "trtllm_checkpoint/rank0.safetensors", "pt") as handle:
+        dtypes = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}
+        shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}
+    assert dtypes["transformer.layers.0.attention.qkv.weight"] == "F8_E4M3"
+    assert shapes["transformer.layers.0.attention.qkv.weight"] == [64 + 2 * 32, 64]  # q + k + v rows
+    assert dtypes["transformer.layers.1.mlp.proj.weights_scaling_factor"] == "F32"
+    assert dtypes["transformer.vocab_embedding.weight"] == "BF16"
+    assert "transformer.layers.1.attention.kv_cache_scaling_factor" in dtypes
+    hf = json.loads((out / "hf_checkpoint/config.json").read_text())
+    assert hf["quantization_config"]["quant_method"] == "modelopt"
+    assert json.loads((out / "hf_checkpoint/hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "FP8"
+    for directory in ("trtllm_checkpoint", "hf_checkpoint"):
+        assert (out / directory / "tokenizer.json").is_file()
+    assert facts["calibration"] == {"samples": 2, "seq_len": 32, "tokens": 64, "device": "cpu",
+                                    "text": str(facts["calibration"]["text"])}
+    assert set(facts["exports"]) == {"trtllm", "hf"}
+
+
+def test_exported_files_agree_with_the_fake_quant_model(fp8_build):
+    _, facts = fp8_build
+    check = facts["crosscheck"]
+    for export in check["exports"].values():
+        assert export["gap"] <= check["limit"]
+        assert export["emulated_ppl"] == pytest.approx(check["fake_quant_ppl"], rel=check["limit"])
+
+
+def test_gates_score_the_checkpoint_through_the_emulation_here(fp8_build):
+    import numpy as np
+
+    out, _ = fp8_build
+    assert modelopt.accuracy_unavailable_reason(out) is None
+    assert modelopt.runtime_name(out).startswith("emulated:trtllm checkpoint FP8 + fp8 e4m3 KV cache")
+    assert "TensorRT-LLM is not installed" in modelopt.speed_unavailable_reason(out)
+    (logits,) = modelopt.window_logits(out, np.array([[1, 2, 3, 4, 5]]), threads=1)
+    assert logits.shape == (5, 130) and np.isfinite(logits).all()
+    assert 0 < modelopt.bits_per_weight(out) < 16
+    kv = modelopt.decode_bytes_per_token(out, 100)["kv_cache"]
+    assert kv == 2 * 2 * 2 * 16 * 1 * 100  # layers x (K, V) x kv heads x head dim x 1 byte (fp8) x tokens
+
+
+def test_a_gap_over_the_limit_fails_the_build(tiny_llama, tmp_path, monkeypatch):
+    """With a stand-in emulation far from the fake-quant model, the build refuses. (That the
+    emulation does see a wrong file, on the real model, is in tests/test_pipeline.py.)"""
+    from pipeline.errors import QpipeError
+
+    monkeypatch.setattr(modelopt, "emulated_ppl", lambda checkpoint, windows, threads: 1e6)
+    with pytest.raises(QpipeError, match="does not compute what ModelOpt calibrated: emulated ppl 1000000") as info:
+        modelopt.build(recipe(config="INT8_WEIGHT_ONLY_CFG", calibration_samples=1, calibration_seq_len=32,
+                              crosscheck_windows=1),
+                       source_dir=tiny_llama, calibration_text=tiny_llama.parent / "calibration.txt",
+                       out_dir=tmp_path, threads=1, log=lambda _: None)
+    assert "limit 1.00 %" in info.value.what and info.value.where.endswith("max_crosscheck_ppl_gap")

@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+
+from pipeline.runtimes import tensorrt_llm
+
+
+def test_absent_tensorrt_llm_is_reported_not_imported(monkeypatch):
+    monkeypatch.setattr(tensorrt_llm, "version", lambda: None)
+    assert "TensorRT-LLM is not installed" in tensorrt_llm.unavailable_reason(has_gpu=True)
+
+
+@pytest.mark.parametrize("installed", ["1.3.0", "1.3.0rc1", "2.0.1"])
+def test_versions_without_the_engine_path_point_to_the_unified_checkpoint(monkeypatch, installed):
+    monkeypatch.setattr(tensorrt_llm, "version", lambda: installed)
+    reason = tensorrt_llm.unavailable_reason(has_gpu=True)
+    assert f"TensorRT-LLM {installed} has no engine path" in reason
+    assert "hf_checkpoint/" in reason and "1.2.x" in reason
+
+
+def test_a_1_2_release_needs_a_gpu(monkeypatch):
+    monkeypatch.setattr(tensorrt_llm, "version", lambda: "1.2.0rc2")
+    assert tensorrt_llm.unavailable_reason(has_gpu=True) is None
+    assert "needs a CUDA GPU" in tensorrt_llm.unavailable_reason(has_gpu=False)
+
+
+def build_command(**overrides):
+    knobs = {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8", "dtype": "bfloat16", "max_batch_size": 8,
+             "max_input_len": 1024, "max_seq_len": 2048, "max_num_tokens": 8192, **overrides}
+    command = tensorrt_llm.build_command("ckpt", "engine", **knobs)
+    return command
+
+
+def flag(command, name):
+    return command[command.index(name) + 1]
+
+
+def test_fp8_engine_uses_the_fp8_gemm_plugin_and_fp8_context_fmha():
+    command = build_command()
+    assert command[0] == "trtllm-build"
+    assert flag(command, "--checkpoint_dir") == "ckpt" and flag(command, "--output_dir") == "engine"
+    assert flag(command, "--gemm_plugin") == "fp8"
+    assert flag(command, "--use_paged_context_fmha") == "enable"
+    assert flag(command, "--use_fp8_context_fmha") == "enable"
+    assert "--gather_context_logits" in command and flag(command, "--logits_dtype") == "float32"
+    for name, value in [("--max_batch_size", "8"), ("--max_input_len", "1024"), ("--max_seq_len", "2048"),
+                        ("--max_num_tokens", "8192")]:
+        assert flag(command, name) == value
+
+
+@pytest.mark.parametrize("quant_algo", ["W8A8_SQ_PER_CHANNEL", "W8A16"])
+def test_int8_engines_use_the_model_dtype_gemm_plugin(quant_algo):
+    command = build_command(quant_algo=quant_algo, kv_cache_quant_algo=None)
+    assert flag(command, "--gemm_plugin") == "bfloat16"
+    assert "--use_fp8_context_fmha" not in command
+
+
+def test_weight_only_codes_survive_the_float_checkpoint_tensorrt_llm_requantizes(tmp_path):
+    """TensorRT-LLM quantizes a float W8A16 weight per output channel with amax / 127; from the
+    fp32 checkpoint written for it, that gives back exactly the stored codes and scales."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    codes = torch.randint(-127, 128, (64, 32), dtype=torch.int8)
+    codes[:, 0] = 127  # ModelOpt's symmetric quantization puts each row's amax at +-127
+    scales = torch.rand(64) * 0.01 + 1e-4
+    source = tmp_path / "ckpt"
+    source.mkdir()
+    save_file({"transformer.layers.0.mlp.fc.weight": codes,
+               "transformer.layers.0.mlp.fc.weights_scaling_factor": scales,
+               "transformer.ln_f.weight": torch.ones(32, dtype=torch.bfloat16)}, source / "rank0.safetensors")
+    (source / "config.json").write_text(json.dumps({"dtype": "bfloat16", "quantization": {"quant_algo": "W8A16"}}))
+    converted = load_file(tensorrt_llm.weight_only_float_checkpoint(source, tmp_path / "float") / "rank0.safetensors")
+    weight = converted["transformer.layers.0.mlp.fc.weight"]
+    assert weight.dtype == torch.float32 and "transformer.layers.0.mlp.fc.weights_scaling_factor" not in converted
+    requantized_scales = weight.float().abs().amax(dim=1) / 127
+    requantized = torch.round(weight.float() / requantized_scales[:, None]).to(torch.int8)
+    assert torch.equal(requantized, codes)
+    assert torch.allclose(requantized_scales, scales, rtol=1e-6)
+
+
+def test_sampling_params_ask_for_context_logits_and_exact_lengths():
+    assert tensorrt_llm.context_logits_params()["return_context_logits"] is True
+    params = tensorrt_llm.generation_params(128)
+    assert params["max_tokens"] == params["min_tokens"] == 128 and params["ignore_eos"] is True
