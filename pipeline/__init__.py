@@ -12,6 +12,9 @@ Design (the code's twin of DESIGN.md; change both together):
                                              tuning a limit re-runs the gate, not the build), plus
                                              the host facts a build depends on (AWQ: cpu or cuda)
     build@R   -> artifacts/builds/R/        the artifact + build.json (recipe, tools, timings, sizes)
+    engine@R  -> artifacts/engines/R/       format modelopt: a TensorRT engine (trtllm-build, TensorRT-LLM
+                                             1.2.x, CUDA) in <sm>-trt<version>/, else engine.json saying
+                                             not_run and why; other formats: not_applicable
     baseline  -> artifacts/baselines/F.json the unquantized model's speed per format F on the native
                                              runtime (for decode_speedup)
     gate@R    -> artifacts/gates/R.json     accuracy + speed + checks + verdict (DVC metrics)
@@ -19,7 +22,8 @@ Design (the code's twin of DESIGN.md; change both together):
     check                                   exit 1 unless every recipe's verdict is pass
 
 Modules: cli (Typer), config (pydantic params/recipes), errors (exit codes), host, source,
-corpus, reference, formats/<one per format>, runtimes/<one per runtime>, gates/accuracy,
+corpus, reference, formats/<one per format: gguf, awq, modelopt>, runtimes/<one per runtime:
+llama_cpp, transformers, vllm, tensorrt_llm, checkpoint_emulation>, engines (engine@R), gates/accuracy,
 gates/speed, gates/verdict, report, compare (across `dvc exp` experiments; recommend),
 publish (staging, model card, provenance) with registries/<one per registry: directory,
 oci, hub>, files (atomic writes), layout (paths).

@@ -103,3 +103,28 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                           "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def safetensors_table(directory: Path, read_in_full=lambda name: False) -> list[tuple[str, tuple[int, ...], int]]:
+    """(name, shape, bytes) of every tensor in a directory's safetensors files, from their
+    headers; a tensor for which `read_in_full(name)` is true is read, and its values replace
+    the shape (compressed-tensors stores a packed weight's logical shape as a tensor)."""
+    import math
+
+    from safetensors import safe_open
+
+    table = []
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(path, framework="pt") as handle:
+            for name in handle.keys():
+                view = handle.get_slice(name)
+                shape = tuple(view.get_shape())
+                size = SAFETENSORS_DTYPE_BYTES[view.get_dtype()] * math.prod(shape)
+                if read_in_full(name):
+                    shape = tuple(int(v) for v in handle.get_tensor(name).tolist())
+                table.append((name, shape, size))
+    return table

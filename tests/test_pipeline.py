@@ -60,7 +60,7 @@ TINY_MODELOPT = """calibration_samples: 2
 calibration_seq_len: 128
 crosscheck_windows: 2
 gates:
-  max_ppl_ratio: 1.5
+  max_ppl_ratio: 2.0
   max_tokenizer_mismatch: 0.01
   require: [accuracy]
 """

@@ -46,6 +46,15 @@ def build_spec(recipe) -> dict:
     return {"format": recipe.format, **recipe.model_dump(exclude={"gates", "description", "format", "engine"})}
 
 
+def require_installed(versions: dict[str, str | None], distribution: str, extra: str, where: str) -> None:
+    """A build's tool must be installed: else exit 3 naming the extra that installs it."""
+    from pipeline.errors import HostLacks
+
+    if versions.get(distribution) is None:
+        raise HostLacks(f"{distribution} is not installed", where=where,
+                        fix=f"pip install 'qpipe[{extra}]' (make setup does)")
+
+
 def write_build_spec(name: str) -> dict:
     """The recipe@R stage: validate recipes/R.yaml early and write its build knobs, plus the
     host facts a format's build depends on (``host_build_knobs``, e.g. calibrating on a GPU),

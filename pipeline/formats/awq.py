@@ -210,10 +210,10 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pipeline.formats import require_installed
+
     tools = tool_versions()
-    if tools["llmcompressor"] is None:
-        raise HostLacks("llm-compressor is not installed", where=recipe.where("format"),
-                        fix="pip install 'qpipe[awq]' (make setup does)")
+    require_installed(tools, "llmcompressor", "awq", recipe.where("format"))
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     check_group_size(linear_widths(source_dir), recipe.group_size, recipe.ignore, recipe.where("group_size"))
@@ -339,26 +339,12 @@ def artifact_path(build_dir: Path) -> Path:
 
 
 def _tensor_table(build_dir: Path) -> list[tuple[str, tuple[int, ...], int]]:
-    """(name, shape, bytes) of every tensor in the directory's safetensors files, from their
-    headers; `weight_shape` tensors (the unpacked shape of a packed weight) are read in full."""
-    from safetensors import safe_open
+    """(name, shape, bytes) per tensor; a packed weight's `weight_shape` tensor gives its unpacked shape."""
+    from pipeline.files import safetensors_table
 
-    table = []
-    for path in sorted(Path(build_dir).glob("*.safetensors")):
-        with safe_open(path, framework="pt") as handle:
-            for name in handle.keys():
-                view = handle.get_slice(name)
-                shape = tuple(view.get_shape())
-                item = _DTYPE_BYTES[view.get_dtype()]
-                entry = (name, shape, item * math.prod(shape))
-                if name.endswith(".weight_shape"):
-                    entry = (name, tuple(int(v) for v in handle.get_tensor(name).tolist()), entry[2])
-                table.append(entry)
-    return table
+    return safetensors_table(build_dir, read_in_full=lambda name: name.endswith(".weight_shape"))
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _PACKING_TENSORS = (".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_g_idx")
 
 

@@ -51,7 +51,7 @@ from pydantic import Field, field_validator
 
 from pipeline.config import RecipeBase, Strict
 from pipeline.corpus import calibration_windows
-from pipeline.errors import BadInput, HostLacks, QpipeError
+from pipeline.errors import BadInput, QpipeError
 
 # ModelOpt configs this format builds, exports and emulates -> the quant_algo they export as
 CONFIGS = {
@@ -91,6 +91,7 @@ class Recipe(RecipeBase):
     calibration_seq_len: int = Field(512, ge=16)
     # held-out calibration windows on which the exported files must match the fake-quant model
     crosscheck_windows: int = Field(4, ge=1)
+    crosscheck_seq_len: int = Field(512, ge=16)
     max_crosscheck_ppl_gap: float = Field(0.01, gt=0)
     engine: EngineKnobs = Field(default_factory=EngineKnobs)
 
@@ -152,10 +153,10 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from pipeline.formats import require_installed
+
     tools = tool_versions()
-    if tools["nvidia-modelopt"] is None:
-        raise HostLacks("nvidia-modelopt is not installed", where=recipe.where("format"),
-                        fix="pip install 'qpipe[modelopt]' (make setup does)")
+    require_installed(tools, "nvidia-modelopt", "modelopt", recipe.where("format"))
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     architecture = AutoConfig.from_pretrained(source_dir).architectures[0]
@@ -164,10 +165,7 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     samples = recipe.gpu_calibration_samples if device == "cuda" else recipe.calibration_samples
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
-    windows = calibration_windows(tokenizer, calibration_text, samples + recipe.crosscheck_windows,
-                                  recipe.calibration_seq_len,
-                                  recipe.where("calibration_samples / crosscheck_windows / calibration_seq_len"))
-    calibration, held_out = windows[:samples], windows[samples:]
+    calibration, held_out = split_calibration_text(tokenizer, calibration_text, recipe, samples)
     dtype = getattr(torch, recipe.dtype)
     model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).to(device).eval()
 
@@ -194,7 +192,7 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
         f"{len(held_out)} held-out windows")
 
     started = time.perf_counter()
-    crosscheck = {"windows": len(held_out), "window_tokens": recipe.calibration_seq_len,
+    crosscheck = {"windows": len(held_out), "window_tokens": recipe.crosscheck_seq_len,
                   "fake_quant_ppl": fake_quant_ppl, "limit": recipe.max_crosscheck_ppl_gap, "exports": {}}
     for layout, facts in exports.items():
         emulated = emulated_ppl(out_dir / facts["dir"], held_out, threads)
@@ -224,6 +222,16 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
         "exports": exports,
         "crosscheck": crosscheck,
     }
+
+
+def split_calibration_text(tokenizer, calibration_text: Path, recipe: Recipe, samples: int):
+    """`samples` calibration windows, then `crosscheck_windows` held-out windows after them."""
+    where = recipe.where("calibration_samples / calibration_seq_len / crosscheck_windows / crosscheck_seq_len")
+    calibration = calibration_windows(tokenizer, calibration_text, samples, recipe.calibration_seq_len, where)
+    used = samples * recipe.calibration_seq_len
+    rest = calibration_windows(tokenizer, calibration_text, used // recipe.crosscheck_seq_len + 1
+                               + recipe.crosscheck_windows, recipe.crosscheck_seq_len, where)
+    return calibration, rest[-recipe.crosscheck_windows:]
 
 
 def _calibrate(model, config: dict[str, Any], windows: list[list[int]], device: str):
@@ -325,27 +333,14 @@ def artifact_path(build_dir: Path) -> Path:
     return Path(build_dir) / TRTLLM_DIR
 
 
-def _tensor_bytes(checkpoint_dir: Path) -> list[tuple[str, tuple[int, ...], int]]:
-    from safetensors import safe_open
-
-    from pipeline.formats.awq import _DTYPE_BYTES
-
-    table = []
-    for path in sorted(Path(checkpoint_dir).glob("*.safetensors")):
-        with safe_open(path, framework="pt") as handle:
-            for name in handle.keys():
-                view = handle.get_slice(name)
-                shape = tuple(view.get_shape())
-                table.append((name, shape, _DTYPE_BYTES[view.get_dtype()] * math.prod(shape)))
-    return table
-
-
 _SCALE_SUFFIXES = ("scaling_factor",)
 
 
 def bits_per_weight(build_dir: Path) -> float:
     """Stored bits (codes, scales, unquantized tensors) per weight of the TensorRT-LLM checkpoint."""
-    table = _tensor_bytes(artifact_path(build_dir))
+    from pipeline.files import safetensors_table
+
+    table = safetensors_table(artifact_path(build_dir))
     weights = sum(math.prod(shape) for name, shape, _ in table if not name.endswith(_SCALE_SUFFIXES))
     return 8 * sum(size for _, _, size in table) / weights
 
@@ -353,10 +348,11 @@ def bits_per_weight(build_dir: Path) -> float:
 def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, float]:
     """Every stored tensor once except the input embedding (one row), plus the KV cache in its
     stored format (1 byte per value for FP8, else 2)."""
+    from pipeline.files import safetensors_table
     from pipeline.gates.speed import kv_cache_bytes
 
     checkpoint = artifact_path(build_dir)
-    table = _tensor_bytes(checkpoint)
+    table = safetensors_table(checkpoint)
     weights = sum(size for name, shape, size in table if name != "transformer.vocab_embedding.weight")
     weights += sum(size // shape[0] for name, shape, size in table if name == "transformer.vocab_embedding.weight")
     config = json.loads((checkpoint / "config.json").read_text())
