@@ -12,15 +12,15 @@ def test_help_lists_every_stage_command():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     for command in ["host", "source", "corpus", "reference", "recipe", "build", "baseline", "gate", "report",
-                    "check", "doctor", "setup-converter"]:
+                    "check", "doctor", "setup-converter", "engine"]:
         assert command in result.output
 
 
 def test_doctor_reports_host_runtimes_and_tools():
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 0, result.output
-    for line in ["CPU", "memory", "GPU", "runtimes", "llama_cpp 0.3", "converter", "can build  gguf, awq",
-                 "can gate   awq accuracy via"]:
+    for line in ["CPU", "memory", "GPU", "runtimes", "llama_cpp 0.3", "converter", "can build  gguf, awq, modelopt",
+                 "can gate   awq accuracy via", "can gate   modelopt accuracy via the checkpoint emulation"]:
         assert line in result.output
 
 
