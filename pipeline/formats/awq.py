@@ -60,7 +60,7 @@ class Recipe(RecipeBase):
     # slow on a CPU (about a minute per 1000 tokens for the 135M model on 2 cores), so the CPU
     # default is small; a CUDA host uses gpu_calibration_samples.
     calibration_samples: int = Field(8, ge=1)
-    gpu_calibration_samples: int = Field(128, ge=1)
+    gpu_calibration_samples: int = Field(64, ge=1)
     calibration_seq_len: int = Field(512, ge=16)
     n_grid: int = Field(20, ge=3)  # AWQ's scale grid; llm-compressor divides by n_grid - 2
     duo_scaling: bool = True

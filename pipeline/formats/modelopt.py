@@ -59,6 +59,22 @@ CONFIGS = {
     "INT8_SMOOTHQUANT_CFG": "W8A8_SQ_PER_CHANNEL",
     "INT8_WEIGHT_ONLY_CFG": "W8A16",
 }
+# ModelOpt 0.47 configs qpipe does not build, by name prefix, and why
+NOT_BUILT = {
+    "NVFP4": "NVFP4 quantizers need a CUDA GPU (or triton) in ModelOpt 0.47, and the emulation does not read NVFP4",
+    "W4A16_NVFP4": "NVFP4 quantizers need a CUDA GPU in ModelOpt 0.47, and the emulation does not read NVFP4",
+    "W4A8_NVFP4": "NVFP4 quantizers need a CUDA GPU in ModelOpt 0.47, and the emulation does not read NVFP4",
+    "MXFP": "MX formats need a CUDA GPU (or triton) in ModelOpt 0.47, and the emulation does not read them",
+    "MXINT8": "MX formats need a CUDA GPU (or triton) in ModelOpt 0.47, and the emulation does not read them",
+    "W4A8_MXFP4": "MX formats need a CUDA GPU (or triton) in ModelOpt 0.47, and the emulation does not read them",
+    "MAMBA_MOE": "Mamba/MoE presets do not apply to the Llama-style models qpipe exports",
+    "INT4_AWQ": "its W4A16_AWQ export has no emulation here yet (and block 128 does not export on width 576)",
+    "W4A8_AWQ": "its W4A8_AWQ export has no emulation here yet (and block 128 does not export on width 576)",
+    "INT4_BLOCKWISE": "its int4 blockwise export has no emulation here yet",
+    "FP8_PER_CHANNEL": "only FP8_DEFAULT_CFG (per-tensor scales) is emulated; per-channel FP8 is not yet",
+    "FP8_2D_BLOCKWISE": "only FP8_DEFAULT_CFG (per-tensor scales) is emulated; blockwise FP8 is not yet",
+    "INT8_DEFAULT": "per-channel INT8 without SmoothQuant has no TensorRT-LLM legacy export path here",
+}
 # configs with a unified HF export that TensorRT-LLM's PyTorch backend and vLLM load
 UNIFIED_EXPORT_CONFIGS = ("FP8_DEFAULT_CFG",)
 KV_CACHE_CONFIGS = {"fp8": "FP8_KV_CFG"}
@@ -98,12 +114,12 @@ class Recipe(RecipeBase):
     @field_validator("config")
     @classmethod
     def _known_config(cls, value: str) -> str:
-        if value not in CONFIGS:
-            raise ValueError(
-                f"unknown ModelOpt config {value!r}; this format builds {', '.join(CONFIGS)} "
-                "(ModelOpt's NVFP4 and MX configs need a CUDA GPU, and its INT4/W4A8 AWQ exports have "
-                "no emulation here yet)")
-        return value
+        if value in CONFIGS:
+            return value
+        why = next((reason for prefix, reason in NOT_BUILT.items() if value.startswith(prefix)), None)
+        if why:
+            raise ValueError(f"ModelOpt config {value} is not built by qpipe: {why}; use one of {', '.join(CONFIGS)}")
+        raise ValueError(f"unknown ModelOpt config {value!r}; use one of {', '.join(CONFIGS)}")
 
 
 def host_build_knobs(host_info: dict[str, Any]) -> dict[str, Any]:

@@ -18,8 +18,14 @@ def test_unknown_config_lists_the_valid_ones(project):
     write(project / "recipes/bad.yaml", "format: modelopt\nconfig: FP8_FAST_CFG\n")
     with pytest.raises(BadInput, match="unknown ModelOpt config 'FP8_FAST_CFG'") as info:
         load_recipe("bad")
-    assert "FP8_DEFAULT_CFG, INT8_SMOOTHQUANT_CFG, INT8_WEIGHT_ONLY_CFG" in info.value.what
+    assert "use one of FP8_DEFAULT_CFG, INT8_SMOOTHQUANT_CFG, INT8_WEIGHT_ONLY_CFG" in info.value.what
     assert info.value.where == "recipes/bad.yaml: config"
+    write(project / "recipes/bad.yaml", "format: modelopt\nconfig: NVFP4_DEFAULT_CFG\n")
+    with pytest.raises(BadInput, match="NVFP4_DEFAULT_CFG is not built by qpipe: NVFP4 quantizers need a CUDA GPU"):
+        load_recipe("bad")
+    write(project / "recipes/bad.yaml", "format: modelopt\nconfig: INT4_AWQ_CFG\n")
+    with pytest.raises(BadInput, match="INT4_AWQ_CFG is not built by qpipe: its W4A16_AWQ export has no emulation"):
+        load_recipe("bad")
     write(project / "recipes/bad.yaml", "format: modelopt\nkv_cache: int8\n")
     with pytest.raises(BadInput, match="'fp8' or 'none'") as info:
         load_recipe("bad")
@@ -38,6 +44,14 @@ def test_the_shipped_recipes_validate(project):
 def test_engine_settings_do_not_rebuild():
     spec = formats.build_spec(recipe(engine={"max_batch_size": 64}))
     assert "engine" not in spec and spec["config"] == "FP8_DEFAULT_CFG"
+
+
+def test_every_modelopt_config_is_built_or_refused_with_a_reason():
+    """Each *_CFG of the installed ModelOpt is either built here or named with why not."""
+    import modelopt.torch.quantization as mtq
+
+    for name in (n for n in dir(mtq) if n.endswith("_CFG") and not n.endswith("_KV_CFG") and "_KV_" not in n):
+        assert name in modelopt.CONFIGS or any(name.startswith(p) for p in modelopt.NOT_BUILT), name
 
 
 def test_kv_cache_config_is_appended_to_the_base_config():
