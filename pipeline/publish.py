@@ -157,7 +157,8 @@ def _qpipe_version() -> str:
 # ---------------------------------------------------------------- model card
 
 
-LIBRARY = {"gguf": "gguf", "awq": "transformers", "modelopt": "transformers"}
+# modelopt: not "transformers", which would offer a snippet that loads the FP8 codes as weights
+LIBRARY = {"gguf": "gguf", "awq": "transformers", "modelopt": "modelopt"}
 RUNTIME_TAGS = {"gguf": ["gguf", "llama.cpp"], "awq": ["compressed-tensors", "awq", "vllm"],
                 "modelopt": ["modelopt", "tensorrt-llm"]}
 

@@ -315,7 +315,8 @@ def test_publish_what_passed_to_a_directory_registry_and_again(repo, tmp_path):
     fp8 = registry / "SmolLM2-135M-Instruct" / "trtllm-fp8" / lines[3][1]
     assert {"trtllm_checkpoint/rank0.safetensors", "hf_checkpoint/hf_quant_config.json",
             "hf_checkpoint/tokenizer.json", "build.json"} <= {str(p.relative_to(fp8)) for p in fp8.rglob("*")}
-    assert "emulated:trtllm checkpoint FP8" in (fp8 / "README.md").read_text()
+    fp8_card = (fp8 / "README.md").read_text()
+    assert "emulated:trtllm checkpoint FP8" in fp8_card and "library_name: modelopt" in fp8_card
     second = run(["qpipe", "publish", "--to", f"dir://{registry}"], env)
     assert [line.split("\t")[2] for line in second.stdout.splitlines()] == ["unchanged"] * 5
 

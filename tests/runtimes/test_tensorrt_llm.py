@@ -84,3 +84,90 @@ def test_sampling_params_ask_for_context_logits_and_exact_lengths():
     assert tensorrt_llm.context_logits_params()["return_context_logits"] is True
     params = tensorrt_llm.generation_params(128)
     assert params["max_tokens"] == params["min_tokens"] == 128 and params["ignore_eos"] is True
+
+
+# ---------------------------------------------------------------- running an engine, with the
+# shapes TensorRT-LLM 1.2's source defines (llmapi/llm.py, sampling_params.py,
+# executor/result.py); TensorRT-LLM itself cannot be installed here.
+
+
+class FakeSamplingParams:
+    FIELDS = {"max_tokens", "min_tokens", "ignore_eos", "temperature", "detokenize", "return_context_logits"}
+
+    def __init__(self, **kwargs):
+        unknown = set(kwargs) - self.FIELDS
+        assert not unknown, f"not a SamplingParams field: {unknown}"
+        self.__dict__.update(kwargs)
+
+
+class FakeCompletion:
+    def __init__(self, token_ids):
+        self.token_ids = token_ids
+
+
+class FakeRequestOutput:
+    def __init__(self, context_logits=None, token_ids=()):
+        self.context_logits = context_logits  # [prompt_len, padded vocab], on the host
+        self.outputs = [FakeCompletion(list(token_ids))]
+
+
+class FakeEngineLLM:
+    """tensorrt_llm._tensorrt_engine.LLM as the runtime uses it."""
+
+    padded_vocab = 16
+
+    def __init__(self):
+        self.shut_down = False
+
+    def generate(self, prompts, params, use_tqdm=True):
+        if prompts and isinstance(prompts[0], int):  # one token-id prompt -> one RequestOutput
+            logits = torch.arange(len(prompts) * self.padded_vocab, dtype=torch.float16).reshape(len(prompts), -1)
+            return FakeRequestOutput(context_logits=logits if params.return_context_logits else None)
+        return [FakeRequestOutput(token_ids=range(params.max_tokens)) for _ in prompts]
+
+    async def _stream(self, prompt, params):
+        for produced in range(1, params.max_tokens + 1):
+            yield FakeRequestOutput(token_ids=range(produced))
+
+    def generate_async(self, prompt, params, streaming=False):
+        assert streaming
+        return self._stream(prompt, params)
+
+    def shutdown(self):
+        self.shut_down = True
+
+
+@pytest.fixture
+def fake_engine(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    module = types.ModuleType("tensorrt_llm")
+    module.SamplingParams = FakeSamplingParams
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", module)
+    llm = FakeEngineLLM()
+    monkeypatch.setattr(tensorrt_llm, "_llm", lambda engine_dir, tokenizer_dir: llm)
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 10}))
+    return llm, tmp_path
+
+
+def test_context_logits_lose_the_engines_vocabulary_padding(fake_engine):
+    import numpy as np
+
+    llm, tokenizer_dir = fake_engine
+    windows = np.array([[1, 2, 3], [4, 5, 6]])
+    logits = list(tensorrt_llm.window_logits("engine", windows, tokenizer_dir=tokenizer_dir))
+    assert [item.shape for item in logits] == [(3, 10), (3, 10)]
+    assert logits[0].dtype == np.float32 and logits[0][1, 0] == 16.0  # row 1 starts after 16 padded columns
+    assert llm.shut_down
+
+
+def test_speed_streams_batch_1_and_measures_concurrent_output(fake_engine):
+    llm, tokenizer_dir = fake_engine
+    result = tensorrt_llm.measure_speed("engine", list(range(32)), tokenizer_dir=tokenizer_dir, gen_tokens=8,
+                                        repeats=3, warmup=1, concurrency=4)
+    assert len(result["runs"]) == 3 and result["concurrency"] == 4
+    assert all(run["timing_source"] == "wall clock, streamed" for run in result["runs"])
+    for key in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_ms", "output_tok_s"):
+        assert result[key] > 0
+    assert llm.shut_down
