@@ -252,7 +252,8 @@ TRTLLM_LINEARS = {"attention.dense": "self_attn.o_proj", "mlp.fc": "mlp.gate_pro
                   "mlp.gate": "mlp.up_proj", "mlp.proj": "mlp.down_proj"}
 TRTLLM_SUFFIXES = {"weight": "weight", "weights_scaling_factor": "weight_scale",
                    "activation_scaling_factor": "input_scale", "prequant_scaling_factor": "smoothing"}
-# ModelOpt writes one kv_cache_scaling_factor plus k_ and v_ ones; TODO-checked below
+# ModelOpt writes kv_cache_scaling_factor = max(k, v, 1.0) beside the k_ and v_ ones; TensorRT-LLM
+# 1.2 uses the kv_ one for both (and builds it from k_ and v_ by max only where it is missing)
 KV_SCALE_NAMES = {"attention.kv_cache_scaling_factor": "kv", "attention.k_cache_scaling_factor": "k",
                   "attention.v_cache_scaling_factor": "v"}
 HF_SUFFIXES = {"weight": "weight", "weight_scale": "weight_scale", "input_scale": "input_scale",
@@ -343,6 +344,16 @@ def _quantized_kv_attention(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+def kv_scale_pair(scales: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """The scales keys and values are stored with: the unified checkpoint's k_scale and
+    v_scale apart; in a TensorRT-LLM checkpoint one shared scale, kv_cache_scaling_factor, or
+    where only k_ and v_ are stored their maximum, as TensorRT-LLM 1.2's loader does."""
+    if layout == "hf":
+        return {"k": scales["k"], "v": scales["v"]}
+    shared = scales["kv"] if "kv" in scales else torch.maximum(scales["k"], scales["v"])
+    return {"k": shared, "v": shared}
+
+
 def load(checkpoint_dir: Path, threads: int):
     """The emulated model: an HF Llama in the checkpoint's dtype whose Linear layers are
     rebuilt from the stored codes and scales."""
@@ -382,9 +393,7 @@ def load(checkpoint_dir: Path, threads: int):
             if index not in kv_scales:
                 raise UnsupportedCheckpoint(f"layer {index} has no KV-cache scale although the cache is FP8",
                                             where=str(checkpoint_dir), fix="re-export the checkpoint")
-            scales = kv_scales[index]
-            layer.self_attn.qpipe_kv_scales = {"k": scales.get("kv", scales.get("k")),
-                                               "v": scales.get("kv", scales.get("v"))}
+            layer.self_attn.qpipe_kv_scales = kv_scale_pair(kv_scales[index], facts["layout"])
     return model.eval()
 
 

@@ -104,3 +104,10 @@ def test_unexpected_tensor_is_refused():
     facts = {"layout": "trtllm", "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4}
     with pytest.raises(BadInput, match="unexpected tensor transformer.layers.0.attention.alibi"):
         emulation.layer_tensors({"transformer.layers.0.attention.alibi": torch.zeros(1)}, facts)
+
+
+def test_kv_cache_scales_are_read_as_tensorrt_llm_reads_them():
+    k, v, kv = torch.tensor([2.0]), torch.tensor([3.0]), torch.tensor([5.0])
+    assert emulation.kv_scale_pair({"k": k, "v": v, "kv": kv}, "trtllm") == {"k": kv, "v": kv}
+    assert emulation.kv_scale_pair({"k": k, "v": v}, "trtllm") == {"k": v, "v": v}  # the max, shared
+    assert emulation.kv_scale_pair({"k": k, "v": v}, "hf") == {"k": k, "v": v}
