@@ -55,6 +55,23 @@ def require_installed(versions: dict[str, str | None], distribution: str, extra:
                         fix=f"pip install 'qpipe[{extra}]' (make setup does)")
 
 
+def calibration_host_knobs(host_info: dict) -> dict:
+    """``host_build_knobs`` of a format that calibrates: on the GPU where there is one."""
+    return {"calibration_device": "cuda" if host_info.get("gpus") else "cpu"}
+
+
+def calibration_plan(recipe, threads: int) -> tuple[str, int]:
+    """Seed torch and set its threads; return where a calibrating build runs and how many
+    samples it takes there (``gpu_calibration_samples`` on CUDA, else ``calibration_samples``)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    if torch.cuda.is_available():
+        return "cuda", recipe.gpu_calibration_samples
+    return "cpu", recipe.calibration_samples
+
+
 def write_build_spec(name: str) -> dict:
     """The recipe@R stage: validate recipes/R.yaml early and write its build knobs, plus the
     host facts a format's build depends on (``host_build_knobs``, e.g. calibrating on a GPU),

@@ -40,6 +40,7 @@ from pydantic import Field, field_validator
 from pipeline.config import RecipeBase
 from pipeline.corpus import calibration_windows
 from pipeline.errors import BadInput, HostLacks, QpipeError
+from pipeline.formats import calibration_host_knobs, calibration_plan, require_installed
 
 # 4-bit weight-only integer presets of compressed-tensors that pack as `pack-quantized`.
 SCHEMES = ("W4A16", "W4A16_ASYM")
@@ -76,9 +77,8 @@ class Recipe(RecipeBase):
         return value.upper()
 
 
-def host_build_knobs(host_info: dict[str, Any]) -> dict[str, Any]:
-    """Calibration runs on the GPU where there is one, with gpu_calibration_samples."""
-    return {"calibration_device": "cuda" if host_info.get("gpus") else "cpu"}
+# calibration runs on the GPU where there is one, with gpu_calibration_samples
+host_build_knobs = calibration_host_knobs
 
 
 # ---------------------------------------------------------------- checks before calibrating
@@ -210,16 +210,11 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.formats import require_installed
-
     tools = tool_versions()
     require_installed(tools, "llmcompressor", "awq", recipe.where("format"))
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
+    device, samples = calibration_plan(recipe, threads)
     check_group_size(linear_widths(source_dir), recipe.group_size, recipe.ignore, recipe.where("group_size"))
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    samples = recipe.gpu_calibration_samples if device == "cuda" else recipe.calibration_samples
     windows = calibration_windows(tokenizer, calibration_text, samples, recipe.calibration_seq_len,
                                   recipe.where("calibration_samples / calibration_seq_len"))
     dtype = getattr(torch, recipe.dtype)

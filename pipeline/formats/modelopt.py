@@ -52,6 +52,7 @@ from pydantic import Field, field_validator
 from pipeline.config import RecipeBase, Strict
 from pipeline.corpus import calibration_windows
 from pipeline.errors import BadInput, QpipeError
+from pipeline.formats import calibration_host_knobs, calibration_plan, require_installed
 
 # ModelOpt configs this format builds, exports and emulates -> the quant_algo they export as
 CONFIGS = {
@@ -122,9 +123,8 @@ class Recipe(RecipeBase):
         raise ValueError(f"unknown ModelOpt config {value!r}; use one of {', '.join(CONFIGS)}")
 
 
-def host_build_knobs(host_info: dict[str, Any]) -> dict[str, Any]:
-    """Calibration runs on the GPU where there is one, with gpu_calibration_samples."""
-    return {"calibration_device": "cuda" if host_info.get("gpus") else "cpu"}
+# calibration runs on the GPU where there is one, with gpu_calibration_samples
+host_build_knobs = calibration_host_knobs
 
 
 def quant_config(recipe: Recipe) -> dict[str, Any]:
@@ -169,17 +169,12 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.formats import require_installed
-
     tools = tool_versions()
     require_installed(tools, "nvidia-modelopt", "modelopt", recipe.where("format"))
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
+    device, samples = calibration_plan(recipe, threads)
     architecture = AutoConfig.from_pretrained(source_dir).architectures[0]
     decoder = decoder_type(architecture, f"{source_dir}/config.json: architectures")
     config = quant_config(recipe)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    samples = recipe.gpu_calibration_samples if device == "cuda" else recipe.calibration_samples
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     calibration, held_out = split_calibration_text(tokenizer, calibration_text, recipe, samples)
     dtype = getattr(torch, recipe.dtype)

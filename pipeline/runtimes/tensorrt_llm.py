@@ -165,20 +165,16 @@ def build_engine(checkpoint_dir: Path, output_dir: Path, knobs, *, log=print) ->
 
 def build_unquantized_engine(source_dir: Path, scratch: Path, knobs) -> Path:
     """An unquantized (bf16) engine of an HF checkpoint, for the baseline: ModelOpt's exporter
-    writes the unquantized TensorRT-LLM checkpoint, trtllm-build builds it like the others."""
+    writes the unquantized TensorRT-LLM checkpoint (with the same RoPE-base fix as the
+    quantized builds), trtllm-build builds it like the others."""
     import torch
-    from modelopt.torch.export import export_tensorrt_llm_checkpoint
     from transformers import AutoModelForCausalLM
 
-    from pipeline.formats.modelopt import decoder_type
+    from pipeline.formats.modelopt import decoder_type, export_trtllm
 
     model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.bfloat16)
-    rope_theta = (getattr(model.config, "rope_parameters", None) or {}).get("rope_theta")
-    if rope_theta is not None:
-        model.config.rope_theta = rope_theta
     checkpoint = scratch / "checkpoint"
-    export_tensorrt_llm_checkpoint(model, decoder_type(type(model).__name__, str(source_dir)), dtype=torch.bfloat16,
-                                   export_dir=str(checkpoint), inference_tensor_parallel=1)
+    export_trtllm(model, decoder_type(type(model).__name__, str(source_dir)), torch.bfloat16, checkpoint, source_dir)
     build_engine(checkpoint, scratch / "engine", knobs)
     return scratch / "engine"
 
