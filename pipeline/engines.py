@@ -74,6 +74,18 @@ def _engine(recipe, name: str, staging: Path, log) -> dict[str, Any]:
     build_dir = layout.build_dir(name)
     if not (build_dir / "build.json").is_file():
         raise BadInput(f"no build for recipe {name}", where=str(build_dir), fix=f"run `qpipe build {name}` first")
+    build = read_json(build_dir / "build.json")
+    if build.get("status") == "refused":
+        return {"status": "not_run", "reason": f"the build was refused: {build['reason']}"}
+    if "trtllm" not in build["exports"]:
+        reason = (f"ModelOpt wrote no TensorRT-LLM checkpoint for {build['modelopt']['architecture']}, so there is "
+                  f"nothing for trtllm-build; its unified checkpoint ({modelopt.HF_DIR}/) runs on "
+                  f"{build['exports']['hf']['runs_on']}")
+        if recipe.engine.build == "required":
+            raise BadInput(f"an engine was required, but {reason}", where=recipe.where("engine.build"),
+                           fix="set engine.build: auto for this model")
+        return {"status": "not_run", "reason": reason}
+
     target = tensorrt_llm.engine_target()
     engine_dir = staging / tensorrt_llm.engine_dir_name(target)
     started = time.perf_counter()

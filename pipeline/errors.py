@@ -34,6 +34,12 @@ class BadInput(QpipeError):
     exit_code = 2
 
 
+class RecipeNotApplicable(BadInput):
+    """The recipe is valid but cannot apply to this model (a shape rule, an export the tool
+    lacks for its architecture). Found before any heavy work; the build stage records it as a
+    refusal, so that the other recipes still build and gate."""
+
+
 class HostLacks(QpipeError):
     """A runtime, tool or device that this host does not have was required."""
 

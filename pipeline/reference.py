@@ -83,7 +83,9 @@ def score_windows(model, windows: np.ndarray, top_k: int, device: str, progress=
 def run(params: ReferenceParams, source_dir: Path, evaluation_text: Path, out_dir: Path, log=print) -> dict[str, Any]:
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from pipeline.runtimes.transformers import load_causal_lm
 
     if not (Path(source_dir) / "source.json").is_file():
         raise BadInput("no source checkpoint", where=str(source_dir), fix="run `qpipe source` first")
@@ -96,7 +98,7 @@ def run(params: ReferenceParams, source_dir: Path, evaluation_text: Path, out_di
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=dtype).to(device).eval()
+    model = load_causal_lm(source_dir, dtype=dtype).to(device).eval()
     log(f"reference: scoring {params.windows} x {params.window_tokens} tokens with the unquantized "
         f"model ({str(dtype).removeprefix('torch.')}, {device})")
     started = time.perf_counter()

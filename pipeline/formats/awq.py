@@ -39,7 +39,7 @@ from pydantic import Field, field_validator
 
 from pipeline.config import RecipeBase
 from pipeline.corpus import calibration_windows
-from pipeline.errors import BadInput, HostLacks, QpipeError
+from pipeline.errors import BadInput, HostLacks, QpipeError, RecipeNotApplicable
 from pipeline.formats import calibration_host_knobs, calibration_plan, require_installed
 
 # 4-bit weight-only integer presets of compressed-tensors that pack as `pack-quantized`.
@@ -110,7 +110,7 @@ def check_group_size(widths: dict[str, int], group_size: int, ignore: list[str],
     common = math.gcd(*quantized.values())
     valid = [g for g in KERNEL_GROUP_SIZES if common % g == 0]
     name, width = next(iter(bad.items()))
-    raise BadInput(
+    raise RecipeNotApplicable(
         f"group_size {group_size} does not divide the input width {width} of layer {name} "
         f"({len(bad)} of {len(quantized)} quantized layers)",
         where=where,
@@ -132,7 +132,7 @@ def check_awq_mapping(model, where: str) -> dict[str, Any]:
     # llm-compressor falls back to Llama-style default mappings; they must match this model
     smooth_layers = [m.smooth_layer for m in default_mappings]
     if not any(True for _ in match_named_modules(model, smooth_layers)):
-        raise BadInput(
+        raise RecipeNotApplicable(
             f"llm-compressor has no AWQ mapping for architecture {architecture}, and its default "
             "(Llama-style) mapping matches none of its layers, so AWQ cannot run",
             where=where,
@@ -208,7 +208,9 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
           threads: int, log) -> dict[str, Any]:
     """Calibrate, quantize and save into out_dir; reload and compare; return build facts."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from pipeline.runtimes.transformers import load_causal_lm
 
     tools = tool_versions()
     require_installed(tools, "llmcompressor", "awq", recipe.where("format"))
@@ -218,7 +220,7 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     windows = calibration_windows(tokenizer, calibration_text, samples, recipe.calibration_seq_len,
                                   recipe.where("calibration_samples / calibration_seq_len"))
     dtype = getattr(torch, recipe.dtype)
-    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=dtype)
+    model = load_causal_lm(source_dir, dtype=dtype)
     mapping = check_awq_mapping(model, recipe.where("algorithm")) if recipe.algorithm == "awq" else None
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -310,9 +312,10 @@ def _oneshot(model, recipe: Recipe, windows: list[list[int]] | None, *, device: 
 def reload_logit_diff(out_dir: Path, window, calibrated_logits, dtype) -> float:
     """Largest |logit| difference between the calibrated model and the directory as saved."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype)
+    from pipeline.runtimes.transformers import load_causal_lm
+
+    reloaded = load_causal_lm(out_dir, dtype=dtype)
     with torch.inference_mode():
         logits = reloaded(window).logits.float()
     return float((logits - calibrated_logits).abs().max())

@@ -51,7 +51,7 @@ from pydantic import Field, field_validator
 
 from pipeline.config import RecipeBase, Strict
 from pipeline.corpus import calibration_windows
-from pipeline.errors import BadInput, QpipeError
+from pipeline.errors import BadInput, QpipeError, RecipeNotApplicable
 from pipeline.formats import calibration_host_knobs, calibration_plan, require_installed
 
 # ModelOpt configs this format builds, exports and emulates -> the quant_algo they export as
@@ -76,8 +76,20 @@ NOT_BUILT = {
     "FP8_2D_BLOCKWISE": "only FP8_DEFAULT_CFG (per-tensor scales) is emulated; blockwise FP8 is not yet",
     "INT8_DEFAULT": "per-channel INT8 without SmoothQuant has no TensorRT-LLM legacy export path here",
 }
-# configs with a unified HF export that TensorRT-LLM's PyTorch backend and vLLM load
+# configs whose unified HF checkpoint is written for every model (beside the legacy one)
 UNIFIED_EXPORT_CONFIGS = ("FP8_DEFAULT_CFG",)
+# what loads each config's unified HF checkpoint (TensorRT-LLM's PyTorch backend
+# `_torch/modules/linear.py` quant methods, vLLM's `modelopt.py` QUANT_ALGOS)
+UNIFIED_RUNTIMES = {
+    "FP8_DEFAULT_CFG": "TensorRT-LLM PyTorch backend, vLLM, SGLang",
+    "INT8_WEIGHT_ONLY_CFG": "TensorRT-LLM PyTorch backend (WeightOnlyQuantLinearMethod)",
+}
+UNIFIED_NOT_LOADED = {
+    "INT8_SMOOTHQUANT_CFG": "neither TensorRT-LLM's PyTorch backend nor vLLM loads a unified INT8 SmoothQuant "
+                            "(W8A8_SQ_PER_CHANNEL) checkpoint",
+}
+# ModelOpt 0.47 decoder types with a legacy TensorRT-LLM export that the emulation reads
+LEGACY_EXPORT_DECODERS = ("llama", "qwen")
 KV_CACHE_CONFIGS = {"fp8": "FP8_KV_CFG"}
 TRTLLM_DIR = "trtllm_checkpoint"
 HF_DIR = "hf_checkpoint"
@@ -146,19 +158,32 @@ def quant_config(recipe: Recipe) -> dict[str, Any]:
 
 
 def decoder_type(architecture: str, where: str) -> str:
-    """ModelOpt's TensorRT-LLM decoder type for an architecture, or a refusal naming it. The
-    emulation reads Llama-style checkpoints, so only those are built."""
+    """ModelOpt's decoder type for an architecture, or a refusal naming it."""
     from modelopt.torch.export.model_utils import MODEL_NAME_TO_TYPE
 
     found = next((kind for key, kind in MODEL_NAME_TO_TYPE.items() if key.lower() in architecture.lower()), None)
     if found is None:
-        raise BadInput(f"ModelOpt cannot export architecture {architecture} to a TensorRT-LLM checkpoint",
-                       where=where, fix="use a GGUF or AWQ recipe for this model")
-    if found != "llama":
-        raise BadInput(f"architecture {architecture} exports as ModelOpt decoder {found!r}, and qpipe emulates "
-                       "only Llama-style checkpoints, so its files could not be checked",
+        raise BadInput(f"ModelOpt cannot export architecture {architecture}",
                        where=where, fix="use a GGUF or AWQ recipe for this model")
     return found
+
+
+def export_plan(recipe: Recipe, architecture: str, where: str) -> dict[str, Any]:
+    """Which checkpoints the build writes for this model, and which one the gates score, decided
+    before any weight is loaded. ModelOpt 0.47 writes the legacy TensorRT-LLM checkpoint only for
+    the decoders in ``LEGACY_EXPORT_DECODERS`` (it raises NotImplementedError for Gemma 2/3 and
+    Phi-3, pointing to the unified checkpoint); the unified HF checkpoint is written for every
+    model where a runtime loads it for this config. A config with neither is refused here."""
+    decoder = decoder_type(architecture, where)
+    legacy = decoder in LEGACY_EXPORT_DECODERS
+    unified = recipe.config in UNIFIED_EXPORT_CONFIGS or (not legacy and recipe.config in UNIFIED_RUNTIMES)
+    if not legacy and not unified:
+        raise RecipeNotApplicable(
+            f"{recipe.config} cannot ship for {architecture}: ModelOpt writes no TensorRT-LLM checkpoint for "
+            f"decoder {decoder!r}, and {UNIFIED_NOT_LOADED[recipe.config]}",
+            where=where, fix="drop this recipe for this model, or use trtllm-fp8 / trtllm-int8-wo")
+    return {"decoder": decoder, "trtllm": legacy, "hf": unified,
+            "scored": TRTLLM_DIR if legacy else HF_DIR}
 
 
 # ---------------------------------------------------------------- build
@@ -167,18 +192,20 @@ def decoder_type(architecture: str, where: str) -> str:
 def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: Path,
           threads: int, log) -> dict[str, Any]:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pipeline.runtimes.transformers import load_causal_lm
 
     tools = tool_versions()
     require_installed(tools, "nvidia-modelopt", "modelopt", recipe.where("format"))
     device, samples = calibration_plan(recipe, threads)
     architecture = AutoConfig.from_pretrained(source_dir).architectures[0]
-    decoder = decoder_type(architecture, f"{source_dir}/config.json: architectures")
+    plan = export_plan(recipe, architecture, f"{source_dir}/config.json: architectures")
     config = quant_config(recipe)
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     calibration, held_out = split_calibration_text(tokenizer, calibration_text, recipe, samples)
     dtype = getattr(torch, recipe.dtype)
-    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).to(device).eval()
+    model = load_causal_lm(source_dir, dtype=torch.float32).to(device).eval()
 
     timings: dict[str, float] = {}
     log(f"ModelOpt {recipe.config}{' + ' + KV_CACHE_CONFIGS[recipe.kv_cache] if recipe.kv_cache != 'none' else ''} "
@@ -194,9 +221,16 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     timings["fake_quant_eval_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    exports = {"trtllm": export_trtllm(copy.deepcopy(model), decoder, dtype, out_dir / TRTLLM_DIR, source_dir)}
-    if recipe.config in UNIFIED_EXPORT_CONFIGS:
+    exports = {}
+    if plan["trtllm"]:
+        from pipeline.runtimes.checkpoint_emulation import SOURCE_CONFIG
+
+        shutil.copy2(Path(source_dir) / "config.json", out_dir / SOURCE_CONFIG)  # the emulation's HF model
+        exports["trtllm"] = export_trtllm(copy.deepcopy(model), plan["decoder"], dtype, out_dir / TRTLLM_DIR,
+                                          source_dir)
+    if plan["hf"]:
         exports["hf"] = export_hf(model, dtype, out_dir / HF_DIR, source_dir)
+        exports["hf"]["runs_on"] = UNIFIED_RUNTIMES[recipe.config]
     timings["export_s"] = time.perf_counter() - started
     del model
     log(f"exported {', '.join(exports)} checkpoint(s); fake-quant ppl {fake_quant_ppl:.4f} on "
@@ -206,7 +240,7 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     crosscheck = {"windows": len(held_out), "window_tokens": recipe.crosscheck_seq_len,
                   "fake_quant_ppl": fake_quant_ppl, "limit": recipe.max_crosscheck_ppl_gap, "exports": {}}
     for layout, facts in exports.items():
-        emulated = emulated_ppl(out_dir / facts["dir"], held_out, threads)
+        emulated = emulated_ppl(out_dir / facts["dir"], held_out, threads, source_dir)
         gap = abs(emulated / fake_quant_ppl - 1)
         crosscheck["exports"][layout] = {"emulated_ppl": emulated, "gap": gap}
         log(f"cross-check {facts['dir']}: emulated ppl {emulated:.4f} vs fake-quant {fake_quant_ppl:.4f} "
@@ -226,7 +260,7 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
         "peak_gpu_mb": peak_gpu_mb,
         "dtype": recipe.dtype,
         "modelopt": {"config": recipe.config, "kv_cache_config": KV_CACHE_CONFIGS.get(recipe.kv_cache),
-                     "decoder_type": decoder, "architecture": architecture},
+                     "decoder_type": plan["decoder"], "architecture": architecture, "scored": plan["scored"]},
         "calibration": {"samples": samples, "seq_len": recipe.calibration_seq_len,
                         "tokens": samples * recipe.calibration_seq_len, "device": device,
                         "text": str(calibration_text)},
@@ -273,11 +307,12 @@ def windows_ppl(logits: Iterator[np.ndarray], windows: list[list[int]]) -> float
     return float(math.exp(np.concatenate(nll).mean()))
 
 
-def emulated_ppl(checkpoint_dir: Path, windows: list[list[int]], threads: int) -> float:
+def emulated_ppl(checkpoint_dir: Path, windows: list[list[int]], threads: int, source_dir: Path) -> float:
     from pipeline.runtimes import checkpoint_emulation
 
-    return windows_ppl(checkpoint_emulation.window_logits(checkpoint_dir, np.asarray(windows), threads=threads),
-                       windows)
+    hf_config = json.loads((Path(source_dir) / "config.json").read_text())
+    return windows_ppl(checkpoint_emulation.window_logits(checkpoint_dir, np.asarray(windows), threads=threads,
+                                                          hf_config=hf_config), windows)
 
 
 def export_trtllm(model, decoder: str, dtype, export_dir: Path, source_dir: Path) -> dict[str, Any]:
@@ -285,9 +320,15 @@ def export_trtllm(model, decoder: str, dtype, export_dir: Path, source_dir: Path
     installed: it only warns that the module is missing)."""
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
-    rope_theta = (getattr(model.config, "rope_parameters", None) or {}).get("rope_theta")
+    rope = dict(getattr(model.config, "rope_parameters", None) or {})
+    rope_theta = rope.get("rope_theta")
     if rope_theta is not None and getattr(model.config, "rope_theta", None) is None:
         model.config.rope_theta = rope_theta
+    if rope.get("rope_type", "default") != "default" and not model.config.__dict__.get("rope_scaling"):
+        # ModelOpt reads transformers 4's rope_scaling from config.__dict__ (transformers 5 keeps
+        # it in rope_parameters); TensorRT-LLM reads the scaling's "type"
+        scaling = {key: value for key, value in rope.items() if key != "rope_theta"}
+        model.config.__dict__["rope_scaling"] = {**scaling, "type": rope["rope_type"]}
     export_tensorrt_llm_checkpoint(model, decoder, dtype=dtype, export_dir=str(export_dir), inference_tensor_parallel=1)
     written = json.loads((export_dir / "config.json").read_text())
     if rope_theta is not None and written.get("rotary_base") != rope_theta:
@@ -339,16 +380,20 @@ def tool_versions() -> dict[str, str | None]:
 
 
 def artifact_path(build_dir: Path) -> Path:
-    """The legacy TensorRT-LLM checkpoint: what trtllm-build reads and the gates score. The
-    unified checkpoint (FP8) sits beside it in hf_checkpoint/."""
-    return Path(build_dir) / TRTLLM_DIR
+    """The checkpoint the gates score and the report sizes: the legacy TensorRT-LLM checkpoint
+    (what trtllm-build reads) where ModelOpt wrote one, else the unified HF checkpoint. For FP8
+    on Llama- and Qwen-style models the unified checkpoint sits beside the legacy one."""
+    legacy = Path(build_dir) / TRTLLM_DIR
+    return legacy if legacy.is_dir() or not (Path(build_dir) / HF_DIR).is_dir() else Path(build_dir) / HF_DIR
 
 
-_SCALE_SUFFIXES = ("scaling_factor",)
+# scale tensors of both layouts (TensorRT-LLM's *_scaling_factor; the unified checkpoint's)
+_SCALE_SUFFIXES = ("scaling_factor", "weight_scale", "input_scale", "k_scale", "v_scale", "pre_quant_scale")
+_EMBEDDINGS = ("transformer.vocab_embedding.weight", "model.embed_tokens.weight")
 
 
 def bits_per_weight(build_dir: Path) -> float:
-    """Stored bits (codes, scales, unquantized tensors) per weight of the TensorRT-LLM checkpoint."""
+    """Stored bits (codes, scales, unquantized tensors) per weight of the scored checkpoint."""
     from pipeline.files import safetensors_table
 
     table = safetensors_table(artifact_path(build_dir))
@@ -364,14 +409,18 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
 
     checkpoint = artifact_path(build_dir)
     table = safetensors_table(checkpoint)
-    weights = sum(size for name, shape, size in table if name != "transformer.vocab_embedding.weight")
-    weights += sum(size // shape[0] for name, shape, size in table if name == "transformer.vocab_embedding.weight")
+    weights = sum(size for name, shape, size in table if name not in _EMBEDDINGS)
+    weights += sum(size // shape[0] for name, shape, size in table if name in _EMBEDDINGS)
     config = json.loads((checkpoint / "config.json").read_text())
+    if "quantization" in config:  # TensorRT-LLM's names
+        kv_algo, head_dim = config["quantization"].get("kv_cache_quant_algo"), config.get("head_size")
+    else:
+        kv_algo = json.loads((checkpoint / "hf_quant_config.json").read_text())["quantization"].get("kv_cache_quant_algo")
+        head_dim = config.get("head_dim")
     heads = config["num_attention_heads"]
-    kv_bytes = 1 if config["quantization"].get("kv_cache_quant_algo") == "FP8" else 2
     kv_cache = kv_cache_bytes(config["num_hidden_layers"], config.get("num_key_value_heads") or heads,
-                              config.get("head_size") or config["hidden_size"] // heads, context_tokens,
-                              bytes_per_value=kv_bytes)
+                              head_dim or config["hidden_size"] // heads, context_tokens,
+                              bytes_per_value=1 if kv_algo == "FP8" else 2)
     return {"weights": float(weights), "kv_cache": float(kv_cache), "total": float(weights + kv_cache)}
 
 

@@ -2,18 +2,24 @@
 
 Where TensorRT-LLM or a CUDA GPU is absent, the accuracy gate of a ModelOpt build still scores
 the files as written: this module reads the stored quantized weights and their scales, the
-stored activation scales and the KV-cache format, rebuilds every Linear layer in PyTorch with
-that arithmetic, and runs the model over the reference windows. It never touches the model
-ModelOpt calibrated in memory: its purpose is to prove the files on disk are right.
+stored activation scales and the KV-cache format, places them onto the transformers model of
+the checkpoint's own architecture, and runs it over the reference windows. Only the quantized
+matmuls and the KV-cache casts are emulated; everything else (norms and their offsets, RoPE and
+its scaling, sliding windows, soft-capping, embedding scales, fused projections) is
+transformers' own code for that family, so no decoder is written here. It never touches the
+model ModelOpt calibrated in memory: its purpose is to prove the files on disk are right.
 
 Two layouts, both written by ModelOpt's exporters:
 
 - ``trtllm`` (the legacy TensorRT-LLM checkpoint ``trtllm-build`` reads): config.json with
   ``quantization.quant_algo`` and ``rank0.safetensors`` with TensorRT-LLM's names
-  (``transformer.layers.N.attention.qkv``: q, k and v fused with shared activation scales);
+  (``transformer.layers.N.attention.qkv``: q, k and v fused with shared activation scales).
+  It does not name the HF architecture's details, so the model's HF config is passed in (the
+  build keeps the source's config.json beside the checkpoint), and every geometry and RoPE
+  field the TensorRT-LLM config does state must agree with it, or the checkpoint is refused;
 - ``hf`` (the unified checkpoint TensorRT-LLM's PyTorch backend and vLLM load): config.json with
   ``quantization_config.quant_method: modelopt``, hf_quant_config.json and HF tensor names
-  with ``weight_scale`` / ``input_scale``.
+  with ``weight_scale`` / ``input_scale``; its config.json is the HF config.
 
 The arithmetic, per ``quant_algo`` (scales are dequantization scales, real = code x scale):
 
@@ -29,10 +35,11 @@ The arithmetic, per ``quant_algo`` (scales are dequantization scales, real = cod
 - ``kv_cache_quant_algo: FP8``: keys (after RoPE) and values are quantized to e4m3 with the
   layer's ``kv_cache_scaling_factor`` before attention, as a cache would store them.
 
-Non-quantized tensors (embeddings, norms, lm_head) keep their stored dtype (bf16), and the
-activations between layers are rounded to that dtype, as the engine's are. Anything else
-(another quant_algo, KV-cache format, architecture, RoPE scaling or tensor parallelism) is
-refused with ``UnsupportedCheckpoint``, never guessed.
+A stored bias is added in fp32 after the product. Non-quantized tensors (embeddings, norms,
+lm_head) keep their stored dtype (bf16), and the activations between layers are rounded to that
+dtype, as the engine's are. Anything else (another quant_algo or KV-cache format, a tensor the
+model has no place for, a parameter the checkpoint lacks, tensor parallelism) is refused with
+``UnsupportedCheckpoint``, never guessed.
 """
 
 from __future__ import annotations
@@ -54,8 +61,9 @@ QUANT_ALGOS = {
     "W8A16": "int8 weights per channel, bf16 activations",
 }
 KV_CACHE_ALGOS = {None: "bf16 KV cache", "FP8": "fp8 e4m3 KV cache"}
-ARCHITECTURES = ("LlamaForCausalLM",)
-ATTENTION_NAME = "qpipe_quantized_kv"
+# ModelOpt decoder types whose legacy TensorRT-LLM tensor names this module maps back to HF modules
+TRTLLM_DECODERS = ("llama", "qwen")
+SOURCE_CONFIG = "source_config.json"  # the HF config a build keeps beside a TensorRT-LLM checkpoint
 
 
 class UnsupportedCheckpoint(BadInput):
@@ -72,15 +80,13 @@ def name(checkpoint_dir: Path) -> str:
             f"TensorRT-LLM arithmetic in PyTorch {package_version('torch')}")
 
 
-def unavailable_reason() -> str | None:
-    return None  # torch and transformers are core dependencies
-
-
 # ---------------------------------------------------------------- reading the checkpoint
 
 
-def read_config(checkpoint_dir: Path) -> dict[str, Any]:
-    """The facts the emulation needs, from either layout's config files, or a refusal."""
+def read_config(checkpoint_dir: Path, hf_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The facts the emulation needs, from either layout's config files, or a refusal. With
+    ``hf_config`` (the model's HF config.json, needed to load a ``trtllm`` checkpoint), the
+    facts include it, checked against what the TensorRT-LLM config states."""
     checkpoint_dir = Path(checkpoint_dir)
     config_path = checkpoint_dir / "config.json"
     if not config_path.is_file():
@@ -89,9 +95,14 @@ def read_config(checkpoint_dir: Path) -> dict[str, Any]:
     config = json.loads(config_path.read_text())
     if "quantization" in config and "architecture" in config:
         facts = _trtllm_facts(config, str(config_path))
+        if hf_config is not None:
+            check_trtllm_config(config, hf_config, str(config_path))
     elif (checkpoint_dir / "hf_quant_config.json").is_file():
         quant = json.loads((checkpoint_dir / "hf_quant_config.json").read_text())["quantization"]
-        facts = _hf_facts(config, quant, str(config_path))
+        hf_config = {key: value for key, value in config.items() if key != "quantization_config"}
+        facts = {"layout": "hf", "architecture": (config.get("architectures") or ["?"])[0],
+                 "quant_algo": quant.get("quant_algo"), "kv_cache_quant_algo": quant.get("kv_cache_quant_algo"),
+                 "dtype": config.get("dtype") or config.get("torch_dtype") or "bfloat16"}
     else:
         raise UnsupportedCheckpoint(
             "not a ModelOpt checkpoint: config.json has neither TensorRT-LLM's `quantization` nor a "
@@ -106,72 +117,62 @@ def read_config(checkpoint_dir: Path) -> dict[str, Any]:
         raise UnsupportedCheckpoint(
             f"kv_cache_quant_algo {facts['kv_cache_quant_algo']!r} is not one the emulation knows",
             where=where, fix="use kv_cache: fp8 or kv_cache: none in the recipe")
+    if hf_config is not None:
+        heads = hf_config["num_attention_heads"]
+        facts.update(hf_config=hf_config, num_attention_heads=heads,
+                     num_key_value_heads=hf_config.get("num_key_value_heads") or heads,
+                     head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads)
     return facts
 
 
 def _trtllm_facts(config: dict[str, Any], where: str) -> dict[str, Any]:
-    if config["architecture"] not in ARCHITECTURES:
-        raise UnsupportedCheckpoint(f"architecture {config['architecture']} is not emulated",
-                                    where=f"{where}: architecture", fix=f"supported: {', '.join(ARCHITECTURES)}")
+    if config.get("decoder", "llama") not in TRTLLM_DECODERS:
+        raise UnsupportedCheckpoint(f"TensorRT-LLM decoder {config.get('decoder')!r} ({config['architecture']}) "
+                                    "is not emulated", where=f"{where}: decoder",
+                                    fix=f"supported decoders: {', '.join(TRTLLM_DECODERS)}")
     mapping = config.get("mapping", {})
     if mapping.get("world_size", 1) != 1:
         raise UnsupportedCheckpoint(f"a {mapping['world_size']}-rank checkpoint is not emulated",
                                     where=f"{where}: mapping", fix="export with inference_tensor_parallel=1")
-    if config.get("position_embedding_type") != "rope_gpt_neox" or config.get("rotary_scaling"):
-        raise UnsupportedCheckpoint(
-            f"position embedding {config.get('position_embedding_type')} "
-            f"(scaling {config.get('rotary_scaling')}) is not emulated",
-            where=f"{where}: position_embedding_type", fix="only plain rope_gpt_neox is emulated")
     quant = config["quantization"]
-    return {
-        "layout": "trtllm",
-        "quant_algo": quant.get("quant_algo"),
-        "kv_cache_quant_algo": quant.get("kv_cache_quant_algo"),
-        "dtype": config["dtype"],
-        "vocab_size": config["vocab_size"],
-        "hidden_size": config["hidden_size"],
-        "intermediate_size": config["intermediate_size"],
-        "num_hidden_layers": config["num_hidden_layers"],
-        "num_attention_heads": config["num_attention_heads"],
-        "num_key_value_heads": config.get("num_key_value_heads") or config["num_attention_heads"],
-        "head_dim": config.get("head_size") or config["hidden_size"] // config["num_attention_heads"],
-        "rms_norm_eps": config["norm_epsilon"],
-        "hidden_act": config["hidden_act"],
-        # TensorRT-LLM's default when the key is missing, so a dropped RoPE base shows in the scores
-        "rope_theta": config.get("rotary_base", 10000.0),
-        "max_position_embeddings": config["max_position_embeddings"],
-        "tie_word_embeddings": bool(config.get("share_embedding_table")),
-    }
+    return {"layout": "trtllm", "architecture": config["architecture"], "quant_algo": quant.get("quant_algo"),
+            "kv_cache_quant_algo": quant.get("kv_cache_quant_algo"), "dtype": config["dtype"]}
 
 
-def _hf_facts(config: dict[str, Any], quant: dict[str, Any], where: str) -> dict[str, Any]:
-    architecture = (config.get("architectures") or ["?"])[0]
-    if architecture not in ARCHITECTURES:
-        raise UnsupportedCheckpoint(f"architecture {architecture} is not emulated", where=f"{where}: architectures",
-                                    fix=f"supported: {', '.join(ARCHITECTURES)}")
-    rope = config.get("rope_parameters") or {"rope_type": "default", "rope_theta": config.get("rope_theta", 10000.0)}
-    if rope.get("rope_type", "default") != "default":
-        raise UnsupportedCheckpoint(f"RoPE type {rope['rope_type']} is not emulated", where=f"{where}: rope_parameters",
-                                    fix="only default RoPE is emulated")
-    heads = config["num_attention_heads"]
-    return {
-        "layout": "hf",
-        "quant_algo": quant.get("quant_algo"),
-        "kv_cache_quant_algo": quant.get("kv_cache_quant_algo"),
-        "dtype": config.get("dtype") or config.get("torch_dtype") or "bfloat16",
-        "vocab_size": config["vocab_size"],
-        "hidden_size": config["hidden_size"],
-        "intermediate_size": config["intermediate_size"],
-        "num_hidden_layers": config["num_hidden_layers"],
-        "num_attention_heads": heads,
-        "num_key_value_heads": config.get("num_key_value_heads") or heads,
-        "head_dim": config.get("head_dim") or config["hidden_size"] // heads,
-        "rms_norm_eps": config["rms_norm_eps"],
-        "hidden_act": config["hidden_act"],
-        "rope_theta": rope["rope_theta"],
-        "max_position_embeddings": config["max_position_embeddings"],
-        "tie_word_embeddings": bool(config.get("tie_word_embeddings")),
+def rope_of(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """The HF config's RoPE parameters (transformers 5 ``rope_parameters``, else 4's keys)."""
+    rope = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", hf_config.get("rope_theta", 10000.0))
+    rope["rope_type"] = rope.get("rope_type") or rope.get("type") or "default"
+    return rope
+
+
+def check_trtllm_config(config: dict[str, Any], hf_config: dict[str, Any], where: str) -> None:
+    """What the TensorRT-LLM config states must be the HF model's: its geometry and its RoPE
+    (a dropped RoPE base or scaling would make the engine compute another model)."""
+    heads = hf_config["num_attention_heads"]
+    rope = rope_of(hf_config)
+    expected = {
+        "vocab_size": hf_config["vocab_size"], "hidden_size": hf_config["hidden_size"],
+        "intermediate_size": hf_config["intermediate_size"], "num_hidden_layers": hf_config["num_hidden_layers"],
+        "num_attention_heads": heads, "num_key_value_heads": hf_config.get("num_key_value_heads") or heads,
+        "head_size": hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
+        # TensorRT-LLM's default when the key is missing, so a dropped RoPE base is caught
+        "rotary_base": float(rope["rope_theta"]),
+        "rotary_scaling": rope["rope_type"] if rope["rope_type"] != "default" else None,
     }
+    stated = {key: config.get(key) for key in expected}
+    stated["rotary_base"] = float(config.get("rotary_base", 10000.0))
+    scaling = config.get("rotary_scaling")
+    stated["rotary_scaling"] = (scaling.get("rope_type") or scaling.get("type")) if scaling else None
+    wrong = {key: (stated[key], value) for key, value in expected.items()
+             if stated[key] != value and not (key == "num_key_value_heads" and stated[key] is None)}
+    if wrong:
+        key, (found, want) = next(iter(wrong.items()))
+        raise UnsupportedCheckpoint(
+            f"the TensorRT-LLM checkpoint's {key} is {found!r}, the model's is {want!r} "
+            f"({len(wrong)} field{'s' if len(wrong) > 1 else ''} disagree)", where=f"{where}: {key}",
+            fix="rebuild it; if it persists, report it with build.json's tool versions")
 
 
 # ---------------------------------------------------------------- the arithmetic
@@ -199,14 +200,15 @@ def fake_quantize_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 class EmulatedLinear(torch.nn.Module):
-    """y = quantize(x * smoothing) @ dequantize(W).T in fp32, rounded to the model's dtype."""
+    """y = quantize(x * smoothing) @ dequantize(W).T (+ bias) in fp32, rounded to the model's dtype."""
 
     def __init__(self, weight: torch.Tensor, *, input_format: str | None, input_scale: torch.Tensor | None,
-                 smoothing: torch.Tensor | None, out_dtype: torch.dtype):
+                 smoothing: torch.Tensor | None, out_dtype: torch.dtype, bias: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("weight", weight, persistent=False)  # dequantized, fp32
         self.register_buffer("input_scale", input_scale, persistent=False)
         self.register_buffer("smoothing", smoothing, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
         self.input_format = input_format
         self.out_dtype = out_dtype
         self.out_features, self.in_features = weight.shape
@@ -219,18 +221,20 @@ class EmulatedLinear(torch.nn.Module):
             x = fake_quantize_fp8(x, self.input_scale)
         elif self.input_format == "int8":
             x = fake_quantize_int8(x, self.input_scale)
-        return torch.nn.functional.linear(x, self.weight).to(self.out_dtype)
+        return torch.nn.functional.linear(x, self.weight, self.bias).to(self.out_dtype)
 
 
 INPUT_FORMAT = {"FP8": "fp8", "W8A8_SQ_PER_CHANNEL": "int8", "W8A16": None}
 
 
 def linear_from_tensors(tensors: dict[str, Any], quant_algo: str | None, out_dtype: torch.dtype) -> torch.nn.Module:
-    """One Linear from its stored tensors (weight, weight_scale, input_scale, smoothing)."""
-    weight = tensors["weight"]
+    """One Linear from its stored tensors (weight, bias, weight_scale, input_scale, smoothing)."""
+    weight, bias = tensors["weight"], tensors.get("bias")
     if weight.dtype not in (torch.float8_e4m3fn, torch.int8):
-        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
         linear.weight.data = weight
+        if bias is not None:
+            linear.bias.data = bias.to(weight.dtype)
         return linear
     if quant_algo not in QUANT_ALGOS:
         raise UnsupportedCheckpoint(f"a {weight.dtype} weight in a checkpoint whose quant_algo is {quant_algo!r}",
@@ -242,21 +246,26 @@ def linear_from_tensors(tensors: dict[str, Any], quant_algo: str | None, out_dty
         input_scale=tensors["input_scale"] if input_format else None,
         smoothing=tensors.get("smoothing"),
         out_dtype=out_dtype,
+        bias=bias,
     )
 
 
 # ---------------------------------------------------------------- layouts -> HF module names
 
 
+# legacy TensorRT-LLM names (decoders llama and qwen) -> HF modules. mlp.fc goes through the
+# activation (HF gate_proj), mlp.gate is HF up_proj.
 TRTLLM_LINEARS = {"attention.dense": "self_attn.o_proj", "mlp.fc": "mlp.gate_proj",
                   "mlp.gate": "mlp.up_proj", "mlp.proj": "mlp.down_proj"}
-TRTLLM_SUFFIXES = {"weight": "weight", "weights_scaling_factor": "weight_scale",
+TRTLLM_NORMS = {"input_layernorm": "input_layernorm", "post_layernorm": "post_attention_layernorm",
+                "attention.q_layernorm": "self_attn.q_norm", "attention.k_layernorm": "self_attn.k_norm"}
+TRTLLM_SUFFIXES = {"weight": "weight", "bias": "bias", "weights_scaling_factor": "weight_scale",
                    "activation_scaling_factor": "input_scale", "prequant_scaling_factor": "smoothing"}
 # ModelOpt writes kv_cache_scaling_factor = max(k, v, 1.0) beside the k_ and v_ ones; TensorRT-LLM
 # 1.2 uses the kv_ one for both (and builds it from k_ and v_ by max only where it is missing)
 KV_SCALE_NAMES = {"attention.kv_cache_scaling_factor": "kv", "attention.k_cache_scaling_factor": "k",
                   "attention.v_cache_scaling_factor": "v"}
-HF_SUFFIXES = {"weight": "weight", "weight_scale": "weight_scale", "input_scale": "input_scale",
+HF_SUFFIXES = {"weight": "weight", "bias": "bias", "weight_scale": "weight_scale", "input_scale": "input_scale",
                "pre_quant_scale": "smoothing"}
 
 
@@ -272,15 +281,16 @@ def _load_tensors(checkpoint_dir: Path) -> dict[str, Any]:
     return tensors
 
 
-def layer_tensors(tensors: dict[str, Any], facts: dict[str, Any]) -> tuple[dict, dict[str, dict], dict]:
+def layer_tensors(tensors: dict[str, Any], facts: dict[str, Any],
+                  linear_modules: set[str] | None = None) -> tuple[dict, dict[str, dict], dict]:
     """Split a checkpoint's tensors into (plain HF parameters, {HF linear name: its tensors},
     {layer index: kv cache scale}). The trtllm layout's fused qkv becomes q, k and v, each
-    keeping the shared scales (per-channel scales are split with their rows)."""
+    keeping the shared scales (per-channel scales and the bias are split with their rows). In
+    the hf layout, a tensor belongs to a linear when its module is one of ``linear_modules``
+    (the model's nn.Linear names), else to a module ending in ``_proj``."""
     plain: dict[str, Any] = {}
     linears: dict[str, dict[str, Any]] = {}
     kv_scales: dict[int, Any] = {}
-    q_rows = facts["num_attention_heads"] * facts["head_dim"]
-    kv_rows = facts["num_key_value_heads"] * facts["head_dim"]
 
     def add(module: str, suffix: str, tensor) -> None:
         linears.setdefault(module, {})[suffix] = tensor
@@ -288,35 +298,40 @@ def layer_tensors(tensors: dict[str, Any], facts: dict[str, Any]) -> tuple[dict,
     if facts["layout"] == "hf":
         for key, tensor in tensors.items():
             module, _, suffix = key.rpartition(".")
+            is_linear = module in linear_modules if linear_modules is not None else module.endswith("_proj")
             if suffix in ("k_scale", "v_scale"):
                 kv_scales.setdefault(int(key.split(".")[2]), {})[suffix[0]] = tensor
-            elif module.endswith("_proj") and suffix in HF_SUFFIXES:
+            elif is_linear and suffix in HF_SUFFIXES:
                 add(module, HF_SUFFIXES[suffix], tensor)
             else:
                 plain[key] = tensor
         return plain, linears, kv_scales
 
+    q_rows = facts["num_attention_heads"] * facts["head_dim"]
+    kv_rows = facts["num_key_value_heads"] * facts["head_dim"]
     renames = {"transformer.vocab_embedding.weight": "model.embed_tokens.weight",
-               "transformer.ln_f.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+               "transformer.ln_f.weight": "model.norm.weight"}
     for key, tensor in tensors.items():
         if key in renames:
             plain[renames[key]] = tensor
             continue
+        if key.startswith("lm_head."):
+            add("lm_head", key.removeprefix("lm_head."), tensor)
+            continue
         parts = key.split(".")
         if parts[:2] != ["transformer", "layers"]:
             raise UnsupportedCheckpoint(f"unexpected tensor {key}", where="rank0.safetensors",
-                                        fix="the emulation reads Llama-style TensorRT-LLM checkpoints only")
+                                        fix="the emulation reads Llama- and Qwen-style TensorRT-LLM checkpoints only")
         index, rest = int(parts[2]), ".".join(parts[3:])
         prefix = f"model.layers.{index}"
         module, _, suffix = rest.rpartition(".")
-        if module in ("input_layernorm", "post_layernorm"):
-            hf = "input_layernorm" if module == "input_layernorm" else "post_attention_layernorm"
-            plain[f"{prefix}.{hf}.{suffix}"] = tensor
+        if module in TRTLLM_NORMS:
+            plain[f"{prefix}.{TRTLLM_NORMS[module]}.{suffix}"] = tensor
         elif rest in KV_SCALE_NAMES:
             kv_scales.setdefault(index, {})[KV_SCALE_NAMES[rest]] = tensor
         elif module == "attention.qkv" and suffix in TRTLLM_SUFFIXES:
             name = TRTLLM_SUFFIXES[suffix]
-            if name in ("weight", "weight_scale") and tensor.numel() > 1:
+            if name in ("weight", "weight_scale", "bias") and tensor.numel() > 1:
                 q, k, v = tensor.split([q_rows, kv_rows, kv_rows], dim=0)
             else:
                 q = k = v = tensor
@@ -326,22 +341,33 @@ def layer_tensors(tensors: dict[str, Any], facts: dict[str, Any]) -> tuple[dict,
             add(f"{prefix}.{TRTLLM_LINEARS[module]}", TRTLLM_SUFFIXES[suffix], tensor)
         else:
             raise UnsupportedCheckpoint(f"unexpected tensor {key}", where="rank0.safetensors",
-                                        fix="the emulation reads Llama-style TensorRT-LLM checkpoints only")
+                                        fix="the emulation reads Llama- and Qwen-style TensorRT-LLM checkpoints only")
     return plain, linears, kv_scales
 
 
 # ---------------------------------------------------------------- the model
 
 
-def _quantized_kv_attention(module, query, key, value, attention_mask, **kwargs):
-    """transformers attention with the KV cache's storage format applied to keys and values."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def _attention_with_kv_cast(base: str):
+    """The attention function transformers would use (``base``: sdpa, or the model module's own
+    eager one where soft-capping needs it), with the KV cache's storage format applied to keys
+    and values first."""
+    import sys
 
-    scales = getattr(module, "qpipe_kv_scales", None)
-    if scales is not None:
-        key = fake_quantize_fp8(key, scales["k"]).to(key.dtype)
-        value = fake_quantize_fp8(value, scales["v"]).to(value.dtype)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    from transformers import AttentionInterface
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        scales = getattr(module, "qpipe_kv_scales", None)
+        if scales is not None:
+            key = fake_quantize_fp8(key, scales["k"]).to(key.dtype)
+            value = fake_quantize_fp8(value, scales["v"]).to(value.dtype)
+        if base == "eager":
+            function = sys.modules[type(module).__module__].eager_attention_forward
+        else:
+            function = AttentionInterface._global_mapping[base]
+        return function(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
 
 
 def kv_scale_pair(scales: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
@@ -354,51 +380,77 @@ def kv_scale_pair(scales: dict[str, torch.Tensor], layout: str) -> dict[str, tor
     return {"k": shared, "v": shared}
 
 
-def load(checkpoint_dir: Path, threads: int):
-    """The emulated model: an HF Llama in the checkpoint's dtype whose Linear layers are
-    rebuilt from the stored codes and scales."""
-    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+def model_config_for(checkpoint_dir: Path) -> dict[str, Any] | None:
+    """The HF config a ``trtllm`` checkpoint is loaded with: the build's source_config.json,
+    kept beside the checkpoint directory (None where there is none)."""
+    path = Path(checkpoint_dir).parent / SOURCE_CONFIG
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load(checkpoint_dir: Path, threads: int, hf_config: dict[str, Any] | None = None):
+    """The emulated model: the transformers model of the checkpoint's architecture, in the
+    checkpoint's dtype, with every Linear rebuilt from the stored codes and scales."""
+    from accelerate import init_empty_weights
+    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from pipeline.runtimes.transformers import attention_implementation
 
     torch.set_num_threads(threads)
-    facts = read_config(checkpoint_dir)
+    hf_config = hf_config if hf_config is not None else model_config_for(checkpoint_dir)
+    facts = read_config(checkpoint_dir, hf_config)
+    if "hf_config" not in facts:
+        raise BadInput("a TensorRT-LLM checkpoint needs the model's HF config to be emulated",
+                       where=f"{Path(checkpoint_dir).parent / SOURCE_CONFIG}",
+                       fix="rebuild it with `qpipe build <recipe>`, which keeps the source config beside it")
     dtype = getattr(torch, facts["dtype"])
-    AttentionInterface.register(ATTENTION_NAME, _quantized_kv_attention)
-    config = LlamaConfig(
-        vocab_size=facts["vocab_size"], hidden_size=facts["hidden_size"],
-        intermediate_size=facts["intermediate_size"], num_hidden_layers=facts["num_hidden_layers"],
-        num_attention_heads=facts["num_attention_heads"], num_key_value_heads=facts["num_key_value_heads"],
-        head_dim=facts["head_dim"], rms_norm_eps=facts["rms_norm_eps"], hidden_act=facts["hidden_act"],
-        max_position_embeddings=facts["max_position_embeddings"],
-        rope_parameters={"rope_type": "default", "rope_theta": float(facts["rope_theta"])},
-        tie_word_embeddings=facts["tie_word_embeddings"], attention_bias=False, mlp_bias=False,
-    )
-    config._attn_implementation = ATTENTION_NAME
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    plain, linears, kv_scales = layer_tensors(_load_tensors(checkpoint_dir), facts)
+    config_dict = dict(facts["hf_config"])
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    base = attention_implementation(config) or "sdpa"  # what the source model is scored with
+    attention_name = f"qpipe_quantized_kv_{base}"
+    AttentionInterface.register(attention_name, _attention_with_kv_cast(base))
+    # the base's mask too: for a name it does not know, transformers builds no mask at all,
+    # which drops sliding windows (and, for eager attention, causality)
+    AttentionMaskInterface.register(attention_name, AttentionMaskInterface._global_mapping[base])
+    config._attn_implementation = attention_name
+    with init_empty_weights(include_buffers=False):  # parameters on meta; RoPE buffers computed
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    linear_modules = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    plain, linears, kv_scales = layer_tensors(_load_tensors(checkpoint_dir), facts, linear_modules)
+    if "lm_head" not in linears and config.tie_word_embeddings:
+        linears["lm_head"] = {"weight": plain["model.embed_tokens.weight"]}
+    unknown = sorted(set(linears) - linear_modules)
+    if unknown:
+        raise UnsupportedCheckpoint(f"the checkpoint has a linear layer {unknown[0]} that {type(model).__name__} "
+                                    f"lacks ({len(unknown)} in all)", where=str(checkpoint_dir),
+                                    fix="re-export the checkpoint from this model")
     for module_name, tensors in linears.items():
         parent_name, _, child = module_name.rpartition(".")
-        model.get_submodule(parent_name).register_module(
-            child, linear_from_tensors(tensors, facts["quant_algo"], dtype))
-    if facts["tie_word_embeddings"]:
-        plain.setdefault("lm_head.weight", plain["model.embed_tokens.weight"])
-    missing = model.load_state_dict(plain, strict=False, assign=True).missing_keys
-    missing = [key for key in missing if not key.endswith("rotary_emb.inv_freq")]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        parent.register_module(child, linear_from_tensors(tensors, facts["quant_algo"], dtype))
+    result = model.load_state_dict(plain, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise UnsupportedCheckpoint(f"the checkpoint has {len(result.unexpected_keys)} tensors "
+                                    f"{type(model).__name__} has no place for, e.g. {result.unexpected_keys[0]}",
+                                    where=str(checkpoint_dir), fix="re-export the checkpoint from this model")
+    missing = [name for name, parameter in model.named_parameters() if parameter.is_meta]
     if missing:
         raise UnsupportedCheckpoint(f"the checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}",
                                     where=str(checkpoint_dir), fix="re-export the checkpoint")
-    model.model.rotary_emb = type(model.model.rotary_emb)(config)  # inv_freq is computed, not stored
     if facts["kv_cache_quant_algo"] == "FP8":
-        for index, layer in enumerate(model.model.layers):
+        attentions = [m for n, m in model.named_modules() if n.endswith("self_attn")]
+        for index, attention in enumerate(attentions):
             if index not in kv_scales:
                 raise UnsupportedCheckpoint(f"layer {index} has no KV-cache scale although the cache is FP8",
                                             where=str(checkpoint_dir), fix="re-export the checkpoint")
-            layer.self_attn.qpipe_kv_scales = kv_scale_pair(kv_scales[index], facts["layout"])
+            attention.qpipe_kv_scales = kv_scale_pair(kv_scales[index], facts["layout"])
     return model.eval()
 
 
-def window_logits(checkpoint_dir: Path, windows: np.ndarray, *, threads: int) -> Iterator[np.ndarray]:
-    model = load(checkpoint_dir, threads)
+def window_logits(checkpoint_dir: Path, windows: np.ndarray, *, threads: int,
+                  hf_config: dict[str, Any] | None = None) -> Iterator[np.ndarray]:
+    model = load(checkpoint_dir, threads, hf_config)
     with torch.inference_mode():
         for window in windows:
             ids = torch.as_tensor(window, dtype=torch.long)[None]

@@ -26,14 +26,29 @@ def unavailable_reason() -> str | None:
     return None  # transformers is a core dependency
 
 
+def attention_implementation(config) -> str | None:
+    """The attention that computes the model as defined: "eager" where the config soft-caps
+    attention logits (Gemma 2), because transformers 5.17 picks SDPA by default and its SDPA
+    path ignores ``softcap``; else None (transformers' default)."""
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else None
+
+
+def load_causal_lm(model_dir: Path, **kwargs):
+    """AutoModelForCausalLM.from_pretrained with the attention that computes the model as defined."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention_implementation(config),
+                                                **kwargs)
+
+
 def load(model_dir: Path, threads: int):
     """The model in the dtype its config.json names, on a CUDA GPU if there is one."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
+    return load_causal_lm(model_dir, dtype="auto").to(device).eval()
 
 
 def window_logits(model_dir: Path, windows: np.ndarray, *, threads: int) -> Iterator[np.ndarray]:

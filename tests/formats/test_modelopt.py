@@ -67,8 +67,18 @@ def test_architectures_modelopt_cannot_export_are_named():
     assert modelopt.decoder_type("LlamaForCausalLM", "c") == "llama"
     with pytest.raises(BadInput, match="cannot export architecture FooBarForCausalLM"):
         modelopt.decoder_type("FooBarForCausalLM", "c")
-    with pytest.raises(BadInput, match="exports as ModelOpt decoder 'gpt'"):
-        modelopt.decoder_type("GPT2LMHeadModel", "c")
+
+
+def test_the_export_plan_follows_what_modelopt_writes_for_the_family():
+    from pipeline.errors import RecipeNotApplicable
+
+    assert modelopt.export_plan(recipe(config="FP8_DEFAULT_CFG"), "Qwen2ForCausalLM", "c") == {
+        "decoder": "qwen", "trtllm": True, "hf": True, "scored": "trtllm_checkpoint"}
+    assert modelopt.export_plan(recipe(config="INT8_WEIGHT_ONLY_CFG"), "LlamaForCausalLM", "c")["hf"] is False
+    assert modelopt.export_plan(recipe(config="INT8_WEIGHT_ONLY_CFG"), "Gemma2ForCausalLM", "c") == {
+        "decoder": "gemma2", "trtllm": False, "hf": True, "scored": "hf_checkpoint"}
+    with pytest.raises(RecipeNotApplicable, match="INT8_SMOOTHQUANT_CFG cannot ship for Phi3ForCausalLM"):
+        modelopt.export_plan(recipe(config="INT8_SMOOTHQUANT_CFG"), "Phi3ForCausalLM", "c")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +146,7 @@ def test_a_gap_over_the_limit_fails_the_build(tiny_llama, tmp_path, monkeypatch)
     emulation does see a wrong file, on the real model, is in tests/test_pipeline.py.)"""
     from pipeline.errors import QpipeError
 
-    monkeypatch.setattr(modelopt, "emulated_ppl", lambda checkpoint, windows, threads: 1e6)
+    monkeypatch.setattr(modelopt, "emulated_ppl", lambda checkpoint, windows, threads, source_dir: 1e6)
     with pytest.raises(QpipeError, match="does not compute what ModelOpt calibrated: emulated ppl 1000000") as info:
         modelopt.build(recipe(config="INT8_WEIGHT_ONLY_CFG", calibration_samples=1, calibration_seq_len=32,
                               crosscheck_windows=1),

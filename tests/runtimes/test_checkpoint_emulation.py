@@ -60,12 +60,22 @@ def test_unknown_quant_algo_is_refused_not_guessed(tmp_path):
         emulation.read_config(trtllm_config(tmp_path, kv_cache_quant_algo="INT8"))
 
 
-def test_missing_rope_base_reads_as_tensorrt_llms_default(tmp_path):
+HF_CONFIG = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+             "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4,
+             "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}}
+
+
+def test_the_trtllm_config_must_state_the_models_rope(tmp_path):
     config_dir = trtllm_config(tmp_path)
+    assert emulation.read_config(config_dir, HF_CONFIG)["head_dim"] == 4  # agrees: accepted
     config = json.loads((config_dir / "config.json").read_text())
-    del config["rotary_base"]
+    del config["rotary_base"]  # TensorRT-LLM then assumes 10000
     (config_dir / "config.json").write_text(json.dumps(config))
-    assert emulation.read_config(config_dir)["rope_theta"] == 10000.0
+    with pytest.raises(BadInput, match="rotary_base is 10000.0, the model's is 100000.0"):
+        emulation.read_config(config_dir, HF_CONFIG)
+    llama3 = {**HF_CONFIG, "rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}}
+    with pytest.raises(BadInput, match="rotary_scaling is None, the model's is 'llama3'"):
+        emulation.read_config(config_dir, llama3)
 
 
 def test_a_directory_without_modelopt_config_is_refused(tmp_path):
