@@ -1,4 +1,4 @@
-# make repro  - create .venv, install qpipe and its tools, run `dvc repro` on the default params
+# make repro  - create .venv, install qpipe and its tools, run `dvc repro --keep-going` on the default params
 # make test   - the same environment, then the test suite (what CI runs)
 PYTHON ?= python3
 VENV   := .venv
@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/qpipe setup-converter
 	touch $(STAMP)
 
+# --keep-going: a build that crashes stops only the stages that depend on it
 repro: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro --keep-going
 
 test: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q

@@ -40,7 +40,7 @@ def row(result: dict[str, Any], build: dict[str, Any] | None) -> dict[str, Any]:
         "recipe": result["recipe"],
         "format": result["format"],
         "bytes": result["artifact"]["bytes"],
-        "size_mb": result["artifact"]["bytes"] / 1e6,
+        "size_mb": result["artifact"]["bytes"] / 1e6 if result["artifact"]["bytes"] is not None else None,
         "bits_per_weight": result["artifact"].get("bits_per_weight"),
         "ppl": accuracy.get("ppl"),
         "ppl_ratio": accuracy.get("ppl_ratio"),

@@ -243,7 +243,7 @@ def test_the_emulation_sees_a_wrong_scale_in_the_file(repo, tmp_path):
     from pipeline import reference
 
     window = [reference.load(root / "artifacts/reference").tokens[0].tolist()]
-    right, wrong = (modelopt.emulated_ppl(path, window, threads=2) for path in (good, broken))
+    right, wrong = (modelopt.emulated_ppl(path, window, threads=2, source_dir=root / "artifacts/source") for path in (good, broken))
     assert wrong / right - 1 > 0.05
 
 

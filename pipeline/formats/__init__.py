@@ -16,6 +16,11 @@ A format module owns everything about its format and exposes:
 - ``decode_bytes_per_token(...)`` and ``bits_per_weight(...)`` for the roofline and report;
 - optionally ``host_build_knobs(host_info)``: host facts its build depends on.
 
+A build that finds, before any heavy work, that its recipe cannot apply to the model (a group
+size that does not divide a width, an export the tool lacks for the architecture) raises
+``errors.RecipeNotApplicable``: ``run_build`` then writes a ``refused`` build.json with the reason
+and succeeds, so the other recipes still build and gate, and ``check`` fails on it.
+
 Module import must stay light: heavy packages are imported inside the functions.
 """
 
@@ -98,7 +103,7 @@ def run_build(name: str, *, threads: int, log=print) -> dict:
 
     from pipeline import layout
     from pipeline.config import load_recipe
-    from pipeline.errors import BadInput
+    from pipeline.errors import BadInput, RecipeNotApplicable
     from pipeline.files import artifact_bytes, atomic_dir, sha256_artifact
     from pipeline.source import checkpoint_sha256
 
@@ -109,27 +114,47 @@ def run_build(name: str, *, threads: int, log=print) -> dict:
         raise BadInput("no calibration text", where=str(layout.CALIBRATION_TEXT), fix="run `qpipe corpus` first")
     fmt = module(recipe.format)
     started = time.perf_counter()
-    with atomic_dir(layout.build_dir(name)) as staging:
-        facts = fmt.build(recipe, source_dir=layout.SOURCE_DIR, calibration_text=layout.CALIBRATION_TEXT,
-                          out_dir=staging, threads=threads, log=log)
-        artifact = fmt.artifact_path(staging)
-        artifact_facts = {"file": artifact.name if artifact != staging else ".",
-                          "bytes": artifact_bytes(artifact), "sha256": sha256_artifact(artifact)}
-        peak_kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                       resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-        source = json.loads((layout.SOURCE_DIR / "source.json").read_text())
-        record = {
-            "recipe": name,
-            "format": recipe.format,
-            "resolved_recipe": recipe.model_dump(),
-            "source": {"origin": source["origin"], "sha256": checkpoint_sha256(layout.SOURCE_DIR)},
-            "artifact": artifact_facts,
-            **facts,
-            "wall_s": round(time.perf_counter() - started, 2),
-            "peak_rss_mb": round(peak_kib / 1024, 1),
-            "threads": threads,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        (staging / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+    try:
+        with atomic_dir(layout.build_dir(name)) as staging:
+            facts = fmt.build(recipe, source_dir=layout.SOURCE_DIR, calibration_text=layout.CALIBRATION_TEXT,
+                              out_dir=staging, threads=threads, log=log)
+            artifact = fmt.artifact_path(staging)
+            artifact_facts = {"file": artifact.name if artifact != staging else ".",
+                              "bytes": artifact_bytes(artifact), "sha256": sha256_artifact(artifact)}
+            peak_kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                           resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+            source = json.loads((layout.SOURCE_DIR / "source.json").read_text())
+            record = {
+                "recipe": name,
+                "format": recipe.format,
+                "resolved_recipe": recipe.model_dump(),
+                "source": {"origin": source["origin"], "sha256": checkpoint_sha256(layout.SOURCE_DIR)},
+                "artifact": artifact_facts,
+                **facts,
+                "wall_s": round(time.perf_counter() - started, 2),
+                "peak_rss_mb": round(peak_kib / 1024, 1),
+                "threads": threads,
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            (staging / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+    except RecipeNotApplicable as refusal:
+        return write_refusal(name, recipe, refusal, log)
     log(f"build {name}: {record['artifact']['bytes'] / 1e6:.1f} MB in {record['wall_s']:.1f} s")
+    return record
+
+
+def write_refusal(name: str, recipe, refusal, log=print) -> dict:
+    """A recipe that cannot apply to this model: build.json says ``refused`` and why, and the
+    stage succeeds, so that every other recipe still builds and gates; the gate records the
+    refusal and `qpipe check` (the last stage) fails on it."""
+    import json
+
+    from pipeline import layout
+    from pipeline.files import atomic_dir
+
+    record = {"recipe": name, "format": recipe.format, "status": "refused", "reason": refusal.what,
+              "where": refusal.where, "fix": refusal.fix, "resolved_recipe": recipe.model_dump()}
+    with atomic_dir(layout.build_dir(name)) as staging:
+        (staging / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(f"build {name}: refused for this model: {refusal.one_line().removeprefix('error: ')}")
     return record

@@ -27,6 +27,8 @@ def run_gate(name: str, *, speed_params, log=print) -> dict[str, Any]:
         raise BadInput(f"no build for recipe {name}", where=str(build_dir), fix=f"run `qpipe build {name}` first")
     build = read_json(build_dir / "build.json")
     host_info, threads = _host_and_threads(speed_params)
+    if build.get("status") == "refused":
+        return _write_refused(name, recipe, build, host_info, log)
     ref = reference.load(layout.REFERENCE_DIR)
 
     artifact = {
@@ -54,6 +56,29 @@ def run_gate(name: str, *, speed_params, log=print) -> dict[str, Any]:
     }
     write_json(layout.gate_file(name), result)
     log(f"gate {name}: {outcome}" + (f" ({'; '.join(reasons)})" if reasons else ""))
+    return result
+
+
+def _write_refused(name: str, recipe, build: dict[str, Any], host_info: dict[str, Any], log) -> dict[str, Any]:
+    """The gate result of a build refused for this model: nothing ran, verdict ``refused``."""
+    from pipeline import host
+    from pipeline.files import write_json
+
+    reason = f"the build was refused for this model: {build['reason']} (fix: {build['fix']})"
+    result = {
+        "recipe": name,
+        "format": recipe.format,
+        "artifact": {"path": None, "bytes": None, "sha256": None, "bits_per_weight": None},
+        "accuracy": {"status": "not_run", "reason": reason},
+        "speed": {"status": "not_run", "reason": reason},
+        "checks": [],
+        "require": recipe.gates.require,
+        "verdict": "refused",
+        "reasons": [reason],
+        "host": host.summary(host_info),
+    }
+    write_json(layout.gate_file(name), result)
+    log(f"gate {name}: refused ({build['reason']})")
     return result
 
 

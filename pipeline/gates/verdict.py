@@ -4,6 +4,8 @@ A check whose figure was not measured is `not_run`, never a pass. The verdict is
 - `fail` if any check failed;
 - `incomplete` if a gate named in `require` did not run, or one of its checks is `not_run`;
 - `pass` otherwise.
+A build refused for the model (``errors.RecipeNotApplicable``) gets `refused` from the gate
+stage without any check (``gates._write_refused``); like `fail` and `incomplete`, `check` fails on it.
 """
 
 from __future__ import annotations
