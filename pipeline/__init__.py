@@ -12,6 +12,7 @@ Design (the code's twin of DESIGN.md; change both together):
                                              tuning a limit re-runs the gate, not the build), plus
                                              the host facts a build depends on (AWQ: cpu or cuda)
     build@R   -> artifacts/builds/R/        the artifact + build.json (recipe, tools, timings, sizes)
+                                             or a `refused` build.json when R cannot apply to the model
     engine@R  -> artifacts/engines/R/       format modelopt: a TensorRT engine (trtllm-build, TensorRT-LLM
                                              1.2.x, CUDA) in <sm>-trt<version>/, else engine.json saying
                                              not_run and why; other formats: not_applicable
