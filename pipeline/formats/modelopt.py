@@ -240,7 +240,7 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     crosscheck = {"windows": len(held_out), "window_tokens": recipe.crosscheck_seq_len,
                   "fake_quant_ppl": fake_quant_ppl, "limit": recipe.max_crosscheck_ppl_gap, "exports": {}}
     for layout, facts in exports.items():
-        emulated = emulated_ppl(out_dir / facts["dir"], held_out, threads, source_dir)
+        emulated = emulated_ppl(out_dir / facts["dir"], held_out, threads)
         gap = abs(emulated / fake_quant_ppl - 1)
         crosscheck["exports"][layout] = {"emulated_ppl": emulated, "gap": gap}
         log(f"cross-check {facts['dir']}: emulated ppl {emulated:.4f} vs fake-quant {fake_quant_ppl:.4f} "
@@ -307,12 +307,13 @@ def windows_ppl(logits: Iterator[np.ndarray], windows: list[list[int]]) -> float
     return float(math.exp(np.concatenate(nll).mean()))
 
 
-def emulated_ppl(checkpoint_dir: Path, windows: list[list[int]], threads: int, source_dir: Path) -> float:
+def emulated_ppl(checkpoint_dir: Path, windows: list[list[int]], threads: int) -> float:
+    """Perplexity of the checkpoint as written, through the emulation: the same files, and for a
+    TensorRT-LLM checkpoint the same source_config.json beside it, that the gate will read."""
     from pipeline.runtimes import checkpoint_emulation
 
-    hf_config = json.loads((Path(source_dir) / "config.json").read_text())
-    return windows_ppl(checkpoint_emulation.window_logits(checkpoint_dir, np.asarray(windows), threads=threads,
-                                                          hf_config=hf_config), windows)
+    return windows_ppl(checkpoint_emulation.window_logits(checkpoint_dir, np.asarray(windows), threads=threads),
+                       windows)
 
 
 def export_trtllm(model, decoder: str, dtype, export_dir: Path, source_dir: Path) -> dict[str, Any]:

@@ -14,8 +14,8 @@ Two layouts, both written by ModelOpt's exporters:
 - ``trtllm`` (the legacy TensorRT-LLM checkpoint ``trtllm-build`` reads): config.json with
   ``quantization.quant_algo`` and ``rank0.safetensors`` with TensorRT-LLM's names
   (``transformer.layers.N.attention.qkv``: q, k and v fused with shared activation scales).
-  It does not name the HF architecture's details, so the model's HF config is passed in (the
-  build keeps the source's config.json beside the checkpoint), and every geometry and RoPE
+  It does not name the HF architecture's details, so the model's HF config is read from the
+  ``source_config.json`` the build keeps beside the checkpoint, and every geometry and RoPE
   field the TensorRT-LLM config does state must agree with it, or the checkpoint is refused;
 - ``hf`` (the unified checkpoint TensorRT-LLM's PyTorch backend and vLLM load): config.json with
   ``quantization_config.quant_method: modelopt``, hf_quant_config.json and HF tensor names
@@ -282,12 +282,12 @@ def _load_tensors(checkpoint_dir: Path) -> dict[str, Any]:
 
 
 def layer_tensors(tensors: dict[str, Any], facts: dict[str, Any],
-                  linear_modules: set[str] | None = None) -> tuple[dict, dict[str, dict], dict]:
+                  linear_modules: frozenset[str] | set[str] = frozenset()) -> tuple[dict, dict[str, dict], dict]:
     """Split a checkpoint's tensors into (plain HF parameters, {HF linear name: its tensors},
     {layer index: kv cache scale}). The trtllm layout's fused qkv becomes q, k and v, each
     keeping the shared scales (per-channel scales and the bias are split with their rows). In
     the hf layout, a tensor belongs to a linear when its module is one of ``linear_modules``
-    (the model's nn.Linear names), else to a module ending in ``_proj``."""
+    (the model's nn.Linear names)."""
     plain: dict[str, Any] = {}
     linears: dict[str, dict[str, Any]] = {}
     kv_scales: dict[int, Any] = {}
@@ -298,10 +298,9 @@ def layer_tensors(tensors: dict[str, Any], facts: dict[str, Any],
     if facts["layout"] == "hf":
         for key, tensor in tensors.items():
             module, _, suffix = key.rpartition(".")
-            is_linear = module in linear_modules if linear_modules is not None else module.endswith("_proj")
             if suffix in ("k_scale", "v_scale"):
                 kv_scales.setdefault(int(key.split(".")[2]), {})[suffix[0]] = tensor
-            elif is_linear and suffix in HF_SUFFIXES:
+            elif module in linear_modules and suffix in HF_SUFFIXES:
                 add(module, HF_SUFFIXES[suffix], tensor)
             else:
                 plain[key] = tensor
@@ -387,7 +386,7 @@ def model_config_for(checkpoint_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def load(checkpoint_dir: Path, threads: int, hf_config: dict[str, Any] | None = None):
+def load(checkpoint_dir: Path, threads: int):
     """The emulated model: the transformers model of the checkpoint's architecture, in the
     checkpoint's dtype, with every Linear rebuilt from the stored codes and scales."""
     from accelerate import init_empty_weights
@@ -397,8 +396,7 @@ def load(checkpoint_dir: Path, threads: int, hf_config: dict[str, Any] | None = 
     from pipeline.runtimes.transformers import attention_implementation
 
     torch.set_num_threads(threads)
-    hf_config = hf_config if hf_config is not None else model_config_for(checkpoint_dir)
-    facts = read_config(checkpoint_dir, hf_config)
+    facts = read_config(checkpoint_dir, model_config_for(checkpoint_dir))
     if "hf_config" not in facts:
         raise BadInput("a TensorRT-LLM checkpoint needs the model's HF config to be emulated",
                        where=f"{Path(checkpoint_dir).parent / SOURCE_CONFIG}",
@@ -448,9 +446,8 @@ def load(checkpoint_dir: Path, threads: int, hf_config: dict[str, Any] | None = 
     return model.eval()
 
 
-def window_logits(checkpoint_dir: Path, windows: np.ndarray, *, threads: int,
-                  hf_config: dict[str, Any] | None = None) -> Iterator[np.ndarray]:
-    model = load(checkpoint_dir, threads, hf_config)
+def window_logits(checkpoint_dir: Path, windows: np.ndarray, *, threads: int) -> Iterator[np.ndarray]:
+    model = load(checkpoint_dir, threads)
     with torch.inference_mode():
         for window in windows:
             ids = torch.as_tensor(window, dtype=torch.long)[None]

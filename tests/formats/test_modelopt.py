@@ -146,7 +146,7 @@ def test_a_gap_over_the_limit_fails_the_build(tiny_llama, tmp_path, monkeypatch)
     emulation does see a wrong file, on the real model, is in tests/test_pipeline.py.)"""
     from pipeline.errors import QpipeError
 
-    monkeypatch.setattr(modelopt, "emulated_ppl", lambda checkpoint, windows, threads, source_dir: 1e6)
+    monkeypatch.setattr(modelopt, "emulated_ppl", lambda checkpoint, windows, threads: 1e6)
     with pytest.raises(QpipeError, match="does not compute what ModelOpt calibrated: emulated ppl 1000000") as info:
         modelopt.build(recipe(config="INT8_WEIGHT_ONLY_CFG", calibration_samples=1, calibration_seq_len=32,
                               crosscheck_windows=1),
