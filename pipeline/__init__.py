@@ -5,7 +5,9 @@ Design (the code's twin of DESIGN.md; change both together):
     params.yaml, recipes/*.yaml
     host      -> artifacts/host.json        CPU/GPU, measured bandwidth, runtimes; always re-run,
                                              rewritten identically while the host is unchanged
-    source    -> artifacts/source/          HF checkpoint + source.json (origin, sha256 of every file)
+    source    -> artifacts/source/          HF checkpoint + source.json (origin, sha256 of every file,
+                                             parameter count); refused (exit 2) unless transformers knows
+                                             the architecture, the tokenizer loads and the weights read
     corpus    -> artifacts/corpus/          calibration.txt / evaluation.txt, disjoint
     reference -> artifacts/reference/       eval token windows + the unquantized model's scores
     recipe@R  -> artifacts/recipes/R.json   the validated recipe's build knobs (limits excluded, so
@@ -18,8 +20,11 @@ Design (the code's twin of DESIGN.md; change both together):
                                              not_run and why; other formats: not_applicable
     baseline  -> artifacts/baselines/F.json the unquantized model's speed per format F on the native
                                              runtime (for decode_speedup)
-    gate@R    -> artifacts/gates/R.json     accuracy + speed + checks + verdict (DVC metrics)
-    report    -> artifacts/report/          tradeoff.md/json, pareto.png, points.json (DVC plots)
+    gate@R    -> artifacts/gates/R.json     accuracy + speed + checks + verdict (DVC metrics); limits are
+                                             the recipe's with params `limits.R` applied; a limit relative
+                                             to another recipe leaves the verdict `pending`
+    report    -> artifacts/report/          tradeoff.md/json, pareto.png, points.json (DVC plots), with
+                                             relative limits judged across the run (gates.verdict.resolve)
     check                                   exit 1 unless every recipe's verdict is pass
 
 Modules: cli (Typer), config (pydantic params/recipes), errors (exit codes), host, source,
@@ -27,7 +32,8 @@ corpus, reference, formats/<one per format: gguf, awq, modelopt>, runtimes/<one 
 llama_cpp, transformers, vllm, tensorrt_llm, checkpoint_emulation>, engines (engine@R), gates/accuracy,
 gates/speed, gates/verdict, report, compare (across `dvc exp` experiments; recommend),
 publish (staging, model card, provenance) with registries/<one per registry: directory,
-oci, hub>, files (atomic writes), layout (paths).
+oci, hub>, memory (each heavy stage's peak estimated from the config before it loads; exit 3
+when the host cannot hold it), files (atomic writes), layout (paths).
 
 Not stages: `qpipe publish` (after a green repro), `qpipe compare` and `qpipe recommend`.
 Gate results (artifacts/gates/*.json, DVC metrics, cache: false) are committed to git so that

@@ -143,7 +143,7 @@ def gate_command(recipe: str = typer.Argument(..., help="recipe name (recipes/NA
     """Accuracy + speed gates of one artifact -> artifacts/gates/RECIPE.json."""
     from pipeline.gates import run_gate
 
-    run_gate(recipe, speed_params=_params().speed, log=log)
+    run_gate(recipe, params=_params(), log=log)
 
 
 @app.command("report")

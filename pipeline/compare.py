@@ -77,9 +77,16 @@ def load_rows(workspace_only: bool) -> list[dict[str, Any]]:
 def compare_rows(entries: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     """Rows of the report's shape plus `experiment`; an artifact whose gate result is the same
     in several experiments is one row listing all of them."""
+    from pipeline.gates import verdict
+
+    by_experiment: dict[str, list[dict[str, Any]]] = {}
+    for label, result in entries:
+        by_experiment.setdefault(label, []).append(result)
+    resolved = {label: iter(verdict.resolve(results)) for label, results in by_experiment.items()}
     rows: list[dict[str, Any]] = []
     seen: dict[str, dict[str, Any]] = {}
-    for label, result in entries:
+    for label, _ in entries:
+        result = next(resolved[label])
         key = json.dumps({k: result.get(k) for k in ("recipe", "artifact", "accuracy", "speed", "verdict")},
                          sort_keys=True)
         if key in seen:

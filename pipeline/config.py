@@ -29,30 +29,68 @@ class Strict(BaseModel):
 GateName = Literal["accuracy", "speed"]
 
 
-class GateLimits(Strict):
-    """Limits a recipe's artifact must meet. Each is optional; absent = not checked."""
+class RelativeLimit(Strict):
+    """A limit of `factor` times another recipe's measured figure, e.g. a Q4_K_M's mean KLD at
+    most 12 times the Q8_0's: it scales with the model where an absolute figure does not.
+    Checked once both recipes are gated (``gates.verdict.resolve``)."""
 
-    max_ppl_ratio: float | None = Field(None, gt=0)
-    max_mean_kld: float | None = Field(None, ge=0)
-    min_top1_agreement: float | None = Field(None, ge=0, le=1)
-    min_decode_speedup: float | None = Field(None, gt=0)
-    min_roofline_fraction: float | None = Field(None, ge=0)
-    max_tokenizer_mismatch: float | None = Field(None, ge=0, le=1)
+    relative_to: str = Field(min_length=1)
+    factor: float = Field(gt=0, allow_inf_nan=False)
+
+
+# limit key -> (lowest allowed, highest allowed, whether the lowest is allowed itself)
+LIMIT_BOUNDS: dict[str, tuple[float, float | None, bool]] = {
+    "max_ppl_ratio": (0.0, None, False),
+    "max_mean_kld": (0.0, None, True),
+    "min_top1_agreement": (0.0, 1.0, True),
+    "min_decode_speedup": (0.0, None, False),
+    "min_roofline_fraction": (0.0, None, True),
+    "max_tokenizer_mismatch": (0.0, 1.0, True),
+}
+LIMIT_KEYS = tuple(LIMIT_BOUNDS)
+
+
+class GateLimits(Strict):
+    """Limits a recipe's artifact must meet. Each is optional (absent = not checked), and each
+    is a number or a RelativeLimit (`{relative_to: <recipe>, factor: <x>}`)."""
+
+    max_ppl_ratio: float | RelativeLimit | None = None
+    max_mean_kld: float | RelativeLimit | None = None
+    min_top1_agreement: float | RelativeLimit | None = None
+    min_decode_speedup: float | RelativeLimit | None = None
+    min_roofline_fraction: float | RelativeLimit | None = None
+    max_tokenizer_mismatch: float | RelativeLimit | None = None
     require: list[GateName] = Field(default_factory=lambda: ["accuracy", "speed"])
 
-    @field_validator(
-        "max_ppl_ratio", "max_mean_kld", "min_top1_agreement", "min_decode_speedup",
-        "min_roofline_fraction", "max_tokenizer_mismatch", mode="before",
-    )
+    @field_validator(*LIMIT_KEYS, mode="before")
     @classmethod
-    def _finite_number(cls, value: Any) -> Any:
-        if value is None:
+    def _number_or_relative(cls, value: Any, info) -> Any:
+        if value is None or isinstance(value, RelativeLimit):
             return value
+        if isinstance(value, dict):
+            try:
+                return RelativeLimit.model_validate(value)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                key = ".".join(str(part) for part in error["loc"])
+                raise ValueError(f"a relative limit is {{relative_to: <recipe>, factor: <number>}}; "
+                                 f"{key}: {error['msg']}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"must be a number, got {value!r}")
+            raise ValueError(f"must be a number or {{relative_to: <recipe>, factor: <number>}}, got {value!r}")
         if not math.isfinite(value):
             raise ValueError(f"must be finite, got {value!r}")
-        return value
+        low, high, low_allowed = LIMIT_BOUNDS[info.field_name]
+        if value < low or (value == low and not low_allowed) or (high is not None and value > high):
+            span = f"{'[' if low_allowed else '('}{low:g}, {high:g}]" if high is not None else \
+                f"{'at least' if low_allowed else 'above'} {low:g}"
+            raise ValueError(f"must be {span}, got {value!r}")
+        return float(value)
+
+
+class GateLimitOverrides(GateLimits):
+    """params.yaml `limits.<recipe>`: the keys given replace the recipe's own."""
+
+    require: list[GateName] | None = None
 
 
 class RecipeBase(Strict):
@@ -116,6 +154,9 @@ class ReferenceParams(Strict):
     windows: int = Field(40, ge=1)
     window_tokens: int = Field(512, ge=8)
     top_k: int = Field(64, ge=1, le=1024)
+    # the unquantized model's dtype on every device; bfloat16 halves its memory (README: its
+    # effect on a near-lossless quant's KLD)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 class SpeedParams(Strict):
@@ -134,13 +175,33 @@ class Params(Strict):
     reference: ReferenceParams = Field(default_factory=ReferenceParams)
     speed: SpeedParams = Field(default_factory=SpeedParams)
     recipes: list[str] = Field(default_factory=list)
+    # recipe name -> limits that replace the recipe file's (for `dvc exp run -S limits.R.key=value`)
+    limits: dict[str, GateLimitOverrides] = Field(default_factory=dict)
+
+
+def effective_limits(recipe: RecipeBase, name: str, params: Params) -> tuple[GateLimits, dict[str, str]]:
+    """The recipe's gate limits with params.yaml `limits.<name>` applied, and for each limit
+    set, where it was set (`recipes/R.yaml: gates.key` or `params.yaml: limits.R.key`)."""
+    override = params.limits.get(name)
+    given = {key: getattr(override, key) for key in override.model_fields_set} if override else {}
+    limits = recipe.gates.model_copy(update=given)
+    recipe_file = recipe._path or Path(RECIPES_DIR) / f"{name}.yaml"
+    set_in = {key: (f"{PARAMS_FILE}: limits.{name}.{key}" if key in given else f"{recipe_file}: gates.{key}")
+              for key in LIMIT_KEYS if getattr(limits, key) is not None}
+    return limits, set_in
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.is_file():
         raise BadInput("params file not found", where=str(path), fix="run qpipe from the project root")
-    return _validate(Params, _read_yaml_mapping(path), path)
+    params = _validate(Params, _read_yaml_mapping(path), path)
+    for name in params.limits:
+        if name not in params.recipes:  # a typo would otherwise change nothing, silently
+            raise BadInput(f"limits are set for recipe {name!r}, which `recipes` does not list",
+                           where=f"{path}: limits.{name}",
+                           fix=f"use one of: {', '.join(params.recipes) or '(no recipes listed)'}")
+    return params
 
 
 # ---------------------------------------------------------------- helpers

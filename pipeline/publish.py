@@ -52,10 +52,13 @@ class Release:
 
 
 def select(recipes: list[str], include_failed: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(results to publish, results refused); refuses to run before any gate has."""
+    """(results to publish, results refused); refuses to run before any gate has. Relative
+    limits are judged over the recipes given (``gates.verdict.resolve``)."""
     from pipeline.files import read_json
+    from pipeline.gates import verdict
 
-    results = [read_json(layout.gate_file(name)) for name in recipes if layout.gate_file(name).is_file()]
+    results = verdict.resolve([read_json(layout.gate_file(name)) for name in recipes
+                               if layout.gate_file(name).is_file()])
     if not results:
         raise BadInput("no gate results to publish", where=str(layout.GATES_DIR),
                        fix="run `dvc repro` first: only gated artifacts are published")

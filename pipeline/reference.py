@@ -2,8 +2,9 @@
 
 The evaluation text is tokenised once with the source checkpoint's tokenizer (no special
 tokens) and cut into `reference.windows` consecutive windows of `reference.window_tokens`
-ids. The unquantized model scores them in transformers (fp32 on CPU, bf16 on a CUDA GPU):
-per-position NLL of the next token and the top-k log-probabilities. Every gate feeds these
+ids. The unquantized model scores them in transformers, in `reference.dtype` (fp32 by default,
+on a CUDA GPU where there is one, else the CPU): per-position NLL of the next token and the
+top-k log-probabilities. Its peak memory is estimated before it loads (``memory``). Every gate feeds these
 same ids to its artifact, so ppl ratio, KLD and top-1 agreement compare across formats.
 
 Files: reference.npz (tokens [W,T], nll [W,T-1], topk_ids / topk_logprobs [W,T-1,k],
@@ -25,6 +26,7 @@ from pipeline.errors import BadInput
 from pipeline.files import atomic_dir, sha256_file
 
 NPZ = "reference.npz"
+POSITIONS_PER_CHUNK = 64
 META = "reference.json"
 
 
@@ -69,12 +71,20 @@ def score_windows(model, windows: np.ndarray, top_k: int, device: str, progress=
     with torch.inference_mode():
         for index, window in enumerate(windows):
             ids = torch.as_tensor(window, dtype=torch.long, device=device)[None]
-            logits = model(ids).logits[0, :-1].float()
-            logprobs = torch.log_softmax(logits, dim=-1)
-            nll.append(-logprobs.gather(1, ids[0, 1:, None])[:, 0].cpu().numpy())
-            values, indices = logprobs.topk(top_k, dim=-1)
-            topk_ids.append(indices.to(torch.int32).cpu().numpy())
-            topk_logprobs.append(values.cpu().numpy())
+            logits = model(ids).logits[0, :-1]
+            targets = ids[0, 1:]
+            window_nll, window_ids, window_logprobs = [], [], []
+            # positions a chunk at a time: one window's log-softmax is not held whole (262k vocabularies)
+            for start in range(0, logits.shape[0], POSITIONS_PER_CHUNK):
+                logprobs = torch.log_softmax(logits[start:start + POSITIONS_PER_CHUNK].float(), dim=-1)
+                window_nll.append(-logprobs.gather(1, targets[start:start + POSITIONS_PER_CHUNK, None])[:, 0])
+                values, indices = logprobs.topk(top_k, dim=-1)
+                window_ids.append(indices.to(torch.int32))
+                window_logprobs.append(values)
+            nll.append(torch.cat(window_nll).cpu().numpy())
+            topk_ids.append(torch.cat(window_ids).cpu().numpy())
+            topk_logprobs.append(torch.cat(window_logprobs).cpu().numpy())
+            del logits
             if progress:
                 progress(index + 1)
     return np.stack(nll), np.stack(topk_ids), np.stack(topk_logprobs)
@@ -85,6 +95,7 @@ def run(params: ReferenceParams, source_dir: Path, evaluation_text: Path, out_di
     import transformers
     from transformers import AutoTokenizer
 
+    from pipeline import memory
     from pipeline.runtimes.transformers import load_causal_lm
 
     if not (Path(source_dir) / "source.json").is_file():
@@ -97,7 +108,12 @@ def run(params: ReferenceParams, source_dir: Path, evaluation_text: Path, out_di
     windows = make_windows(text_ids, params.windows, params.window_tokens, evaluation_text)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = getattr(torch, params.dtype)
+    need = memory.estimate("reference", memory.ModelSize.of(source_dir), window_tokens=params.window_tokens,
+                           dtype=params.dtype)
+    fix = ("set reference.dtype: bfloat16 in params.yaml (half the weights' memory), or run on a host "
+           "with more memory or a GPU") if params.dtype == "float32" else "run on a host with more memory or a GPU"
+    memory_record = memory.ensure_fits(need, stage=f"the reference in {params.dtype}", fix=fix, device=device)
     model = load_causal_lm(source_dir, dtype=dtype).to(device).eval()
     log(f"reference: scoring {params.windows} x {params.window_tokens} tokens with the unquantized "
         f"model ({str(dtype).removeprefix('torch.')}, {device})")
@@ -126,6 +142,7 @@ def run(params: ReferenceParams, source_dir: Path, evaluation_text: Path, out_di
             "dtype": str(dtype).removeprefix("torch."),
             "device": device,
             "score_s": round(elapsed, 2),
+            "memory": memory_record,
         }
         (staging / META).write_text(json.dumps(meta, indent=2) + "\n")
     log(f"reference: ppl {meta['ppl']:.4f} over {meta['eval_tokens']} tokens in {elapsed:.1f} s")

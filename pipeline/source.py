@@ -8,6 +8,11 @@
   therefore carry Q4_1 rounding: a real model for proving the pipeline, not a basis for
   ranking quant types.
 - a local directory with config.json and safetensors (or .bin) weights, copied as is.
+
+Every source is validated before a later stage relies on it (exit 2 naming the file): config.json
+parses and names an architecture transformers implements as a causal LM, a tokenizer is present
+and loads, safetensors headers promise no more bytes than the files hold, and `.bin` weights load
+with ``weights_only`` (so no pickled code runs).
 - a hub id ``org/name``, downloaded with huggingface_hub (fails with a clear message offline).
 """
 
@@ -143,6 +148,7 @@ def copy_local(path: Path, out_dir: Path) -> None:
         raise BadInput("model.source is a file, not a checkpoint directory", where=str(path),
                        fix="point model.source at the directory holding config.json and the weights")
     validate_checkpoint(path)
+    validate_loadable(path)  # before copying: a many-GB copy should not precede the refusal
     for pattern in CHECKPOINT_FILES:
         for file in path.glob(pattern):
             if file.is_file():
@@ -195,6 +201,76 @@ def validate_checkpoint(path: Path) -> None:
                            where=str(index), fix="copy every shard of the checkpoint")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "*.tiktoken")
+
+
+def validate_loadable(path: Path) -> None:
+    """What transformers needs from the checkpoint, checked before any stage relies on it:
+    an architecture it knows as a causal LM, a tokenizer that loads, and pickled `.bin`
+    weights that load with ``weights_only`` (no code runs from them). Exit 2 naming the file."""
+    check_architecture(path)
+    check_tokenizer(path)
+    for weights in sorted(path.glob("pytorch_model*.bin")):
+        check_pickled_weights(weights)
+
+
+def check_architecture(path: Path) -> None:
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    where = f"{path / 'config.json'}: model_type"
+    fix = (f"qpipe runs decoder-only models that transformers {transformers.__version__} implements itself "
+           "(no remote code): upgrade transformers, or convert the checkpoint to a supported architecture")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as exc:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        raise BadInput(f"transformers does not know model_type {model_type!r} "
+                       f"({str(exc).splitlines()[0][:160]})", where=where, fix=fix) from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise BadInput(f"model_type {config.model_type!r} has no causal language model in transformers",
+                       where=where, fix=fix)
+
+
+def check_tokenizer(path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    if not any(any(path.glob(pattern)) for pattern in TOKENIZER_FILES):
+        raise BadInput("no tokenizer in the checkpoint directory", where=str(path),
+                       fix="copy the tokenizer files saved with the model (tokenizer.json, or tokenizer.model "
+                           "with tokenizer_config.json) next to config.json")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        ids = tokenizer("def f(x):\n    return x", add_special_tokens=False)["input_ids"]
+    except Exception as exc:  # tokenizers raise many types for a broken file
+        raise BadInput(f"the tokenizer does not load ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
+                       where=str(path), fix="restore the tokenizer files from the original checkpoint") from None
+    if not ids:
+        raise BadInput("the tokenizer turns text into no tokens", where=str(path),
+                       fix="restore the tokenizer files from the original checkpoint")
+
+
+def check_pickled_weights(path: Path) -> None:
+    """Load a pickled .bin the only safe way (weights_only; memory-mapped where the file allows)."""
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise BadInput(f"{path.name} does not load as plain weights ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:160]})", where=str(path),
+                       fix="convert the checkpoint to safetensors where you trust it "
+                           "(model.save_pretrained(dir, safe_serialization=True)), or re-download it") from None
+
+
 def check_safetensors(path: Path) -> None:
     """Header parses and the file holds every byte the header promises (catches truncation)."""
     size = path.stat().st_size
@@ -230,12 +306,17 @@ def run(source: str, revision: str | None, out_dir: Path, log=print) -> dict[str
             log(f"source: downloading {source} from the Hugging Face Hub")
             origin = {"kind": "hub", "id": source, "revision": download_hub(source, revision, staging)}
         validate_checkpoint(staging)
+        if origin["kind"] != "local":  # a local directory was checked before it was copied
+            validate_loadable(staging)
         config = json.loads((staging / "config.json").read_text())
         files = sha256_tree(staging)
+        from pipeline.memory import parameter_count
+
         info = {
             "origin": origin,
             "architectures": config.get("architectures"),
             "model_type": config.get("model_type"),
+            "parameters": parameter_count(staging),  # for the memory estimates of later stages
             "files": files,
             "bytes": sum((staging / name).stat().st_size for name in files),
         }

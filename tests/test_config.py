@@ -102,3 +102,35 @@ def test_every_recipe_in_params_is_a_dvc_artifact():
     for name in params["recipes"]:
         assert artifacts[name]["path"] == f"artifacts/builds/{name}", f"dvc.yaml artifacts lacks {name}"
         assert artifacts[name]["type"] == "model" and artifacts[name]["labels"]
+
+
+def test_params_limits_replace_only_the_keys_given_and_say_where_each_is_set(tmp_path):
+    from pipeline.config import RelativeLimit, effective_limits
+
+    recipes = recipe(tmp_path, "format: gguf\ntype: Q4_K_M\ngates:\n  max_mean_kld: 0.07\n  max_ppl_ratio: 1.12\n"
+                               "  require: [accuracy]\n")
+    params = load_params(write(tmp_path / "params.yaml", "recipes: [r]\nlimits:\n  r:\n"
+                                                         "    max_mean_kld: {relative_to: q8, factor: 12}\n"))
+    limits, set_in = effective_limits(load_recipe("r", recipes), "r", params)
+    assert limits.max_mean_kld == RelativeLimit(relative_to="q8", factor=12)
+    assert limits.max_ppl_ratio == 1.12 and limits.require == ["accuracy"]
+    assert set_in == {"max_mean_kld": "params.yaml: limits.r.max_mean_kld",
+                      "max_ppl_ratio": f"{recipes / 'r.yaml'}: gates.max_ppl_ratio"}
+
+
+def test_params_limits_for_an_unlisted_recipe_are_refused(tmp_path):
+    error = error_of(lambda: load_params(write(tmp_path / "params.yaml",
+                                               "recipes: [gguf-q4_k_m]\nlimits:\n  gguf-q4km:\n    max_mean_kld: 0.01\n")))
+    assert error.where.endswith("limits.gguf-q4km") and "gguf-q4_k_m" in error.fix
+
+
+@pytest.mark.parametrize("value, message", [
+    ("{relative_to: q8}", "factor: Field required"),
+    ("{relative_to: q8, factor: 0}", "greater than 0"),
+    ("{relative_to: q8, factor: 2, by: 1}", "by: Extra inputs"),
+    ("1.5", "must be [0, 1]"),
+])
+def test_a_bad_limit_in_params_names_its_key(tmp_path, value, message):
+    error = error_of(lambda: load_params(write(tmp_path / "params.yaml",
+                                               f"recipes: [r]\nlimits:\n  r:\n    min_top1_agreement: {value}\n")))
+    assert error.where.endswith("limits.r.min_top1_agreement") and message in error.what

@@ -31,6 +31,7 @@ recipes:
   - awq-w4a16
   - trtllm-fp8
   - trtllm-int8-sq
+limits: {}
 """
 
 
@@ -292,6 +293,27 @@ def test_an_impossible_limit_makes_check_fail_with_exit_1(repo):
         assert gate(root, "gguf-q8_0")["verdict"] == "pass"
     finally:
         recipe.write_text(original)
+
+
+def test_a_relative_limit_in_params_is_judged_against_the_other_recipe(repo):
+    root, env, _, _ = repo
+    params = root / "params.yaml"
+    original = params.read_text()
+    try:  # Q4_0 within 1x Q8_0's KLD: impossible, and the failure says where the limit is set
+        params.write_text(original.replace(
+            "limits: {}", "limits:\n  gguf-q4_0:\n    max_mean_kld: {relative_to: gguf-q8_0, factor: 1}"))
+        failed = run(["dvc", "repro"], env, check=False)
+        ran = [line for line in failed.stdout.splitlines() if line.startswith("Running stage")]
+        assert "Running stage 'gate@gguf-q4_0':" in ran
+        assert not any("build@" in line for line in ran), "a limit change must not rebuild"
+        assert gate(root, "gguf-q4_0")["verdict"] == "pending"  # the gate alone cannot judge it
+        check = run(["qpipe", "check"], env, check=False)
+        assert check.returncode == 1
+        q8_kld = gate(root, "gguf-q8_0")["accuracy"]["mean_kld"]
+        assert f"1 x gguf-q8_0's {q8_kld:.4g}" in check.stderr
+        assert "set in params.yaml: limits.gguf-q4_0.max_mean_kld" in check.stderr
+    finally:
+        params.write_text(original)
 
 
 def test_publish_what_passed_to_a_directory_registry_and_again(repo, tmp_path):

@@ -14,11 +14,23 @@ def safetensors_file(path, payload=b"\x00" * 16, declared_end=16):
     return path
 
 
-def checkpoint(tmp_path, **files):
+def word_tokenizer(root):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(["[UNK]", "def", "f(x):", "return", "x"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(root)
+
+
+def checkpoint(tmp_path, model_type="llama", **files):
+    """config.json, a word-level tokenizer that loads, and one small safetensors file."""
     root = tmp_path / "ckpt"
     root.mkdir()
-    write(root / "config.json", json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    write(root / "config.json", json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": model_type}))
     safetensors_file(root / "model.safetensors")
+    word_tokenizer(root)
     for name, text in files.items():
         write(root / name, text)
     return root
@@ -37,9 +49,9 @@ def refused(tmp_path, path, match):
 
 
 def test_local_checkpoint_is_copied_with_hashes(tmp_path):
-    info = run(tmp_path, checkpoint(tmp_path, **{"tokenizer.json": "{}"}))
+    info = run(tmp_path, checkpoint(tmp_path))
     assert info["origin"]["kind"] == "local"
-    assert set(info["files"]) == {"config.json", "model.safetensors", "tokenizer.json"}
+    assert set(info["files"]) == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
     assert json.loads((tmp_path / "out" / "source.json").read_text())["files"] == info["files"]
 
 
@@ -76,6 +88,76 @@ def test_corrupt_safetensors_header(tmp_path):
 def test_index_naming_a_missing_shard(tmp_path):
     root = checkpoint(tmp_path, **{"model.safetensors.index.json": json.dumps({"weight_map": {"w": "model-2.safetensors"}})})
     refused(tmp_path, root, "model-2.safetensors")
+
+
+def test_an_architecture_transformers_does_not_know_is_refused(tmp_path):
+    error = refused(tmp_path, checkpoint(tmp_path, model_type="nolm"), "does not know model_type 'nolm'")
+    assert error.where.endswith("config.json: model_type") and "transformers" in error.fix
+
+
+def test_a_model_without_a_causal_lm_is_refused(tmp_path):
+    error = refused(tmp_path, checkpoint(tmp_path, model_type="vit"), "no causal language model")
+    assert error.where.endswith("config.json: model_type")
+
+
+def test_a_checkpoint_without_a_tokenizer_is_refused(tmp_path):
+    root = checkpoint(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (root / name).unlink()
+    error = refused(tmp_path, root, "no tokenizer")
+    assert "tokenizer.json" in error.fix
+
+
+def test_a_tokenizer_that_does_not_load_is_refused(tmp_path):
+    root = checkpoint(tmp_path)
+    (root / "tokenizer.json").write_text("{}")
+    refused(tmp_path, root, "the tokenizer does not load")
+
+
+def pickled_weights(tmp_path, **files):
+    root = checkpoint(tmp_path)
+    (root / "model.safetensors").unlink()
+    for name, payload in files.items():
+        (root / name).write_bytes(payload)
+    return root
+
+
+def test_bin_weights_load_with_weights_only(tmp_path):
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(4)}, buffer)
+    info = run(tmp_path, pickled_weights(tmp_path, **{"pytorch_model.bin": buffer.getvalue()}))
+    assert "pytorch_model.bin" in info["files"]
+
+
+def test_garbage_bin_weights_are_refused(tmp_path):
+    error = refused(tmp_path, pickled_weights(tmp_path, **{"pytorch_model.bin": b"\x80\x02garbage" * 10}),
+                    "does not load as plain weights")
+    assert error.where.endswith("pytorch_model.bin") and "safetensors" in error.fix
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_bin_weights_that_would_run_code_are_refused_without_running_it(tmp_path):
+    import io
+
+    import torch
+
+    marker = tmp_path / "code-ran"
+    buffer = io.BytesIO()
+    torch.save({"w": RunsCode(marker)}, buffer)
+    refused(tmp_path, pickled_weights(tmp_path, **{"pytorch_model.bin": buffer.getvalue()}),
+            "does not load as plain weights")
+    assert not marker.exists()
 
 
 def test_hub_id_while_offline(tmp_path, monkeypatch):

@@ -113,6 +113,7 @@ def run_build(name: str, *, threads: int, log=print) -> dict:
     if not layout.CALIBRATION_TEXT.is_file():
         raise BadInput("no calibration text", where=str(layout.CALIBRATION_TEXT), fix="run `qpipe corpus` first")
     fmt = module(recipe.format)
+    memory_record = check_build_memory(recipe, layout.SOURCE_DIR)
     started = time.perf_counter()
     try:
         with atomic_dir(layout.build_dir(name)) as staging:
@@ -133,6 +134,7 @@ def run_build(name: str, *, threads: int, log=print) -> dict:
                 **facts,
                 "wall_s": round(time.perf_counter() - started, 2),
                 "peak_rss_mb": round(peak_kib / 1024, 1),
+                "memory": memory_record,
                 "threads": threads,
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
@@ -141,6 +143,24 @@ def run_build(name: str, *, threads: int, log=print) -> dict:
         return write_refusal(name, recipe, refusal, log)
     log(f"build {name}: {record['artifact']['bytes'] / 1e6:.1f} MB in {record['wall_s']:.1f} s")
     return record
+
+
+def check_build_memory(recipe, source_dir) -> dict:
+    """Refuse a build the host cannot hold (exit 3), before it loads anything. A calibrating
+    format calibrates on the GPU where there is one, so that is the memory it needs."""
+    from pipeline import memory
+
+    calibrating = hasattr(recipe, "calibration_seq_len")
+    device = "cpu"
+    if calibrating:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(recipe, "dtype", None) or ("bfloat16" if getattr(recipe, "outtype", "f16") == "bf16" else "float16")
+    need = memory.estimate(f"build:{recipe.format}", memory.ModelSize.of(source_dir),
+                           window_tokens=recipe.calibration_seq_len if calibrating else 0, dtype=dtype)
+    return memory.ensure_fits(need, stage=f"the {recipe.format} build", device=device,
+                              fix="run the build on a host with more memory" + (" or a GPU" if calibrating else ""))
 
 
 def write_refusal(name: str, recipe, refusal, log=print) -> dict:

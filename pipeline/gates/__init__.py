@@ -13,14 +13,17 @@ from typing import Any
 from pipeline import layout
 
 
-def run_gate(name: str, *, speed_params, log=print) -> dict[str, Any]:
+def run_gate(name: str, *, params, log=print) -> dict[str, Any]:
+    """Gate recipe `name` under `params` (params.yaml: speed settings and `limits` overrides)."""
     from pipeline import formats, host, reference
-    from pipeline.config import load_recipe
+    from pipeline.config import effective_limits, load_recipe
     from pipeline.errors import BadInput
     from pipeline.files import read_json, write_json
     from pipeline.gates import verdict
 
     recipe = load_recipe(name)
+    limits, set_in = effective_limits(recipe, name, params)
+    speed_params = params.speed
     fmt = formats.module(recipe.format)
     build_dir = layout.build_dir(name)
     if not (build_dir / "build.json").is_file():
@@ -28,7 +31,7 @@ def run_gate(name: str, *, speed_params, log=print) -> dict[str, Any]:
     build = read_json(build_dir / "build.json")
     host_info, threads = _host_and_threads(speed_params)
     if build.get("status") == "refused":
-        return _write_refused(name, recipe, build, host_info, log)
+        return _write_refused(name, recipe.format, limits.require, build, host_info, log)
     ref = reference.load(layout.REFERENCE_DIR)
 
     artifact = {
@@ -37,11 +40,12 @@ def run_gate(name: str, *, speed_params, log=print) -> dict[str, Any]:
         "sha256": build["artifact"]["sha256"],
         "bits_per_weight": fmt.bits_per_weight(build_dir),
     }
+    memory_record = check_gate_memory(recipe.format, artifact["bytes"], ref, host_info)
     accuracy = run_accuracy(fmt, build_dir, ref, threads, log)
     speed = run_speed(fmt, recipe.format, build_dir, ref, speed_params, host_info, threads, log)
     sections = {"accuracy": accuracy, "speed": speed}
-    checks = verdict.evaluate(recipe.gates, sections)
-    outcome, reasons = verdict.overall(recipe.gates, sections, checks)
+    checks = verdict.evaluate(limits, sections, set_in)
+    outcome, reasons = verdict.overall(limits.require, sections, checks)
     result = {
         "recipe": name,
         "format": recipe.format,
@@ -49,17 +53,19 @@ def run_gate(name: str, *, speed_params, log=print) -> dict[str, Any]:
         "accuracy": accuracy,
         "speed": speed,
         "checks": checks,
-        "require": recipe.gates.require,
+        "require": limits.require,
         "verdict": outcome,
         "reasons": reasons,
         "host": host.summary(host_info),
+        "memory": memory_record,
     }
     write_json(layout.gate_file(name), result)
     log(f"gate {name}: {outcome}" + (f" ({'; '.join(reasons)})" if reasons else ""))
     return result
 
 
-def _write_refused(name: str, recipe, build: dict[str, Any], host_info: dict[str, Any], log) -> dict[str, Any]:
+def _write_refused(name: str, format_name: str, require: list[str], build: dict[str, Any],
+                   host_info: dict[str, Any], log) -> dict[str, Any]:
     """The gate result of a build refused for this model: nothing ran, verdict ``refused``."""
     from pipeline import host
     from pipeline.files import write_json
@@ -67,12 +73,12 @@ def _write_refused(name: str, recipe, build: dict[str, Any], host_info: dict[str
     reason = f"the build was refused for this model: {build['reason']} (fix: {build['fix']})"
     result = {
         "recipe": name,
-        "format": recipe.format,
+        "format": format_name,
         "artifact": {"path": None, "bytes": None, "sha256": None, "bits_per_weight": None},
         "accuracy": {"status": "not_run", "reason": reason},
         "speed": {"status": "not_run", "reason": reason},
         "checks": [],
-        "require": recipe.gates.require,
+        "require": require,
         "verdict": "refused",
         "reasons": [reason],
         "host": host.summary(host_info),
@@ -92,6 +98,20 @@ def _host_and_threads(speed_params) -> tuple[dict[str, Any], int]:
         raise BadInput("no host description", where=str(layout.HOST_FILE), fix="run `qpipe host` first")
     host_info = read_json(layout.HOST_FILE)
     return host_info, host.worker_threads(speed_params.threads, host_info["cpu"])
+
+
+def check_gate_memory(format_name: str, artifact_bytes: int, ref, host_info: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a gate the host cannot hold (exit 3). Only on a CPU host: on a GPU host the
+    gates run in vLLM or TensorRT-LLM, which size their own memory pools."""
+    from pipeline import memory
+
+    if host_info.get("gpus"):
+        return {"estimate_gb": None, "reason": "a GPU host: the GPU runtimes size their own memory"}
+    need = memory.estimate(f"gate:{format_name}", memory.ModelSize.of(layout.SOURCE_DIR),
+                           window_tokens=int(ref.tokens.shape[1]),
+                           mapped_bytes=artifact_bytes if format_name == "gguf" else 0)
+    return memory.ensure_fits(need, stage=f"the {format_name} gate", fix="run the gates on a host with more memory "
+                       "or a GPU, or lower reference.window_tokens (the logits of one window are held at once)")
 
 
 def run_accuracy(fmt, build_dir, ref, threads: int, log) -> dict[str, Any]:
@@ -184,7 +204,9 @@ def _evaluation_text() -> str:
 
 
 def load_results(names: list[str]) -> list[dict[str, Any]]:
+    """The gate results of recipes `names`, relative limits judged (``verdict.resolve``)."""
     from pipeline.errors import BadInput
+    from pipeline.gates import verdict
 
     results = []
     for name in names:
@@ -192,4 +214,4 @@ def load_results(names: list[str]) -> list[dict[str, Any]]:
         if not path.is_file():
             raise BadInput(f"no gate result for recipe {name}", where=str(path), fix=f"run `qpipe gate {name}`")
         results.append(json.loads(path.read_text()))
-    return results
+    return verdict.resolve(results)

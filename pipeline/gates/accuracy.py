@@ -40,14 +40,32 @@ def window_nll(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
 
 
 def window_scores(logits: np.ndarray, tokens: np.ndarray, ref_ids: np.ndarray,
-                  ref_logprobs: np.ndarray) -> dict[str, np.ndarray]:
+                  ref_logprobs: np.ndarray, chunk: int | None = None) -> dict[str, np.ndarray]:
     """Per-position NLL, KLD and top-1 agreement for one window.
 
     logits: [T, V] artifact logits; tokens: [T]; ref_ids / ref_logprobs: [T-1, k].
+    Positions are scored `chunk` at a time (every figure is per position), so the scratch
+    memory is chunk x V floats however large the vocabulary: about 0.13 GB at 262k.
     """
-    logits = np.asarray(logits[:-1], dtype=np.float32)
+    chunk = chunk or POSITIONS_PER_CHUNK
+    positions = len(tokens) - 1  # the last position predicts nothing inside the window
+    parts = []
+    for start in range(0, positions, chunk):
+        stop = min(start + chunk, positions)
+        parts.append(_chunk_scores(logits[start:stop], tokens[start + 1:stop + 1],
+                                   ref_ids[start:stop], ref_logprobs[start:stop]))
+    return {key: np.concatenate([part[key] for part in parts]) for key in ("nll", "kld", "top1")}
+
+
+# positions scored at once by window_scores
+POSITIONS_PER_CHUNK = 64
+
+
+def _chunk_scores(logits: np.ndarray, targets: np.ndarray, ref_ids: np.ndarray,
+                  ref_logprobs: np.ndarray) -> dict[str, np.ndarray]:
+    logits = np.asarray(logits, dtype=np.float32)
     lse = _logsumexp(logits)
-    targets = np.asarray(tokens[1:], dtype=np.int64)
+    targets = np.asarray(targets, dtype=np.int64)
     nll = lse - logits[np.arange(len(targets)), targets].astype(np.float64)
 
     log_q_top = np.take_along_axis(logits, ref_ids.astype(np.int64), axis=1).astype(np.float64) - lse[:, None]

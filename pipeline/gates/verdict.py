@@ -3,16 +3,23 @@
 A check whose figure was not measured is `not_run`, never a pass. The verdict is
 - `fail` if any check failed;
 - `incomplete` if a gate named in `require` did not run, or one of its checks is `not_run`;
+- `pending` if a relative limit (``config.RelativeLimit``) still waits for the recipe it is
+  relative to; ``resolve`` settles it once every gate result of the run is at hand;
 - `pass` otherwise.
 A build refused for the model (``errors.RecipeNotApplicable``) gets `refused` from the gate
 stage without any check (``gates._write_refused``); like `fail` and `incomplete`, `check` fails on it.
+
+The gate stage writes the checks it can settle alone. The report, `check`, `publish` and
+`compare` read gate results through ``resolve``, so a relative limit is judged the same way
+everywhere: limit = factor x the other recipe's figure, provided that recipe passed.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
-from pipeline.config import GateLimits
+from pipeline.config import GateLimits, RelativeLimit
 
 # limit key -> (gate section, figure, comparison)
 CHECKS: dict[str, tuple[str, str, str]] = {
@@ -25,7 +32,9 @@ CHECKS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def evaluate(limits: GateLimits, sections: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def evaluate(limits: GateLimits, sections: dict[str, dict[str, Any]],
+             set_in: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One check per limit set; `set_in` maps a limit key to where the user sets it."""
     checks = []
     for key, (section_name, figure, comparison) in CHECKS.items():
         limit = getattr(limits, key)
@@ -33,34 +42,113 @@ def evaluate(limits: GateLimits, sections: dict[str, dict[str, Any]]) -> list[di
             continue
         section = sections.get(section_name) or {}
         value = section.get(figure) if section.get("status") == "ok" else None
-        if value is None:
-            verdict = "not_run"
-        elif comparison == "<=":
-            verdict = "pass" if value <= limit else "fail"
+        check = {"name": key, "gate": section_name, "figure": figure, "limit": None, "value": value}
+        if isinstance(limit, RelativeLimit):
+            check.update(relative_to=limit.relative_to, factor=limit.factor)
         else:
-            verdict = "pass" if value >= limit else "fail"
-        check = {"name": key, "gate": section_name, "figure": figure, "limit": limit,
-                 "value": value, "verdict": verdict}
-        if verdict == "not_run":
+            check["limit"] = limit
+        if set_in and key in set_in:
+            check["set_in"] = set_in[key]
+        if value is None:
+            check["verdict"] = "not_run"
             check["reason"] = (section.get("reason") or section.get(f"{figure}_reason")
                                or f"{figure} was not measured")
+        elif isinstance(limit, RelativeLimit):
+            check["verdict"] = "pending"
+        else:
+            check["verdict"] = _compare(value, comparison, limit)
         checks.append(check)
     return checks
 
 
-def overall(limits: GateLimits, sections: dict[str, dict[str, Any]], checks: list[dict[str, Any]]) -> tuple[str, list[str]]:
+def _compare(value: float, comparison: str, limit: float) -> str:
+    ok = value <= limit if comparison == "<=" else value >= limit
+    return "pass" if ok else "fail"
+
+
+def overall(require: list[str], sections: dict[str, dict[str, Any]], checks: list[dict[str, Any]]) -> tuple[str, list[str]]:
     """The verdict and the reasons behind it (empty for a pass)."""
-    failed = [f"{c['name']}: {c['figure']} {c['value']:.4g} vs limit {c['limit']}"
-              for c in checks if c["verdict"] == "fail"]
+    failed = [_failure(c) for c in checks if c["verdict"] == "fail"]
     if failed:
         return "fail", failed
     missing = []
-    for gate in limits.require:
+    for gate in require:
         section = sections.get(gate) or {}
         if section.get("status") != "ok":
             missing.append(f"required gate {gate} did not run: {section.get('reason', 'no result')}")
     missing += [f"{c['name']}: {c['reason']}" for c in checks
-                if c["verdict"] == "not_run" and c["gate"] in limits.require]
+                if c["verdict"] == "not_run" and c["gate"] in require]
     if missing:
         return "incomplete", missing
+    pending = [f"{c['name']}: {c['factor']:g} x {c['relative_to']}'s {c['figure']}, "
+               "judged once every recipe is gated" for c in checks if c["verdict"] == "pending"]
+    if pending:
+        return "pending", pending
     return "pass", []
+
+
+def _failure(check: dict[str, Any]) -> str:
+    sign = ">" if CHECKS[check["name"]][2] == "<=" else "<"
+    limit = f"{check['limit']:.4g}"
+    if "relative_to" in check:
+        limit += f" = {check['factor']:g} x {check['relative_to']}'s {check['anchor_value']:.4g}"
+    where = f" (set in {check['set_in']})" if check.get("set_in") else ""
+    return f"{check['name']}: {check['figure']} {check['value']:.4g} {sign} limit {limit}{where}"
+
+
+def resolve(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Gate results of one run with every relative limit judged against the recipe it names.
+
+    A relative check passes or fails once that recipe has passed; it is `not_run` when that
+    recipe has no result here, did not pass, did not measure the figure, or when relative
+    limits form a cycle. Results without relative limits come back unchanged (as copies).
+    """
+    resolved = {r["recipe"]: copy.deepcopy(r) for r in results}
+    progress = True
+    while progress:
+        progress = False
+        for result in resolved.values():
+            if result["verdict"] != "pending":
+                continue
+            waiting = False
+            for check in result["checks"]:
+                if check["verdict"] == "pending":
+                    waiting |= not _judge_relative(check, resolved.get(check["relative_to"]))
+            if not waiting:
+                _recompute(result)
+                progress = True
+    for result in resolved.values():
+        if result["verdict"] == "pending":
+            for check in result["checks"]:
+                if check["verdict"] == "pending":
+                    check.update(verdict="not_run", reason=f"relative limits form a cycle through {check['relative_to']}")
+            _recompute(result)
+    return [resolved[r["recipe"]] for r in results]
+
+
+def _judge_relative(check: dict[str, Any], anchor: dict[str, Any] | None) -> bool:
+    """Settle one pending check against its anchor's result; False while the anchor is pending."""
+    name = check["relative_to"]
+    if anchor is None:
+        check.update(verdict="not_run", reason=f"relative to {name}, which has no gate result in this run "
+                                              f"(add it to params.yaml recipes)")
+        return True
+    if anchor["verdict"] == "pending":
+        return False
+    if anchor["verdict"] != "pass":
+        check.update(verdict="not_run", reason=f"relative to {name}, whose verdict is {anchor['verdict']}")
+        return True
+    section = anchor.get(check["gate"]) or {}
+    anchor_value = section.get(check["figure"]) if section.get("status") == "ok" else None
+    if anchor_value is None:
+        check.update(verdict="not_run", reason=f"relative to {name}, which did not measure {check['figure']}")
+        return True
+    limit = check["factor"] * anchor_value
+    check.update(limit=limit, anchor_value=anchor_value,
+                 verdict=_compare(check["value"], CHECKS[check["name"]][2], limit))
+    return True
+
+
+def _recompute(result: dict[str, Any]) -> None:
+    sections = {"accuracy": result.get("accuracy"), "speed": result.get("speed")}
+    result["verdict"], result["reasons"] = overall(result["require"], sections, result["checks"])

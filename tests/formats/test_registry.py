@@ -33,7 +33,8 @@ def test_build_spec_of_a_calibrating_format_records_the_calibration_device(proje
 
 
 def test_interrupted_build_leaves_no_artifact(project, monkeypatch):
-    write(layout.SOURCE_DIR / "source.json", json.dumps({"origin": {}, "files": {}}))
+    write(layout.SOURCE_DIR / "source.json", json.dumps({"origin": {}, "files": {}, "parameters": 1000}))
+    write(layout.SOURCE_DIR / "config.json", json.dumps({"vocab_size": 10}))
     write(layout.CALIBRATION_TEXT, "calibration")
     gguf = formats.module("gguf")
 
@@ -53,7 +54,7 @@ def test_a_recipe_that_cannot_apply_to_the_model_is_recorded_and_stops_nothing(p
     import shutil
     import subprocess
 
-    from pipeline.config import SpeedParams
+    from pipeline.config import Params
     from pipeline.gates import run_gate
 
     shutil.copytree(tiny_llama, layout.SOURCE_DIR)
@@ -67,7 +68,7 @@ def test_a_recipe_that_cannot_apply_to_the_model_is_recorded_and_stops_nothing(p
     assert sorted(p.name for p in layout.build_dir("awq-g128").iterdir()) == ["build.json"]
     write(layout.HOST_FILE, json.dumps({"cpu": {"model": "test", "physical_cores": 1}, "gpus": [],
                                         "bandwidth": {"gb_s": 1.0}, "fingerprint": "x"}))
-    result = run_gate("awq-g128", speed_params=SpeedParams(), log=lambda _: None)
+    result = run_gate("awq-g128", params=Params(recipes=["awq-g128"]), log=lambda _: None)
     assert result["verdict"] == "refused" and result["accuracy"]["status"] == "not_run"
     assert "refused for this model: group_size 128" in result["reasons"][0]
     write(project / "params.yaml", "recipes:\n  - awq-g128\n")

@@ -47,6 +47,21 @@ def brute_force(art_logits, ref_logits, tokens, k):
     return np.array(nlls), np.array(klds), np.array(top1)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 29, 1000])
+def test_scoring_a_window_in_chunks_of_positions_gives_the_same_figures_bit_for_bit(chunk):
+    rng = np.random.default_rng(3)
+    vocab, length = 50, 30
+    ref_logits = rng.normal(size=(length, vocab)) * 3
+    art_logits = (ref_logits + rng.normal(size=(length, vocab))).astype(np.float32)
+    tokens = rng.integers(0, vocab, size=length)
+    _, ids, values = reference_from(ref_logits, tokens, 8)
+    whole = accuracy.window_scores(art_logits, tokens, ids, values, chunk=length)
+    chunked = accuracy.window_scores(art_logits, tokens, ids, values, chunk=chunk)
+    for key in ("nll", "kld", "top1"):
+        np.testing.assert_array_equal(chunked[key], whole[key])
+        assert len(chunked[key]) == length - 1
+
+
 @pytest.mark.parametrize("k", [1, 5, 50])
 def test_window_scores_match_brute_force(k):
     rng = np.random.default_rng(k)

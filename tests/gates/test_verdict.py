@@ -1,3 +1,5 @@
+import pytest
+
 from pipeline.config import GateLimits
 from pipeline.gates import verdict
 
@@ -9,7 +11,7 @@ NOT_RUN = {"status": "not_run", "reason": "needs a CUDA GPU"}
 def judge(limits, accuracy=OK_ACCURACY, speed=OK_SPEED):
     sections = {"accuracy": accuracy, "speed": speed}
     checks = verdict.evaluate(limits, sections)
-    return checks, verdict.overall(limits, sections, checks)
+    return checks, verdict.overall(limits.require, sections, checks)
 
 
 def test_all_within_limits_passes():
@@ -58,3 +60,70 @@ def test_decode_speedup_is_checked():
 def test_failure_wins_over_incomplete():
     _, (outcome, _) = judge(GateLimits(max_mean_kld=0.001), speed=NOT_RUN)
     assert outcome == "fail"
+
+
+def result(recipe, limits, accuracy=OK_ACCURACY, speed=OK_SPEED):
+    sections = {"accuracy": accuracy, "speed": speed}
+    checks = verdict.evaluate(limits, sections, {"max_mean_kld": f"recipes/{recipe}.yaml: gates.max_mean_kld"})
+    outcome, reasons = verdict.overall(limits.require, sections, checks)
+    return {"recipe": recipe, "checks": checks, "verdict": outcome, "reasons": reasons,
+            "require": limits.require, **sections}
+
+
+RELATIVE = {"relative_to": "q8", "factor": 10}
+Q8_ACCURACY = {**OK_ACCURACY, "mean_kld": 0.005}
+
+
+def test_a_failing_check_says_where_its_limit_is_set():
+    _, reasons = verdict.overall(["accuracy"], {}, result("q4", GateLimits(max_mean_kld=0.01))["checks"])
+    assert reasons == ["max_mean_kld: mean_kld 0.04 > limit 0.01 (set in recipes/q4.yaml: gates.max_mean_kld)"]
+
+
+def test_a_relative_limit_waits_for_its_recipe_then_is_judged_against_its_figure():
+    q4 = result("q4", GateLimits(max_mean_kld=RELATIVE))
+    assert q4["verdict"] == "pending" and q4["checks"][0]["limit"] is None
+    q8 = result("q8", GateLimits(max_mean_kld=0.01), accuracy=Q8_ACCURACY)
+    q4_resolved, q8_resolved = verdict.resolve([q4, q8])
+    assert q8_resolved == q8
+    check = q4_resolved["checks"][0]
+    assert check["limit"] == pytest.approx(0.05) and check["anchor_value"] == 0.005
+    assert check["verdict"] == "pass" and q4_resolved["verdict"] == "pass"
+    assert q4["verdict"] == "pending"  # the inputs are not modified
+
+
+def test_a_relative_limit_fails_and_names_the_recipe_it_is_relative_to():
+    q4 = result("q4", GateLimits(max_mean_kld={"relative_to": "q8", "factor": 4}))
+    q8 = result("q8", GateLimits(), accuracy=Q8_ACCURACY)
+    (judged, _) = verdict.resolve([q4, q8])
+    assert judged["verdict"] == "fail"
+    assert judged["reasons"] == ["max_mean_kld: mean_kld 0.04 > limit 0.02 = 4 x q8's 0.005 "
+                                 "(set in recipes/q4.yaml: gates.max_mean_kld)"]
+
+
+@pytest.mark.parametrize("anchor, reason", [
+    (None, "no gate result"),
+    ("failing", "whose verdict is fail"),
+    ("unmeasured", "did not measure mean_kld"),
+])
+def test_a_relative_limit_is_not_run_when_its_recipe_cannot_vouch(anchor, reason):
+    q4 = result("q4", GateLimits(max_mean_kld=RELATIVE))
+    others = {
+        None: [],
+        "failing": [result("q8", GateLimits(max_mean_kld=0.001), accuracy=Q8_ACCURACY)],
+        "unmeasured": [result("q8", GateLimits(require=["speed"]), accuracy=NOT_RUN)],
+    }[anchor]
+    (judged, *_) = verdict.resolve([q4, *others])
+    assert judged["checks"][0]["verdict"] == "not_run" and reason in judged["checks"][0]["reason"]
+    assert judged["verdict"] == "incomplete"
+
+
+def test_relative_limits_chain_and_a_cycle_is_not_run():
+    a = result("a", GateLimits(max_mean_kld={"relative_to": "b", "factor": 10}))
+    b = result("b", GateLimits(max_mean_kld={"relative_to": "c", "factor": 10}), accuracy=Q8_ACCURACY)
+    c = result("c", GateLimits(max_mean_kld=0.01), accuracy={**OK_ACCURACY, "mean_kld": 0.001})
+    assert [r["verdict"] for r in verdict.resolve([a, b, c])] == ["pass", "pass", "pass"]
+    x = result("x", GateLimits(max_mean_kld={"relative_to": "y", "factor": 10}))
+    y = result("y", GateLimits(max_mean_kld={"relative_to": "x", "factor": 10}))
+    judged = verdict.resolve([x, y])
+    assert [r["verdict"] for r in judged] == ["incomplete", "incomplete"]
+    assert "cycle" in judged[0]["checks"][0]["reason"]

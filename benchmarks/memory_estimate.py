@@ -1,0 +1,82 @@
+"""Each heavy stage's memory estimate (pipeline/memory.py) against its measured peak RSS.
+
+Runs the reference, build and gate stages of the chosen recipes one by one in a scratch copy of
+the project (benchmarks/scratch_project.py) and prints, per stage, the estimate made before
+loading and the peak resident memory the stage reached (the kernel's maxrss of the stage's
+process tree). An estimate should sit above the peak: below it, a host could be told a stage
+fits and then be killed.
+
+    python benchmarks/memory_estimate.py                      # the embedded model
+    python benchmarks/memory_estimate.py --model /path/to/ckpt --recipes gguf-q8_0 trtllm-fp8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+import time
+
+import scratch_project
+
+DEFAULT_RECIPES = ["gguf-q8_0", "gguf-iq4_xs", "awq-w4a16", "trtllm-fp8", "trtllm-int8-wo"]
+
+
+def measured(args: list[str], cwd, env) -> tuple[float, float]:
+    """(peak RSS in GB of the command and its children, seconds)."""
+    started = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as log:  # a pipe would fill up and stall the stage
+        process = subprocess.Popen(args, cwd=cwd, env=env, stdout=log, stderr=log, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            log.seek(0)
+            raise SystemExit(f"{' '.join(args)} failed:\n{log.read()[-2000:]}")
+    return usage.ru_maxrss * 1024 / 1e9, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded:smollm2-135m", help="params model.source")
+    parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES)
+    parser.add_argument("--windows", type=int, default=8, help="reference.windows (x 512 tokens)")
+    args = parser.parse_args()
+
+    root = scratch_project.create({"model": {"source": args.model}, "recipes": args.recipes,
+                                   "reference": {"windows": args.windows}})
+    env = scratch_project.env()
+    for stage in (["host"], ["source"], ["corpus"]):
+        measured(["qpipe", *stage], root, env)
+    source = json.loads((root / "artifacts/source/source.json").read_text())
+    print(f"model: {args.model} ({source['architectures']}, {source['parameters'] / 1e6:.1f}M parameters)")
+    print(f"{'stage':<26} {'estimate GB':>11} {'peak RSS GB':>11} {'estimate/peak':>13} {'seconds':>8}")
+
+    def show(label: str, estimate_gb: float, peak_gb: float, seconds: float) -> None:
+        print(f"{label:<26} {estimate_gb:11.2f} {peak_gb:11.2f} {estimate_gb / peak_gb:13.2f} {seconds:8.1f}", flush=True)
+
+    peak, seconds = measured(["qpipe", "reference"], root, env)
+    meta = json.loads((root / "artifacts/reference/reference.json").read_text())
+    show("reference", meta["memory"]["estimate_gb"], peak, seconds)
+    for recipe in args.recipes:
+        measured(["qpipe", "recipe", recipe], root, env)
+        peak, seconds = measured(["qpipe", "build", recipe], root, env)
+        build = json.loads((root / f"artifacts/builds/{recipe}/build.json").read_text())
+        if build.get("status") == "refused":
+            print(f"build {recipe}: refused ({build['reason']})")
+            continue
+        show(f"build {recipe}", build["memory"]["estimate_gb"], peak, seconds)
+    measured(["qpipe", "baseline"], root, env)
+    for recipe in args.recipes:
+        if not (root / f"artifacts/builds/{recipe}/build.json").is_file():
+            continue
+        measured(["qpipe", "engine", recipe], root, env)
+        peak, seconds = measured(["qpipe", "gate", recipe], root, env)
+        gate = json.loads((root / f"artifacts/gates/{recipe}.json").read_text())
+        show(f"gate {recipe}", gate["memory"]["estimate_gb"], peak, seconds)
+    print(f"(scratch project: {root})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Peak memory of a heavy stage, estimated from the checkpoint's config before anything loads.
+
+Every heavy stage (reference, each build, each gate) calls ``ensure_fits`` first: a stage that
+cannot fit refuses with exit 3, its estimate, what the host has and the fix, instead of being
+killed by the kernel halfway (an 8B reference in fp32 needs about 34 GB).
+
+An estimate is a fixed process overhead (Python, torch, transformers and the tool) plus bytes
+per model parameter plus bytes per logit of one window (window_tokens x vocabulary), with a
+factor per stage kind. The factors come from peak RSS measured by
+``benchmarks/memory_estimate.py`` on two model sizes and are rounded up, so an estimate should
+sit above the measured peak; the benchmark prints both side by side.
+
+What the host has is MemAvailable, capped by the cgroup's memory.max where a container sets
+one (CI runners), or the free memory of GPU 0 for a stage that runs there. The check can be
+skipped with QPIPE_SKIP_MEMORY_CHECK=1 for a host where the estimate is known to be wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import HostLacks
+
+GIB = 2**30
+SKIP_ENV = "QPIPE_SKIP_MEMORY_CHECK"
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# stage kind -> (overhead bytes, bytes per parameter per byte of the stage's dtype, bytes per logit)
+# Measured peaks (benchmarks/memory_estimate.py) behind each row are in the README's memory table.
+FACTORS: dict[str, tuple[float, float, float]] = {
+    # the unquantized model in reference.dtype; logits, their fp32 copy and the log-softmax
+    "reference": (1.0 * GIB, 1.0, 12.0),
+    # convert_hf_to_gguf reads tensors lazily; llama-imatrix / llama-quantize map the f16 GGUF
+    "build:gguf": (0.6 * GIB, 1.5, 0.0),
+    # llm-compressor: the model, its calibrated copy while saving, the reload check
+    "build:awq": (1.5 * GIB, 3.0, 8.0),
+    # ModelOpt: the fake-quant model, both exports, the fp32 emulation of the cross-check
+    "build:modelopt": (1.5 * GIB, 6.0, 8.0),
+    # llama.cpp maps the artifact (counted separately) and keeps every position's logits
+    "gate:gguf": (0.5 * GIB, 0.0, 8.0),
+    # transformers decompresses compressed-tensors into the checkpoint dtype
+    "gate:awq": (1.2 * GIB, 2.0, 12.0),
+    # the checkpoint emulation: fp32 weights rebuilt from the stored codes
+    "gate:modelopt": (1.2 * GIB, 2.5, 12.0),
+}
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    parameters: int
+    vocabulary: int
+
+    @classmethod
+    def of(cls, checkpoint_dir: Path) -> "ModelSize":
+        """The size of a checkpoint; the source stage's count from source.json where it has one."""
+        info = Path(checkpoint_dir) / "source.json"
+        counted = json.loads(info.read_text()).get("parameters") if info.is_file() else None
+        return cls(counted or parameter_count(checkpoint_dir), vocabulary_size(checkpoint_dir))
+
+
+def parameter_count(checkpoint_dir: Path) -> int:
+    """Parameters of the checkpoint's model, built from its config on the meta device (no
+    weights are read; tied embeddings count once)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(checkpoint_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def vocabulary_size(checkpoint_dir: Path) -> int:
+    config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    return int(config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size") or 0)
+
+
+def estimate(kind: str, size: ModelSize, *, window_tokens: int, dtype: str = "bfloat16",
+             mapped_bytes: int = 0) -> int:
+    """Peak bytes of a stage of `kind` (a FACTORS key) on a model of `size`; `mapped_bytes`
+    is a file the stage maps whole (a GGUF artifact)."""
+    overhead, per_parameter, per_logit = FACTORS[kind]
+    return int(overhead + per_parameter * DTYPE_BYTES[dtype] * size.parameters
+               + per_logit * window_tokens * size.vocabulary + mapped_bytes)
+
+
+def available_bytes(device: str = "cpu") -> int | None:
+    """Memory a stage may use now: free GPU memory on CUDA; else MemAvailable, capped by a
+    cgroup limit. None where the host does not say."""
+    if device == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return int(free)
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    found += _cgroup_headroom()
+    return min(found) if found else None
+
+
+def _cgroup_headroom() -> list[int]:
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max" or a huge number: no limit
+            return [max(int(limit) - usage, 0)]
+    return []
+
+
+def ensure_fits(need_bytes: int, *, stage: str, fix: str, device: str = "cpu") -> dict[str, float | None]:
+    """Refuse (exit 3) before loading when `need_bytes` exceeds what the host has; return the
+    estimate and the available memory in GB, for the stage's record."""
+    have = available_bytes(device)
+    record = {"estimate_gb": round(need_bytes / 1e9, 2), "available_gb": None if have is None else round(have / 1e9, 2),
+              "device": device}
+    if have is not None and need_bytes > have and os.environ.get(SKIP_ENV) != "1":
+        where = "GPU 0" if device == "cuda" else "this host's memory"
+        raise HostLacks(f"{stage} needs about {need_bytes / 1e9:.1f} GB and {where} has {have / 1e9:.1f} GB free",
+                        where=where, fix=f"{fix}; or set {SKIP_ENV}=1 if the estimate is wrong for this host")
+    return record

@@ -1,0 +1,79 @@
+import json
+
+import pytest
+
+from pipeline import memory
+from pipeline.errors import HostLacks
+
+# Llama-3.1-8B's config.json, the fields that size it
+LLAMA_31_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
+    "max_position_embeddings": 131072, "rope_theta": 500000.0,
+}
+
+
+@pytest.fixture
+def llama_8b(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_31_8B))
+    return memory.ModelSize.of(tmp_path)
+
+
+def test_the_size_comes_from_the_config_without_weights(llama_8b):
+    assert llama_8b.parameters == 8_030_261_248 and llama_8b.vocabulary == 128256
+
+
+def test_an_8b_fp32_reference_needs_about_34_gb_and_bf16_about_half(llama_8b):
+    fp32 = memory.estimate("reference", llama_8b, window_tokens=512, dtype="float32")
+    bf16 = memory.estimate("reference", llama_8b, window_tokens=512, dtype="bfloat16")
+    assert 33e9 < fp32 < 36e9
+    assert 17e9 < bf16 < 19e9
+
+
+def test_the_source_stage_count_is_used_where_there_is_one(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 151936}))
+    (tmp_path / "source.json").write_text(json.dumps({"parameters": 494_032_768}))
+    assert memory.ModelSize.of(tmp_path) == memory.ModelSize(494_032_768, 151936)
+
+
+def test_a_stage_that_does_not_fit_refuses_with_its_estimate_and_the_fix(llama_8b, monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 24 * 10**9)
+    monkeypatch.delenv(memory.SKIP_ENV, raising=False)
+    need = memory.estimate("reference", llama_8b, window_tokens=512, dtype="float32")
+    with pytest.raises(HostLacks) as info:
+        memory.ensure_fits(need, stage="the reference in float32", fix="set reference.dtype: bfloat16")
+    assert info.value.exit_code == 3
+    assert "needs about 34." in info.value.what and "24.0 GB free" in info.value.what
+    assert "reference.dtype: bfloat16" in info.value.fix and memory.SKIP_ENV in info.value.fix
+    fits = memory.ensure_fits(need // 2, stage="the reference", fix="-")
+    assert fits["available_gb"] == 24.0
+
+
+def test_the_check_can_be_skipped_where_the_estimate_is_wrong(monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 10**9)
+    monkeypatch.setenv(memory.SKIP_ENV, "1")
+    assert memory.ensure_fits(2 * 10**9, stage="s", fix="-")["estimate_gb"] == 2.0
+
+
+def test_this_host_reports_its_available_memory():
+    have = memory.available_bytes()
+    assert have is None or have > 0
+
+
+def test_the_reference_refuses_before_loading_and_writes_nothing(tiny_llama, tmp_path, monkeypatch):
+    import shutil
+
+    from pipeline import reference
+    from pipeline.config import ReferenceParams
+
+    text = tmp_path / "evaluation.txt"
+    text.write_text((tiny_llama.parent / "calibration.txt").read_text())
+    source = shutil.copytree(tiny_llama, tmp_path / "source")
+    (source / "source.json").write_text(json.dumps({"origin": {}, "files": {}}))
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 10**6)
+    monkeypatch.delenv(memory.SKIP_ENV, raising=False)
+    with pytest.raises(HostLacks, match="the reference in float32 needs about"):
+        reference.run(ReferenceParams(windows=2, window_tokens=16, top_k=4), source, text, tmp_path / "out",
+                      log=lambda _: None)
+    assert not (tmp_path / "out").exists()
