@@ -110,7 +110,7 @@ def run(params: ReferenceParams, source_dir: Path, evaluation_text: Path, out_di
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, params.dtype)
     need = memory.estimate("reference", memory.ModelSize.of(source_dir), window_tokens=params.window_tokens,
-                           dtype=params.dtype)
+                           dtype=params.dtype, device=device)
     fix = ("set reference.dtype: bfloat16 in params.yaml (half the weights' memory), or run on a host "
            "with more memory or a GPU") if params.dtype == "float32" else "run on a host with more memory or a GPU"
     memory_record = memory.ensure_fits(need, stage=f"the reference in {params.dtype}", fix=fix, device=device)

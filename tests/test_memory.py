@@ -44,7 +44,7 @@ def test_a_stage_that_does_not_fit_refuses_with_its_estimate_and_the_fix(llama_8
     with pytest.raises(HostLacks) as info:
         memory.ensure_fits(need, stage="the reference in float32", fix="set reference.dtype: bfloat16")
     assert info.value.exit_code == 3
-    assert "needs about 34." in info.value.what and "24.0 GB free" in info.value.what
+    assert "needs about 33.7 GB" in info.value.what and "24.0 GB free" in info.value.what
     assert "reference.dtype: bfloat16" in info.value.fix and memory.SKIP_ENV in info.value.fix
     fits = memory.ensure_fits(need // 2, stage="the reference", fix="-")
     assert fits["available_gb"] == 24.0
@@ -77,3 +77,9 @@ def test_the_reference_refuses_before_loading_and_writes_nothing(tiny_llama, tmp
         reference.run(ReferenceParams(windows=2, window_tokens=16, top_k=4), source, text, tmp_path / "out",
                       log=lambda _: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_on_a_gpu_only_the_weights_and_a_window_of_logits_are_required(llama_8b):
+    gpu = memory.estimate("build:modelopt", llama_8b, window_tokens=512, dtype="bfloat16", device="cuda")
+    assert gpu == 2 * llama_8b.parameters + 8 * 512 * llama_8b.vocabulary  # 16.6 GB: an 80 GB GPU holds it
+    assert memory.estimate("build:modelopt", llama_8b, window_tokens=512) > 5 * gpu

@@ -158,7 +158,8 @@ def check_build_memory(recipe, source_dir) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(recipe, "dtype", None) or ("bfloat16" if getattr(recipe, "outtype", "f16") == "bf16" else "float16")
     need = memory.estimate(f"build:{recipe.format}", memory.ModelSize.of(source_dir),
-                           window_tokens=recipe.calibration_seq_len if calibrating else 0, dtype=dtype)
+                           window_tokens=recipe.calibration_seq_len if calibrating else 0, dtype=dtype,
+                           device=device)
     return memory.ensure_fits(need, stage=f"the {recipe.format} build", device=device,
                               fix="run the build on a host with more memory" + (" or a GPU" if calibrating else ""))
 
