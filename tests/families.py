@@ -1,6 +1,6 @@
 """Tiny random-weight checkpoints of every common decoder family, made offline.
 
-Each is 2 layers of its family's own transformers config, with the feature that sets the
+Each is 2 layers (Gemma 3: 6, its own five-sliding-to-one-global pattern) of its family's own transformers config, with the feature that sets the
 family apart switched on (GQA and `llama3` RoPE scaling, q/k/v bias, q/k norms, a sliding
 window shorter than a test window, Gemma's norm offset, embedding scale, soft-capping and
 sliding/global layers, Phi-3's fused projections). Widths are multiples of 256, so that
@@ -44,8 +44,9 @@ def family_configs() -> dict[str, object]:
         "mistral": MistralConfig(**_common(), sliding_window=64, tie_word_embeddings=False),
         "gemma2": Gemma2Config(**_common(), sliding_window=64, query_pre_attn_scalar=HEAD_DIM,
                                attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
-        "gemma3": Gemma3TextConfig(**_common(), sliding_window=64, query_pre_attn_scalar=HEAD_DIM,
-                                   layer_types=["sliding_attention", "full_attention"]),
+        # six layers: Gemma 3's own pattern of five sliding layers to one global (llama.cpp assumes it)
+        "gemma3": Gemma3TextConfig(**{**_common(), "num_hidden_layers": 6}, sliding_window=64,
+                                   query_pre_attn_scalar=HEAD_DIM),
         "phi3": Phi3Config(**_common(kv_heads=HEADS), tie_word_embeddings=False),
     }
 

@@ -178,6 +178,7 @@ def llama_tool(name: str) -> tuple[Path, dict[str, str]]:
 def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: Path,
           threads: int, log) -> dict[str, Any]:
     """Write model.gguf (and imatrix.gguf when used) into out_dir; return build facts."""
+    check_llama_cpp_computes(source_dir, recipe.where("format"))
     timings: dict[str, float] = {}
     converter = converter_info()
     with tempfile.TemporaryDirectory(prefix="qpipe-gguf-") as scratch:
@@ -221,6 +222,45 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
         "imatrix": {"chunks": recipe.imatrix_chunks, "ctx": recipe.imatrix_ctx,
                     "file": IMATRIX_FILE} if imatrix else None,
     }
+
+
+# llama.cpp's Gemma 3 (llama_load_hparams_gemma3): five sliding-window layers, then one global,
+# over and over (set_swa_pattern(6)), and RoPE base 10000 on the sliding layers, whatever the
+# checkpoint says; the converter writes neither.
+GEMMA3_PATTERN = 6
+GEMMA3_SLIDING_ROPE_THETA = 10000.0
+
+
+def check_llama_cpp_computes(source_dir: Path, where: str) -> None:
+    """Refuse (RecipeNotApplicable) a checkpoint that llama.cpp would load but compute
+    differently from its config, before converting anything."""
+    import json
+
+    from pipeline.errors import RecipeNotApplicable
+
+    config_file = Path(source_dir) / "config.json"
+    config = json.loads(config_file.read_text())
+    text = config.get("text_config") or config
+    if text.get("model_type", config.get("model_type")) not in ("gemma3", "gemma3_text"):
+        return
+    layers = text.get("num_hidden_layers")
+    layer_types = text.get("layer_types")
+    assumed = ["full_attention" if i % GEMMA3_PATTERN == GEMMA3_PATTERN - 1 else "sliding_attention"
+               for i in range(layers or 0)]
+    fix = "use an AWQ or ModelOpt recipe for this model"
+    if layer_types and layer_types != assumed:
+        raise RecipeNotApplicable(
+            f"llama.cpp computes Gemma 3 with {GEMMA3_PATTERN - 1} sliding-window layers to 1 global, "
+            f"and this checkpoint's layer_types differ (global layers {[i for i, t in enumerate(layer_types) if t == 'full_attention']}, "
+            f"llama.cpp would use {[i for i, t in enumerate(assumed) if t == 'full_attention']})",
+            where=f"{config_file}: layer_types", fix=fix)
+    sliding = (text.get("rope_parameters") or {}).get("sliding_attention") or {}
+    theta = sliding.get("rope_theta", text.get("rope_local_base_freq", GEMMA3_SLIDING_ROPE_THETA))
+    if float(theta) != GEMMA3_SLIDING_ROPE_THETA or sliding.get("rope_type", "default") != "default":
+        raise RecipeNotApplicable(
+            f"llama.cpp computes Gemma 3's sliding layers with RoPE base {GEMMA3_SLIDING_ROPE_THETA:g} and no "
+            f"scaling; this checkpoint has {sliding or {'rope_local_base_freq': theta}}",
+            where=f"{config_file}: rope_parameters.sliding_attention", fix=fix)
 
 
 def convert(source_dir: Path, outfile: Path, outtype: str, script: str) -> None:
