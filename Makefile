@@ -1,5 +1,5 @@
 # make repro  - create .venv, install qpipe and its tools, run `dvc repro --keep-going` on the default params
-# make test   - the same environment, then the test suite (what CI runs)
+# make test   - the same environment and the OCI registry the tests start, then the test suite (what CI runs)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF
 STAMP  := $(VENV)/.qpipe-installed
 
-.PHONY: setup repro test benchmark clean-artifacts
+.PHONY: setup test-tools repro test benchmark clean-artifacts
 
 setup: $(STAMP)
 
@@ -27,7 +27,14 @@ $(STAMP): pyproject.toml
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro --keep-going
 
-test: setup
+# The publish tests start a real OCI registry on loopback: Debian's docker-registry (CNCF distribution)
+test-tools:
+	@command -v docker-registry >/dev/null || { \
+	  echo "installing docker-registry, the OCI registry the publish tests start (apt-get)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq docker-registry; }
+
+test: setup test-tools
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
 
 benchmark: setup

@@ -2,7 +2,8 @@
 
 Stage commands read params.yaml and recipes/ from the current directory (the project root,
 where dvc.yaml calls them). Errors print one line (what | where | fix) and exit with the
-code of their type: 2 bad input, 3 something this host lacks, 1 a gate failed.
+code of their type: 2 bad input, 3 something this host lacks, 1 a gate failed, 4 a tool
+failed unexpectedly (QPIPE_DEBUG=1 shows its traceback).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def stage(function: Callable) -> Callable:
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        from pipeline.errors import QpipeError
+        import os
+
+        from pipeline.errors import DEBUG_ENV, QpipeError, from_unexpected
 
         try:
             return function(*args, **kwargs)
@@ -42,6 +45,15 @@ def stage(function: Callable) -> Callable:
         except KeyboardInterrupt:
             typer.echo("interrupted: nothing was left half-written", err=True)
             raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as error:
+            if os.environ.get(DEBUG_ENV) == "1":
+                raise
+            command = function.__name__.removesuffix("_command").replace("_", "-")
+            described = from_unexpected(error, f"qpipe {command}")
+            typer.echo(described.one_line(), err=True)
+            raise typer.Exit(described.exit_code) from None
 
     return wrapper
 

@@ -51,7 +51,7 @@ def run_engine(name: str, log=print) -> dict[str, Any]:
 
 def _engine(recipe, name: str, staging: Path, log) -> dict[str, Any]:
     from pipeline.errors import BadInput, HostLacks
-    from pipeline.files import artifact_bytes, read_json
+    from pipeline.files import artifact_bytes, read_json, verify_artifact
 
     if recipe.format != "modelopt":
         return {"status": "not_applicable",
@@ -86,6 +86,7 @@ def _engine(recipe, name: str, staging: Path, log) -> dict[str, Any]:
                            fix="set engine.build: auto for this model")
         return {"status": "not_run", "reason": reason}
 
+    verify_artifact(build_dir, build)
     target = tensorrt_llm.engine_target()
     engine_dir = staging / tensorrt_llm.engine_dir_name(target)
     started = time.perf_counter()

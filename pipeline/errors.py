@@ -1,7 +1,9 @@
 """Error types and their exit codes.
 
 Exit codes (DESIGN.md, "Errors"): 0 ok, 1 a gate failed, 2 bad input or usage,
-3 something this host lacks (a runtime, a GPU) was required.
+3 something this host lacks (a runtime, a GPU, disk space) was required, 4 a tool qpipe
+drives (llama.cpp, transformers, llm-compressor, ModelOpt) failed in a way qpipe did not
+foresee; the line carries the tool's own message, and QPIPE_DEBUG=1 shows the traceback.
 
 Every error carries what went wrong, where (a file, a key, a stage) and how to fix it;
 the CLI prints them as one line and no traceback.
@@ -50,3 +52,26 @@ class GateFailed(QpipeError):
     """A required gate failed or did not run."""
 
     exit_code = 1
+
+
+class ToolFailed(QpipeError):
+    """A runtime or tool raised something qpipe did not turn into a clearer error."""
+
+    exit_code = 4
+
+
+DEBUG_ENV = "QPIPE_DEBUG"
+
+
+def from_unexpected(error: BaseException, stage: str) -> QpipeError:
+    """One-line form of an exception a stage did not foresee: out of disk space is the host's
+    (exit 3), anything else a tool's failure (exit 4) with its own message."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return HostLacks(f"no space left on the device while writing{' ' + str(error.filename) if error.filename else ''}",
+                         where=stage, fix="free disk space where artifacts/ lives (`df -h artifacts`) and run again; "
+                                          "nothing was left half-written")
+    message = (str(error).strip().splitlines() or [""])[0][:300]
+    return ToolFailed(f"{type(error).__name__}: {message}" if message else type(error).__name__, where=stage,
+                      fix=f"rerun with {DEBUG_ENV}=1 for the traceback; nothing was left half-written")

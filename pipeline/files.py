@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -51,6 +52,50 @@ def tree_bytes(root: Path) -> int:
     return sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
 
 
+def remove_stale_staging(final: Path) -> list[Path]:
+    """Remove the staging directories of `final` that a killed run left (its process is gone),
+    saying so in one line each; a live run's staging directory is left alone."""
+    removed = []
+    for stale in sorted(Path(final).parent.glob(f".{Path(final).name}.partial-*")):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
+        sys.stderr.write(f"removed {stale}, left by an interrupted run (process {pid})\n")
+        removed.append(stale)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def verify_artifact(build_dir: Path, build: dict[str, Any]) -> Path:
+    """The artifact a build.json describes, checked against that record before anything uses
+    it: the size first (cheap: catches truncation), then the sha256. Exit 2 naming the file."""
+    from pipeline.errors import BadInput
+
+    recorded = build["artifact"]
+    path = Path(build_dir) / recorded["file"]
+    fix = f"rebuild it: `dvc repro build@{build['recipe']}` (or `qpipe build {build['recipe']}`)"
+    if not path.exists():
+        raise BadInput(f"the artifact that {build_dir / 'build.json'} records is missing", where=str(path), fix=fix)
+    size = artifact_bytes(path)
+    if size != recorded["bytes"]:
+        raise BadInput(f"the artifact is {size} bytes and build.json records {recorded['bytes']}: "
+                       "it changed (or was cut short) after it was built", where=str(path), fix=fix)
+    if sha256_artifact(path) != recorded["sha256"]:
+        raise BadInput("the artifact's sha256 differs from the one build.json records: it was replaced "
+                       "or edited after it was built", where=str(path), fix=fix)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; rename it into place only on success.
@@ -61,8 +106,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.parent / f".{final.name}.partial-{os.getpid()}"
-    for stale in final.parent.glob(f".{final.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_staging(final)
     staging.mkdir()
     try:
         yield staging

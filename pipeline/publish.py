@@ -112,7 +112,7 @@ def dvc_lock_entry(recipe: str) -> dict[str, Any] | None:
 
 def stage_release(result: dict[str, Any], staging_root: Path) -> Release:
     """Copy the build directory and write the card, provenance and checksums beside it."""
-    from pipeline.files import read_json, write_json
+    from pipeline.files import read_json, verify_artifact, write_json
 
     recipe = result["recipe"]
     build_dir = layout.build_dir(recipe)
@@ -120,6 +120,7 @@ def stage_release(result: dict[str, Any], staging_root: Path) -> Release:
     if build["artifact"]["sha256"] != result["artifact"]["sha256"]:
         raise BadInput(f"the build of {recipe} changed after its gate ran", where=str(build_dir),
                        fix=f"run `dvc repro` so that gate@{recipe} scores this build")
+    verify_artifact(build_dir, build)
     source = read_json(layout.SOURCE_DIR / "source.json")
     release = Release(model=model_name(source), recipe=recipe, version="sha256-" + build["artifact"]["sha256"][:12],
                       format=result["format"], folder=Path(staging_root) / recipe)

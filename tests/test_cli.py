@@ -77,3 +77,37 @@ def test_check_passes_when_all_pass(project):
     write(project / "artifacts" / "report" / "tradeoff.json",
           json.dumps({"rows": [{"recipe": "a", "verdict": "pass", "reasons": []}]}))
     assert runner.invoke(app, ["check"]).exit_code == 0
+
+
+def test_an_unforeseen_tool_failure_is_one_line_with_its_message_and_exit_4(project, monkeypatch):
+    from pipeline import corpus
+
+    def tool_raises(*_, **__):
+        raise RuntimeError("llama_model_load: tensor 'blk.0.attn_q.weight' data is not within the file bounds\nmore")
+
+    monkeypatch.setattr(corpus, "run", tool_raises)
+    monkeypatch.delenv("QPIPE_DEBUG", raising=False)
+    result = runner.invoke(app, ["corpus"])
+    assert result.exit_code == 4
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output
+    assert "RuntimeError: llama_model_load: tensor 'blk.0.attn_q.weight'" in lines[0]
+    assert "qpipe corpus" in lines[0] and "QPIPE_DEBUG=1" in lines[0]
+    monkeypatch.setenv("QPIPE_DEBUG", "1")
+    assert isinstance(runner.invoke(app, ["corpus"]).exception, RuntimeError)
+
+
+def test_out_of_disk_space_is_said_with_the_path_and_exit_3(project, monkeypatch):
+    import errno
+
+    from pipeline import corpus
+
+    def disk_full(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device", "artifacts/corpus/calibration.txt")
+
+    monkeypatch.setattr(corpus, "run", disk_full)
+    monkeypatch.delenv("QPIPE_DEBUG", raising=False)
+    result = runner.invoke(app, ["corpus"])
+    assert result.exit_code == 3
+    assert "no space left on the device while writing artifacts/corpus/calibration.txt" in result.output
+    assert "df -h artifacts" in result.output

@@ -23,12 +23,13 @@ def gated(project):
         build_dir = layout.build_dir(name)
         write(build_dir / "model.gguf", f"GGUF bytes of {name}")
         sha = sha256_artifact(build_dir / "model.gguf")
+        size = (build_dir / "model.gguf").stat().st_size
         write(build_dir / "build.json", json.dumps({
-            "recipe": name, "format": "gguf", "artifact": {"file": "model.gguf", "bytes": 20, "sha256": sha},
+            "recipe": name, "format": "gguf", "artifact": {"file": "model.gguf", "bytes": size, "sha256": sha},
             "source": {"sha256": "cd" * 32}, "tools": {"llama_cpp_python": "0.3.36"},
             "resolved_recipe": {"format": "gguf", "type": name.split("-")[1].upper(), "description": "d", "gates": {}}}))
         result = gate_result(name, 0.01, 80.0, verdict=verdict)
-        result.update(artifact={"bytes": 20, "sha256": sha, "bits_per_weight": 8.5}, checks=[], host={"cpu": "x"},
+        result.update(artifact={"bytes": size, "sha256": sha, "bits_per_weight": 8.5}, checks=[], host={"cpu": "x"},
                       reasons=[] if verdict == "pass" else ["max_mean_kld: mean_kld 0.3 vs limit 0.1"])
         write(layout.gate_file(name), json.dumps(result))
     return project
@@ -118,6 +119,15 @@ def test_a_build_changed_after_its_gate_is_refused(gated, tmp_path):
           layout.build_dir("gguf-q8_0").joinpath("build.json").read_text().replace('"sha256": "', '"sha256": "0'))
     with pytest.raises(BadInput, match="changed after its gate ran"):
         publish.run(f"dir://{tmp_path}/r", RECIPES, include_failed=False, log=lambda _: None)
+
+
+def test_a_truncated_artifact_is_named_before_anything_is_published(gated, tmp_path):
+    artifact = layout.build_dir("gguf-q8_0") / "model.gguf"
+    artifact.write_bytes(artifact.read_bytes()[:5])
+    with pytest.raises(BadInput, match="is 5 bytes and build.json records") as info:
+        publish.run(f"dir://{tmp_path}/r", RECIPES, include_failed=False, log=lambda _: None)
+    assert info.value.where == str(artifact)
+    assert not (tmp_path / "r").exists()
 
 
 def test_model_card_front_matter_follows_the_hub_convention(gated, tmp_path):

@@ -24,7 +24,7 @@ def start_registry(root: Path, htpasswd: Path | None = None):
     import requests
 
     if shutil.which(BINARY) is None:
-        pytest.fail(f"{BINARY} is not installed: `apt-get install docker-registry` (.ci/run does)")
+        pytest.fail(f"{BINARY} is not installed: `apt-get install docker-registry` (`make test` does)")
     port = free_port()
     auth = (f"auth:\n  htpasswd:\n    realm: qpipe-test\n    path: {htpasswd}\n" if htpasswd else "")
     config = root / "config.yml"

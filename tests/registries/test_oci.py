@@ -98,3 +98,20 @@ def test_address_errors():
         oci.OciRegistry("registry.example/Team/Model")
     assert oci.OciRegistry("127.0.0.1:5000/a/b").insecure is True
     assert oci.OciRegistry("registry.example/a/b").insecure is False
+
+
+def test_no_written_file_or_message_holds_a_credential(gated, oci_registry_with_auth, tmp_path, monkeypatch):  # noqa: F811
+    """Credentials set for the registry and the Hub appear in no staged file, card, provenance,
+    registry blob or log line after publishing to an authenticated registry and a directory."""
+    secrets = {oci.PASSWORD_VARIABLE: "right-password", "HF_TOKEN": "hf_secretTOKENvalue1234"}
+    monkeypatch.setenv(oci.USER_VARIABLE, "pusher")
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    said = []
+    publish.run(f"oci://{oci_registry_with_auth}/team/smollm2", RECIPES, include_failed=True, log=said.append)
+    publish.run(f"dir://{tmp_path / 'directory-registry'}", RECIPES, include_failed=True, log=said.append)
+    searched = [path for root in (tmp_path, gated) for path in root.rglob("*") if path.is_file()]
+    assert any(path.name == "provenance.json" for path in searched) and len(said) >= 2
+    for value in secrets.values():
+        assert not [path for path in searched if value.encode() in path.read_bytes()], value
+        assert not [line for line in said if value in line]
