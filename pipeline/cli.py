@@ -76,9 +76,11 @@ def host_command(remeasure: bool = typer.Option(False, help="measure the bandwid
     """Probe this machine -> artifacts/host.json (CPU, memory, bandwidth, GPU, runtimes)."""
     from pipeline import host, layout
     from pipeline.files import read_json, write_json
+    from pipeline.gates.speed import HostLock
 
     previous = read_json(layout.HOST_FILE) if layout.HOST_FILE.is_file() else None
-    info = host.probe(previous, remeasure=remeasure)
+    with HostLock():  # the bandwidth is a measurement like a speed gate's
+        info = host.probe(previous, remeasure=remeasure)
     write_json(layout.HOST_FILE, info)
     log(f"host: {info['cpu']['model']}, {info['cpu']['physical_cores']} cores, "
         f"{info['bandwidth']['gb_s']} GB/s copy bandwidth, GPU: {info['gpus'][0]['name'] if info['gpus'] else 'none'}")
@@ -109,8 +111,10 @@ def corpus_command():
 def reference_command():
     """Evaluation windows + the unquantized model's scores -> artifacts/reference/."""
     from pipeline import layout, reference
+    from pipeline.gates.speed import heavy_work
 
-    reference.run(_params().reference, layout.SOURCE_DIR, layout.EVALUATION_TEXT, layout.REFERENCE_DIR, log=log)
+    with heavy_work():
+        reference.run(_params().reference, layout.SOURCE_DIR, layout.EVALUATION_TEXT, layout.REFERENCE_DIR, log=log)
 
 
 @app.command("recipe")
@@ -127,8 +131,10 @@ def recipe_command(recipe: str = typer.Argument(..., help="recipe name (recipes/
 def build_command(recipe: str = typer.Argument(..., help="recipe name (recipes/NAME.yaml)")):
     """Build the artifact of one recipe -> artifacts/builds/RECIPE/."""
     from pipeline import formats
+    from pipeline.gates.speed import heavy_work
 
-    formats.run_build(recipe, threads=_threads(_params()), log=log)
+    with heavy_work():  # never while a speed measurement runs on this host
+        formats.run_build(recipe, threads=_threads(_params()), log=log)
 
 
 @app.command("engine")

@@ -85,12 +85,17 @@ def verify_artifact(build_dir: Path, build: dict[str, Any]) -> Path:
     path = Path(build_dir) / recorded["file"]
     fix = f"rebuild it: `dvc repro build@{build['recipe']}` (or `qpipe build {build['recipe']}`)"
     if not path.exists():
-        raise BadInput(f"the artifact that {build_dir / 'build.json'} records is missing", where=str(path), fix=fix)
-    size = artifact_bytes(path)
+        raise BadInput(f"the artifact that {Path(build_dir) / 'build.json'} records is missing", where=str(path),
+                       fix=fix)
+    # an artifact that is the build directory itself was measured before build.json was written into it
+    hashes = None if path.is_file() else {name: digest for name, digest in sha256_tree(path).items()
+                                          if path != Path(build_dir) or name != "build.json"}
+    size = path.stat().st_size if hashes is None else sum((path / name).stat().st_size for name in hashes)
     if size != recorded["bytes"]:
         raise BadInput(f"the artifact is {size} bytes and build.json records {recorded['bytes']}: "
                        "it changed (or was cut short) after it was built", where=str(path), fix=fix)
-    if sha256_artifact(path) != recorded["sha256"]:
+    digest = sha256_file(path) if hashes is None else hashlib.sha256(sha256sum_lines(hashes).encode()).hexdigest()
+    if digest != recorded["sha256"]:
         raise BadInput("the artifact's sha256 differs from the one build.json records: it was replaced "
                        "or edited after it was built", where=str(path), fix=fix)
     return path

@@ -111,3 +111,19 @@ def test_out_of_disk_space_is_said_with_the_path_and_exit_3(project, monkeypatch
     assert result.exit_code == 3
     assert "no space left on the device while writing artifacts/corpus/calibration.txt" in result.output
     assert "df -h artifacts" in result.output
+
+
+def test_a_truncated_artifact_is_named_by_the_gate_with_exit_2(project):
+    from pipeline import layout
+    from pipeline.files import sha256_artifact
+
+    build_dir = layout.build_dir("gguf-q8_0")
+    write(build_dir / "model.gguf", "GGUF" + "x" * 60)
+    record = {"recipe": "gguf-q8_0", "format": "gguf",
+              "artifact": {"file": "model.gguf", "bytes": 64, "sha256": sha256_artifact(build_dir / "model.gguf")}}
+    write(build_dir / "build.json", json.dumps(record))
+    write(layout.HOST_FILE, json.dumps({"cpu": {"physical_cores": 2, "model": "x"}, "bandwidth": {"gb_s": 10}}))
+    (build_dir / "model.gguf").write_text("GGUF" + "x" * 10)  # cut short after the build
+    result = runner.invoke(app, ["gate", "gguf-q8_0"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "is 14 bytes and build.json records 64" in result.output and "dvc repro build@gguf-q8_0" in result.output

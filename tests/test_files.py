@@ -82,3 +82,20 @@ def test_a_truncated_edited_or_missing_artifact_is_named_with_the_rebuild(tmp_pa
         verify_artifact(tmp_path, record)
     assert info.value.exit_code == 2 and info.value.where.endswith("model.gguf")
     assert "dvc repro build@gguf-q4_0" in info.value.fix
+
+
+def test_a_directory_artifact_is_checked_without_the_build_json_written_after_it(tmp_path):
+    import json
+
+    from pipeline.errors import BadInput
+    from pipeline.files import artifact_bytes, sha256_artifact, verify_artifact
+
+    (tmp_path / "model.safetensors").write_bytes(bytes(100))
+    (tmp_path / "config.json").write_text("{}")
+    record = {"recipe": "awq-w4a16", "artifact": {"file": ".", "bytes": artifact_bytes(tmp_path),
+                                                   "sha256": sha256_artifact(tmp_path)}}
+    (tmp_path / "build.json").write_text(json.dumps(record))  # as run_build writes it, after measuring
+    assert verify_artifact(tmp_path, record) == tmp_path / "."
+    (tmp_path / "config.json").write_text('{"edited": 1}')
+    with pytest.raises(BadInput, match="bytes and build.json records"):
+        verify_artifact(tmp_path, record)

@@ -381,3 +381,27 @@ def test_experiment_with_another_recipe_set_reuses_cached_stages(repo):
     assert "lost: gguf-q4_0" in chosen and "lost: awq-w4a16" in chosen and "lost: trtllm-fp8" in chosen
     nobody = run(["qpipe", "recommend", "--max-size", "10MB"], env, check=False)
     assert nobody.returncode == 2 and "--max-size 10MB excluded the last candidates" in nobody.stderr
+
+
+def test_two_queued_experiments_at_once_measure_speed_one_at_a_time(repo):
+    """`dvc exp run --run-all -j 2`: both finish, their accuracy equals the serial run's, and
+    their speed measurements hold the host lock one after the other."""
+    from pipeline import compare
+
+    root, env, _, git = repo
+    run(git + ["checkout", "params.yaml"], env)  # the previous test's experiment left recipes=[gguf-q8_0]
+    run(["dvc", "repro"], env)
+    serial = {name: gate(root, name)["accuracy"] for name in ("gguf-q8_0", "gguf-q4_0")}
+    for name in serial:
+        run(["dvc", "exp", "run", "--queue", "-S", f"recipes=[{name}]", "-n", f"queued-{name}"], env)
+    run(["dvc", "exp", "run", "--run-all", "-j", "2"], env)
+    results = {label: result for label, result in compare.gate_results(json.loads(
+        run(["dvc", "exp", "show", "--json"], env).stdout)) if label.startswith("queued-")}
+    assert set(results) == {"queued-gguf-q8_0", "queued-gguf-q4_0"}
+    for name, accuracy in serial.items():
+        result = results[f"queued-{name}"]
+        assert result["accuracy"]["mean_kld"] == accuracy["mean_kld"]
+        assert result["speed"]["status"] == "ok", result["speed"].get("reason")
+    held = sorted((r["speed"]["measurement"]["held_from"], r["speed"]["measurement"]["held_until"])
+                  for r in results.values())
+    assert held[0][1] <= held[1][0], f"speed measurements overlapped: {held}"

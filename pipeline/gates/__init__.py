@@ -18,7 +18,7 @@ def run_gate(name: str, *, params, log=print) -> dict[str, Any]:
     from pipeline import formats, host, reference
     from pipeline.config import effective_limits, load_recipe
     from pipeline.errors import BadInput
-    from pipeline.files import read_json, write_json
+    from pipeline.files import read_json, verify_artifact, write_json
     from pipeline.gates import verdict
 
     recipe = load_recipe(name)
@@ -32,6 +32,7 @@ def run_gate(name: str, *, params, log=print) -> dict[str, Any]:
     host_info, threads = _host_and_threads(speed_params)
     if build.get("status") == "refused":
         return _write_refused(name, recipe.format, limits.require, build, host_info, log)
+    verify_artifact(build_dir, build)
     ref = reference.load(layout.REFERENCE_DIR)
 
     artifact = {
@@ -122,8 +123,10 @@ def run_accuracy(fmt, build_dir, ref, threads: int, log) -> dict[str, Any]:
     reason = fmt.accuracy_unavailable_reason(build_dir)
     if reason:
         return {"status": "not_run", "reason": reason}
+    from pipeline.gates import speed
+
     started = time.perf_counter()
-    with tqdm(total=len(ref.tokens), desc="accuracy windows", unit="win", leave=False) as bar:
+    with speed.heavy_work(), tqdm(total=len(ref.tokens), desc="accuracy windows", unit="win", leave=False) as bar:
         figures = accuracy.score(fmt.window_logits(build_dir, ref.tokens, threads), ref,
                                  progress=lambda n: bar.update(1))
     tokenizer = accuracy.tokenizer_mismatch(ref.text_tokens.tolist(),
@@ -154,15 +157,17 @@ def run_speed(fmt, format_name: str, build_dir, ref, speed_params, host_info, th
     prompt = speed_prompt(ref, speed_params)
     log(f"speed: {len(prompt)}-token prompt, {speed_params.gen_tokens} generated tokens, "
         f"{speed_params.warmup} warm-up + {speed_params.repeats} runs, {threads} threads")
-    measured = fmt.measure_speed(build_dir, prompt, gen_tokens=speed_params.gen_tokens,
-                                 repeats=speed_params.repeats, warmup=speed_params.warmup, threads=threads,
-                                 concurrency=speed_params.concurrency)
+    with speed.HostLock() as held:
+        measured = fmt.measure_speed(build_dir, prompt, gen_tokens=speed_params.gen_tokens,
+                                     repeats=speed_params.repeats, warmup=speed_params.warmup, threads=threads,
+                                     concurrency=speed_params.concurrency)
     bytes_per_token = fmt.decode_bytes_per_token(
         build_dir, speed.mean_decode_context(len(prompt), speed_params.gen_tokens))
     section = speed.section(measured, runtime=fmt.runtime_name(build_dir), prompt_tokens=len(prompt),
                             gen_tokens=speed_params.gen_tokens, threads=threads,
                             bandwidth_gb_s=host_info["bandwidth"]["gb_s"], bytes_per_token=bytes_per_token)
-    return speed.with_speedup(section, _baseline(format_name))
+    section = speed.with_speedup(section, _baseline(format_name))
+    return speed.contended(section, held.record(), cpu_runtime=not host_info.get("gpus"))
 
 
 def _baseline(format_name: str) -> dict[str, Any] | None:
@@ -176,7 +181,9 @@ def run_baselines(speed_params, log=print) -> dict[str, Any]:
     from pipeline import formats, reference
     from pipeline.files import atomic_dir
 
-    _, threads = _host_and_threads(speed_params)
+    from pipeline.gates import speed
+
+    host_info, threads = _host_and_threads(speed_params)
     prompt = speed_prompt(reference.load(layout.REFERENCE_DIR), speed_params)
     results = {}
     with atomic_dir(layout.BASELINES_DIR) as staging:
@@ -187,11 +194,13 @@ def run_baselines(speed_params, log=print) -> dict[str, Any]:
                 result = {"format": name, "status": "not_run", "reason": reason}
             else:
                 log(f"baseline {name}: unquantized speed, {len(prompt)}-token prompt, {speed_params.gen_tokens} tokens")
-                measured = fmt.baseline_speed(layout.SOURCE_DIR, prompt, gen_tokens=speed_params.gen_tokens,
-                                              repeats=speed_params.repeats, warmup=speed_params.warmup,
-                                              threads=threads, concurrency=speed_params.concurrency)
+                with speed.HostLock() as held:
+                    measured = fmt.baseline_speed(layout.SOURCE_DIR, prompt, gen_tokens=speed_params.gen_tokens,
+                                                  repeats=speed_params.repeats, warmup=speed_params.warmup,
+                                                  threads=threads, concurrency=speed_params.concurrency)
                 result = {"format": name, "status": "ok", "runtime": fmt.runtime_name(None), "threads": threads,
                           "prompt_tokens": len(prompt), "gen_tokens": speed_params.gen_tokens, **measured}
+                result = speed.contended(result, held.record(), cpu_runtime=not host_info.get("gpus"))
                 log(f"baseline {name}: decode {measured['decode_tok_s']:.1f} tok/s, "
                     f"prefill {measured['prefill_tok_s']:.0f} tok/s")
             (staging / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")

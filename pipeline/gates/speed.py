@@ -93,3 +93,95 @@ def with_speedup(section: dict, baseline: dict | None) -> dict:
     section["decode_speedup"] = section["decode_tok_s"] / baseline["decode_tok_s"]
     section["prefill_speedup"] = section["prefill_tok_s"] / baseline["prefill_tok_s"]
     return section
+
+
+# ---------------------------------------------------------------- one measurement per host at a time
+
+# others' CPU use, in cores averaged over the measurement, above which a CPU speed figure is not trusted
+MAX_OTHER_CORES = 0.5
+
+
+def lock_path():
+    """The host-wide lock: one per user, in the user's cache directory. Speed measurements hold
+    it exclusively, CPU-heavy work (reference, builds, accuracy scoring) shares it, so queued DVC
+    experiments, two `dvc repro` runs and a CI runner's parallel jobs never measure speed while
+    another qpipe process computes, nor two speeds at once."""
+    import os
+    from pathlib import Path
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "qpipe" / "speed.lock"
+
+
+class HostLock:
+    """``with HostLock(exclusive=True) as held:`` waits for the host-wide lock and, while it is
+    held, measures what other processes do with the CPUs; ``held.record()`` after the block gives
+    the seconds waited, the cores others kept busy and when it was held. ``exclusive=False`` is
+    the shared hold of heavy work, which waits only while a speed measurement runs."""
+
+    def __init__(self, exclusive: bool = True):
+        self.exclusive = exclusive
+
+    def __enter__(self) -> "HostLock":
+        import fcntl
+        import time
+
+        path = lock_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(path, "a")
+        started = time.perf_counter()
+        fcntl.flock(self._handle, fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH)
+        self.waited_s = time.perf_counter() - started
+        self.held_from = time.time()
+        self._start = (time.perf_counter(), cpu_busy_seconds(), own_cpu_seconds())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+        import time
+
+        end = (time.perf_counter(), cpu_busy_seconds(), own_cpu_seconds())
+        wall = end[0] - self._start[0]
+        others = (end[1] - self._start[1]) - (end[2] - self._start[2])
+        self.other_cores = max(others, 0.0) / wall if wall > 0 else 0.0
+        self.held_until = time.time()
+        fcntl.flock(self._handle, fcntl.LOCK_UN)
+        self._handle.close()
+
+    def record(self) -> dict:
+        return {"lock_wait_s": round(self.waited_s, 2), "other_cpu_cores": round(self.other_cores, 2),
+                "held_from": round(self.held_from, 3), "held_until": round(self.held_until, 3)}
+
+
+def heavy_work() -> HostLock:
+    """The shared hold for CPU-heavy work."""
+    return HostLock(exclusive=False)
+
+
+def cpu_busy_seconds() -> float:
+    """CPU seconds all processes spent busy so far, summed over cores (/proc/stat)."""
+    import os
+
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process (its threads: llama.cpp runs in it) and its waited children."""
+    import os
+
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def contended(section: dict, record: dict, *, cpu_runtime: bool) -> dict:
+    """Mark a CPU speed section measured while others kept more than MAX_OTHER_CORES busy: its
+    figures stay in the record, and the checks treat them as not measured."""
+    section["measurement"] = record
+    if cpu_runtime and record["other_cpu_cores"] > MAX_OTHER_CORES:
+        section["status"] = "contended"
+        section["reason"] = (f"other processes kept {record['other_cpu_cores']:.2f} cores busy during the "
+                             f"measurement (limit {MAX_OTHER_CORES}): the figures are recorded but not judged")
+    return section

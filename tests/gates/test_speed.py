@@ -55,3 +55,59 @@ def test_kv_cache_bytes_counts_k_and_v_per_layer():
     # 30 layers x (K and V) x 3 KV heads x 64 dims x 2 bytes x 576 tokens
     assert speed.kv_cache_bytes(30, 3, 64, 576) == 30 * 2 * 3 * 64 * 2 * 576
     assert speed.kv_cache_bytes(1, 1, 1, 10, bytes_per_value=1) == 20
+
+
+def test_a_second_speed_measurement_waits_for_the_first(tmp_path, monkeypatch):
+    import fcntl
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = speed.lock_path()
+    assert path == tmp_path / "qpipe" / "speed.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys; from pipeline.gates import speed; "
+        "h = open(speed.lock_path().parent.mkdir(parents=True, exist_ok=True) or speed.lock_path(), 'a'); "
+        "fcntl.flock(h, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.readline()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with open(path, "a") as handle, pytest.raises(BlockingIOError):
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a speed measurement waits on
+    finally:
+        holder.communicate("release\n", timeout=30)
+    with speed.HostLock() as held:
+        pass
+    assert set(held.record()) == {"lock_wait_s", "other_cpu_cores", "held_from", "held_until"}
+    assert held.record()["other_cpu_cores"] >= 0 and held.record()["held_from"] <= held.record()["held_until"]
+
+
+def test_a_cpu_figure_taken_while_others_kept_cores_busy_is_recorded_but_not_judged():
+    from pipeline.config import GateLimits
+    from pipeline.gates import verdict
+
+    section = {"status": "ok", "decode_tok_s": 21.7, "roofline_fraction": 0.097}
+    flagged = speed.contended(dict(section), {"lock_wait_s": 0.0, "other_cpu_cores": 1.6}, cpu_runtime=True)
+    assert flagged["status"] == "contended" and flagged["decode_tok_s"] == 21.7
+    assert "1.60 cores busy" in flagged["reason"]
+    (check,) = verdict.evaluate(GateLimits(min_roofline_fraction=0.1), {"speed": flagged})
+    assert check["verdict"] == "not_run" and "cores busy" in check["reason"]
+    quiet = speed.contended(dict(section), {"lock_wait_s": 3.2, "other_cpu_cores": 0.1}, cpu_runtime=True)
+    assert quiet["status"] == "ok" and quiet["measurement"]["lock_wait_s"] == 3.2
+    on_gpu = speed.contended(dict(section), {"lock_wait_s": 0.0, "other_cpu_cores": 3.0}, cpu_runtime=False)
+    assert on_gpu["status"] == "ok"
+
+
+def test_heavy_work_shares_the_lock_and_keeps_speed_out(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    probe = ("import fcntl, sys; from pipeline.gates import speed; h = open(speed.lock_path(), 'a')\n"
+             "try:\n    fcntl.flock(h, getattr(fcntl, sys.argv[1]) | fcntl.LOCK_NB); print('got')\n"
+             "except BlockingIOError:\n    print('blocked')")
+    with speed.heavy_work():
+        tried = {mode: subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True,
+                                      env={**__import__("os").environ}).stdout.strip()
+                 for mode in ("LOCK_SH", "LOCK_EX")}
+    assert tried == {"LOCK_SH": "got", "LOCK_EX": "blocked"}
