@@ -278,9 +278,24 @@ def convert(source_dir: Path, outfile: Path, outtype: str, script: str) -> None:
             where=f"{source_dir}/config.json: architectures",
             fix="use a model llama.cpp supports, or drop the gguf recipes for it",
         )
+    check_space(outfile.parent, sum(f.stat().st_size for f in Path(source_dir).glob("*.safetensors")), "conversion")
     tail = "\n".join(output.strip().splitlines()[-15:])
     raise QpipeError(f"convert_hf_to_gguf.py failed (exit {result.returncode}):\n{tail}",
                      where=str(source_dir))
+
+
+def check_space(directory: Path, need_bytes: int, step: str) -> None:
+    """After a llama.cpp step failed: say so plainly when the disk it wrote to is full (the
+    tools report only an exit code)."""
+    import shutil
+
+    from pipeline.errors import HostLacks
+
+    free = shutil.disk_usage(directory).free
+    if free < need_bytes:
+        raise HostLacks(f"no space left for the {step}: {free / 1e6:.1f} MB free where it writes, "
+                        f"it needs up to {need_bytes / 1e6:.1f} MB", where=str(directory),
+                        fix="free disk space there and run again; nothing was left half-written")
 
 
 def compute_imatrix(model: Path, text: Path, out: Path, *, chunks: int, ctx: int, threads: int) -> None:
@@ -343,6 +358,7 @@ def quantize(source: Path, out: Path, qtype: str, *, imatrix: Path | None, threa
         code = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
     log = log_file.read_text(errors="replace")
     if code != 0 or not out.is_file():
+        check_space(out.parent, source.stat().st_size, f"quantization to {qtype}")
         tail = "\n".join(log.strip().splitlines()[-10:])
         raise QpipeError(f"llama_model_quantize to {qtype} failed with code {code}:\n{tail}", where=str(source))
     fallback = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback quantization", log)

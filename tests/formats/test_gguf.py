@@ -102,3 +102,21 @@ def test_header_reader_refuses_a_non_gguf_file(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"NOTGGUF" + b"\x00" * 40)
     with pytest.raises(QpipeError, match="not a GGUF"):
         fmt.read_header(tmp_path / "x.gguf")
+
+
+def test_a_quantization_that_fails_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from pipeline.errors import HostLacks, QpipeError
+
+    source = tmp_path / "model-f16.gguf"
+    source.write_bytes(b"GGUF" + bytes(4096))  # llama.cpp refuses it: the call fails with a code
+    with pytest.raises(QpipeError, match="llama_model_quantize to Q8_0 failed") as plain:
+        fmt.quantize(source, tmp_path / "model.gguf", "Q8_0", imatrix=None, threads=1, log_file=tmp_path / "q.log")
+    assert not isinstance(plain.value, HostLacks)  # with room on the disk it is the tool's failure
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 512, 512))
+    with pytest.raises(HostLacks, match="no space left for the quantization to Q8_0: 0.0 MB free") as full:
+        fmt.quantize(source, tmp_path / "model.gguf", "Q8_0", imatrix=None, threads=1, log_file=tmp_path / "q.log")
+    assert full.value.exit_code == 3 and full.value.where == str(tmp_path)
