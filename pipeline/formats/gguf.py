@@ -284,6 +284,10 @@ def convert(source_dir: Path, outfile: Path, outtype: str, script: str) -> None:
                      where=str(source_dir))
 
 
+# an importance matrix holds one float per input column of every tensor: a few MB even at 8B
+IMATRIX_ROOM_BYTES = 64 * 2**20
+
+
 def check_space(directory: Path, need_bytes: int, step: str) -> None:
     """After a llama.cpp step failed: say so plainly when the disk it wrote to is full (the
     tools report only an exit code)."""
@@ -308,6 +312,7 @@ def compute_imatrix(model: Path, text: Path, out: Path, *, chunks: int, ctx: int
         if "tokens" in tail and "need" in tail:
             raise BadInput(f"calibration text too short for the importance matrix:\n{tail}",
                            where=str(text), fix="lower imatrix_ctx / imatrix_chunks or use a longer text")
+        check_space(out.parent, IMATRIX_ROOM_BYTES, "importance matrix")
         raise QpipeError(f"llama-imatrix failed (exit {result.returncode}):\n{tail}")
 
 
