@@ -79,14 +79,13 @@ def compare_rows(entries: list[tuple[str, dict[str, Any]]]) -> list[dict[str, An
     in several experiments is one row listing all of them."""
     from pipeline.gates import verdict
 
-    by_experiment: dict[str, list[dict[str, Any]]] = {}
+    by_experiment: dict[str, list[dict[str, Any]]] = {}  # relative limits are judged within one experiment
     for label, result in entries:
         by_experiment.setdefault(label, []).append(result)
-    resolved = {label: iter(verdict.resolve(results)) for label, results in by_experiment.items()}
     rows: list[dict[str, Any]] = []
     seen: dict[str, dict[str, Any]] = {}
-    for label, _ in entries:
-        result = next(resolved[label])
+    for label, result in ((label, result) for label, results in by_experiment.items()
+                          for result in verdict.resolve(results)):
         key = json.dumps({k: result.get(k) for k in ("recipe", "artifact", "accuracy", "speed", "verdict")},
                          sort_keys=True)
         if key in seen:

@@ -20,13 +20,15 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def sha256_tree(root: Path) -> dict[str, str]:
-    """sha256 of every file below root, keyed by its path relative to root."""
-    return {
-        str(path.relative_to(root)): sha256_file(path)
-        for path in sorted(root.rglob("*"))
-        if path.is_file()
-    }
+def tree_files(root: Path, exclude: frozenset[str] = frozenset()) -> list[Path]:
+    """Every file below root, sorted, less those whose path relative to root is in `exclude`."""
+    return [path for path in sorted(root.rglob("*"))
+            if path.is_file() and str(path.relative_to(root)) not in exclude]
+
+
+def sha256_tree(root: Path, exclude: frozenset[str] = frozenset()) -> dict[str, str]:
+    """sha256 of every file below root (less `exclude`), keyed by its path relative to root."""
+    return {str(path.relative_to(root)): sha256_file(path) for path in tree_files(root, exclude)}
 
 
 def sha256sum_lines(hashes: dict[str, str]) -> str:
@@ -34,22 +36,22 @@ def sha256sum_lines(hashes: dict[str, str]) -> str:
     return "".join(f"{digest}  {name}\n" for name, digest in hashes.items())
 
 
-def sha256_artifact(path: Path) -> str:
+def sha256_artifact(path: Path, exclude: frozenset[str] = frozenset()) -> str:
     """sha256 of a file; for a directory, sha256 of its manifest (sha256sum lines of every file,
-    sorted by path)."""
+    sorted by path, less `exclude`)."""
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
-    return hashlib.sha256(sha256sum_lines(sha256_tree(path)).encode()).hexdigest()
+    return hashlib.sha256(sha256sum_lines(sha256_tree(path, exclude)).encode()).hexdigest()
 
 
-def artifact_bytes(path: Path) -> int:
+def artifact_bytes(path: Path, exclude: frozenset[str] = frozenset()) -> int:
     path = Path(path)
-    return path.stat().st_size if path.is_file() else tree_bytes(path)
+    return path.stat().st_size if path.is_file() else tree_bytes(path, exclude)
 
 
-def tree_bytes(root: Path) -> int:
-    return sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
+def tree_bytes(root: Path, exclude: frozenset[str] = frozenset()) -> int:
+    return sum(path.stat().st_size for path in tree_files(root, exclude))
 
 
 def remove_stale_staging(final: Path) -> list[Path]:
@@ -88,14 +90,12 @@ def verify_artifact(build_dir: Path, build: dict[str, Any]) -> Path:
         raise BadInput(f"the artifact that {Path(build_dir) / 'build.json'} records is missing", where=str(path),
                        fix=fix)
     # an artifact that is the build directory itself was measured before build.json was written into it
-    hashes = None if path.is_file() else {name: digest for name, digest in sha256_tree(path).items()
-                                          if path != Path(build_dir) or name != "build.json"}
-    size = path.stat().st_size if hashes is None else sum((path / name).stat().st_size for name in hashes)
+    exclude = frozenset({"build.json"}) if path.resolve() == Path(build_dir).resolve() else frozenset()
+    size = artifact_bytes(path, exclude)
     if size != recorded["bytes"]:
         raise BadInput(f"the artifact is {size} bytes and build.json records {recorded['bytes']}: "
                        "it changed (or was cut short) after it was built", where=str(path), fix=fix)
-    digest = sha256_file(path) if hashes is None else hashlib.sha256(sha256sum_lines(hashes).encode()).hexdigest()
-    if digest != recorded["sha256"]:
+    if sha256_artifact(path, exclude) != recorded["sha256"]:
         raise BadInput("the artifact's sha256 differs from the one build.json records: it was replaced "
                        "or edited after it was built", where=str(path), fix=fix)
     return path

@@ -8,12 +8,12 @@
   therefore carry Q4_1 rounding: a real model for proving the pipeline, not a basis for
   ranking quant types.
 - a local directory with config.json and safetensors (or .bin) weights, copied as is.
+- a hub id ``org/name``, downloaded with huggingface_hub (fails with a clear message offline).
 
 Every source is validated before a later stage relies on it (exit 2 naming the file): config.json
 parses and names an architecture transformers implements as a causal LM, a tokenizer is present
 and loads, safetensors headers promise no more bytes than the files hold, and `.bin` weights load
 with ``weights_only`` (so no pickled code runs).
-- a hub id ``org/name``, downloaded with huggingface_hub (fails with a clear message offline).
 """
 
 from __future__ import annotations
@@ -290,6 +290,8 @@ def check_safetensors(path: Path) -> None:
 
 
 def run(source: str, revision: str | None, out_dir: Path, log=print) -> dict[str, Any]:
+    from pipeline.memory import parameter_count
+
     with atomic_dir(out_dir) as staging:
         if source.startswith("embedded:"):
             gguf_path = embedded_gguf(source.removeprefix("embedded:"))
@@ -310,8 +312,6 @@ def run(source: str, revision: str | None, out_dir: Path, log=print) -> dict[str
             validate_loadable(staging)
         config = json.loads((staging / "config.json").read_text())
         files = sha256_tree(staging)
-        from pipeline.memory import parameter_count
-
         info = {
             "origin": origin,
             "architectures": config.get("architectures"),
