@@ -68,13 +68,9 @@ class ModelSize:
 def parameter_count(checkpoint_dir: Path) -> int:
     """Parameters of the checkpoint's model, built from its config on the meta device (no
     weights are read; tied embeddings count once)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from pipeline.runtimes.transformers import meta_model
 
-    config = AutoConfig.from_pretrained(checkpoint_dir)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in meta_model(checkpoint_dir).parameters())
 
 
 def vocabulary_size(checkpoint_dir: Path) -> int:

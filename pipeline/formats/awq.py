@@ -88,12 +88,10 @@ def linear_widths(source_dir: Path) -> dict[str, int]:
     """Input width of every nn.Linear of the checkpoint's model, built on the meta device
     (no weights are read)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(source_dir)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {name: module.in_features for name, module in model.named_modules()
+    from pipeline.runtimes.transformers import meta_model
+
+    return {name: module.in_features for name, module in meta_model(source_dir).named_modules()
             if isinstance(module, torch.nn.Linear)}
 
 

@@ -42,6 +42,17 @@ def load_causal_lm(model_dir: Path, **kwargs):
                                                 **kwargs)
 
 
+def meta_model(model_dir: Path):
+    """The checkpoint's model built from its config on the meta device: every module and shape,
+    no weights read and no memory taken."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def load(model_dir: Path, threads: int):
     """The model in the dtype its config.json names, on a CUDA GPU if there is one."""
     import torch
