@@ -24,7 +24,8 @@ from pipeline.gates import accuracy
 from pipeline.runtimes import llama_cpp
 
 
-def scored_reference(windows: np.ndarray, dtype: str, top_k: int, threads: int) -> tuple[SimpleNamespace, float]:
+def scored_reference(windows: np.ndarray, dtype: str, threads: int) -> tuple[SimpleNamespace, float]:
+    """A reference of `dtype` as the reference stage makes it: NLL, the output layer's inputs, the layer."""
     import torch
 
     from pipeline.runtimes.transformers import load_causal_lm
@@ -32,9 +33,10 @@ def scored_reference(windows: np.ndarray, dtype: str, top_k: int, threads: int) 
     torch.set_num_threads(threads)
     model = load_causal_lm(layout.SOURCE_DIR, dtype=getattr(torch, dtype)).eval()
     started = time.perf_counter()
-    nll, topk_ids, topk_logprobs = reference_stage.score_windows(model, windows, top_k, "cpu")
+    nll, hidden, _ = reference_stage.score_windows(model, windows, "cpu")
     seconds = time.perf_counter() - started
-    return SimpleNamespace(tokens=windows, nll=nll, topk_ids=topk_ids, topk_logprobs=topk_logprobs), seconds
+    layer = reference_stage.OutputLayer.of(model)
+    return SimpleNamespace(tokens=windows, nll=nll, hidden=hidden, output_layer=lambda: layer), seconds
 
 
 def full_logits(windows: np.ndarray, dtype: str) -> list[np.ndarray]:
@@ -58,11 +60,10 @@ def main() -> None:
 
     stored = reference_stage.load(layout.REFERENCE_DIR)
     windows = stored.tokens[: args.windows]
-    top_k = int(stored.meta["top_k"])
     threads = host.worker_threads(0)
     references = {}
     for dtype in ("float32", args.dtype):
-        references[dtype], seconds = scored_reference(windows, dtype, top_k, threads)
+        references[dtype], seconds = scored_reference(windows, dtype, threads)
         print(f"reference {dtype}: ppl {np.exp(references[dtype].nll.mean()):.4f}, scored in {seconds:.1f} s", flush=True)
 
     low = accuracy.score(full_logits(windows, args.dtype), references["float32"])

@@ -1,7 +1,9 @@
 """`dvc repro` timings and the decode roofline fraction per artifact.
 
 - no-change `dvc repro` (target <= 10 s): median of --repeats runs on an up-to-date workspace;
-- with --cold: `dvc repro --force` first (every stage re-executed; goal <= 20 min on 2 cores);
+- with --cold: `dvc repro --force` first (every stage re-executed; goal <= 15 min on 2 cores),
+  timed stage by stage: each stage runs from DVC's "Running stage" line to the next one, so
+  DVC's own work between stages is counted in the stage before it;
 - the roofline fraction each GGUF reached in its speed gate (goal >= 0.6).
 
 Run from the project root (`make benchmark`): python benchmarks/repro.py [--cold] [--repeats 3]
@@ -11,10 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import statistics
 import subprocess
 import time
 from pathlib import Path
+
+STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 
 
 def timed(args: list[str]) -> float:
@@ -23,13 +29,38 @@ def timed(args: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def cold_by_stage() -> None:
+    """`dvc repro --force`, with each stage's seconds from the times its lines appear."""
+    started = time.perf_counter()
+    marks: list[tuple[str, float]] = []
+    process = subprocess.Popen(["dvc", "repro", "--force"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:
+        match = STAGE_LINE.search(line)
+        if match:
+            marks.append((match.group(1), time.perf_counter()))
+    if process.wait() != 0:
+        raise SystemExit(f"dvc repro --force exited with {process.returncode}")
+    ended = time.perf_counter()
+    seconds = {stage: (marks[i + 1][1] if i + 1 < len(marks) else ended) - at for i, (stage, at) in enumerate(marks)}
+    groups: dict[str, list[float]] = {}
+    print(f"{'stage':<28} {'seconds':>8}")
+    for stage, value in seconds.items():
+        print(f"{stage:<28} {value:8.1f}")
+        groups.setdefault(stage.split("@")[0], []).append(value)
+    print("\nby kind: " + ", ".join(f"{kind} {sum(values):.0f} s" + (f" ({len(values)} x {statistics.mean(values):.0f} s)"
+                                                                     if len(values) > 1 else "")
+                                     for kind, values in groups.items()))
+    print(f"cold dvc repro --force: {(ended - started) / 60:.1f} min")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cold", action="store_true", help="time `dvc repro --force` first")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.cold:
-        print(f"cold dvc repro --force: {timed(['dvc', 'repro', '--force']) / 60:.1f} min")
+        cold_by_stage()
     else:
         timed(["dvc", "repro"])  # bring the workspace up to date first
     times = [timed(["dvc", "repro"]) for _ in range(args.repeats)]

@@ -9,7 +9,9 @@ Design (the code's twin of DESIGN.md; change both together):
                                              parameter count); refused (exit 2) unless transformers knows
                                              the architecture, the tokenizer loads and the weights read
     corpus    -> artifacts/corpus/          calibration.txt / evaluation.txt, disjoint
-    reference -> artifacts/reference/       eval token windows + the unquantized model's scores
+    reference -> artifacts/reference/       eval token windows, the unquantized model's NLL, the input of
+                                             its output layer at every position and the layer, from which
+                                             each gate recomputes the full-vocabulary distribution
     recipe@R  -> artifacts/recipes/R.json   the validated recipe's build knobs (limits excluded, so
                                              tuning a limit re-runs the gate, not the build), plus
                                              the host facts a build depends on (AWQ: cpu or cuda)
@@ -23,8 +25,9 @@ Design (the code's twin of DESIGN.md; change both together):
     gate@R    -> artifacts/gates/R.json     accuracy + speed + checks + verdict (DVC metrics); limits are
                                              the recipe's with params `limits.R` applied; a limit relative
                                              to another recipe leaves the verdict `pending`
-    report    -> artifacts/report/          tradeoff.md/json, pareto.png, points.json (DVC plots), with
-                                             relative limits judged across the run (gates.verdict.resolve)
+    report    -> artifacts/report/          tradeoff.md/json, pareto.png, quality_vs_size.png, points.json
+                                             (DVC plots), with relative limits judged across the run
+                                             (gates.verdict.resolve) and ties within the measured noise
     check                                   exit 1 unless every recipe's verdict is pass
 
 Modules: cli (Typer), config (pydantic params/recipes), errors (exit codes), host, source,

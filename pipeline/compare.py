@@ -2,13 +2,16 @@
 
 Gate results are DVC metrics files (artifacts/gates/R.json, committed to git), so DVC keeps
 them for every experiment; `dvc exp show --json` returns them for the workspace, each
-baseline commit and each experiment. One row per (experiment, recipe) is made with the
-report's own row function, identical rows seen in several experiments are merged, and the
-Pareto front is the report's `pareto_front` over all of them.
+baseline commit and each experiment. One row per artifact is made with the report's own row
+function: one file (same sha256) scored on the same reference with the same verdict in
+several experiments is one candidate, never its own rival. Its speed is the median of its
+runs, and its noise the larger of the repeats' spread and the spread between the runs.
+The Pareto front is the report's `pareto_front` over all rows, ties within noise included.
 
 `recommend` filters those rows by constraints, in the order given, and names the best by an
 objective; every other row gets the reason it lost: the first constraint it broke, a figure
-that was not measured, a verdict other than pass, or a worse objective.
+that was not measured, a verdict other than pass, or a worse objective. Rows within the
+measured noise of the best (``report.differs``) tie with it, and the smallest file of them wins.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ COLUMNS = ["experiment", "recipe", "format", "size_mb", "bits_per_weight", "ppl_
            "top1_agreement", "prefill_tok_s", "decode_tok_s", "decode_speedup", "ttft_ms", "itl_ms",
            "roofline_fraction", "verdict", "pareto", "accuracy_runtime", "speed_runtime"]
 OUTPUT_FORMATS = ("md", "csv", "json")
+# figures measured anew in each run, pooled over one candidate's runs
+SPEED_COLUMNS = ("prefill_tok_s", "decode_tok_s", "decode_speedup", "ttft_ms", "itl_ms", "roofline_fraction")
 
 
 # ---------------------------------------------------------------- reading experiments
@@ -86,17 +91,44 @@ def compare_rows(entries: list[tuple[str, dict[str, Any]]]) -> list[dict[str, An
     seen: dict[str, dict[str, Any]] = {}
     for label, result in ((label, result) for label, results in by_experiment.items()
                           for result in verdict.resolve(results)):
-        key = json.dumps({k: result.get(k) for k in ("recipe", "artifact", "accuracy", "speed", "verdict")},
-                         sort_keys=True)
+        row = {"experiment": label, "experiments": [label], **report.row(result, None)}
+        key = _candidate_key(label, result)
         if key in seen:
             seen[key]["experiments"].append(label)
+            seen[key]["measurements"].append(row)
             continue
-        row = {"experiment": label, "experiments": [label], **report.row(result, None)}
+        row["measurements"] = [dict(row)]
         seen[key] = row
         rows.append(row)
     for row in rows:
         row["experiment"] = ", ".join(row["experiments"])
+        _pool_speed(row, row.pop("measurements"))
     return report.mark_pareto(rows)
+
+
+def _candidate_key(label: str, result: dict[str, Any]) -> str:
+    """One file scored on the same reference with the same verdict is one candidate; a result
+    without a file (a refused build) is its experiment's own."""
+    accuracy = {k: v for k, v in result["accuracy"].items() if k != "seconds"}
+    sha256 = result["artifact"].get("sha256")
+    return json.dumps({"sha256": sha256, "accuracy": accuracy, "verdict": result["verdict"], "recipe": result["recipe"],
+                       "experiment": None if sha256 else label}, sort_keys=True)
+
+
+def _pool_speed(row: dict[str, Any], measurements: list[dict[str, Any]]) -> None:
+    """Median speed over one candidate's runs; noise = the larger of the repeats' spread and
+    the spread between the runs."""
+    import statistics
+
+    for column in SPEED_COLUMNS:
+        values = [m[column] for m in measurements if m.get(column) is not None]
+        if len(values) < 2:
+            continue
+        row[column] = statistics.median(values)
+        if column in row["speed_noise"]:
+            within = max((m["speed_noise"].get(column) or 0.0) for m in measurements)
+            row["speed_noise"][column] = max(within, statistics.stdev(values))
+    row["runs"] = len(measurements)
 
 
 def sort_rows(rows: list[dict[str, Any]], column: str, descending: bool = False) -> list[dict[str, Any]]:
@@ -219,10 +251,14 @@ def recommend(rows: list[dict[str, Any]], constraints: list[Constraint], objecti
                        where="qpipe recommend", fix="relax that constraint; `qpipe compare` shows every figure")
     ordered = sorted(remaining, key=lambda i: (-rows[i][column] if larger_is_better else rows[i][column],
                                                rows[i]["bytes"], rows[i]["recipe"]))
-    best = ordered[0]
-    for i in ordered[1:]:
-        tie = rows[i][column] == rows[best][column]
-        lost[i] = (f"ties on {column} {rows[i][column]:.4g}, larger file" if tie
+    leader = ordered[0]
+    tied = [i for i in ordered if not report.differs(rows[i], rows[leader], column)]
+    best = min(tied, key=lambda i: (rows[i]["bytes"], rows[i]["recipe"]))
+    for i in ordered:
+        if i == best:
+            continue
+        lost[i] = (f"ties with the best on {column} ({rows[i][column]:.4g} vs {rows[best][column]:.4g}, "
+                   f"within the measured noise), larger file" if i in tied
                    else f"{column} {rows[i][column]:.4g} vs {rows[best][column]:.4g}")
     return {"best": rows[best], "objective": objective, "column": column,
             "lost": [{"row": rows[i], "reason": lost[i]} for i in range(len(rows)) if i != best]}

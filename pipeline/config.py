@@ -46,6 +46,10 @@ LIMIT_BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "min_decode_speedup": (0.0, None, False),
     "min_roofline_fraction": (0.0, None, True),
     "max_tokenizer_mismatch": (0.0, 1.0, True),
+    # the same limits on the bound of the figure's 95 % interval (accuracy ci95)
+    "max_ppl_ratio_upper": (0.0, None, False),
+    "max_mean_kld_upper": (0.0, None, True),
+    "min_top1_agreement_lower": (0.0, 1.0, True),
 }
 LIMIT_KEYS = tuple(LIMIT_BOUNDS)
 
@@ -60,6 +64,9 @@ class GateLimits(Strict):
     min_decode_speedup: float | RelativeLimit | None = None
     min_roofline_fraction: float | RelativeLimit | None = None
     max_tokenizer_mismatch: float | RelativeLimit | None = None
+    max_ppl_ratio_upper: float | RelativeLimit | None = None
+    max_mean_kld_upper: float | RelativeLimit | None = None
+    min_top1_agreement_lower: float | RelativeLimit | None = None
     require: list[GateName] = Field(default_factory=lambda: ["accuracy", "speed"])
 
     @field_validator(*LIMIT_KEYS, mode="before")
@@ -153,7 +160,6 @@ class CorpusParams(Strict):
 class ReferenceParams(Strict):
     windows: int = Field(40, ge=1)
     window_tokens: int = Field(512, ge=8)
-    top_k: int = Field(64, ge=1, le=1024)
     # the unquantized model's dtype on every device; bfloat16 halves its memory (README: its
     # effect on a near-lossless quant's KLD)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -81,7 +81,8 @@ def vocabulary_size(checkpoint_dir: Path) -> int:
 def estimate(kind: str, size: ModelSize, *, window_tokens: int, dtype: str = "bfloat16",
              mapped_bytes: int = 0, device: str = "cpu") -> int:
     """Peak bytes of a stage of `kind` (a FACTORS key) on a model of `size`; `mapped_bytes`
-    is a file the stage maps whole (a GGUF artifact). On CUDA it is the least the stage needs
+    is what the stage holds whole besides (a GGUF artifact it maps, the reference's output
+    layer in float32). On CUDA it is the least the stage needs
     on the GPU, the weights in `dtype` and one window's logits twice: GPU peaks have not been
     measured, and the CPU factors count host copies that never reach the GPU."""
     if device == "cuda":

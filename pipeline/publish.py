@@ -190,7 +190,13 @@ def model_card(release: Release, result: dict[str, Any], build: dict[str, Any], 
     accuracy, speed = result["accuracy"], result["speed"]
 
     def figure(section: dict[str, Any], key: str, fmt: str) -> str:
-        return fmt.format(section[key]) if section.get("status") == "ok" and section.get(key) is not None else "not run"
+        if section.get("status") != "ok" or section.get(key) is None:
+            return "not run"
+        interval = (section.get("ci95") or {}).get(key)
+        spread = ((section.get("spread") or {}).get(key) or {}).get("stdev")
+        return (fmt.format(section[key])
+                + (f" (95 % CI {fmt.format(interval['low'])}–{fmt.format(interval['high'])})" if interval else "")
+                + (f" ± {fmt.format(spread)} sd" if spread is not None else ""))
 
     accuracy_by = accuracy.get("runtime") or f"not run: {accuracy.get('reason')}"
     speed_by = speed.get("runtime") or f"not run: {speed.get('reason')}"
@@ -205,7 +211,7 @@ def model_card(release: Release, result: dict[str, Any], build: dict[str, Any], 
         "| figure | value | measured by |", "|---|---|---|",
         f"| size | {result['artifact']['bytes'] / 1e6:.1f} MB ({result['artifact']['bits_per_weight']:.2f} bits/weight) | file |",
         f"| ppl ratio vs unquantized | {figure(accuracy, 'ppl_ratio', '{:.4f}')} | {accuracy_by} |",
-        f"| mean KLD vs unquantized | {figure(accuracy, 'mean_kld', '{:.4f}')} | {accuracy_by} |",
+        f"| mean KLD vs unquantized (full vocabulary) | {figure(accuracy, 'mean_kld', '{:.4f}')} | {accuracy_by} |",
         f"| top-1 agreement | {figure(accuracy, 'top1_agreement', '{:.3f}')} | {accuracy_by} |",
         f"| decode tok/s (batch 1) | {figure(speed, 'decode_tok_s', '{:.1f}')} | {speed_by} |",
         f"| prefill tok/s | {figure(speed, 'prefill_tok_s', '{:.0f}')} | {speed_by} |",

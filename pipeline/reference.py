@@ -3,12 +3,23 @@
 The evaluation text is tokenised once with the source checkpoint's tokenizer (no special
 tokens) and cut into `reference.windows` consecutive windows of `reference.window_tokens`
 ids. The unquantized model scores them in transformers, in `reference.dtype` (fp32 by default,
-on a CUDA GPU where there is one, else the CPU): per-position NLL of the next token and the
-top-k log-probabilities. Its peak memory is estimated before it loads (``memory``). Every gate feeds these
-same ids to its artifact, so ppl ratio, KLD and top-1 agreement compare across formats.
+on a CUDA GPU where there is one, else the CPU). Its peak memory is estimated before it loads
+(``memory``). Every gate feeds these same ids to its artifact, so ppl ratio, KLD and top-1
+agreement compare across formats.
 
-Files: reference.npz (tokens [W,T], nll [W,T-1], topk_ids / topk_logprobs [W,T-1,k],
-text_tokens: the ids of the whole evaluation text) and reference.json (figures, settings).
+The gates need the reference's full next-token distribution at every position (the KL
+divergence over the whole vocabulary, as llama-perplexity computes it). Stored as log-probs
+that would be positions x vocabulary: 2 GB for the default 20k positions of a 49k vocabulary,
+10 GB at 262k. So the reference keeps what the distribution is computed from: the input of
+the model's output layer at every position (positions x hidden size: 47 MB here, 335 MB for
+an 8B model) and the output layer itself (``OutputLayer``: weight, bias, final logit
+soft-capping or scale). A gate recomputes each chunk of reference logits with one matmul.
+The reference stage checks on its first window that this reproduces the model's own logits,
+and refuses an architecture whose output it cannot reproduce.
+
+Files: reference.npz (tokens [W,T]; nll [W,T-1] from the model's own logits; hidden
+[W,T-1,d] float32; text_tokens: the ids of the whole evaluation text), output_layer.safetensors
+and reference.json (figures, settings).
 """
 
 from __future__ import annotations
@@ -26,28 +37,98 @@ from pipeline.errors import BadInput
 from pipeline.files import atomic_dir, sha256_file
 
 NPZ = "reference.npz"
-POSITIONS_PER_CHUNK = 64
+OUTPUT_LAYER_FILE = "output_layer.safetensors"
 META = "reference.json"
+# positions whose log-softmax is held at once, here and in the accuracy gate: scratch memory is
+# this many x vocabulary floats however large the vocabulary (0.13 GB a float32 copy at 262k);
+# 128 is the fastest of 64-512 for the gate's reference matmul on 2 cores
+POSITIONS_PER_CHUNK = 128
+# largest |log-prob| difference between the model's own logits and the recomputed ones that is
+# rounding (the model's head in its dtype vs. float32 here), not a missing transform
+REPRODUCTION_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.25}
+
+
+@dataclass
+class OutputLayer:
+    """logits = softcap(scale * (hidden @ weight.T + bias)), as the model's forward computes them:
+    ``softcap`` is Gemma 2/3's final_logit_softcapping (cap * tanh(x / cap)); ``scale`` is
+    Cohere's logit_scale or 1 / Granite's logits_scaling."""
+
+    weight: Any  # torch.Tensor [V, d], float32
+    bias: Any | None
+    softcap: float | None = None
+    scale: float = 1.0
+
+    @classmethod
+    def of(cls, model) -> "OutputLayer":
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        head = model.get_output_embeddings()
+        scale = float(getattr(config, "logit_scale", None) or 1.0)
+        if getattr(config, "logits_scaling", None):
+            scale /= float(config.logits_scaling)
+        return cls(weight=head.weight.detach().float(),
+                   bias=None if getattr(head, "bias", None) is None else head.bias.detach().float(),
+                   softcap=getattr(config, "final_logit_softcapping", None) or None, scale=scale)
+
+    def logits(self, hidden):
+        import torch
+
+        logits = torch.nn.functional.linear(hidden.float(), self.weight, self.bias)
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @property
+    def vocabulary(self) -> int:
+        return int(self.weight.shape[0])
+
+    def save(self, path: Path) -> None:
+        """The weight in bfloat16 when that holds it exactly (a bf16 checkpoint: half the disk)."""
+        import torch
+        from safetensors.torch import save_file
+
+        weight = self.weight
+        if torch.equal(weight.to(torch.bfloat16).float(), weight):
+            weight = weight.to(torch.bfloat16)
+        tensors = {"weight": weight.contiguous()}
+        if self.bias is not None:
+            tensors["bias"] = self.bias.contiguous()
+        save_file(tensors, str(path), metadata={"softcap": json.dumps(self.softcap), "scale": json.dumps(self.scale)})
+
+    @classmethod
+    def load(cls, path: Path) -> "OutputLayer":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+            bias = handle.get_tensor("bias").float() if "bias" in handle.keys() else None
+            return cls(weight=handle.get_tensor("weight").float(), bias=bias,
+                       softcap=json.loads(metadata["softcap"]), scale=json.loads(metadata["scale"]))
 
 
 @dataclass
 class Reference:
     tokens: np.ndarray
     nll: np.ndarray
-    topk_ids: np.ndarray
-    topk_logprobs: np.ndarray
+    hidden: np.ndarray
     text_tokens: np.ndarray
     meta: dict[str, Any]
+    directory: Path | None = None
+
+    def output_layer(self) -> OutputLayer:
+        return OutputLayer.load(self.directory / OUTPUT_LAYER_FILE)
 
 
 def load(directory: Path) -> Reference:
     directory = Path(directory)
-    if not (directory / NPZ).is_file():
+    if not (directory / NPZ).is_file() or not (directory / OUTPUT_LAYER_FILE).is_file():
         raise BadInput("no reference scores", where=str(directory), fix="run `qpipe reference` (or `dvc repro`) first")
     arrays = np.load(directory / NPZ)
-    return Reference(tokens=arrays["tokens"], nll=arrays["nll"], topk_ids=arrays["topk_ids"],
-                     topk_logprobs=arrays["topk_logprobs"], text_tokens=arrays["text_tokens"],
-                     meta=json.loads((directory / META).read_text()))
+    return Reference(tokens=arrays["tokens"], nll=arrays["nll"], hidden=arrays["hidden"],
+                     text_tokens=arrays["text_tokens"], meta=json.loads((directory / META).read_text()),
+                     directory=directory)
 
 
 def make_windows(ids: list[int], windows: int, window_tokens: int, text_path: Path) -> np.ndarray:
@@ -64,30 +145,51 @@ def make_windows(ids: list[int], windows: int, window_tokens: int, text_path: Pa
     return np.asarray(ids[:need], dtype=np.int32).reshape(windows, window_tokens)
 
 
-def score_windows(model, windows: np.ndarray, top_k: int, device: str, progress=None):
+def score_windows(model, windows: np.ndarray, device: str, progress=None):
+    """Per-position NLL of the next token from the model's own logits, and the input of its
+    output layer at every position ([W, T-1] and [W, T-1, d] float32)."""
     import torch
 
-    nll, topk_ids, topk_logprobs = [], [], []
-    with torch.inference_mode():
-        for index, window in enumerate(windows):
-            ids = torch.as_tensor(window, dtype=torch.long, device=device)[None]
-            logits = model(ids).logits[0, :-1]
-            targets = ids[0, 1:]
-            window_nll, window_ids, window_logprobs = [], [], []
-            # positions a chunk at a time: one window's log-softmax is not held whole (262k vocabularies)
-            for start in range(0, logits.shape[0], POSITIONS_PER_CHUNK):
-                logprobs = torch.log_softmax(logits[start:start + POSITIONS_PER_CHUNK].float(), dim=-1)
-                window_nll.append(-logprobs.gather(1, targets[start:start + POSITIONS_PER_CHUNK, None])[:, 0])
-                values, indices = logprobs.topk(top_k, dim=-1)
-                window_ids.append(indices.to(torch.int32))
-                window_logprobs.append(values)
-            nll.append(torch.cat(window_nll).cpu().numpy())
-            topk_ids.append(torch.cat(window_ids).cpu().numpy())
-            topk_logprobs.append(torch.cat(window_logprobs).cpu().numpy())
-            del logits
-            if progress:
-                progress(index + 1)
-    return np.stack(nll), np.stack(topk_ids), np.stack(topk_logprobs)
+    captured = {}
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, inputs, output: captured.__setitem__("hidden", inputs[0]))
+    nll, hidden, logits_of_first = [], [], None
+    try:
+        with torch.inference_mode():
+            for index, window in enumerate(windows):
+                ids = torch.as_tensor(window, dtype=torch.long, device=device)[None]
+                logits = model(ids).logits[0, :-1]
+                targets = ids[0, 1:]
+                window_nll = []
+                for start in range(0, logits.shape[0], POSITIONS_PER_CHUNK):
+                    logprobs = torch.log_softmax(logits[start:start + POSITIONS_PER_CHUNK].float(), dim=-1)
+                    window_nll.append(-logprobs.gather(1, targets[start:start + POSITIONS_PER_CHUNK, None])[:, 0])
+                nll.append(torch.cat(window_nll).cpu().numpy())
+                hidden.append(captured.pop("hidden")[0, :-1].float().cpu().numpy())
+                if index == 0:
+                    logits_of_first = logits[:POSITIONS_PER_CHUNK].float().cpu()
+                del logits
+                if progress:
+                    progress(index + 1)
+    finally:
+        hook.remove()
+    return np.stack(nll), np.stack(hidden), logits_of_first
+
+
+def check_reproduced(output_layer: OutputLayer, hidden: np.ndarray, model_logits, dtype: str, architecture: str) -> float:
+    """The largest log-prob difference between the model's logits and the output layer's
+    recomputation on the same positions; refuses (exit 2) a difference that is not rounding."""
+    import torch
+
+    recomputed = torch.log_softmax(output_layer.logits(torch.from_numpy(hidden[:len(model_logits)])), dim=-1)
+    error = float((recomputed - torch.log_softmax(model_logits, dim=-1)).abs().max())
+    if not error <= REPRODUCTION_TOLERANCE[dtype]:
+        raise BadInput(f"the reference cannot recompute {architecture}'s logits from its output layer "
+                       f"(log-probs differ by up to {error:.3g}): the model transforms its logits in a way "
+                       "qpipe does not know", where="source checkpoint: config.json architectures",
+                       fix="qpipe knows final_logit_softcapping, logit_scale and logits_scaling; report "
+                           "the architecture, or gate another checkpoint")
+    return error
 
 
 def run(params: ReferenceParams, source_dir: Path, evaluation_text: Path, out_dir: Path, log=print) -> dict[str, Any]:
@@ -121,18 +223,27 @@ def run(params: ReferenceParams, source_dir: Path, evaluation_text: Path, out_di
     from tqdm import tqdm
 
     with tqdm(total=len(windows), desc="reference windows", unit="win", leave=False) as bar:
-        nll, topk_ids, topk_logprobs = score_windows(
-            model, windows, params.top_k, device, progress=lambda n: bar.update(1))
+        nll, hidden, logits_of_first = score_windows(model, windows, device, progress=lambda n: bar.update(1))
     elapsed = time.perf_counter() - started
+    output_layer = OutputLayer.of(model)
+    architecture = (model.config.architectures or [type(model).__name__])[0]
+    del model
+    output_layer = OutputLayer(weight=output_layer.weight.cpu(), softcap=output_layer.softcap, scale=output_layer.scale,
+                               bias=None if output_layer.bias is None else output_layer.bias.cpu())
+    reproduction_error = check_reproduced(output_layer, hidden[0], logits_of_first, params.dtype, architecture)
 
     with atomic_dir(out_dir) as staging:
-        np.savez(staging / NPZ, tokens=windows, nll=nll.astype(np.float32), topk_ids=topk_ids,
-                 topk_logprobs=topk_logprobs.astype(np.float32),
+        np.savez(staging / NPZ, tokens=windows, nll=nll.astype(np.float32), hidden=hidden.astype(np.float32),
                  text_tokens=np.asarray(text_ids, dtype=np.int32))
+        output_layer.save(staging / OUTPUT_LAYER_FILE)
         meta = {
             "windows": params.windows,
             "window_tokens": params.window_tokens,
-            "top_k": params.top_k,
+            "hidden_size": int(hidden.shape[-1]),
+            "vocabulary": output_layer.vocabulary,
+            "output_layer": {"softcap": output_layer.softcap, "scale": output_layer.scale,
+                             "bias": output_layer.bias is not None,
+                             "max_logprob_error": reproduction_error},
             "eval_tokens": int(nll.size),
             "ppl": float(np.exp(nll.astype(np.float64).mean())),
             "mean_nll": float(nll.astype(np.float64).mean()),

@@ -1,12 +1,24 @@
-"""Tradeoff table, Pareto front and plot over the gate results of the recipes in params.
+"""Tradeoff table, Pareto front and plots over the gate results of the recipes in params.
 
 Quality is mean KLD from the reference (lower is better), speed is batch-1 decode tok/s on
 the native runtime (higher is better). An artifact is on the Pareto front when no other
-artifact is at least as good on both and strictly better on one. Artifacts missing either
-figure (for instance speed `not_run`) are listed but take no part in the front.
+artifact is at least as good on both and better on one beyond the measured noise
+(``differs``). Artifacts missing either figure (for instance speed `not_run`) are listed but
+take no part in that front; quality_vs_size.png shows every artifact, since size and accuracy
+are measured for all of them.
+
+Noise (``differs``): two speeds differ when they are further apart than TIE_SIGMAS standard
+deviations of their difference, each side's deviation being the spread of its repeats (or,
+for one artifact measured in several runs, the spread between the runs when that is larger).
+Two accuracy figures differ when their paired difference over the same windows is more than
+TIE_SIGMAS standard errors from zero (both artifacts scored the same windows, so the windows'
+own difficulty cancels). Anything else compares exactly.
 """
 
 from __future__ import annotations
+
+import math
+import statistics
 
 from pathlib import Path
 from typing import Any
@@ -22,9 +34,11 @@ COLUMNS = [
     ("bits_per_weight", "bits/w", "{:.2f}"),
     ("ppl_ratio", "ppl ratio", "{:.4f}"),
     ("mean_kld", "mean KLD", "{:.4f}"),
+    ("mean_kld_ci95", "KLD 95 % CI", "{low:.4f}-{high:.4f}"),
     ("top1_agreement", "top-1", "{:.3f}"),
     ("prefill_tok_s", "prefill tok/s", "{:.0f}"),
     ("decode_tok_s", "decode tok/s", "{:.1f}"),
+    ("decode_sd", "± sd", "{:.1f}"),
     ("decode_speedup", "vs f16", "{:.2f}x"),
     ("roofline_fraction", "roofline", "{:.2f}"),
     ("verdict", "verdict", "{}"),
@@ -58,31 +72,64 @@ def row(result: dict[str, Any], build: dict[str, Any] | None) -> dict[str, Any]:
         "tensor_types": mix.get("byte_share"),
         "verdict": result["verdict"],
         "reasons": result.get("reasons", []),
+        "sha256": result["artifact"].get("sha256"),
+        "mean_kld_ci95": (accuracy.get("ci95") or {}).get("mean_kld"),
+        "llama_cpp": accuracy.get("llama_cpp"),
+        "second_half": accuracy.get("second_half"),
+        "speed_noise": {key: (speed.get("spread") or {}).get(key, {}).get("stdev")
+                        for key in ("prefill_tok_s", "decode_tok_s")},
+        "per_window": _per_window(accuracy),
     }
 
 
+def _per_window(accuracy: dict[str, Any]) -> dict[str, list[float]] | None:
+    """Each window's figure for the paired comparison of accuracy columns."""
+    windows = accuracy.get("per_window")
+    if not windows:
+        return None
+    return {"mean_kld": windows["mean_kld"], "top1_agreement": windows["top1_agreement"],
+            "ppl_ratio": [math.exp(q - p) for q, p in zip(windows["mean_nll"], windows["mean_reference_nll"])]}
+
+
+TIE_SIGMAS = 2.0
+
+
+def differs(a: dict[str, Any], b: dict[str, Any], column: str) -> bool:
+    """Whether rows a and b differ on `column` beyond the measured noise (module docstring)."""
+    if a.get(column) is None or b.get(column) is None:
+        return a.get(column) != b.get(column)
+    if column in ("prefill_tok_s", "decode_tok_s"):
+        noise = math.hypot((a.get("speed_noise") or {}).get(column) or 0.0,
+                           (b.get("speed_noise") or {}).get(column) or 0.0)
+        return abs(a[column] - b[column]) > TIE_SIGMAS * noise
+    windows_a, windows_b = (a.get("per_window") or {}).get(column), (b.get("per_window") or {}).get(column)
+    if windows_a and windows_b and len(windows_a) == len(windows_b) > 1:
+        gaps = [x - y for x, y in zip(windows_a, windows_b)]
+        standard_error = statistics.stdev(gaps) / math.sqrt(len(gaps))
+        return abs(statistics.mean(gaps)) > TIE_SIGMAS * standard_error
+    return a[column] != b[column]
+
+
+def better(a: dict[str, Any], b: dict[str, Any], key: str, sense: str) -> bool:
+    """a beats b on `key` beyond the measured noise."""
+    ahead = a[key] < b[key] if sense == "min" else a[key] > b[key]
+    return ahead and differs(a, b, key)
+
+
 def pareto_front(rows: list[dict[str, Any]], objectives: dict[str, str] = DEFAULT_OBJECTIVES) -> list[bool | None]:
-    """For each row: True on the front, False dominated, None when a figure is missing."""
-
-    def oriented(r: dict[str, Any]) -> tuple[float, ...] | None:
-        values = []
-        for key, sense in objectives.items():
-            value = r.get(key)
-            if value is None:
-                return None
-            values.append(-value if sense == "min" else value)  # larger is better
-        return tuple(values)
-
-    points = [oriented(r) for r in rows]
+    """For each row: True on the front, False dominated, None when a figure is missing. A row
+    is dominated by one that is nowhere worse and somewhere better, beyond the noise."""
+    complete = [all(r.get(key) is not None for key in objectives) for r in rows]
     front: list[bool | None] = []
-    for point in points:
-        if point is None:
+    for row_, has_figures in zip(rows, complete):
+        if not has_figures:
             front.append(None)
             continue
         dominated = any(
-            other is not None and all(o >= p for o, p in zip(other, point)) and any(o > p for o, p in zip(other, point))
-            for other in points
-        )
+            other_complete and other is not row_
+            and not any(better(row_, other, key, sense) for key, sense in objectives.items())
+            and any(better(other, row_, key, sense) for key, sense in objectives.items())
+            for other, other_complete in zip(rows, complete))
         front.append(not dominated)
     return front
 
@@ -121,11 +168,15 @@ def markdown(rows: list[dict[str, Any]], reference_meta: dict[str, Any], host: d
             value = r.get(key)
             if key == "pareto":
                 cells.append({True: "yes", False: "", None: "n/a"}[value])
+            elif key == "decode_sd":
+                value = (r.get("speed_noise") or {}).get("decode_tok_s")
+                cells.append("" if value is None else fmt.format(value))
             elif value is None:
                 cells.append("not run")
             else:
-                cells.append(fmt.format(value))
+                cells.append(fmt.format(**value) if isinstance(value, dict) else fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += llama_cpp_table(rows)
     lines += ["", "## Runtimes and tensor types", ""]
     for r in rows:
         mix = ", ".join(f"{k} {v:.0%}" for k, v in (r.get("tensor_types") or {}).items())
@@ -134,16 +185,40 @@ def markdown(rows: list[dict[str, Any]], reference_meta: dict[str, Any], host: d
                      + (f"; tokenizer mismatch {r['tokenizer_mismatch']:.4%}" if r.get("tokenizer_mismatch") is not None else ""))
         for reason in r.get("reasons", []):
             lines.append(f"  - {r['verdict']}: {reason}")
-    lines += ["", "Pareto front: lower mean KLD and higher decode tok/s; `n/a` = a figure was not measured.", ""]
+    lines += ["", f"Pareto front: lower mean KLD and higher decode tok/s, a difference within the measured noise "
+                  f"being a tie ({TIE_SIGMAS:g} sd of the speed repeats; {TIE_SIGMAS:g} standard errors of the paired "
+                  "per-window KLD); `n/a` = a figure was not measured.", ""]
     return "\n".join(lines)
 
 
+# llama-perplexity --kl-divergence labels shown in the report, all positions then the second half
+LLAMA_CPP_LABELS = ("Mean KLD", "Maximum KLD", "99.9% KLD", "99.0% KLD", "95.0% KLD", "90.0% KLD", "Median KLD",
+                    "Mean Δp %", "RMS Δp %", "Same top p %")
+
+
+def llama_cpp_table(rows: list[dict[str, Any]]) -> list[str]:
+    """llama.cpp's KL-divergence statistics per artifact, under its labels, so that a table
+    from llama-perplexity --kl-divergence compares line by line."""
+    measured = [r for r in rows if r.get("llama_cpp")]
+    if not measured:
+        return []
+    lines = ["", "## llama.cpp's statistics", "",
+             "As `llama-perplexity --kl-divergence` prints them, over every position; the last two columns over "
+             "the second half of each window, the positions llama-perplexity scores.", "",
+             "| recipe | " + " | ".join(LLAMA_CPP_LABELS) + " | 2nd half: PPL(Q)/PPL(base) | 2nd half: Mean KLD |",
+             "|" + "---|" * (len(LLAMA_CPP_LABELS) + 3)]
+    for r in measured:
+        half = r.get("second_half") or {}
+        cells = [f"{r['llama_cpp'][label]:.6f}" if "KLD" in label else f"{r['llama_cpp'][label]:.3f}"
+                 for label in LLAMA_CPP_LABELS]
+        cells += [f"{half['ppl_ratio']:.6f}" if half else "", f"{half['mean_kld']:.6f}" if half else ""]
+        lines.append(f"| {r['recipe']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Quality vs speed: the rows with both figures, the Pareto front joined."""
+    plt = _pyplot()
     fig, axis = plt.subplots(figsize=(8, 5.5), dpi=120)
     plotted = [r for r in rows if r.get("pareto") is not None]
     largest = max((r["bytes"] for r in plotted), default=1)
@@ -160,8 +235,44 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     axis.set_xlabel("decode tok/s (batch 1, native runtime)")
     axis.set_ylabel("mean KLD vs reference (lower is better)")
     axis.set_title("Quality vs speed (point area ~ file size)")
+    _finish(plt, fig, axis, path, [r["recipe"] for r in rows if r.get("pareto") is None])
+
+
+def plot_quality_vs_size(rows: list[dict[str, Any]], path: Path) -> None:
+    """Quality vs size for every artifact with both figures, whatever its format, with the 95 %
+    interval of its mean KLD (log scale: near-lossless and 4-bit quants differ 50-fold)."""
+    plt = _pyplot()
+    fig, axis = plt.subplots(figsize=(8, 5.5), dpi=120)
+    plotted = [r for r in rows if r.get("mean_kld") is not None and r.get("size_mb") is not None]
+    colours = {name: f"C{i}" for i, name in enumerate(sorted({r["format"] for r in plotted}))}
+    for r in plotted:
+        interval = r.get("mean_kld_ci95")
+        error = [[r["mean_kld"] - interval["low"]], [interval["high"] - r["mean_kld"]]] if interval else None
+        axis.errorbar(r["size_mb"], r["mean_kld"], yerr=error, fmt="o", color=colours[r["format"]], capsize=3,
+                      markeredgecolor="black", alpha=0.8)
+        axis.annotate(r["recipe"], (r["size_mb"], r["mean_kld"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    for name, colour in colours.items():
+        axis.scatter([], [], color=colour, edgecolors="black", label=name)
+    if colours:
+        axis.legend(title="format")
+        axis.set_yscale("log")
+    axis.set_xlabel("artifact size (MB)")
+    axis.set_ylabel("mean KLD vs reference, 95 % interval (lower is better)")
+    axis.set_title("Quality vs size, every format")
+    _finish(plt, fig, axis, path, [r["recipe"] for r in rows if r not in plotted])
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(plt, fig, axis, path: Path, missing: list[str]) -> None:
     axis.grid(alpha=0.3)
-    missing = [r["recipe"] for r in rows if r.get("pareto") is None]
     if missing:
         fig.text(0.01, 0.01, "not plotted (figure not measured): " + ", ".join(missing), fontsize=7)
     fig.tight_layout()
@@ -188,5 +299,6 @@ def run(recipes: list[str], out_dir: Path, log=print) -> list[dict[str, Any]]:
             for r in rows if r.get("pareto") is not None
         ])
         plot(rows, staging / "pareto.png")
+        plot_quality_vs_size(rows, staging / "quality_vs_size.png")
     log(f"report: {len(rows)} artifacts, {sum(1 for r in rows if r['pareto'])} on the Pareto front")
     return rows

@@ -103,7 +103,7 @@ def test_recommend_ties_go_to_the_smaller_file():
     rows = rows_of(("w", sized(gate_result("big", 0.05, 100.0), 120)), ("w", sized(gate_result("small", 0.05, 100.0), 90)))
     choice = compare.recommend(rows, [], "decode")
     assert choice["best"]["recipe"] == "small"
-    assert choice["lost"][0]["reason"].startswith("ties on decode_tok_s")
+    assert choice["lost"][0]["reason"].startswith("ties with the best on decode_tok_s")
 
 
 def test_recommend_without_a_speed_figure_says_so():
@@ -120,3 +120,54 @@ def test_constraints_nobody_meets_name_the_one_that_excluded_the_last_candidate(
                           "decode")
     with pytest.raises(BadInput, match="unknown objective"):
         compare.recommend(rows, [], "fastest")
+
+
+def with_noise(result, decode_sd=None, per_window_kld=None):
+    if decode_sd is not None:
+        result["speed"]["spread"] = {"decode_tok_s": {"stdev": decode_sd}, "prefill_tok_s": {"stdev": 1.0}}
+    if per_window_kld is not None:
+        result["accuracy"]["per_window"] = {"mean_kld": per_window_kld, "top1_agreement": [0.9] * len(per_window_kld),
+                                            "mean_nll": [2.0] * len(per_window_kld),
+                                            "mean_reference_nll": [1.95] * len(per_window_kld)}
+    return result
+
+
+def test_one_file_measured_in_two_runs_is_one_candidate_with_the_spread_between_runs():
+    main, workspace = gate_result("q4", 0.05, 104.9), gate_result("q4", 0.05, 88.8)
+    for result in (main, workspace):
+        with_noise(result, decode_sd=1.0)
+    workspace["accuracy"]["seconds"] = 30.0  # timings differ between runs; the figures do not
+    other = with_noise(gate_result("q5", 0.04, 70.0), decode_sd=1.0)
+    rows = rows_of(("main", main), ("workspace", workspace), ("main", other))
+    assert [r["recipe"] for r in rows] == ["q4", "q5"]
+    assert rows[0]["experiment"] == "main, workspace" and rows[0]["runs"] == 2
+    assert rows[0]["decode_tok_s"] == pytest.approx((104.9 + 88.8) / 2)
+    assert rows[0]["speed_noise"]["decode_tok_s"] == pytest.approx(11.38, abs=0.01)  # stdev of the two runs
+    choice = compare.recommend(rows, [], "decode")
+    assert choice["best"]["recipe"] == "q4" and [e["row"]["recipe"] for e in choice["lost"]] == ["q5"]
+
+
+def test_a_speed_difference_within_the_noise_is_a_tie_on_the_pareto_front():
+    q8 = with_noise(gate_result("q8", 0.0036, 140.8), decode_sd=1.0)
+    q6 = with_noise(gate_result("q6", 0.0081, 141.8), decode_sd=1.0)
+    q4 = with_noise(gate_result("q4", 0.047, 180.0), decode_sd=1.0)
+    assert [r["pareto"] for r in rows_of(("w", q8), ("w", q6), ("w", q4))] == [True, False, True]
+    # the same figures measured without spread differ exactly, as before
+    assert [r["pareto"] for r in rows_of(("w", gate_result("q8", 0.0036, 140.8)),
+                                         ("w", gate_result("q6", 0.0081, 141.8)))] == [True, True]
+
+
+def test_accuracy_figures_tie_when_their_paired_per_window_difference_is_noise():
+    from pipeline import report
+
+    rng = __import__("numpy").random.default_rng(0)
+    windows = rng.uniform(0.03, 0.07, size=40)
+    noise = rng.normal(0, 0.002, size=40)
+    a = report.row(with_noise(gate_result("a", float(windows.mean()), 100.0), per_window_kld=windows.tolist()), None)
+    b = report.row(with_noise(gate_result("b", float((windows + noise).mean()), 100.0),
+                              per_window_kld=(windows + noise).tolist()), None)
+    c = report.row(with_noise(gate_result("c", float((windows + 0.004 + noise).mean()), 100.0),
+                              per_window_kld=(windows + 0.004 + noise).tolist()), None)
+    assert not report.differs(a, b, "mean_kld")
+    assert report.differs(a, c, "mean_kld")  # 0.004 apart on every window: far beyond the paired error
+    assert not report.differs(a, b, "ppl_ratio") and not report.differs(a, a, "decode_tok_s")

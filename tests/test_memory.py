@@ -74,7 +74,7 @@ def test_the_reference_refuses_before_loading_and_writes_nothing(tiny_llama, tmp
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 10**6)
     monkeypatch.delenv(memory.SKIP_ENV, raising=False)
     with pytest.raises(HostLacks, match="the reference in float32 needs about"):
-        reference.run(ReferenceParams(windows=2, window_tokens=16, top_k=4), source, text, tmp_path / "out",
+        reference.run(ReferenceParams(windows=2, window_tokens=16), source, text, tmp_path / "out",
                       log=lambda _: None)
     assert not (tmp_path / "out").exists()
 

@@ -18,7 +18,6 @@ corpus:
 reference:
   windows: 3
   window_tokens: 128
-  top_k: 16
 speed:
   prompt_tokens: 64
   gen_tokens: 16

@@ -31,6 +31,8 @@ def gated(project):
         result = gate_result(name, 0.01, 80.0, verdict=verdict)
         result.update(artifact={"bytes": size, "sha256": sha, "bits_per_weight": 8.5}, checks=[], host={"cpu": "x"},
                       reasons=[] if verdict == "pass" else ["max_mean_kld: mean_kld 0.3 vs limit 0.1"])
+        result["accuracy"]["ci95"] = {"mean_kld": {"low": 0.009, "high": 0.0112}}
+        result["speed"]["spread"] = {"decode_tok_s": {"stdev": 1.25}}
         write(layout.gate_file(name), json.dumps(result))
     return project
 
@@ -140,7 +142,8 @@ def test_model_card_front_matter_follows_the_hub_convention(gated, tmp_path):
     assert data["base_model_relation"] == "quantized" and data["library_name"] == "gguf"
     assert {"quantized", "gguf", "llama.cpp"} <= set(data["tags"])
     assert data["quantization"]["type"] == "Q8_0" and data["quantization"]["bits_per_weight"] == 8.5
-    assert "| mean KLD vs unquantized | 0.0100 | r |" in card.text
+    assert "| mean KLD vs unquantized (full vocabulary) | 0.0100 (95 % CI 0.0090–0.0112) | r |" in card.text
+    assert "| decode tok/s (batch 1) | 80.0 ± 1.2 sd | r |" in card.text
     publish.validate_card(release.folder / "README.md")
 
 

@@ -24,3 +24,49 @@ def test_too_short_text_names_the_params_and_the_largest_fit():
 def test_empty_text_is_refused():
     with pytest.raises(BadInput, match="empty"):
         make_windows([], 1, 8, Path("eval.txt"))
+
+
+@pytest.fixture(scope="module", params=["llama3", "qwen2", "gemma2", "gemma3", "phi3"])
+def family_model(request):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests import families
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(families.family_configs()[request.param], dtype=torch.float32)
+    with torch.no_grad():  # wide weights: soft-capping then changes the logits visibly
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0.0, 0.3)
+    return request.param, model.eval()
+
+
+def test_the_output_layer_recomputes_every_family_s_logits(family_model, tmp_path):
+    from pipeline.reference import OutputLayer, check_reproduced, score_windows
+
+    family, model = family_model
+    windows = np.random.default_rng(0).integers(3, 1000, size=(2, 24)).astype(np.int32)
+    nll, hidden, logits = score_windows(model, windows, "cpu")
+    assert nll.shape == (2, 23) and hidden.shape == (2, 23, model.config.hidden_size)
+    layer = OutputLayer.of(model)
+    assert layer.softcap == (30.0 if family == "gemma2" else None)
+    assert check_reproduced(layer, hidden[0], logits, "float32", family) < 1e-4
+    layer.save(tmp_path / "head.safetensors")
+    loaded = OutputLayer.load(tmp_path / "head.safetensors")
+    assert check_reproduced(loaded, hidden[0], logits, "float32", family) < 1e-4
+
+
+def test_a_logit_transform_the_reference_does_not_know_is_refused(family_model):
+    from pipeline.reference import OutputLayer, check_reproduced, score_windows
+
+    family, model = family_model
+    if family != "gemma2":
+        pytest.skip("needs a family that transforms its logits")
+    windows = np.random.default_rng(0).integers(3, 1000, size=(1, 24)).astype(np.int32)
+    _, hidden, logits = score_windows(model, windows, "cpu")
+    layer = OutputLayer.of(model)
+    layer.softcap = None
+    with pytest.raises(BadInput, match="cannot recompute") as info:
+        check_reproduced(layer, hidden[0], logits, "float32", "Gemma2ForCausalLM")
+    assert "config.json" in info.value.where

@@ -32,7 +32,7 @@ def test_custom_objectives():
 def gate_result(recipe, kld, decode, verdict="pass"):
     return {
         "recipe": recipe, "format": "gguf", "verdict": verdict, "reasons": [],
-        "artifact": {"bytes": 1_000_000, "bits_per_weight": 4.5},
+        "artifact": {"bytes": 1_000_000, "bits_per_weight": 4.5, "sha256": f"sha256-of-{recipe}"},
         "accuracy": {"status": "ok", "runtime": "r", "ppl": 10.0, "ppl_ratio": 1.05, "mean_kld": kld,
                      "top1_agreement": 0.9, "tokenizer_mismatch": 0.0},
         "speed": ({"status": "ok", "runtime": "r", "decode_tok_s": decode, "prefill_tok_s": 400.0,
@@ -49,3 +49,21 @@ def test_markdown_and_plot_handle_not_run(tmp_path):
     assert "not run" in text and "not_run: needs a CUDA GPU" in text
     report.plot(table, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_markdown_shows_llama_cpp_statistics_and_the_size_plot_takes_every_format(tmp_path):
+    from pipeline.gates import accuracy
+
+    scored = gate_result("q8", 0.004, None)
+    stats = {label: 0.5 for label in report.LLAMA_CPP_LABELS}
+    scored["accuracy"].update(llama_cpp=stats, second_half={"ppl_ratio": 1.0056, "mean_kld": 0.00398},
+                              ci95={"mean_kld": {"low": 0.0039, "high": 0.0041}})
+    awq = gate_result("awq", 0.12, None)
+    awq["format"] = "awq"
+    table = report.build_rows([scored, awq], tmp_path)
+    text = report.markdown(table, {"ppl": 13.0}, {"cpu": "x"})
+    assert "## llama.cpp's statistics" in text and "| q8 | 0.500000 |" in text and "0.003980" in text
+    assert "0.0039-0.0041" in text
+    assert set(accuracy.KLD_PERCENTILES) <= {label.split()[0] for label in report.LLAMA_CPP_LABELS}
+    report.plot_quality_vs_size(table, tmp_path / "size.png")
+    assert (tmp_path / "size.png").stat().st_size > 1000

@@ -33,6 +33,7 @@ from pydantic import Field, model_validator
 
 from pipeline.config import RecipeBase
 from pipeline.errors import BadInput, HostLacks, QpipeError
+from pipeline.runtimes.llama_cpp import llama_tool
 
 ARTIFACT_FILE = "model.gguf"
 IMATRIX_FILE = "imatrix.gguf"
@@ -146,30 +147,6 @@ def _vendored_commit(changelog: str, version: str) -> str | None:
     section = changelog.split(f"## [{version}]", 1)[-1].split("\n## [", 1)[0]
     match = re.search(r"llama\.cpp@([0-9a-f]{7,40})", section)
     return match.group(1) if match else None
-
-
-def llama_tool(name: str) -> tuple[Path, dict[str, str]]:
-    """A llama.cpp tool binary installed by llama-cpp-python, and the environment it needs
-    (the binaries carry no RPATH: the package's lib folder goes on the loader path)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or spec.origin is None:
-        raise HostLacks("llama-cpp-python is not installed", fix="pip install -e .")
-    package = Path(spec.origin).parent
-    candidates = [Path(sys.prefix) / "bin" / name, package.parent / "bin" / name, package / "bin" / name]
-    for candidate in candidates:
-        if candidate.is_file():
-            env = dict(os.environ)
-            libraries = [candidate.parent.parent / "lib", package / "lib"]
-            env["LD_LIBRARY_PATH"] = os.pathsep.join(
-                [str(p) for p in libraries if p.is_dir()] + [env.get("LD_LIBRARY_PATH", "")])
-            return candidate, env
-    raise HostLacks(
-        f"llama.cpp tool {name} is not installed",
-        fix='reinstall llama-cpp-python with CMAKE_ARGS="-DLLAMA_BUILD_TOOLS=ON '
-            '-DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF" (see `make setup`)',
-    )
 
 
 # ---------------------------------------------------------------- build

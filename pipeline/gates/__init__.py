@@ -108,9 +108,10 @@ def check_gate_memory(format_name: str, artifact_bytes: int, ref, host_info: dic
 
     if host_info.get("gpus"):
         return {"estimate_gb": None, "reason": "a GPU host: the GPU runtimes size their own memory"}
+    output_layer_bytes = 4 * ref.meta["vocabulary"] * ref.meta["hidden_size"]  # float32, for the reference logits
     need = memory.estimate(f"gate:{format_name}", memory.ModelSize.of(layout.SOURCE_DIR),
                            window_tokens=int(ref.tokens.shape[1]),
-                           mapped_bytes=artifact_bytes if format_name == "gguf" else 0)
+                           mapped_bytes=(artifact_bytes if format_name == "gguf" else 0) + output_layer_bytes)
     return memory.ensure_fits(need, stage=f"the {format_name} gate", fix="run the gates on a host with more memory "
                        "or a GPU, or lower reference.window_tokens (the logits of one window are held at once)")
 

@@ -1,19 +1,26 @@
-"""Accuracy gate: perplexity, KL divergence and top-1 agreement against the reference.
+"""Accuracy gate: perplexity, KL divergence, Δp and top-1 agreement against the reference.
 
 For every window the artifact is fed the reference's token ids; position p predicts token
-p+1. With Q the artifact's next-token distribution and P the reference's:
+p+1. With Q the artifact's next-token distribution and P the reference's, both over the
+whole vocabulary (the reference's logits recomputed from its output layer, ``reference``):
 
-- NLL_p = -log Q(t_{p+1}); ppl = exp(mean NLL); ppl_ratio = ppl / reference ppl.
-- KLD_p is computed over k+1 buckets: the reference's top-k tokens one by one plus one bucket
-  for all remaining mass,
+- NLL_p = -log Q(t_{p+1}); ppl = exp(mean NLL); ppl_ratio = ppl / reference ppl, the
+  reference's NLL taken from the same recomputed logits;
+- KLD_p = sum_i P_i (log P_i - log Q_i), the exact KL divergence;
+- Δp_p = Q(t_{p+1}) - P(t_{p+1}), the change in the probability of the actual next token;
+- top1_agreement (llama.cpp's "same top p") = share of positions where argmax Q = argmax P.
 
-      KLD_p = sum_{i in topk} P_i (log P_i - log Q_i) + P_rest (log P_rest - log Q_rest),
-      P_rest = 1 - sum_{topk} P_i,   Q_rest = 1 - sum_{topk} Q_i.
+These are llama-perplexity's `--kl-divergence` figures. ``llama_cpp`` holds them under its
+labels and in its units (Δp and same top p in percent), its percentiles by the same linear
+interpolation. llama-perplexity scores only the second half of each window (positions
+n_ctx/2 .. n_ctx-2, which see at least half a window of context); ``second_half`` gives
+every figure over those positions, the headline figures cover every position.
 
-  This is the exact KL divergence between the two distributions coarsened to those k+1
-  buckets, so it never exceeds the full-vocabulary KL (data-processing inequality) and
-  equals it when k is the vocabulary size. mean_kld averages KLD_p over all positions.
-- top1_agreement = share of positions where argmax Q is the reference's top-1 token.
+Uncertainty: ``ci95`` holds 95 % intervals bootstrapped over windows (positions within a
+window are correlated, windows are not): 1000 resamples of the windows with replacement,
+seed 0, so a gate result is reproducible. ``per_window`` keeps each window's mean NLL, KLD
+and agreement, so two artifacts scored on the same windows can be compared pairwise
+(``compare``).
 """
 
 from __future__ import annotations
@@ -23,103 +30,167 @@ from typing import Any, Iterable
 
 import numpy as np
 
-# Q_rest can round to zero (or below) in float arithmetic; clamp it like llama.cpp's KLD does.
-_MIN_PROB = 1e-12
+from pipeline.reference import POSITIONS_PER_CHUNK
 
-
-def _logsumexp(logits: np.ndarray) -> np.ndarray:
-    peak = logits.max(axis=1)
-    return peak.astype(np.float64) + np.log(np.exp(logits - peak[:, None]).sum(axis=1, dtype=np.float64))
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+KLD_PERCENTILES = {"99.9%": 0.999, "99.0%": 0.99, "95.0%": 0.95, "90.0%": 0.90}
+# per-position figures of window_scores
+FIGURES = ("nll", "reference_nll", "kld", "delta_p", "top1")
 
 
 def window_nll(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     """Per-position negative log-likelihood of the next token ([T, V] logits, [T] tokens)."""
     logits = np.asarray(logits[:-1], dtype=np.float32)
     targets = np.asarray(tokens[1:], dtype=np.int64)
-    return _logsumexp(logits) - logits[np.arange(len(targets)), targets].astype(np.float64)
+    peak = logits.max(axis=1)
+    lse = peak.astype(np.float64) + np.log(np.exp(logits - peak[:, None]).sum(axis=1, dtype=np.float64))
+    return lse - logits[np.arange(len(targets)), targets].astype(np.float64)
 
 
-def window_scores(logits: np.ndarray, tokens: np.ndarray, ref_ids: np.ndarray,
-                  ref_logprobs: np.ndarray, chunk: int | None = None) -> dict[str, np.ndarray]:
-    """Per-position NLL, KLD and top-1 agreement for one window.
+def position_scores(logits, reference_logits, targets) -> dict[str, np.ndarray]:
+    """NLL, reference NLL, KLD, Δp and top-1 agreement of positions whose artifact logits,
+    reference logits ([n, V] each) and next tokens ([n]) are given. A vocabulary padded on one
+    side only is compared over the ids both have."""
+    import torch
 
-    logits: [T, V] artifact logits; tokens: [T]; ref_ids / ref_logprobs: [T-1, k].
-    Positions are scored `chunk` at a time (every figure is per position), so the scratch
-    memory is chunk x V floats however large the vocabulary: about 0.13 GB at 262k.
-    """
+    logits = torch.as_tensor(np.asarray(logits, dtype=np.float32))
+    reference_logits = torch.as_tensor(reference_logits, dtype=torch.float32)
+    vocabulary = min(logits.shape[1], reference_logits.shape[1])
+    # float32 throughout: Q8_0's mean KLD is then 1.2e-5 (relative) from an all-float64
+    # computation, at 60 % of its cost
+    log_q = torch.log_softmax(logits[:, :vocabulary], dim=-1)
+    log_p = torch.log_softmax(reference_logits[:, :vocabulary], dim=-1)
+    kld = torch.nn.functional.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1).double()
+    targets = torch.as_tensor(np.asarray(targets, dtype=np.int64))[:, None]
+    nll = -log_q.gather(1, targets)[:, 0].double()
+    reference_nll = -log_p.gather(1, targets)[:, 0].double()
+    return {
+        "nll": nll.numpy(),
+        "reference_nll": reference_nll.numpy(),
+        "kld": kld.numpy(),
+        "delta_p": (torch.exp(-nll) - torch.exp(-reference_nll)).numpy(),
+        "top1": (log_q.argmax(dim=-1) == log_p.argmax(dim=-1)).numpy(),
+    }
+
+
+def window_scores(logits: np.ndarray, tokens: np.ndarray, reference_logits_of, chunk: int | None = None
+                  ) -> dict[str, np.ndarray]:
+    """Per-position figures of one window: logits [T, V] from the artifact, tokens [T], and
+    ``reference_logits_of(start, stop)`` giving the reference's logits of those positions.
+    Positions are scored `chunk` at a time, so the scratch memory is chunk x V floats."""
     chunk = chunk or POSITIONS_PER_CHUNK
     positions = len(tokens) - 1  # the last position predicts nothing inside the window
     parts = []
     for start in range(0, positions, chunk):
         stop = min(start + chunk, positions)
-        parts.append(_chunk_scores(logits[start:stop], tokens[start + 1:stop + 1],
-                                   ref_ids[start:stop], ref_logprobs[start:stop]))
-    return {key: np.concatenate([part[key] for part in parts]) for key in ("nll", "kld", "top1")}
+        parts.append(position_scores(logits[start:stop], reference_logits_of(start, stop), tokens[start + 1:stop + 1]))
+    return {key: np.concatenate([part[key] for part in parts]) for key in FIGURES}
 
 
-# positions scored at once by window_scores
-POSITIONS_PER_CHUNK = 64
-
-
-def _chunk_scores(logits: np.ndarray, targets: np.ndarray, ref_ids: np.ndarray,
-                  ref_logprobs: np.ndarray) -> dict[str, np.ndarray]:
-    logits = np.asarray(logits, dtype=np.float32)
-    lse = _logsumexp(logits)
-    targets = np.asarray(targets, dtype=np.int64)
-    nll = lse - logits[np.arange(len(targets)), targets].astype(np.float64)
-
-    log_q_top = np.take_along_axis(logits, ref_ids.astype(np.int64), axis=1).astype(np.float64) - lse[:, None]
-    log_p_top = ref_logprobs.astype(np.float64)
-    p_top = np.exp(log_p_top)
-    kld = (p_top * (log_p_top - log_q_top)).sum(axis=1)
-    p_rest = np.clip(1.0 - p_top.sum(axis=1), 0.0, 1.0)
-    q_rest = np.clip(1.0 - np.exp(log_q_top).sum(axis=1), _MIN_PROB, 1.0)
-    has_rest = p_rest > _MIN_PROB
-    kld[has_rest] += p_rest[has_rest] * (np.log(p_rest[has_rest]) - np.log(q_rest[has_rest]))
-
-    top1 = logits.argmax(axis=1) == ref_ids[:, 0]
-    return {"nll": nll, "kld": kld, "top1": top1}
-
-
-def summarize(nll: np.ndarray, kld: np.ndarray, top1: np.ndarray, ref_nll: np.ndarray) -> dict[str, float]:
-    ppl = float(np.exp(nll.mean()))
-    ref_ppl = float(np.exp(ref_nll.mean()))
+def summarize(scores: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Headline figures and llama.cpp's statistics over the positions in `scores` (flat arrays)."""
+    nll, reference_nll, kld = scores["nll"], scores["reference_nll"], scores["kld"]
+    delta_p, top1 = scores["delta_p"], scores["top1"]
+    ppl, reference_ppl = float(np.exp(nll.mean())), float(np.exp(reference_nll.mean()))
     return {
         "eval_tokens": int(nll.size),
         "ppl": ppl,
-        "reference_ppl": ref_ppl,
-        "ppl_ratio": ppl / ref_ppl,
+        "reference_ppl": reference_ppl,
+        "ppl_ratio": ppl / reference_ppl,
         "mean_kld": float(kld.mean()),
         "p99_kld": float(np.quantile(kld, 0.99)),
         "top1_agreement": float(top1.mean()),
+        "mean_delta_p": float(delta_p.mean()),
+        "rms_delta_p": float(np.sqrt(np.mean(delta_p ** 2))),
+        "llama_cpp": llama_cpp_statistics(scores),
     }
 
 
-def score(window_logits: Iterable[np.ndarray], reference, progress=None) -> dict[str, float]:
+def llama_cpp_statistics(scores: dict[str, np.ndarray]) -> dict[str, float]:
+    """The figures llama-perplexity --kl-divergence prints, under its labels and in its units."""
+    kld, delta_p = scores["kld"], scores["delta_p"]
+    log_ratio = float(scores["nll"].mean() - scores["reference_nll"].mean())
+    statistics = {
+        "Mean PPL(Q)": float(np.exp(scores["nll"].mean())),
+        "Mean PPL(base)": float(np.exp(scores["reference_nll"].mean())),
+        "Mean ln(PPL(Q)/PPL(base))": log_ratio,
+        "Mean PPL(Q)/PPL(base)": float(np.exp(log_ratio)),
+        "Mean KLD": float(kld.mean()),
+        "Maximum KLD": float(kld.max()),
+    }
+    statistics.update({f"{label} KLD": float(np.quantile(kld, q)) for label, q in KLD_PERCENTILES.items()})
+    statistics.update({
+        "Median KLD": float(np.median(kld)),
+        "Mean Δp %": 100 * float(delta_p.mean()),
+        "RMS Δp %": 100 * float(np.sqrt(np.mean(delta_p ** 2))),
+        "Same top p %": 100 * float(scores["top1"].mean()),
+    })
+    return statistics
+
+
+def bootstrap_ci95(per_window: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """95 % intervals of ppl_ratio, mean_kld, top1_agreement and mean_delta_p, resampling whole
+    windows (each window's mean of every figure; all windows have the same length)."""
+    windows = len(per_window["kld"])
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    picks = rng.integers(0, windows, size=(BOOTSTRAP_RESAMPLES, windows))
+    means = {key: per_window[key][picks].mean(axis=1) for key in FIGURES}
+    resampled = {
+        "ppl_ratio": np.exp(means["nll"] - means["reference_nll"]),
+        "mean_kld": means["kld"],
+        "top1_agreement": means["top1"],
+        "mean_delta_p": means["delta_p"],
+    }
+    intervals = {}
+    for figure, values in resampled.items():
+        low, high = np.quantile(values, [0.025, 0.975])
+        intervals[figure] = {"low": float(low), "high": float(high)}
+    return intervals
+
+
+def score(window_logits: Iterable[np.ndarray], reference, progress=None) -> dict[str, Any]:
     """Score every reference window; `window_logits` yields [T, V] logits in window order."""
-    nll, kld, top1 = [], [], []
+    import torch
+
+    output_layer = reference.output_layer()
+    windows = []
     for index, logits in enumerate(window_logits):
-        scores = window_scores(logits, reference.tokens[index], reference.topk_ids[index],
-                               reference.topk_logprobs[index])
-        nll.append(scores["nll"])
-        kld.append(scores["kld"])
-        top1.append(scores["top1"])
+        if index >= len(reference.tokens):
+            raise RuntimeError(f"runtime returned more windows than the {len(reference.tokens)} of the reference")
+        hidden = torch.from_numpy(reference.hidden[index])
+        windows.append(window_scores(logits, reference.tokens[index],
+                                     lambda start, stop: output_layer.logits(hidden[start:stop])))
         if progress:
             progress(index + 1)
-    if len(nll) != len(reference.tokens):
-        raise RuntimeError(f"runtime returned {len(nll)} windows, expected {len(reference.tokens)}")
-    return summarize(np.concatenate(nll), np.concatenate(kld), np.concatenate(top1),
-                     reference.nll.reshape(-1))
+    if len(windows) != len(reference.tokens):
+        raise RuntimeError(f"runtime returned {len(windows)} windows, expected {len(reference.tokens)}")
+    stacked = {key: np.stack([window[key] for window in windows]) for key in FIGURES}  # [W, T-1]
+    half = reference.tokens.shape[1] // 2
+    per_window = {key: values.mean(axis=1) for key, values in stacked.items()}
+    return {
+        **summarize({key: values.reshape(-1) for key, values in stacked.items()}),
+        "ci95": bootstrap_ci95(per_window),
+        "second_half": {"positions": f"{half}..{reference.tokens.shape[1] - 2} of each window, as llama-perplexity "
+                                     "scores them",
+                        **summarize({key: values[:, half:].reshape(-1) for key, values in stacked.items()})},
+        "per_window": {"mean_nll": per_window["nll"].tolist(), "mean_reference_nll": per_window["reference_nll"].tolist(),
+                       "mean_kld": per_window["kld"].tolist(), "top1_agreement": per_window["top1"].tolist()},
+        "vocabulary": output_layer.vocabulary,
+    }
 
 
 def tokenizer_mismatch(reference_ids: list[int], artifact_ids: list[int]) -> dict[str, Any]:
     """How differently the artifact's tokenizer splits the evaluation text.
 
     mismatch = share of the reference's tokens not matched, in order, by the artifact's
-    tokenization (difflib longest-matching-blocks alignment).
+    tokenization (difflib longest-matching-blocks alignment; skipped when they are equal).
     """
-    matcher = difflib.SequenceMatcher(None, reference_ids, artifact_ids, autojunk=False)
-    matched = sum(block.size for block in matcher.get_matching_blocks())
+    if reference_ids == artifact_ids:
+        matched = len(reference_ids)
+    else:
+        matcher = difflib.SequenceMatcher(None, reference_ids, artifact_ids, autojunk=False)
+        matched = sum(block.size for block in matcher.get_matching_blocks())
     return {
         "reference_tokens": len(reference_ids),
         "artifact_tokens": len(artifact_ids),

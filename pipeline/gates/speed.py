@@ -1,5 +1,8 @@
 """Speed gate: batch-1 prefill / decode / TTFT / ITL on the native runtime, and the roofline.
 
+Each runtime says how it timed (``timing_source``) and how much its repeats spread
+(``spread``): llama.cpp's prefill and decode are llama-bench's own (``runtimes.llama_cpp``).
+
 Decode at batch 1 is memory-bound: each token reads every weight once (plus the KV cache),
 so the fastest possible decode rate on a host is
 
@@ -43,11 +46,13 @@ def batch1_run(prompt_tokens: int, *, ttft_s: float, decode_s: float, decoded: i
 
 
 def summarize_runs(runs: list[dict], *, concurrency: int, generated: int, wall_s: float) -> dict:
-    """Medians of the batch-1 runs, plus output throughput of a concurrent batch."""
+    """Medians of the batch-1 runs and their spread, plus output throughput of a concurrent batch."""
     import statistics
 
-    result = {key: statistics.median(run[key] for run in runs)
-              for key in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_ms")}
+    keys = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_ms")
+    result = {key: statistics.median(run[key] for run in runs) for key in keys}
+    result["spread"] = {key: {"stdev": statistics.stdev(run[key] for run in runs) if len(runs) > 1 else 0.0,
+                              "samples": [run[key] for run in runs]} for key in keys}
     result.update({"runs": runs, "concurrency": concurrency, "output_tok_s": generated / wall_s})
     return result
 
@@ -74,6 +79,11 @@ def section(measured: dict, *, runtime: str, prompt_tokens: int, gen_tokens: int
         "roofline_fraction": None,
         "repeats": len(measured.get("runs", [])),
     }
+    # what the runtime measured besides: its timing source, the spread of its repeats and, for
+    # llama.cpp, the Python API's own decode rate
+    for key in ("timing_source", "spread", "api_decode_tok_s"):
+        if key in measured:
+            result[key] = measured[key]
     if "output_tok_s" in measured:  # runtimes that batch: throughput at params speed.concurrency
         result["concurrency"] = measured["concurrency"]
         result["output_tok_s"] = measured["output_tok_s"]

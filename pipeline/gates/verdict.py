@@ -21,11 +21,15 @@ from typing import Any
 
 from pipeline.config import GateLimits, RelativeLimit
 
-# limit key -> (gate section, figure, comparison)
+# limit key -> (gate section, figure, comparison); a dotted figure is a path into the section:
+# the *_upper / *_lower limits judge the bound of the figure's 95 % interval, not its point value
 CHECKS: dict[str, tuple[str, str, str]] = {
     "max_ppl_ratio": ("accuracy", "ppl_ratio", "<="),
     "max_mean_kld": ("accuracy", "mean_kld", "<="),
     "min_top1_agreement": ("accuracy", "top1_agreement", ">="),
+    "max_ppl_ratio_upper": ("accuracy", "ci95.ppl_ratio.high", "<="),
+    "max_mean_kld_upper": ("accuracy", "ci95.mean_kld.high", "<="),
+    "min_top1_agreement_lower": ("accuracy", "ci95.top1_agreement.low", ">="),
     "max_tokenizer_mismatch": ("accuracy", "tokenizer_mismatch", "<="),
     "min_decode_speedup": ("speed", "decode_speedup", ">="),
     "min_roofline_fraction": ("speed", "roofline_fraction", ">="),
@@ -41,7 +45,7 @@ def evaluate(limits: GateLimits, sections: dict[str, dict[str, Any]],
         if limit is None:
             continue
         section = sections.get(section_name) or {}
-        value = section.get(figure) if section.get("status") == "ok" else None
+        value = figure_value(section, figure)
         check = {"name": key, "gate": section_name, "figure": figure, "limit": None, "value": value}
         if isinstance(limit, RelativeLimit):
             check.update(relative_to=limit.relative_to, factor=limit.factor)
@@ -59,6 +63,17 @@ def evaluate(limits: GateLimits, sections: dict[str, dict[str, Any]],
             check["verdict"] = _compare(value, comparison, limit)
         checks.append(check)
     return checks
+
+
+def figure_value(section: dict[str, Any], figure: str) -> float | None:
+    """A measured figure of a gate section (None unless the section ran); `figure` may be a
+    dotted path such as ``ci95.mean_kld.high``."""
+    if section.get("status") != "ok":
+        return None
+    value: Any = section
+    for part in figure.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def _compare(value: float, comparison: str, limit: float) -> str:
@@ -138,8 +153,7 @@ def _judge_relative(check: dict[str, Any], anchor: dict[str, Any] | None) -> boo
     if anchor["verdict"] != "pass":
         check.update(verdict="not_run", reason=f"relative to {name}, whose verdict is {anchor['verdict']}")
         return True
-    section = anchor.get(check["gate"]) or {}
-    anchor_value = section.get(check["figure"]) if section.get("status") == "ok" else None
+    anchor_value = figure_value(anchor.get(check["gate"]) or {}, check["figure"])
     if anchor_value is None:
         check.update(verdict="not_run", reason=f"relative to {name}, which did not measure {check['figure']}")
         return True

@@ -10,11 +10,12 @@ actual prompt token (N or N+1 entries). They are the log-softmax of the raw mode
 ``logprobs_mode`` option does not apply to prompt log-probs). ``N`` may not exceed the
 engine's ``max_logprobs`` (default 20), so the engine is started with ``max_logprobs=TOP_N``.
 
-KLD from top-N only: the accuracy gate's KLD is over the reference's top-k tokens plus one
-"rest" bucket. A reference top-k token that is missing from vLLM's top-N is given an equal
-share of the mass vLLM left outside its returned tokens: at most the N-th probability, usually
-far less. ``dense_logprobs`` builds the [T, V] rows that way; NLL (the actual token is always
-returned) and top-1 (rank 1 is always returned) are exact.
+KLD from top-N only, so approximate: the accuracy gate's KLD is over the whole vocabulary,
+and vLLM returns N tokens per position. Every token outside vLLM's top-N is given an equal
+share of the mass vLLM left outside its returned tokens (``dense_logprobs`` builds the [T, V]
+rows that way), so the KLD is exact only where the reference's mass lies within vLLM's top-N.
+NLL (the actual token is always returned) and top-1 (rank 1 is always returned) are exact.
+The section's runtime name says so.
 
 Speed: TTFT and decode time come from the request's own metrics (``RequestOutput.metrics``,
 filled when the engine is started with ``disable_log_stats=False``), else from wall-clock time.
@@ -41,7 +42,7 @@ def version() -> str | None:
 
 
 def name() -> str:
-    return f"vLLM {version()}"
+    return f"vLLM {version()} (KLD from the top-{TOP_N} prompt log-probs: approximate)"
 
 
 def unavailable_reason() -> str | None:

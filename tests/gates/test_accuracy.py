@@ -5,8 +5,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.gates import accuracy
+from pipeline.reference import OutputLayer
 
 
 def log_softmax(x):
@@ -14,109 +16,125 @@ def log_softmax(x):
     return x - (x.max() + np.log(np.exp(x - x.max()).sum()))
 
 
-def reference_from(ref_logits, tokens, k):
-    """What the reference stage stores: NLL and top-k log-probs per position."""
-    nll, ids, values = [], [], []
+def brute_force(art_logits, ref_logits, tokens):
+    """Loops over every position and every token, no vectorisation."""
+    rows = {key: [] for key in accuracy.FIGURES}
     for p in range(len(tokens) - 1):
-        lp = log_softmax(ref_logits[p])
-        nll.append(-lp[tokens[p + 1]])
-        order = np.argsort(-lp)[:k]
-        ids.append(order)
-        values.append(lp[order])
-    return np.array(nll), np.array(ids), np.array(values)
+        lq, lp = log_softmax(art_logits[p]), log_softmax(ref_logits[p])
+        target = tokens[p + 1]
+        rows["nll"].append(-lq[target])
+        rows["reference_nll"].append(-lp[target])
+        rows["kld"].append(sum(math.exp(lp[i]) * (lp[i] - lq[i]) for i in range(len(lp))))
+        rows["delta_p"].append(math.exp(lq[target]) - math.exp(lp[target]))
+        rows["top1"].append(int(np.argmax(lq)) == int(np.argmax(lp)))
+    return {key: np.array(values) for key, values in rows.items()}
 
 
-def brute_force(art_logits, ref_logits, tokens, k):
-    """Loops over every position and every bucket, no vectorisation."""
-    nlls, klds, top1 = [], [], []
-    for p in range(len(tokens) - 1):
-        lq = log_softmax(art_logits[p])
-        lp = log_softmax(ref_logits[p])
-        nlls.append(-lq[tokens[p + 1]])
-        top = list(np.argsort(-lp)[:k])
-        kld = 0.0
-        for i in top:
-            kld += math.exp(lp[i]) * (lp[i] - lq[i])
-        rest = [i for i in range(len(lp)) if i not in top]
-        if rest:
-            p_rest = sum(math.exp(lp[i]) for i in rest)
-            q_rest = sum(math.exp(lq[i]) for i in rest)
-            kld += p_rest * (math.log(p_rest) - math.log(q_rest))
-        klds.append(kld)
-        top1.append(int(np.argmax(lq)) == top[0])
-    return np.array(nlls), np.array(klds), np.array(top1)
+def llama_cpp_percentile(values, fraction):
+    """perplexity.cpp's percentile lambda, transcribed."""
+    values = sorted(values)
+    p = fraction * (len(values) - 1)
+    ip = int(p)
+    p -= ip
+    return (1 - p) * values[ip] + p * values[min(ip + 1, len(values) - 1)]
+
+
+def fake_reference(hidden, weight, tokens):
+    layer = OutputLayer(weight=torch.as_tensor(weight, dtype=torch.float32), bias=None)
+    return SimpleNamespace(tokens=tokens, hidden=hidden.astype(np.float32), output_layer=lambda: layer)
+
+
+def random_case(seed, windows=1, length=30, vocab=50, hidden=8, noise=1.0):
+    rng = np.random.default_rng(seed)
+    states = rng.normal(size=(windows, length, hidden)).astype(np.float32)
+    weight = (rng.normal(size=(vocab, hidden)) * 1.5).astype(np.float32)
+    ref_logits = states @ weight.T
+    art_logits = (ref_logits + noise * rng.normal(size=ref_logits.shape)).astype(np.float32)
+    tokens = rng.integers(0, vocab, size=(windows, length))
+    return states, weight, ref_logits, art_logits, tokens
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 29, 1000])
 def test_scoring_a_window_in_chunks_of_positions_gives_the_same_figures_bit_for_bit(chunk):
-    rng = np.random.default_rng(3)
-    vocab, length = 50, 30
-    ref_logits = rng.normal(size=(length, vocab)) * 3
-    art_logits = (ref_logits + rng.normal(size=(length, vocab))).astype(np.float32)
-    tokens = rng.integers(0, vocab, size=length)
-    _, ids, values = reference_from(ref_logits, tokens, 8)
-    whole = accuracy.window_scores(art_logits, tokens, ids, values, chunk=length)
-    chunked = accuracy.window_scores(art_logits, tokens, ids, values, chunk=chunk)
-    for key in ("nll", "kld", "top1"):
+    _, _, ref_logits, art_logits, tokens = random_case(3)
+    of = lambda start, stop: ref_logits[0, start:stop]  # noqa: E731
+    whole = accuracy.window_scores(art_logits[0], tokens[0], of, chunk=30)
+    chunked = accuracy.window_scores(art_logits[0], tokens[0], of, chunk=chunk)
+    for key in accuracy.FIGURES:
         np.testing.assert_array_equal(chunked[key], whole[key])
-        assert len(chunked[key]) == length - 1
+        assert len(chunked[key]) == 29
 
 
-@pytest.mark.parametrize("k", [1, 5, 50])
-def test_window_scores_match_brute_force(k):
-    rng = np.random.default_rng(k)
-    vocab, length = 50, 30
-    ref_logits = rng.normal(size=(length, vocab)) * 3
-    art_logits = (ref_logits + rng.normal(size=(length, vocab))).astype(np.float32)
-    tokens = rng.integers(0, vocab, size=length)
-    _, ids, values = reference_from(ref_logits, tokens, k)
-    scores = accuracy.window_scores(art_logits, tokens, ids, values)
-    nll, kld, top1 = brute_force(art_logits, ref_logits, tokens, k)
-    np.testing.assert_allclose(scores["nll"], nll, rtol=1e-5)
-    np.testing.assert_allclose(scores["kld"], kld, rtol=1e-4, atol=1e-7)
-    np.testing.assert_array_equal(scores["top1"], top1)
+def test_window_scores_are_the_full_vocabulary_figures_of_brute_force():
+    _, _, ref_logits, art_logits, tokens = random_case(5)
+    scores = accuracy.window_scores(art_logits[0], tokens[0], lambda a, b: ref_logits[0, a:b])
+    expected = brute_force(art_logits[0], ref_logits[0], tokens[0])
+    for key in ("nll", "reference_nll", "kld", "delta_p"):
+        np.testing.assert_allclose(scores[key], expected[key], rtol=2e-5, atol=1e-6)  # float32 log-softmax
+    np.testing.assert_array_equal(scores["top1"], expected["top1"])
+    assert np.all(scores["kld"] > 0)
 
 
-def test_full_vocabulary_kld_is_exact_kl_and_topk_is_a_lower_bound():
-    rng = np.random.default_rng(7)
-    vocab, length = 40, 20
-    ref_logits = rng.normal(size=(length, vocab)) * 2
-    art_logits = ref_logits + rng.normal(size=(length, vocab))
-    tokens = rng.integers(0, vocab, size=length)
-    exact = np.array([
-        (np.exp(log_softmax(ref_logits[p])) * (log_softmax(ref_logits[p]) - log_softmax(art_logits[p]))).sum()
-        for p in range(length - 1)
-    ])
-    _, ids, values = reference_from(ref_logits, tokens, vocab)
-    full = accuracy.window_scores(art_logits, tokens, ids, values)["kld"]
-    np.testing.assert_allclose(full, exact, rtol=1e-6)
-    _, ids, values = reference_from(ref_logits, tokens, 4)
-    coarse = accuracy.window_scores(art_logits, tokens, ids, values)["kld"]
-    assert np.all(coarse <= exact + 1e-9)
-    assert np.all(coarse >= -1e-9)
+def test_a_vocabulary_padded_on_one_side_is_compared_over_the_shared_ids():
+    _, _, ref_logits, art_logits, tokens = random_case(6)
+    padded = np.concatenate([art_logits[0], np.full((30, 14), -30.0, dtype=np.float32)], axis=1)
+    scores = accuracy.window_scores(padded, tokens[0], lambda a, b: ref_logits[0, a:b])
+    np.testing.assert_allclose(scores["kld"], brute_force(art_logits[0], ref_logits[0], tokens[0])["kld"], rtol=2e-5,
+                               atol=1e-6)
 
 
 def test_identical_model_scores_zero_kld_full_agreement_ratio_one():
-    rng = np.random.default_rng(3)
-    logits = rng.normal(size=(2, 16, 30)).astype(np.float32)
-    tokens = rng.integers(0, 30, size=(2, 16))
-    parts = [reference_from(logits[w], tokens[w], 8) for w in range(2)]
-    ref = SimpleNamespace(tokens=tokens, nll=np.stack([p[0] for p in parts]),
-                          topk_ids=np.stack([p[1] for p in parts]), topk_logprobs=np.stack([p[2] for p in parts]))
-    summary = accuracy.score(iter(logits), ref)
+    states, weight, ref_logits, _, tokens = random_case(3, windows=2, length=16)
+    summary = accuracy.score(iter(ref_logits), fake_reference(states, weight, tokens))
     assert summary["mean_kld"] == pytest.approx(0, abs=1e-6)
-    assert summary["top1_agreement"] == 1.0
+    assert summary["top1_agreement"] == 1.0 and summary["mean_delta_p"] == pytest.approx(0, abs=1e-6)
     assert summary["ppl_ratio"] == pytest.approx(1.0, rel=1e-6)
     assert summary["eval_tokens"] == 30
-    assert summary["ppl"] == pytest.approx(math.exp(ref.nll.mean()), rel=1e-6)
+    assert summary["llama_cpp"]["Same top p %"] == 100.0
+
+
+def test_score_gives_llama_cpp_statistics_second_half_and_per_window_figures():
+    states, weight, ref_logits, art_logits, tokens = random_case(8, windows=4, length=20)
+    summary = accuracy.score(iter(art_logits), fake_reference(states, weight, tokens))
+    per_window = [brute_force(art_logits[w], ref_logits[w], tokens[w]) for w in range(4)]
+    kld = np.concatenate([w["kld"] for w in per_window])
+    delta_p = np.concatenate([w["delta_p"] for w in per_window])
+    stats = summary["llama_cpp"]
+    assert stats["Mean KLD"] == pytest.approx(kld.mean(), rel=1e-5) == summary["mean_kld"]
+    assert stats["Maximum KLD"] == pytest.approx(kld.max(), rel=1e-5)
+    for label, fraction in accuracy.KLD_PERCENTILES.items():
+        assert stats[f"{label} KLD"] == pytest.approx(llama_cpp_percentile(kld, fraction), rel=1e-5)
+    assert stats["Median KLD"] == pytest.approx(np.median(kld), rel=1e-5)
+    assert stats["RMS Δp %"] == pytest.approx(100 * np.sqrt((delta_p ** 2).mean()), rel=1e-5)
+    assert stats["Mean Δp %"] == pytest.approx(100 * delta_p.mean(), rel=1e-4, abs=1e-9)
+    ppl = math.exp(np.concatenate([w["nll"] for w in per_window]).mean())
+    ref_ppl = math.exp(np.concatenate([w["reference_nll"] for w in per_window]).mean())
+    assert summary["ppl_ratio"] == pytest.approx(ppl / ref_ppl, rel=1e-6)
+    # the second half: positions 10..18 of each 20-token window
+    half = np.concatenate([w["kld"][10:] for w in per_window])
+    assert summary["second_half"]["eval_tokens"] == 4 * 9
+    assert summary["second_half"]["mean_kld"] == pytest.approx(half.mean(), rel=1e-5)
+    assert summary["per_window"]["mean_kld"] == pytest.approx([w["kld"].mean() for w in per_window], rel=1e-5)
+
+
+def test_bootstrap_intervals_hold_the_point_value_and_are_reproducible():
+    states, weight, ref_logits, art_logits, tokens = random_case(9, windows=12, length=16)
+    first = accuracy.score(iter(art_logits), fake_reference(states, weight, tokens))
+    again = accuracy.score(iter(art_logits), fake_reference(states, weight, tokens))
+    assert first["ci95"] == again["ci95"]
+    for figure in ("ppl_ratio", "mean_kld", "top1_agreement", "mean_delta_p"):
+        interval = first["ci95"][figure]
+        assert interval["low"] < first[figure] < interval["high"], figure
+    # the same window twelve times has no spread between windows
+    same = accuracy.score(iter(np.repeat(art_logits[:1], 12, axis=0)),
+                          fake_reference(np.repeat(states[:1], 12, axis=0), weight, np.repeat(tokens[:1], 12, axis=0)))
+    assert same["ci95"]["mean_kld"]["low"] == pytest.approx(same["ci95"]["mean_kld"]["high"], rel=1e-9)
 
 
 def test_score_refuses_a_short_window_stream():
-    tokens = np.zeros((2, 4), dtype=int)
-    ref = SimpleNamespace(tokens=tokens, nll=np.zeros((2, 3)), topk_ids=np.zeros((2, 3, 1), dtype=int),
-                          topk_logprobs=np.zeros((2, 3, 1)))
+    states, weight, ref_logits, _, tokens = random_case(1, windows=2, length=4)
     with pytest.raises(RuntimeError, match="1 windows, expected 2"):
-        accuracy.score(iter([np.zeros((4, 5), dtype=np.float32)]), ref)
+        accuracy.score(iter(ref_logits[:1]), fake_reference(states, weight, tokens))
 
 
 def test_tokenizer_mismatch():

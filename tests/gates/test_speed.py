@@ -111,3 +111,16 @@ def test_heavy_work_shares_the_lock_and_keeps_speed_out(tmp_path, monkeypatch):
                                       env={**__import__("os").environ}).stdout.strip()
                  for mode in ("LOCK_SH", "LOCK_EX")}
     assert tried == {"LOCK_SH": "got", "LOCK_EX": "blocked"}
+
+
+def test_batch1_runs_summarize_to_medians_with_their_spread():
+    runs = [speed.batch1_run(100, ttft_s=t, decode_s=d, decoded=11, source="wall clock")
+            for t, d in ((0.10, 0.50), (0.12, 0.40), (0.20, 0.45))]
+    summary = speed.summarize_runs(runs, concurrency=4, generated=400, wall_s=2.0)
+    assert summary["decode_tok_s"] == pytest.approx(10 / 0.45) and summary["ttft_ms"] == pytest.approx(120)
+    assert summary["spread"]["decode_tok_s"]["samples"] == [r["decode_tok_s"] for r in runs]
+    assert summary["spread"]["ttft_ms"]["stdev"] == pytest.approx(52.915, rel=1e-4)
+    assert summary["output_tok_s"] == 200
+    section = speed.section(summary, runtime="r", prompt_tokens=100, gen_tokens=11, threads=2, bandwidth_gb_s=None,
+                            bytes_per_token={"total": 1e6})
+    assert section["spread"] == summary["spread"] and section["repeats"] == 3

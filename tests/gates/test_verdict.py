@@ -127,3 +127,25 @@ def test_relative_limits_chain_and_a_cycle_is_not_run():
     judged = verdict.resolve([x, y])
     assert [r["verdict"] for r in judged] == ["incomplete", "incomplete"]
     assert "cycle" in judged[0]["checks"][0]["reason"]
+
+
+WITH_INTERVALS = {**OK_ACCURACY, "ci95": {"mean_kld": {"low": 0.035, "high": 0.046},
+                                          "ppl_ratio": {"low": 1.04, "high": 1.06},
+                                          "top1_agreement": {"low": 0.88, "high": 0.92}}}
+
+
+def test_a_limit_on_the_interval_bound_judges_the_bound_not_the_point_value():
+    checks, (outcome, reasons) = judge(GateLimits(max_mean_kld=0.045, max_mean_kld_upper=0.045),
+                                       accuracy=WITH_INTERVALS)
+    assert [c["verdict"] for c in checks] == ["pass", "fail"]
+    assert checks[1]["figure"] == "ci95.mean_kld.high" and checks[1]["value"] == 0.046
+    assert outcome == "fail" and reasons == ["max_mean_kld_upper: ci95.mean_kld.high 0.046 > limit 0.045"]
+    checks, (outcome, _) = judge(GateLimits(max_ppl_ratio_upper=1.06, min_top1_agreement_lower=0.88),
+                                 accuracy=WITH_INTERVALS)
+    assert outcome == "pass" and [c["value"] for c in checks] == [1.06, 0.88]
+
+
+def test_a_bound_limit_on_a_result_without_intervals_is_not_run():
+    checks, (outcome, _) = judge(GateLimits(max_mean_kld_upper=0.1))
+    assert checks[0]["verdict"] == "not_run" and "ci95.mean_kld.high was not measured" in checks[0]["reason"]
+    assert outcome == "incomplete"

@@ -24,12 +24,35 @@ def test_window_logits_shape_and_determinism(model_path):
     assert predicted[len(tokens) // 2:].mean() > 0.5
 
 
-def test_measure_speed_returns_positive_figures(model_path):
+def test_measure_speed_takes_prefill_and_decode_from_llama_bench_and_latency_from_the_api(model_path):
     prompt = llama_cpp.tokenize(model_path, "The quick brown fox jumps over the lazy dog. " * 4)
     result = llama_cpp.measure_speed(model_path, prompt, gen_tokens=8, repeats=2, warmup=1, threads=2)
-    for key in ["prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_ms"]:
+    for key in ["prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_ms", "api_decode_tok_s"]:
         assert result[key] > 0
     assert len(result["runs"]) == 2
+    spread = result["spread"]
+    assert len(spread["decode_tok_s"]["samples"]) == 2 and len(spread["prefill_tok_s"]["samples"]) == 2
+    assert result["decode_tok_s"] == pytest.approx(sum(spread["decode_tok_s"]["samples"]) / 2, rel=1e-3)
+    assert spread["itl_ms"]["p10"] <= result["itl_ms"] <= spread["itl_ms"]["p90"]
+    assert f"pp{len(prompt)} and tg8 at depth {len(prompt)}" in result["timing_source"]
+
+
+def test_llama_bench_records_are_its_own_json(model_path):
+    records = llama_cpp.llama_bench(model_path, prompt_tokens=16, gen_tokens=4, repeats=1, threads=1)
+    assert (records["prefill"]["n_prompt"], records["prefill"]["n_gen"], records["prefill"]["n_depth"]) == (16, 0, 0)
+    assert (records["decode"]["n_prompt"], records["decode"]["n_gen"], records["decode"]["n_depth"]) == (0, 4, 16)
+    assert records["decode"]["n_threads"] == 1 and records["decode"]["n_gpu_layers"] == 0
+    assert records["decode"]["flash_attn"] == 1  # on, as the Python API runs it
+
+
+def test_a_failing_llama_bench_is_a_tool_failure_naming_the_command(tmp_path):
+    from pipeline.errors import ToolFailed
+
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(ToolFailed) as info:
+        llama_cpp.llama_bench(broken, prompt_tokens=8, gen_tokens=2, repeats=1, threads=1)
+    assert "llama-bench exited" in info.value.what and str(broken) in info.value.where
 
 
 def test_unavailable_reason_is_none_here():

@@ -1,0 +1,140 @@
+"""qpipe's GGUF gate figures against llama.cpp's own tools on the same files and threads.
+
+Accuracy: llama-perplexity --kl-divergence, with the f16 GGUF from the same converter as its
+base, over the gate's own windows (the evaluation text cut into 512-token chunks, the second
+half of each scored). qpipe's scoring code (pipeline/gates/accuracy.py) is run on exactly
+that comparison: the f16 GGUF's logits as the base, each quant's logits through qpipe's
+llama.cpp runtime, the second half of each window. The ratios qpipe / llama-perplexity of
+mean KLD, same-top-p, ppl ratio and RMS Δp check the scoring and the runtime glue. The gate
+itself uses the fp32 transformers reference as its base, not the f16 GGUF; its second-half
+KLD is printed beside them, so the part the base contributes is visible.
+
+Speed: the gate's prefill and decode (artifacts/gates/R.json) against a fresh llama-bench run
+with the same settings (pp<prompt>, tg<gen> at depth <prompt>, same threads and repeats),
+run back to back, and the Python API's decode rate against llama-bench's.
+
+Run after `dvc repro`, from the project root:
+
+    python benchmarks/crosscheck.py [--recipes gguf-q8_0 gguf-q4_k_m] [--windows 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import host, layout
+from pipeline import reference as reference_stage
+from pipeline.config import load_params
+from pipeline.formats import gguf
+from pipeline.gates import accuracy
+from pipeline.runtimes import llama_cpp
+
+# llama-perplexity's labels -> the figure (perplexity.cpp's LOG format strings)
+PATTERNS = {
+    "ppl_ratio": r"^Mean PPL\(Q\)/PPL\(base\)\s*:\s*(\S+)",
+    "mean_kld": r"^Mean\s+KLD:\s*(\S+)",
+    "p99_kld": r"^99\.0%\s+KLD:\s*(\S+)",
+    "rms_delta_p_pct": r"^RMS Δp\s*:\s*(\S+)",
+    "same_top_p_pct": r"^Same top p:\s*(\S+)",
+}
+
+
+def llama_perplexity(arguments: list[str]) -> str:
+    binary, env = llama_cpp.llama_tool("llama-perplexity")
+    result = subprocess.run([str(binary), *arguments], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"llama-perplexity failed ({result.returncode}): {result.stderr.strip().splitlines()[-1:]}")
+    return result.stdout + result.stderr
+
+
+def parse_statistics(output: str) -> dict[str, float]:
+    figures = {}
+    for key, pattern in PATTERNS.items():
+        match = re.search(pattern, output, re.MULTILINE)
+        figures[key] = float(match.group(1)) if match else float("nan")
+    return figures
+
+
+def second_half_logits(path: Path, windows: np.ndarray, threads: int) -> list[np.ndarray]:
+    half = windows.shape[1] // 2
+    return [np.array(logits[half:-1]) for logits in llama_cpp.window_logits(path, windows, threads=threads)]
+
+
+def qpipe_statistics(logits: list[np.ndarray], base: list[np.ndarray], windows: np.ndarray) -> dict[str, float]:
+    half = windows.shape[1] // 2
+    # position p of window[half:] predicts token p+1: the second-half logits row for row
+    parts = [accuracy.window_scores(q, window[half:], lambda a, b, p=p: p[a:b])
+             for q, p, window in zip(logits, base, windows)]
+    summary = accuracy.summarize({key: np.concatenate([part[key] for part in parts]) for key in accuracy.FIGURES})
+    return {"ppl_ratio": summary["ppl_ratio"], "mean_kld": summary["mean_kld"], "p99_kld": summary["p99_kld"],
+            "rms_delta_p_pct": 100 * summary["rms_delta_p"], "same_top_p_pct": 100 * summary["top1_agreement"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", default=[r for r in load_params().recipes if r.startswith("gguf-")])
+    parser.add_argument("--windows", type=int, default=None, help="default: every reference window")
+    args = parser.parse_args()
+    params = load_params()
+    ref = reference_stage.load(layout.REFERENCE_DIR)
+    windows = ref.tokens[: args.windows or len(ref.tokens)]
+    threads = host.worker_threads(params.speed.threads)
+    window_tokens = int(windows.shape[1])
+
+    with tempfile.TemporaryDirectory(prefix="qpipe-crosscheck-") as scratch:
+        scratch = Path(scratch)
+        f16 = scratch / "model-f16.gguf"
+        gguf.convert(layout.SOURCE_DIR, f16, "f16", gguf.converter_info()["path"])
+        # llama-perplexity tokenizes the text itself: the comparison holds only if its chunks are
+        # the gate's windows, which the base file's token ids show
+        text = layout.EVALUATION_TEXT
+        base_file = scratch / "base.kld"
+        llama_perplexity(["-m", str(f16), "-f", str(text), "-c", str(window_tokens), "--chunks", str(len(windows)),
+                          "-t", str(threads), "-fa", "on", "--kl-divergence-base", str(base_file)])
+        with open(base_file, "rb") as handle:
+            handle.seek(8 + 12)
+            upstream_tokens = np.fromfile(handle, dtype=np.int32, count=windows.size).reshape(windows.shape)
+        same_ids = bool(np.array_equal(upstream_tokens, windows))
+        print(f"llama-perplexity's chunks are the gate's windows token for token: {same_ids}")
+        if not same_ids:
+            raise SystemExit("the tokenizations differ (BOS added, or another split): the figures would not compare")
+        base = second_half_logits(f16, windows, threads)
+
+        print(f"\n{len(windows)} windows x {window_tokens} tokens, second half of each; base: f16 GGUF; {threads} threads")
+        print(f"{'recipe':<13} {'figure':<16} {'qpipe':>10} {'llama.cpp':>10} {'ratio':>7}   gate (fp32 base)")
+        for recipe in args.recipes:
+            path = layout.build_dir(recipe) / "model.gguf"
+            gate = json.loads(layout.gate_file(recipe).read_text())
+            upstream = parse_statistics(llama_perplexity(["-m", str(path), "-t", str(threads), "-fa", "on",
+                                                          "--kl-divergence-base", str(base_file), "--kl-divergence"]))
+            ours = qpipe_statistics(second_half_logits(path, windows, threads), base, windows)
+            half = gate["accuracy"]["second_half"]
+            gate_figures = {"ppl_ratio": half["ppl_ratio"], "mean_kld": half["mean_kld"], "p99_kld": half["p99_kld"],
+                            "rms_delta_p_pct": 100 * half["rms_delta_p"], "same_top_p_pct": 100 * half["top1_agreement"]}
+            for figure in PATTERNS:
+                print(f"{recipe:<13} {figure:<16} {ours[figure]:10.5f} {upstream[figure]:10.5f} "
+                      f"{ours[figure] / upstream[figure]:7.4f}   {gate_figures[figure]:.5f}")
+            speed = gate["speed"]
+            if speed.get("status") not in ("ok", "contended"):
+                print(f"{recipe:<13} speed not run: {speed.get('reason')}")
+                continue
+            bench = llama_cpp.llama_bench(path, prompt_tokens=speed["prompt_tokens"], gen_tokens=speed["gen_tokens"],
+                                          repeats=max(speed["repeats"], 3), threads=speed["threads"])
+            for figure, record in (("prefill_tok_s", bench["prefill"]), ("decode_tok_s", bench["decode"])):
+                print(f"{recipe:<13} {figure:<16} {speed[figure]:10.1f} {record['avg_ts']:10.1f} "
+                      f"{speed[figure] / record['avg_ts']:7.4f}   (gate run vs a fresh llama-bench)")
+            if "api_decode_tok_s" in speed:
+                print(f"{recipe:<13} {'api decode':<16} {speed['api_decode_tok_s']:10.1f} "
+                      f"{bench['decode']['avg_ts']:10.1f} {speed['api_decode_tok_s'] / bench['decode']['avg_ts']:7.4f}"
+                      "   (llama-cpp-python's loop vs llama-bench)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
