@@ -9,13 +9,17 @@ mean KLD, same-top-p, ppl ratio and RMS Δp check the scoring and the runtime gl
 itself uses the fp32 transformers reference as its base, not the f16 GGUF; its second-half
 KLD is printed beside them, so the part the base contributes is visible.
 
-Speed: the gate's prefill and decode (artifacts/gates/R.json) against a fresh llama-bench run
-with the same settings (pp<prompt>, tg<gen> at depth <prompt>, same threads and repeats),
-run back to back, and the Python API's decode rate against llama-bench's.
+Speed: the gate's own measurement (``formats.gguf.measure_speed`` with params.yaml's speed
+settings) against llama-bench run as a user would run it on the same file and threads
+(`llama-bench -m F -t T -p <prompt> -n 0`, then `-p 0 -n <gen> -d <prompt>`: its default
+5 repetitions and flash attention `auto`), alternated back to back --rounds times; the ratio
+of the medians, for prefill, decode and the Python API's decode rate. Speed on a shared host
+moves between runs minutes apart, which is why the two are alternated rather than compared
+with the figure in the gate file.
 
 Run after `dvc repro`, from the project root:
 
-    python benchmarks/crosscheck.py [--recipes gguf-q8_0 gguf-q4_k_m] [--windows 40]
+    python benchmarks/crosscheck.py [--recipes gguf-q8_0 gguf-q4_k_m] [--windows 40] [--only accuracy|speed]
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import tempfile
 from pathlib import Path
@@ -77,16 +82,55 @@ def qpipe_statistics(logits: list[np.ndarray], base: list[np.ndarray], windows: 
             "rms_delta_p_pct": 100 * summary["rms_delta_p"], "same_top_p_pct": 100 * summary["top1_agreement"]}
 
 
+def user_llama_bench(path: Path, *, prompt_tokens: int, gen_tokens: int, threads: int) -> dict[str, float]:
+    """llama-bench with its own defaults but the file, threads and shape of the gate."""
+    binary, env = llama_cpp.llama_tool("llama-bench")
+    rates = {}
+    for figure, shape in (("prefill_tok_s", ["-p", str(prompt_tokens), "-n", "0"]),
+                          ("decode_tok_s", ["-p", "0", "-n", str(gen_tokens), "-d", str(prompt_tokens)])):
+        result = subprocess.run([str(binary), "-m", str(path), "-t", str(threads), *shape, "-o", "json"],
+                                env=env, capture_output=True, text=True, check=True)
+        rates[figure] = json.loads(result.stdout)[0]["avg_ts"]
+    return rates
+
+
+def speed_crosscheck(recipes: list[str], speed_params, threads: int, prompt: list[int], rounds: int) -> None:
+    print(f"\nspeed: the gate's measurement vs llama-bench's defaults, alternated {rounds} times, medians; {threads} threads")
+    print(f"{'recipe':<13} {'figure':<16} {'qpipe':>10} {'llama-bench':>11} {'ratio':>7}")
+    for recipe in recipes:
+        path = layout.build_dir(recipe) / "model.gguf"
+        ours, theirs = [], []
+        for _ in range(rounds):
+            ours.append(gguf.measure_speed(layout.build_dir(recipe), prompt, gen_tokens=speed_params.gen_tokens,
+                                           repeats=speed_params.repeats, warmup=speed_params.warmup, threads=threads,
+                                           concurrency=speed_params.concurrency))
+            theirs.append(user_llama_bench(path, prompt_tokens=len(prompt), gen_tokens=speed_params.gen_tokens,
+                                           threads=threads))
+        for figure, key in (("prefill_tok_s", "prefill_tok_s"), ("decode_tok_s", "decode_tok_s"),
+                            ("api decode", "api_decode_tok_s")):
+            mine = statistics.median(m[key] for m in ours)
+            upstream = statistics.median(t["prefill_tok_s" if key == "prefill_tok_s" else "decode_tok_s"] for t in theirs)
+            print(f"{recipe:<13} {figure:<16} {mine:10.1f} {upstream:11.1f} {mine / upstream:7.4f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="+", default=[r for r in load_params().recipes if r.startswith("gguf-")])
     parser.add_argument("--windows", type=int, default=None, help="default: every reference window")
+    parser.add_argument("--rounds", type=int, default=3, help="speed: alternations of qpipe and llama-bench")
+    parser.add_argument("--only", choices=["accuracy", "speed"])
     args = parser.parse_args()
     params = load_params()
     ref = reference_stage.load(layout.REFERENCE_DIR)
     windows = ref.tokens[: args.windows or len(ref.tokens)]
     threads = host.worker_threads(params.speed.threads)
     window_tokens = int(windows.shape[1])
+    if args.only != "accuracy":
+        from pipeline.gates import speed_prompt
+
+        speed_crosscheck(args.recipes, params.speed, threads, speed_prompt(ref, params.speed), args.rounds)
+    if args.only == "speed":
+        return
 
     with tempfile.TemporaryDirectory(prefix="qpipe-crosscheck-") as scratch:
         scratch = Path(scratch)
@@ -120,20 +164,7 @@ def main() -> None:
                             "rms_delta_p_pct": 100 * half["rms_delta_p"], "same_top_p_pct": 100 * half["top1_agreement"]}
             for figure in PATTERNS:
                 print(f"{recipe:<13} {figure:<16} {ours[figure]:10.5f} {upstream[figure]:10.5f} "
-                      f"{ours[figure] / upstream[figure]:7.4f}   {gate_figures[figure]:.5f}")
-            speed = gate["speed"]
-            if speed.get("status") not in ("ok", "contended"):
-                print(f"{recipe:<13} speed not run: {speed.get('reason')}")
-                continue
-            bench = llama_cpp.llama_bench(path, prompt_tokens=speed["prompt_tokens"], gen_tokens=speed["gen_tokens"],
-                                          repeats=max(speed["repeats"], 3), threads=speed["threads"])
-            for figure, record in (("prefill_tok_s", bench["prefill"]), ("decode_tok_s", bench["decode"])):
-                print(f"{recipe:<13} {figure:<16} {speed[figure]:10.1f} {record['avg_ts']:10.1f} "
-                      f"{speed[figure] / record['avg_ts']:7.4f}   (gate run vs a fresh llama-bench)")
-            if "api_decode_tok_s" in speed:
-                print(f"{recipe:<13} {'api decode':<16} {speed['api_decode_tok_s']:10.1f} "
-                      f"{bench['decode']['avg_ts']:10.1f} {speed['api_decode_tok_s'] / bench['decode']['avg_ts']:7.4f}"
-                      "   (llama-cpp-python's loop vs llama-bench)", flush=True)
+                      f"{ours[figure] / upstream[figure]:7.4f}   {gate_figures[figure]:.5f}", flush=True)
 
 
 if __name__ == "__main__":
