@@ -97,7 +97,7 @@ def compare_rows(entries: list[tuple[str, dict[str, Any]]]) -> list[dict[str, An
             seen[key]["experiments"].append(label)
             seen[key]["measurements"].append(row)
             continue
-        row["measurements"] = [dict(row)]
+        row["measurements"] = [{**row, "speed_noise": dict(row["speed_noise"])}]  # the pooled row's own noise changes
         seen[key] = row
         rows.append(row)
     for row in rows:

@@ -66,8 +66,8 @@ class OutputLayer:
         scale = float(getattr(config, "logit_scale", None) or 1.0)
         if getattr(config, "logits_scaling", None):
             scale /= float(config.logits_scaling)
-        return cls(weight=head.weight.detach().float(),
-                   bias=None if getattr(head, "bias", None) is None else head.bias.detach().float(),
+        return cls(weight=head.weight.detach().float().cpu(),
+                   bias=None if getattr(head, "bias", None) is None else head.bias.detach().float().cpu(),
                    softcap=getattr(config, "final_logit_softcapping", None) or None, scale=scale)
 
     def logits(self, hidden):
@@ -228,8 +228,6 @@ def run(params: ReferenceParams, source_dir: Path, evaluation_text: Path, out_di
     output_layer = OutputLayer.of(model)
     architecture = (model.config.architectures or [type(model).__name__])[0]
     del model
-    output_layer = OutputLayer(weight=output_layer.weight.cpu(), softcap=output_layer.softcap, scale=output_layer.scale,
-                               bias=None if output_layer.bias is None else output_layer.bias.cpu())
     reproduction_error = check_reproduced(output_layer, hidden[0], logits_of_first, params.dtype, architecture)
 
     with atomic_dir(out_dir) as staging:
