@@ -77,7 +77,12 @@ def qpipe_statistics(logits: list[np.ndarray], base: list[np.ndarray], windows: 
     # position p of window[half:] predicts token p+1: the second-half logits row for row
     parts = [accuracy.window_scores(q, window[half:], lambda a, b, p=p: p[a:b])
              for q, p, window in zip(logits, base, windows)]
-    summary = accuracy.summarize({key: np.concatenate([part[key] for part in parts]) for key in accuracy.FIGURES})
+    return comparable(accuracy.summarize({key: np.concatenate([part[key] for part in parts])
+                                          for key in accuracy.FIGURES}))
+
+
+def comparable(summary: dict) -> dict[str, float]:
+    """An accuracy summary's figures in llama-perplexity's units, under PATTERNS' keys."""
     return {"ppl_ratio": summary["ppl_ratio"], "mean_kld": summary["mean_kld"], "p99_kld": summary["p99_kld"],
             "rms_delta_p_pct": 100 * summary["rms_delta_p"], "same_top_p_pct": 100 * summary["top1_agreement"]}
 
@@ -159,9 +164,7 @@ def main() -> None:
             upstream = parse_statistics(llama_perplexity(["-m", str(path), "-t", str(threads), "-fa", "on",
                                                           "--kl-divergence-base", str(base_file), "--kl-divergence"]))
             ours = qpipe_statistics(second_half_logits(path, windows, threads), base, windows)
-            half = gate["accuracy"]["second_half"]
-            gate_figures = {"ppl_ratio": half["ppl_ratio"], "mean_kld": half["mean_kld"], "p99_kld": half["p99_kld"],
-                            "rms_delta_p_pct": 100 * half["rms_delta_p"], "same_top_p_pct": 100 * half["top1_agreement"]}
+            gate_figures = comparable(gate["accuracy"]["second_half"])
             for figure in PATTERNS:
                 print(f"{recipe:<13} {figure:<16} {ours[figure]:10.5f} {upstream[figure]:10.5f} "
                       f"{ours[figure] / upstream[figure]:7.4f}   {gate_figures[figure]:.5f}", flush=True)
