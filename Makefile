@@ -1,5 +1,6 @@
 # make repro  - create .venv, install qpipe and its tools, run `dvc repro --keep-going` on the default params
 # make test   - the same environment and the OCI registry the tests start, then the test suite (what CI runs)
+# make docs   - regenerate docs/recipes.md
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,7 +10,7 @@ TORCH  ?= torch==2.13.0
 LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF
 STAMP  := $(VENV)/.qpipe-installed
 
-.PHONY: setup test-tools repro test benchmark clean-artifacts
+.PHONY: setup test-tools repro test benchmark docs clean-artifacts
 
 setup: $(STAMP)
 
@@ -40,6 +41,10 @@ test: setup test-tools
 benchmark: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/gguf_build.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/repro.py
+
+# docs/recipes.md from the recipe and params models' Field descriptions (a test checks it is current)
+docs: setup
+	$(BIN)/python -m pipeline.keys_doc > docs/recipes.md
 
 clean-artifacts:
 	find artifacts -mindepth 1 -not -name README.md -delete

@@ -131,7 +131,7 @@ def main() -> None:
     threads = host.worker_threads(params.speed.threads)
     window_tokens = int(windows.shape[1])
     if args.only != "accuracy":
-        from pipeline.gates import speed_prompt
+        from pipeline.gates.speed import speed_prompt
 
         speed_crosscheck(args.recipes, params.speed, threads, speed_prompt(ref, params.speed), args.rounds)
     if args.only == "speed":

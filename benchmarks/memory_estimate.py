@@ -57,8 +57,8 @@ def main() -> None:
         print(f"{label:<26} {estimate_gb:11.2f} {peak_gb:11.2f} {estimate_gb / peak_gb:13.2f} {seconds:8.1f}", flush=True)
 
     peak, seconds = measured(["qpipe", "reference"], root, env)
-    meta = json.loads((root / "artifacts/reference/reference.json").read_text())
-    show("reference", meta["memory"]["estimate_gb"], peak, seconds)
+    run = json.loads((root / "artifacts/runs/reference.json").read_text())
+    show("reference", run["memory"]["estimate_gb"], peak, seconds)
     for recipe in args.recipes:
         measured(["qpipe", "recipe", recipe], root, env)
         peak, seconds = measured(["qpipe", "build", recipe], root, env)
@@ -66,7 +66,8 @@ def main() -> None:
         if build.get("status") == "refused":
             print(f"build {recipe}: refused ({build['reason']})")
             continue
-        show(f"build {recipe}", build["memory"]["estimate_gb"], peak, seconds)
+        run = json.loads((root / f"artifacts/runs/build@{recipe}.json").read_text())
+        show(f"build {recipe}", run["memory"]["estimate_gb"], peak, seconds)
     measured(["qpipe", "baseline"], root, env)
     for recipe in args.recipes:
         if not (root / f"artifacts/builds/{recipe}/build.json").is_file():

@@ -26,7 +26,7 @@ def create(params_changes: dict, root: Path | None = None) -> Path:
     merged key by key), and make it a git + DVC repository of its own."""
     root = Path(root or tempfile.mkdtemp(prefix="qpipe-bench-"))
     for name in tracked_files():
-        if name.startswith(("tests/", "artifacts/gates/")) or name == "dvc.lock":
+        if name.startswith(("tests/", "artifacts/gates/", "artifacts/runs/")) or name == "dvc.lock":
             continue
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, root / name)

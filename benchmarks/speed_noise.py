@@ -13,8 +13,9 @@ import argparse
 import statistics
 
 from pipeline import formats, host, layout, reference
-from pipeline.config import load_params, load_recipe
-from pipeline.gates import speed_prompt
+from pipeline.config import load_params
+from pipeline.formats import load_recipe
+from pipeline.gates.speed import speed_prompt
 
 
 def main() -> None:

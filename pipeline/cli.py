@@ -121,26 +121,26 @@ def reference_command():
 @stage
 def recipe_command(recipe: str = typer.Argument(..., help="recipe name (recipes/NAME.yaml)")):
     """Validate one recipe -> artifacts/recipes/RECIPE.json (its build knobs only)."""
-    from pipeline import formats
+    from pipeline import builds
 
-    formats.write_build_spec(recipe)
+    builds.write_build_spec(recipe)
 
 
 @app.command("build")
 @stage
 def build_command(recipe: str = typer.Argument(..., help="recipe name (recipes/NAME.yaml)")):
     """Build the artifact of one recipe -> artifacts/builds/RECIPE/."""
-    from pipeline import formats
+    from pipeline import builds
     from pipeline.gates.speed import heavy_work
 
     with heavy_work():  # never while a speed measurement runs on this host
-        formats.run_build(recipe, threads=_threads(_params()), log=log)
+        builds.run_build(recipe, threads=_threads(_params()), log=log)
 
 
 @app.command("engine")
 @stage
 def engine_command(recipe: str = typer.Argument(..., help="recipe name (recipes/NAME.yaml)")):
-    """TensorRT engine of a modelopt recipe (TensorRT-LLM 1.2.x on a CUDA GPU) -> artifacts/engines/RECIPE/."""
+    """The engine step of a recipe whose format has one (modelopt: a TensorRT engine) -> artifacts/engines/RECIPE/."""
     from pipeline import engines
 
     engines.run_engine(recipe, log=log)
@@ -150,9 +150,9 @@ def engine_command(recipe: str = typer.Argument(..., help="recipe name (recipes/
 @stage
 def baseline_command():
     """Unquantized speed per format on this host -> artifacts/baselines/ (for decode_speedup)."""
-    from pipeline.gates import run_baselines
+    from pipeline import baselines
 
-    run_baselines(_params().speed, log=log)
+    baselines.run_baselines(_params().speed, log=log)
 
 
 @app.command("gate")
@@ -215,7 +215,7 @@ def compare_command(
     """Every artifact of the workspace and of `dvc exp` experiments in one table, Pareto front marked."""
     from pipeline import compare
 
-    rows = compare.sort_rows(compare.load_rows(workspace_only), sort, descending)
+    rows = compare.sort_rows(compare.load_rows(workspace_only, log=log), sort, descending)
     typer.echo(compare.render(rows, output), nl=False)
 
 
@@ -238,7 +238,7 @@ def recommend_command(
              ("--min-top1", "top1_agreement", min_top1, False), ("--min-decode", "decode_tok_s", min_decode, False)]
     constraints = [compare.Constraint(flag, column, limit, at_most, text=max_size if flag == "--max-size" else "")
                    for flag, column, limit, at_most in given if limit is not None]
-    choice = compare.recommend(compare.load_rows(workspace_only), constraints, objective)
+    choice = compare.recommend(compare.load_rows(workspace_only, log=log), constraints, objective)
     typer.echo(compare.explain(choice), nl=False)
 
 
@@ -261,8 +261,7 @@ def publish_command(
 @stage
 def doctor_command():
     """What this host can build and gate: CPU, GPU, memory bandwidth, runtimes, tools."""
-    from pipeline import host
-    from pipeline.formats import gguf
+    from pipeline import formats, host
 
     started = time.perf_counter()
     cpu = host.cpu_info()
@@ -276,42 +275,34 @@ def doctor_command():
     typer.echo("GPU        " + ("; ".join(f"{g['name']} {g['memory_gb']} GB, CC {g['compute_capability']}, "
                                        f"driver {g['driver']}" for g in gpus) or "none (no nvidia-smi or no device)"))
     typer.echo("runtimes   " + ", ".join(f"{name} {version or '-'}" for name, version in runtimes.items()))
-    try:
-        converter = gguf.converter_info()
-        converter_line = f"{converter['path']} (llama.cpp {converter.get('llama_cpp_commit')})"
-    except Exception as exc:
-        converter_line = f"missing: {getattr(exc, 'fix', exc)}"
-    try:
-        imatrix_line = str(gguf.llama_tool("llama-imatrix")[0])
-    except Exception as exc:
-        imatrix_line = f"missing: {getattr(exc, 'fix', exc)}"
-    typer.echo(f"converter  {converter_line}")
-    typer.echo(f"imatrix    {imatrix_line}")
-    from pipeline.runtimes import llama_cpp
-
-    from pipeline.runtimes import vllm
-
-    llama_problem = llama_cpp.unavailable_reason()  # a real import: the shared library must load
-    builds = [name for name, ok in (("gguf", llama_problem is None and not converter_line.startswith("missing")),
-                                    ("awq", runtimes["llmcompressor"] is not None),
-                                    ("modelopt", runtimes["modelopt"] is not None)) if ok]
-    typer.echo(f"can build  {', '.join(builds) or 'nothing'}"
-               + (f" (gguf: {llama_problem or converter_line})" if "gguf" not in builds else "")
-               + ("" if "awq" in builds else " (awq: llm-compressor missing: pip install 'qpipe[awq]')")
-               + ("" if "modelopt" in builds else " (modelopt: nvidia-modelopt missing: pip install 'qpipe[modelopt]')"))
-    typer.echo("can gate   gguf accuracy + speed via llama.cpp (imports)" if llama_problem is None
-               else f"can gate   gguf: nothing: {llama_problem}")
-    vllm_problem = vllm.unavailable_reason()
-    typer.echo("can gate   awq accuracy + speed via vLLM" if vllm_problem is None
-               else f"can gate   awq accuracy via transformers; speed not: {vllm_problem}")
-    from pipeline.runtimes import tensorrt_llm
-
-    trtllm_problem = tensorrt_llm.unavailable_reason(has_gpu=bool(gpus))
-    typer.echo("can gate   modelopt accuracy + speed via TensorRT-LLM engines" if trtllm_problem is None
-               else f"can gate   modelopt accuracy via the checkpoint emulation; engines and speed not: {trtllm_problem}")
+    for line in format_lines(formats.FORMATS):
+        typer.echo(line)
     typer.echo("others     vllm / tensorrt_llm / modelopt / llmcompressor are listed above when installed "
                "(found by package metadata, not imported: importing them takes seconds)")
     typer.echo(f"({time.perf_counter() - started:.2f} s)")
+
+
+def format_lines(names) -> list[str]:
+    """doctor's lines on the formats' tools and what this host can build and gate, each
+    format asked in its own terms (formats.contract)."""
+    from pipeline import formats
+
+    tools, gates, buildable, missing = [], [], [], []
+    for name in names:
+        fmt = formats.module(name)
+        tools += [f"{label:<10} {text}" for label, text in getattr(fmt, "tools", dict)().items()]
+        problem = fmt.build_unavailable_reason()
+        (missing if problem else buildable).append((name, problem))
+        accuracy = fmt.accuracy_unavailable_reason(None)
+        speed = fmt.speed_unavailable_reason(None)
+        if accuracy is not None:
+            gates.append(f"can gate   {name}: nothing: {accuracy}")
+        else:
+            gates.append(f"can gate   {name} accuracy via {fmt.runtime_name(None)}"
+                         + (", speed too" if speed is None else f"; speed not: {speed}"))
+    build = f"can build  {', '.join(n for n, _ in buildable) or 'nothing'}" + "".join(
+        f" ({name}: {problem})" for name, problem in missing)
+    return [*tools, build, *gates]
 
 
 @app.command("setup-converter")

@@ -65,8 +65,9 @@ def gate_results(exp_show: list[dict[str, Any]]) -> list[tuple[str, dict[str, An
     return found
 
 
-def load_rows(workspace_only: bool) -> list[dict[str, Any]]:
-    """Rows of every gate result: artifacts/gates/ alone, or every commit and experiment."""
+def load_rows(workspace_only: bool, log=print) -> list[dict[str, Any]]:
+    """Rows of every gate result: artifacts/gates/ alone, or every commit and experiment. A
+    result written with a newer schema than this qpipe reads is left out, and `log` says so."""
     from pipeline import layout
     from pipeline.files import read_json
 
@@ -74,9 +75,18 @@ def load_rows(workspace_only: bool) -> list[dict[str, Any]]:
         entries = [("workspace", read_json(path)) for path in sorted(layout.GATES_DIR.glob("*.json"))]
     else:
         entries = gate_results(dvc_exp_show())
-    if not entries:
-        raise BadInput("no gate results", where=str(layout.GATES_DIR), fix="run `dvc repro` first")
-    return compare_rows(entries)
+    readable = []
+    for label, result in entries:
+        version = result.get("schema_version", 1)  # results before schema versions are version 1
+        if version > layout.SCHEMA_VERSION:
+            log(f"left out {label} {result.get('recipe')}: its gate result has schema version {version}, this "
+                f"qpipe reads up to {layout.SCHEMA_VERSION}; upgrade qpipe to compare it")
+        else:
+            readable.append((label, result))
+    if not readable:
+        raise BadInput("no gate results" + (" this qpipe can read" if entries else ""), where=str(layout.GATES_DIR),
+                       fix="upgrade qpipe" if entries else "run `dvc repro` first")
+    return compare_rows(readable)
 
 
 def compare_rows(entries: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -1,7 +1,10 @@
-"""Params (params.yaml) and recipes (recipes/NAME.yaml), validated by pydantic.
+"""Params (params.yaml) and the keys every recipe shares, validated by pydantic; a leaf.
 
 Every validation error becomes one BadInput naming the file, the key and the fix.
 Unknown keys are rejected everywhere, so a typo never silently falls back to a default.
+A recipe file is read by ``formats.load_recipe``, which knows the format registry. Every
+key is described in docs/recipes.md, generated from the ``Field`` descriptions here and in
+the format modules.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ class RelativeLimit(Strict):
     most 12 times the Q8_0's: it scales with the model where an absolute figure does not.
     Checked once both recipes are gated (``gates.verdict.resolve``)."""
 
-    relative_to: str = Field(min_length=1)
-    factor: float = Field(gt=0, allow_inf_nan=False)
+    relative_to: str = Field(min_length=1, description="the recipe whose measured figure the limit scales")
+    factor: float = Field(gt=0, allow_inf_nan=False, description="the limit is factor x that recipe's figure")
 
 
 # limit key -> (lowest allowed, highest allowed, whether the lowest is allowed itself)
@@ -58,16 +61,26 @@ class GateLimits(Strict):
     """Limits a recipe's artifact must meet. Each is optional (absent = not checked), and each
     is a number or a RelativeLimit (`{relative_to: <recipe>, factor: <x>}`)."""
 
-    max_ppl_ratio: float | RelativeLimit | None = None
-    max_mean_kld: float | RelativeLimit | None = None
-    min_top1_agreement: float | RelativeLimit | None = None
-    min_decode_speedup: float | RelativeLimit | None = None
-    min_roofline_fraction: float | RelativeLimit | None = None
-    max_tokenizer_mismatch: float | RelativeLimit | None = None
-    max_ppl_ratio_upper: float | RelativeLimit | None = None
-    max_mean_kld_upper: float | RelativeLimit | None = None
-    min_top1_agreement_lower: float | RelativeLimit | None = None
-    require: list[GateName] = Field(default_factory=lambda: ["accuracy", "speed"])
+    max_ppl_ratio: float | RelativeLimit | None = Field(None, description="largest ppl / reference ppl")
+    max_mean_kld: float | RelativeLimit | None = Field(None, description="largest mean KL divergence from the "
+                                                       "reference, over the whole vocabulary")
+    min_top1_agreement: float | RelativeLimit | None = Field(None, description="smallest share of positions whose "
+                                                             "argmax is the reference's")
+    min_decode_speedup: float | RelativeLimit | None = Field(None, description="smallest decode tok/s over the "
+                                                             "unquantized model's in the same format (baseline)")
+    min_roofline_fraction: float | RelativeLimit | None = Field(None, description="smallest decode tok/s over "
+                                                                "the host's bandwidth roofline")
+    max_tokenizer_mismatch: float | RelativeLimit | None = Field(None, description="largest share of reference "
+                                                                 "tokens the artifact's tokenizer splits otherwise")
+    max_ppl_ratio_upper: float | RelativeLimit | None = Field(None, description="max_ppl_ratio on the upper "
+                                                              "bound of its 95 % interval")
+    max_mean_kld_upper: float | RelativeLimit | None = Field(None, description="max_mean_kld on the upper bound "
+                                                             "of its 95 % interval")
+    min_top1_agreement_lower: float | RelativeLimit | None = Field(None, description="min_top1_agreement on the "
+                                                                   "lower bound of its 95 % interval")
+    require: list[GateName] = Field(default_factory=lambda: ["accuracy", "speed"],
+                                    description="gates that must run for a pass; one that did not is not_run, "
+                                                "and the verdict incomplete")
 
     @field_validator(*LIMIT_KEYS, mode="before")
     @classmethod
@@ -103,86 +116,68 @@ class GateLimitOverrides(GateLimits):
 class RecipeBase(Strict):
     """Keys every recipe has; each format module subclasses this with its own knobs."""
 
-    format: str
-    description: str = ""
-    gates: GateLimits = Field(default_factory=GateLimits)
+    format: str = Field(description="the format that builds it (formats.FORMATS): gguf, awq or modelopt")
+    description: str = Field("", description="what this choice is, for the report and the model card")
+    gates: GateLimits = Field(default_factory=GateLimits, description="the limits its artifact must meet; "
+                              "params.yaml `limits.<recipe>` replaces keys of it")
     _path: Path | None = PrivateAttr(default=None)  # the YAML file it was read from
 
     def where(self, key: str) -> str:
         """`<recipe file>: <key>`, for errors a build finds after validation."""
         return f"{self._path or 'recipe'}: {key}"
 
-
-def load_recipe(name: str, recipes_dir: Path = RECIPES_DIR) -> RecipeBase:
-    from pipeline import formats
-
-    path = Path(recipes_dir) / f"{name}.yaml"
-    if not path.is_file():
-        available = sorted(p.stem for p in Path(recipes_dir).glob("*.yaml"))
-        raise BadInput(
-            f"no recipe named {name!r}",
-            where=str(path),
-            fix=f"create {path} or use one of: {', '.join(available) or '(none)'}",
-        )
-    raw = _read_yaml_mapping(path)
-    fmt = raw.get("format")
-    if fmt not in formats.FORMATS:
-        raise BadInput(
-            f"unknown format {fmt!r}",
-            where=f"{path}: format",
-            fix=f"set format to one of: {', '.join(sorted(formats.FORMATS))}",
-        )
-    recipe = _validate(formats.recipe_class(fmt), raw, path)
-    recipe._path = path
-    return recipe
+    def weights_dtype(self) -> str:
+        """The dtype its build holds the model's weights in (for the memory estimate)."""
+        return getattr(self, "dtype", None) or "float16"
 
 
 # ---------------------------------------------------------------- params
 
 
 class ModelParams(Strict):
-    # embedded:smollm2-135m | a local HF checkpoint directory | a hub id (org/name)
-    source: str = "embedded:smollm2-135m"
-    revision: str | None = None
+    source: str = Field("embedded:smollm2-135m", description="embedded:smollm2-135m, a local Hugging Face "
+                        "checkpoint directory, or a hub id (org/name; needs network)")
+    revision: str | None = Field(None, description="the hub revision (branch, tag or commit) of a hub id")
 
 
 class CorpusParams(Strict):
-    # embedded:pydoc | files | hf:<dataset id>
-    source: str = "embedded:pydoc"
-    calibration_file: str | None = None
-    evaluation_file: str | None = None
-    text_field: str = "text"
-    hf_config: str | None = None
-    hf_calibration_split: str = "train"
-    hf_evaluation_split: str = "test"
+    source: str = Field("embedded:pydoc", description="embedded:pydoc (CPython's pydoc topics), files, or "
+                        "hf:<dataset id> (needs `datasets` and network)")
+    calibration_file: str | None = Field(None, description="with source: files, the calibration text "
+                                         "(.txt whole, .jsonl by text_field)")
+    evaluation_file: str | None = Field(None, description="with source: files, the evaluation text")
+    text_field: str = Field("text", description="the field holding the text in .jsonl files and datasets")
+    hf_config: str | None = Field(None, description="the dataset's config name")
+    hf_calibration_split: str = Field("train", description="the dataset split calibration text comes from")
+    hf_evaluation_split: str = Field("test", description="the dataset split evaluation text comes from")
 
 
 class ReferenceParams(Strict):
-    windows: int = Field(40, ge=1)
-    window_tokens: int = Field(512, ge=8)
-    # the unquantized model's dtype on every device; bfloat16 halves its memory (README: its
-    # effect on a near-lossless quant's KLD)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    windows: int = Field(40, ge=1, description="evaluation windows every gate scores")
+    window_tokens: int = Field(512, ge=8, description="tokens per evaluation window")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="the unquantized model's "
+                                                             "dtype on every device; bfloat16 halves its memory "
+                                                             "(docs/methodology.md: its effect on the KLD)")
 
 
 class SpeedParams(Strict):
-    prompt_tokens: int = Field(512, ge=1)
-    gen_tokens: int = Field(128, ge=2)
-    repeats: int = Field(3, ge=1)
-    warmup: int = Field(1, ge=0)
-    threads: int = Field(0, ge=0)  # 0 = one per physical core
-    # requests at once for output throughput, where the runtime batches (vLLM, TensorRT-LLM)
-    concurrency: int = Field(8, ge=1)
+    prompt_tokens: int = Field(512, ge=1, description="prompt length of the speed measurement (prefill)")
+    gen_tokens: int = Field(128, ge=2, description="tokens generated (decode), after the prompt")
+    repeats: int = Field(3, ge=1, description="timed runs (llama-bench repetitions)")
+    warmup: int = Field(1, ge=0, description="untimed runs first")
+    threads: int = Field(0, ge=0, description="CPU threads; 0 = one per physical core")
+    concurrency: int = Field(8, ge=1, description="requests at once for output throughput, where the runtime "
+                             "batches (vLLM, TensorRT-LLM)")
 
 
 class Params(Strict):
-    model: ModelParams = Field(default_factory=ModelParams)
-    corpus: CorpusParams = Field(default_factory=CorpusParams)
-    reference: ReferenceParams = Field(default_factory=ReferenceParams)
-    speed: SpeedParams = Field(default_factory=SpeedParams)
-    recipes: list[str] = Field(default_factory=list)
-    # recipe name -> limits that replace the recipe file's (for `dvc exp run -S limits.R.key=value`)
-    limits: dict[str, GateLimitOverrides] = Field(default_factory=dict)
+    model: ModelParams = Field(default_factory=ModelParams, description="the checkpoint to quantize")
+    corpus: CorpusParams = Field(default_factory=CorpusParams, description="calibration and evaluation text")
+    reference: ReferenceParams = Field(default_factory=ReferenceParams, description="what the gates score against")
+    speed: SpeedParams = Field(default_factory=SpeedParams, description="how the speed gates measure")
+    recipes: list[str] = Field(default_factory=list, description="recipes/NAME.yaml files to build and gate")
+    limits: dict[str, GateLimitOverrides] = Field(default_factory=dict, description="recipe name -> gate limits "
+                                                  "that replace the recipe file's (`dvc exp run -S limits.R.key=v`)")
 
 
 def effective_limits(recipe: RecipeBase, name: str, params: Params) -> tuple[GateLimits, dict[str, str]]:
@@ -201,7 +196,7 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.is_file():
         raise BadInput("params file not found", where=str(path), fix="run qpipe from the project root")
-    params = _validate(Params, _read_yaml_mapping(path), path)
+    params = validate(Params, read_yaml_mapping(path), path)
     for name in params.limits:
         if name not in params.recipes:  # a typo would otherwise change nothing, silently
             raise BadInput(f"limits are set for recipe {name!r}, which `recipes` does not list",
@@ -213,7 +208,7 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
 # ---------------------------------------------------------------- helpers
 
 
-def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -229,7 +224,7 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     return raw
 
 
-def _validate(model: type[BaseModel], raw: dict[str, Any], path: Path):
+def validate(model: type[BaseModel], raw: dict[str, Any], path: Path):
     try:
         return model.model_validate(raw)
     except ValidationError as exc:

@@ -1,6 +1,6 @@
 """Error types and their exit codes.
 
-Exit codes (DESIGN.md, "Errors"): 0 ok, 1 a gate failed, 2 bad input or usage,
+Exit codes (docs/design.md, "Exit codes"): 0 ok, 1 a gate failed, 2 bad input or usage,
 3 something this host lacks (a runtime, a GPU, disk space) was required, 4 a tool qpipe
 drives (llama.cpp, transformers, llm-compressor, ModelOpt) failed in a way qpipe did not
 foresee; the line carries the tool's own message, and QPIPE_DEBUG=1 shows the traceback.

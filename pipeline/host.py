@@ -94,6 +94,18 @@ def gpus() -> list[dict[str, Any]]:
     return found
 
 
+def has_cuda_gpu() -> bool:
+    """Whether this host has a CUDA GPU: as host.json (the host stage's probe) records it, else
+    as nvidia-smi reports it now (no torch import)."""
+    import json
+
+    from pipeline import layout
+
+    if layout.HOST_FILE.is_file():
+        return bool(json.loads(layout.HOST_FILE.read_text()).get("gpus"))
+    return bool(gpus())
+
+
 def package_version(distribution: str) -> str | None:
     """Installed version of a distribution (by package metadata, without importing it), or None."""
     try:

@@ -1,8 +1,12 @@
-"""Where every stage reads and writes, relative to the project root (DESIGN.md, Data flow)."""
+"""Where every stage reads and writes, relative to the project root (docs/design.md, "Data flow")."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+# the version of the output schemas (docs/design.md) that build.json, gate results and run
+# records carry; 1 is every record written before they carried one
+SCHEMA_VERSION = 2
 
 ARTIFACTS = Path("artifacts")
 HOST_FILE = ARTIFACTS / "host.json"
@@ -15,6 +19,7 @@ ENGINES_DIR = ARTIFACTS / "engines"
 GATES_DIR = ARTIFACTS / "gates"
 BASELINES_DIR = ARTIFACTS / "baselines"
 REPORT_DIR = ARTIFACTS / "report"
+RUNS_DIR = ARTIFACTS / "runs"
 
 CALIBRATION_TEXT = CORPUS_DIR / "calibration.txt"
 EVALUATION_TEXT = CORPUS_DIR / "evaluation.txt"
@@ -32,9 +37,19 @@ def engine_dir(recipe: str) -> Path:
     return ENGINES_DIR / recipe
 
 
+def engine_record(recipe: str) -> Path:
+    """engine.json: what the engine@R stage built, or why not."""
+    return engine_dir(recipe) / "engine.json"
+
+
 def gate_file(recipe: str) -> Path:
     return GATES_DIR / f"{recipe}.json"
 
 
 def baseline_file(format_name: str) -> Path:
     return BASELINES_DIR / f"{format_name}.json"
+
+
+def run_record(stage: str) -> Path:
+    """How a stage's last run went (seconds, peak memory, when): kept out of its hashed outputs."""
+    return RUNS_DIR / f"{stage}.json"

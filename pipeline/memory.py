@@ -6,7 +6,8 @@ killed by the kernel halfway (an 8B reference in fp32 needs about 34 GB).
 
 An estimate on the CPU is a fixed process overhead (Python, torch, transformers and the tool)
 plus bytes per model parameter plus bytes per logit of one window (window_tokens x vocabulary),
-with a factor per stage kind. The factors come from peak RSS measured by
+with ``Factors`` per stage: ``REFERENCE`` here, each format's build and gate factors in its
+``INFO``. The factors come from peak RSS measured by
 ``benchmarks/memory_estimate.py`` on two model sizes and are rounded up, so an estimate should
 sit above the measured peak; the benchmark prints both side by side. On a GPU only a floor is
 checked (the weights and one window's logits), until GPU peaks are measured.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 from pipeline.errors import HostLacks
@@ -30,26 +32,22 @@ SKIP_ENV = "QPIPE_SKIP_MEMORY_CHECK"
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-# stage kind -> (overhead bytes, bytes per parameter per byte of the stage's dtype, bytes per logit),
-# for a stage on the CPU. Fitted to the peak RSS that benchmarks/memory_estimate.py measured on a
-# 1.7M- and a 134.5M-parameter model (README, "Memory"): the per-parameter slope between the two,
-# rounded up by a fifth or more; the overhead about 1.5x the small model's whole peak.
-FACTORS: dict[str, tuple[float, float, float]] = {
-    # the unquantized model in reference.dtype; logits, their fp32 copy, a chunk's log-softmax
-    "reference": (0.75 * GIB, 1.0, 12.0),
-    # convert_hf_to_gguf reads tensors lazily; llama-imatrix computes on the f16 GGUF (3.8 B/param measured)
-    "build:gguf": (0.5 * GIB, 2.5, 0.0),
-    # llm-compressor: the model, its calibrated copy while saving, the reload check (7 B/param)
-    "build:awq": (1.0 * GIB, 4.5, 8.0),
-    # ModelOpt: the fake-quant model, both exports, the fp32 emulation of the cross-check (12.6 B/param)
-    "build:modelopt": (1.0 * GIB, 7.5, 8.0),
-    # llama.cpp maps the artifact (counted separately), its output buffer and our copy of the logits
-    "gate:gguf": (0.25 * GIB, 0.0, 12.0),
-    # transformers decompresses compressed-tensors into the checkpoint dtype (3.2 B/param)
-    "gate:awq": (0.75 * GIB, 2.0, 12.0),
-    # the checkpoint emulation: fp32 weights rebuilt from the stored codes (6.9 B/param)
-    "gate:modelopt": (0.75 * GIB, 4.0, 12.0),
-}
+class Factors(NamedTuple):
+    """How a stage's peak memory on the CPU grows: a fixed overhead, bytes per model parameter
+    per byte of the stage's dtype, and bytes per logit of one window (window_tokens x vocabulary).
+
+    Fitted to the peak RSS that benchmarks/memory_estimate.py measured on a 1.7M- and a
+    134.5M-parameter model (docs/methodology.md, "Memory"): the per-parameter slope between the
+    two, rounded up by a fifth or more; the overhead about 1.5x the small model's whole peak.
+    Each format's build and gate factors are in its ``INFO``."""
+
+    overhead: float
+    per_parameter: float
+    per_logit: float
+
+
+# the unquantized model in reference.dtype; logits, their fp32 copy, a chunk's log-softmax
+REFERENCE = Factors(0.75 * GIB, 1.0, 12.0)
 
 
 @dataclass(frozen=True)
@@ -78,16 +76,16 @@ def vocabulary_size(checkpoint_dir: Path) -> int:
     return int(config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size") or 0)
 
 
-def estimate(kind: str, size: ModelSize, *, window_tokens: int, dtype: str = "bfloat16",
+def estimate(factors: Factors, size: ModelSize, *, window_tokens: int, dtype: str = "bfloat16",
              mapped_bytes: int = 0, device: str = "cpu") -> int:
-    """Peak bytes of a stage of `kind` (a FACTORS key) on a model of `size`; `mapped_bytes`
+    """Peak bytes of a stage growing by `factors` on a model of `size`; `mapped_bytes`
     is what the stage holds whole besides (a GGUF artifact it maps, the reference's output
     layer in float32). On CUDA it is the least the stage needs
     on the GPU, the weights in `dtype` and one window's logits twice: GPU peaks have not been
     measured, and the CPU factors count host copies that never reach the GPU."""
     if device == "cuda":
         return int(DTYPE_BYTES[dtype] * size.parameters + 8 * window_tokens * size.vocabulary)
-    overhead, per_parameter, per_logit = FACTORS[kind]
+    overhead, per_parameter, per_logit = factors
     return int(overhead + per_parameter * DTYPE_BYTES[dtype] * size.parameters
                + per_logit * window_tokens * size.vocabulary + mapped_bytes)
 

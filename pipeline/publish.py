@@ -21,31 +21,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline import layout
 from pipeline.errors import BadInput, QpipeError
+from pipeline.registries import SUMS_FILE, Release, read_sums
 
 SCHEMES = ("dir", "oci", "hf")
-SUMS_FILE = "SHA256SUMS"
 CARD_FILE = "README.md"
 PROVENANCE_FILE = "provenance.json"
-
-
-@dataclass(frozen=True)
-class Release:
-    """One artifact as it will be published."""
-
-    model: str    # the source model's name, e.g. SmolLM2-135M-Instruct
-    recipe: str
-    version: str  # "sha256-" + the first 12 hex digits of the artifact's sha256
-    format: str
-    folder: Path  # the staged files
 
 
 # ---------------------------------------------------------------- choosing what to publish
@@ -148,10 +135,6 @@ def write_sums(folder: Path) -> None:
     (Path(folder) / SUMS_FILE).write_text(sha256sum_lines(sha256sums(folder)))
 
 
-def read_sums(text: str) -> dict[str, str]:
-    return {name: digest for digest, name in (line.split("  ", 1) for line in text.splitlines() if line)}
-
-
 def _qpipe_version() -> str:
     from pipeline import __version__
 
@@ -161,19 +144,16 @@ def _qpipe_version() -> str:
 # ---------------------------------------------------------------- model card
 
 
-# modelopt: not "transformers", which would offer a snippet that loads the FP8 codes as weights
-LIBRARY = {"gguf": "gguf", "awq": "transformers", "modelopt": "modelopt"}
-RUNTIME_TAGS = {"gguf": ["gguf", "llama.cpp"], "awq": ["compressed-tensors", "awq", "vllm"],
-                "modelopt": ["modelopt", "tensorrt-llm"]}
-
-
 def card_metadata(release: Release, result: dict[str, Any], build: dict[str, Any],
                   source: dict[str, Any]) -> dict[str, Any]:
+    from pipeline import formats
+
     recipe = build["resolved_recipe"]
     knobs = {k: v for k, v in recipe.items() if k not in ("gates", "description", "format")}
+    info = formats.module(release.format).INFO
     metadata = {
-        "library_name": LIBRARY.get(release.format, release.format),
-        "tags": ["quantized", *RUNTIME_TAGS.get(release.format, []), "qpipe"],
+        "library_name": info.library_name,
+        "tags": ["quantized", *info.tags, "qpipe"],
         "quantization": {"format": release.format, "recipe": release.recipe, **knobs,
                          "bits_per_weight": round(result["artifact"]["bits_per_weight"], 3)},
     }
@@ -302,19 +282,3 @@ def run(url: str, recipes: list[str], *, include_failed: bool, log=print) -> lis
         raise QpipeError(f"nothing to publish: {', '.join(r['recipe'] for r in refused)} did not pass",
                          where=str(layout.GATES_DIR), fix="fix the failing gates, or pass --include-failed")
     return published
-
-
-def verify_files(files: dict[str, Path], sums: dict[str, str], where: str) -> None:
-    """Every file named in SHA256SUMS is present with that sha256."""
-    from pipeline.files import sha256_file
-
-    missing = sorted(set(sums) - set(files))
-    wrong = sorted(name for name in sums if name in files and sha256_file(files[name]) != sums[name])
-    if missing or wrong:
-        raise QpipeError(f"published files do not match SHA256SUMS: missing {missing}, different {wrong}",
-                         where=where, fix="publish again; the registry holds a damaged copy")
-
-
-def env_secret(name: str) -> str | None:
-    value = os.environ.get(name)
-    return value or None

@@ -197,9 +197,10 @@ def run(params: ReferenceParams, source_dir: Path, evaluation_text: Path, out_di
     import transformers
     from transformers import AutoTokenizer
 
-    from pipeline import memory
+    from pipeline import memory, runs
     from pipeline.runtimes.transformers import load_causal_lm
 
+    run_started = time.perf_counter()
     if not (Path(source_dir) / "source.json").is_file():
         raise BadInput("no source checkpoint", where=str(source_dir), fix="run `qpipe source` first")
     if not Path(evaluation_text).is_file():
@@ -211,7 +212,7 @@ def run(params: ReferenceParams, source_dir: Path, evaluation_text: Path, out_di
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, params.dtype)
-    need = memory.estimate("reference", memory.ModelSize.of(source_dir), window_tokens=params.window_tokens,
+    need = memory.estimate(memory.REFERENCE, memory.ModelSize.of(source_dir), window_tokens=params.window_tokens,
                            dtype=params.dtype, device=device)
     fix = ("set reference.dtype: bfloat16 in params.yaml (half the weights' memory), or run on a host "
            "with more memory or a GPU") if params.dtype == "float32" else "run on a host with more memory or a GPU"
@@ -250,9 +251,8 @@ def run(params: ReferenceParams, source_dir: Path, evaluation_text: Path, out_di
             "runtime": f"transformers {transformers.__version__} (torch {torch.__version__})",
             "dtype": str(dtype).removeprefix("torch."),
             "device": device,
-            "score_s": round(elapsed, 2),
-            "memory": memory_record,
         }
         (staging / META).write_text(json.dumps(meta, indent=2) + "\n")
+    runs.write("reference", run_started, score_s=round(elapsed, 2), memory=memory_record)
     log(f"reference: ppl {meta['ppl']:.4f} over {meta['eval_tokens']} tokens in {elapsed:.1f} s")
     return meta

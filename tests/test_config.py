@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_params, load_recipe
+from pipeline.config import load_params
+from pipeline.formats import load_recipe
 from pipeline.errors import BadInput
 from tests.conftest import write
 
@@ -102,6 +103,45 @@ def test_every_recipe_in_params_is_a_dvc_artifact():
     for name in params["recipes"]:
         assert artifacts[name]["path"] == f"artifacts/builds/{name}", f"dvc.yaml artifacts lacks {name}"
         assert artifacts[name]["type"] == "model" and artifacts[name]["labels"]
+
+
+def test_each_dvc_stage_depends_on_its_own_code_and_on_params_keys_that_exist():
+    import yaml
+
+    from pipeline.config import Params
+    from tests.conftest import REPO
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    own_code = {"host": "pipeline/host.py", "source": "pipeline/source.py", "corpus": "pipeline/corpus.py",
+                "reference": "pipeline/reference.py", "recipe": "pipeline/builds.py", "build": "pipeline/builds.py",
+                "engine": "pipeline/engines.py", "baseline": "pipeline/baselines.py", "gate": "pipeline/gates",
+                "report": "pipeline/report.py", "check": "pipeline/cli.py"}
+    assert set(stages) == set(own_code)
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        deps = [dep.replace("${item}", "x") for dep in body.get("deps", [])]
+        assert own_code[name] in deps, f"stage {name} does not depend on its code {own_code[name]}"
+        for dep in deps:
+            assert dep.startswith("artifacts/") or dep.startswith("recipes/") or (REPO / dep).exists(), (name, dep)
+        for key in body.get("params", []):
+            section, _, field = key.partition(".")
+            assert section in Params.model_fields, (name, key)
+            if field:
+                assert field in Params.model_fields[section].annotation.model_fields, (name, key)
+        assert "speed" not in body.get("params", []), f"stage {name}: name the speed keys it reads"
+
+
+def test_params_yaml_holds_every_key_a_stage_tracks():
+    """DVC stops a stage whose params key is missing from params.yaml, defaults or not."""
+    import yaml
+
+    from tests.conftest import REPO
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values():
+        for key in stage.get("do", stage).get("params", []):
+            section, _, field = key.partition(".")
+            assert section in params and (not field or field in params[section]), key
 
 
 def test_params_limits_replace_only_the_keys_given_and_say_where_each_is_set(tmp_path):

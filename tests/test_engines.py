@@ -24,7 +24,7 @@ def test_without_tensorrt_llm_the_engine_is_not_run_and_says_why(project, monkey
     write_host([{"name": "NVIDIA H100"}])
     record = engines.run_engine("trtllm-fp8", log=lambda _: None)
     assert record == {"recipe": "trtllm-fp8", "format": "modelopt", "status": "not_run",
-                      "reason": tensorrt_llm.unavailable_reason(has_gpu=True)}
+                      "reason": tensorrt_llm.unavailable_reason()}
     assert sorted(p.name for p in layout.engine_dir("trtllm-fp8").iterdir()) == ["engine.json"]
 
 
@@ -53,7 +53,7 @@ def test_never_skips_the_engine(project):
 
 @pytest.mark.parametrize("value", ["sometimes", "yes"])
 def test_unknown_engine_build_value_is_bad_input(project, value):
-    from pipeline.config import load_recipe
+    from pipeline.formats import load_recipe
     from pipeline.errors import BadInput
 
     recipe = project / "recipes/trtllm-fp8.yaml"

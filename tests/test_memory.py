@@ -3,6 +3,7 @@ import json
 import pytest
 
 from pipeline import memory
+from pipeline.formats import modelopt
 from pipeline.errors import HostLacks
 
 # Llama-3.1-8B's config.json, the fields that size it
@@ -25,8 +26,8 @@ def test_the_size_comes_from_the_config_without_weights(llama_8b):
 
 
 def test_an_8b_fp32_reference_needs_about_34_gb_and_bf16_about_half(llama_8b):
-    fp32 = memory.estimate("reference", llama_8b, window_tokens=512, dtype="float32")
-    bf16 = memory.estimate("reference", llama_8b, window_tokens=512, dtype="bfloat16")
+    fp32 = memory.estimate(memory.REFERENCE, llama_8b, window_tokens=512, dtype="float32")
+    bf16 = memory.estimate(memory.REFERENCE, llama_8b, window_tokens=512, dtype="bfloat16")
     assert 33e9 < fp32 < 36e9
     assert 17e9 < bf16 < 19e9
 
@@ -40,7 +41,7 @@ def test_the_source_stage_count_is_used_where_there_is_one(tmp_path):
 def test_a_stage_that_does_not_fit_refuses_with_its_estimate_and_the_fix(llama_8b, monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 24 * 10**9)
     monkeypatch.delenv(memory.SKIP_ENV, raising=False)
-    need = memory.estimate("reference", llama_8b, window_tokens=512, dtype="float32")
+    need = memory.estimate(memory.REFERENCE, llama_8b, window_tokens=512, dtype="float32")
     with pytest.raises(HostLacks) as info:
         memory.ensure_fits(need, stage="the reference in float32", fix="set reference.dtype: bfloat16")
     assert info.value.exit_code == 3
@@ -80,6 +81,6 @@ def test_the_reference_refuses_before_loading_and_writes_nothing(tiny_llama, tmp
 
 
 def test_on_a_gpu_only_the_weights_and_a_window_of_logits_are_required(llama_8b):
-    gpu = memory.estimate("build:modelopt", llama_8b, window_tokens=512, dtype="bfloat16", device="cuda")
+    gpu = memory.estimate(modelopt.INFO.build_memory, llama_8b, window_tokens=512, dtype="bfloat16", device="cuda")
     assert gpu == 2 * llama_8b.parameters + 8 * 512 * llama_8b.vocabulary  # 16.6 GB: an 80 GB GPU holds it
-    assert memory.estimate("build:modelopt", llama_8b, window_tokens=512) > 5 * gpu
+    assert memory.estimate(modelopt.INFO.build_memory, llama_8b, window_tokens=512) > 5 * gpu

@@ -24,6 +24,7 @@ speed:
   repeats: 1
   warmup: 1
   threads: 0
+  concurrency: 8
 recipes:
   - gguf-q8_0
   - gguf-q4_0
@@ -159,7 +160,9 @@ def test_build_json_records_tools_timings_and_type_mix(repo):
     root, _, _, _ = repo
     build = json.loads((root / "artifacts" / "builds" / "gguf-q4_0" / "build.json").read_text())
     assert build["tools"]["llama_cpp_python"] and build["tools"]["gguf"]
-    assert build["timings_s"]["quantize_s"] > 0 and build["timings_s"]["convert_s"] > 0
+    run_record = json.loads((root / "artifacts" / "runs" / "build@gguf-q4_0.json").read_text())
+    assert run_record["timings_s"]["quantize_s"] > 0 and run_record["timings_s"]["convert_s"] > 0
+    assert not {"timings_s", "wall_s", "created_at", "memory", "threads"} & set(build)
     assert build["tensor_types"]["tensors"]["Q4_0"] > 0
     assert build["fallback"]["fallback_tensors"] > 0  # width 576 is not a multiple of 256
     assert len(build["source"]["sha256"]) == 64
@@ -271,6 +274,21 @@ def test_second_repro_runs_nothing_but_the_host_probe(repo):
     ran = [line for line in second.stdout.splitlines() if line.startswith("Running stage")]
     assert ran == ["Running stage 'host':"], second.stdout
     assert "didn't change, skipping" in second.stdout
+
+
+def test_a_byte_identical_rebuild_leaves_every_gate_cached(repo):
+    """A forced rebuild writes new timings into its run record only: build.json and the
+    artifact hash as before, so DVC sees nothing downstream to re-run."""
+    root, env, _, _ = repo
+    before = json.loads((root / "artifacts" / "runs" / "build@gguf-q4_0.json").read_text())
+    rebuilt = run(["dvc", "repro", "--force", "--single-item", "build@gguf-q4_0"], env)
+    assert "Running stage 'build@gguf-q4_0'" in rebuilt.stdout
+    after = json.loads((root / "artifacts" / "runs" / "build@gguf-q4_0.json").read_text())
+    assert after["created_at"] >= before["created_at"] and after != before
+    status = json.loads(run(["dvc", "status", "--json", "gate@gguf-q4_0", "engine@gguf-q4_0"], env).stdout)
+    assert status == {}, status
+    dry = run(["dvc", "repro", "--dry", "gate@gguf-q4_0"], env)
+    assert "Running stage 'gate@gguf-q4_0'" not in dry.stdout and "Running stage 'build@" not in dry.stdout
 
 
 def test_an_impossible_limit_makes_check_fail_with_exit_1(repo):

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from pipeline import layout, publish
+from pipeline import layout, publish, registries
 from pipeline.errors import BadInput, QpipeError
 from pipeline.files import sha256_artifact
 from tests.conftest import write
@@ -61,7 +61,7 @@ def test_directory_publish_refuses_failed_then_is_a_no_op_the_second_time(gated,
     folder = root / "SmolLM2-135M-Instruct" / "gguf-q8_0" / version
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "SHA256SUMS", "build.json", "model.gguf",
                                                        "provenance.json"]
-    sums = publish.read_sums((folder / "SHA256SUMS").read_text())
+    sums = registries.read_sums((folder / "SHA256SUMS").read_text())
     assert set(sums) == {"README.md", "build.json", "model.gguf", "provenance.json"}
     index = json.loads((root / "index.json").read_text())
     assert [(v["recipe"], v["version"]) for v in index["versions"]] == [("gguf-q8_0", version)]
@@ -110,8 +110,8 @@ def test_a_damaged_published_copy_is_detected(gated, tmp_path):
     write(root / "SmolLM2-135M-Instruct" / "gguf-q8_0" / entry["version"] / "model.gguf", "flipped bits")
     from pipeline.registries.directory import DirectoryRegistry
 
-    sums = publish.read_sums((root / "SmolLM2-135M-Instruct" / "gguf-q8_0" / entry["version"] / "SHA256SUMS").read_text())
-    release = publish.Release("SmolLM2-135M-Instruct", "gguf-q8_0", entry["version"], "gguf", tmp_path)
+    sums = registries.read_sums((root / "SmolLM2-135M-Instruct" / "gguf-q8_0" / entry["version"] / "SHA256SUMS").read_text())
+    release = registries.Release("SmolLM2-135M-Instruct", "gguf-q8_0", entry["version"], "gguf", tmp_path)
     with pytest.raises(QpipeError, match=r"different \['model.gguf'\]"):
         DirectoryRegistry(root).verify(release, sums)
 

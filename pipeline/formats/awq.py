@@ -1,27 +1,11 @@
 """AWQ 4-bit for vLLM: llm-compressor ``oneshot`` -> a compressed-tensors ``pack-quantized`` directory.
 
-Why llm-compressor and not AutoAWQ: AutoAWQ is deprecated (its README points to
-llm-compressor, "adopted by the vLLM project"). llm-compressor's ``AWQModifier`` (in
-``llmcompressor.modifiers.transform.awq``) smooths activations, and a ``QuantizationModifier``
-with a W4A16 scheme then quantizes the Linear weights; ``save_pretrained(save_compressed=True)``
-packs them as int4 into compressed-tensors, which vLLM loads natively
-(``quant_method: compressed-tensors``, ``CompressedTensorsWNA16``). ``algorithm: rtn`` runs the
-same QuantizationModifier without AWQ: plain round-to-nearest, the baseline that shows what AWQ
-buys.
-
-The build directory is the artifact: ``vllm serve artifacts/builds/<recipe>`` loads it as it is.
-
-Checks a build makes, in order:
-1. before loading weights: every quantized Linear's input width is a multiple of group_size;
-   the architecture has an AWQ mapping (for ``algorithm: awq``); the calibration text is long
-   enough for samples x sequence length;
-2. after saving: the directory reloaded from disk gives the same logits on one calibration
-   window as the calibrated in-memory model (``max_reload_logit_diff``), else the build fails.
-   Calibrate in the dtype you save: calibrating in fp32 and saving bf16 re-rounds the scales.
-
-Gates: accuracy through vLLM where vLLM and a CUDA GPU are present, else through transformers
-loading the directory (compressed-tensors decompresses the packed int4 weights to dense),
-labelled with that runtime. Speed only through vLLM on a GPU; elsewhere ``not_run``.
+``algorithm: awq`` runs llm-compressor's AWQModifier then a W4A16 QuantizationModifier;
+``algorithm: rtn`` the QuantizationModifier alone. The build checks group size and AWQ mapping
+before loading weights, then reloads the saved directory and compares its logits with the
+calibrated model's. The gates run through vLLM where it can run, else accuracy through
+transformers on the directory as written. Why these tools, every check, and the upstream
+workarounds: docs/formats/awq.md.
 """
 
 from __future__ import annotations
@@ -40,7 +24,9 @@ from pydantic import Field, field_validator
 from pipeline.config import RecipeBase
 from pipeline.corpus import calibration_windows
 from pipeline.errors import BadInput, HostLacks, QpipeError, RecipeNotApplicable
-from pipeline.formats import calibration_host_knobs, calibration_plan, require_installed
+from pipeline.formats.contract import (FormatInfo, calibration_host_knobs, calibration_plan, missing_distribution,
+                                       require_installed)
+from pipeline.memory import GIB, Factors
 
 # 4-bit weight-only integer presets of compressed-tensors that pack as `pack-quantized`.
 SCHEMES = ("W4A16", "W4A16_ASYM")
@@ -51,21 +37,24 @@ BUILD_FILE = "build.json"
 
 class Recipe(RecipeBase):
     format: Literal["awq"]
-    algorithm: Literal["awq", "rtn"] = "awq"
-    scheme: str = "W4A16_ASYM"
-    group_size: int = Field(64, ge=1)
-    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
-    # calibrate and save in this dtype (vLLM's 4-bit kernels run in fp16 or bf16)
-    dtype: Literal["bfloat16", "float16"] = "bfloat16"
-    # AWQ calibration: samples of calibration_seq_len tokens from the calibration text. AWQ is
-    # slow on a CPU (about a minute per 1000 tokens for the 135M model on 2 cores), so the CPU
-    # default is small; a CUDA host uses gpu_calibration_samples.
-    calibration_samples: int = Field(8, ge=1)
-    gpu_calibration_samples: int = Field(64, ge=1)
-    calibration_seq_len: int = Field(512, ge=16)
-    n_grid: int = Field(20, ge=3)  # AWQ's scale grid; llm-compressor divides by n_grid - 2
-    duo_scaling: bool = True
-    max_reload_logit_diff: float = Field(0.01, ge=0)
+    algorithm: Literal["awq", "rtn"] = Field("awq", description="awq: AWQModifier then QuantizationModifier; "
+                                             "rtn: QuantizationModifier alone (round-to-nearest, no calibration)")
+    scheme: str = Field("W4A16_ASYM", description="compressed-tensors preset: W4A16 (symmetric) or W4A16_ASYM "
+                                                  "(with zero points)")
+    group_size: int = Field(64, ge=1, description="weights per scale; must divide every quantized Linear's input "
+                                                  "width (checked before loading weights)")
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"],
+                              description="Linear layers left unquantized: exact names or `re:<regex>`")
+    dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="calibrate and save in this dtype "
+                                                  "(vLLM's 4-bit kernels run in fp16 or bf16)")
+    # AWQ is slow on a CPU (about a minute per 1000 tokens for the 135M model on 2 cores)
+    calibration_samples: int = Field(8, ge=1, description="calibration windows on a CPU host")
+    gpu_calibration_samples: int = Field(64, ge=1, description="calibration windows on a CUDA host")
+    calibration_seq_len: int = Field(512, ge=16, description="tokens per calibration window")
+    n_grid: int = Field(20, ge=3, description="AWQ's scale search grid (llm-compressor divides by n_grid - 2)")
+    duo_scaling: bool = Field(True, description="AWQ scales from activations and weights together")
+    max_reload_logit_diff: float = Field(0.01, ge=0, description="largest |logit| difference allowed between the "
+                                         "calibrated model and the directory reloaded from disk")
 
     @field_validator("scheme", mode="before")
     @classmethod
@@ -77,8 +66,26 @@ class Recipe(RecipeBase):
         return value.upper()
 
 
+INFO = FormatInfo(
+    name="awq",
+    distribution="llmcompressor",
+    extra="awq",
+    library_name="transformers",
+    tags=("compressed-tensors", "awq", "vllm"),
+    calibrates=True,
+    # llm-compressor: the model, its calibrated copy while saving, the reload check (7 B/param measured)
+    build_memory=Factors(1.0 * GIB, 4.5, 8.0),
+    # transformers decompresses compressed-tensors into the checkpoint dtype (3.2 B/param measured)
+    gate_memory=Factors(0.75 * GIB, 2.0, 12.0),
+    gate_maps_artifact=False,
+)
+
 # calibration runs on the GPU where there is one, with gpu_calibration_samples
 host_build_knobs = calibration_host_knobs
+
+
+def build_unavailable_reason() -> str | None:
+    return missing_distribution(INFO)
 
 
 # ---------------------------------------------------------------- checks before calibrating
@@ -145,7 +152,7 @@ def check_awq_mapping(model, where: str) -> dict[str, Any]:
 @contextlib.contextmanager
 def cpu_pinning_disabled() -> Iterator[bool]:
     """llm-compressor 0.14's AWQ pins its cached activations before the grid search
-    (`IntermediatesCache.pin_memory`, still so upstream in Aug 2026), and `Tensor.pin_memory()`
+    (`IntermediatesCache.pin_memory`; upstream's state: CHANGELOG.md), and `Tensor.pin_memory()`
     raises "Cannot access accelerator device when none is available" on a host without one.
     Pinning only speeds up host-to-device copies, so with no accelerator it is skipped; with
     one, nothing is changed. Yields whether the workaround is active."""
@@ -211,7 +218,7 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     from pipeline.runtimes.transformers import load_causal_lm
 
     tools = tool_versions()
-    require_installed(tools, "llmcompressor", "awq", recipe.where("format"))
+    require_installed(INFO, recipe.where("format"))
     device, samples = calibration_plan(recipe, threads)
     check_group_size(linear_widths(source_dir), recipe.group_size, recipe.ignore, recipe.where("group_size"))
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
@@ -361,7 +368,7 @@ def bits_per_weight(build_dir: Path) -> float:
 def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, float]:
     """Every stored tensor once (a separate input embedding reads one row), plus a bf16/fp16 KV
     cache at the given context length."""
-    from pipeline.gates.speed import kv_cache_bytes
+    from pipeline.measure import kv_cache_bytes
 
     table = _tensor_table(build_dir)
     weights = sum(size for _, _, size in table)
@@ -407,7 +414,7 @@ def measure_speed(build_dir: Path, prompt: list[int], *, gen_tokens: int, repeat
     from pipeline.runtimes import vllm
 
     return vllm.measure_speed(artifact_path(build_dir), prompt, gen_tokens=gen_tokens, repeats=repeats,
-                              warmup=warmup, concurrency=concurrency)
+                              warmup=warmup, threads=threads, concurrency=concurrency)
 
 
 def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
@@ -416,7 +423,7 @@ def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repe
     from pipeline.runtimes import vllm
 
     measured = vllm.measure_speed(Path(source_dir), prompt, gen_tokens=gen_tokens, repeats=repeats,
-                                  warmup=warmup, concurrency=concurrency)
+                                  warmup=warmup, threads=threads, concurrency=concurrency)
     return {"artifact": "unquantized checkpoint (vLLM)", **measured}
 
 

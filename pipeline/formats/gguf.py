@@ -1,14 +1,9 @@
 """GGUF for llama.cpp: HF checkpoint -> f16/bf16 GGUF -> llama.cpp quantization.
 
-Tools, and why they are these:
-- Conversion uses llama.cpp's own ``convert_hf_to_gguf.py`` (with its ``conversion/`` package
-  and its own ``gguf-py``) taken from the llama-cpp-python sdist whose version is installed,
-  so the converter always writes what the installed runtime reads. ``qpipe setup-converter``
-  extracts it; the PyPI ``gguf`` package alone lacks the converter and lags the script.
-- Quantization calls ``llama_model_quantize`` in the installed llama.cpp (through
-  llama-cpp-python); no quant type is re-implemented here.
-- The importance matrix comes from llama.cpp's ``llama-imatrix`` tool, built with the same
-  llama-cpp-python (``LLAMA_BUILD_TOOLS=ON``), run on the calibration text.
+Conversion runs llama.cpp's own ``convert_hf_to_gguf.py`` from the sdist of the installed
+llama-cpp-python (``qpipe setup-converter``), quantization calls ``llama_model_quantize`` of
+that llama.cpp, and the importance matrix comes from its ``llama-imatrix``: no quant type is
+re-implemented here. Why these tools: docs/formats/gguf.md.
 """
 
 from __future__ import annotations
@@ -33,6 +28,8 @@ from pydantic import Field, model_validator
 
 from pipeline.config import RecipeBase
 from pipeline.errors import BadInput, HostLacks, QpipeError
+from pipeline.formats.contract import FormatInfo
+from pipeline.memory import GIB, Factors
 from pipeline.runtimes.llama_cpp import llama_tool
 
 ARTIFACT_FILE = "model.gguf"
@@ -50,13 +47,30 @@ QUANT_TYPES = (
 NEEDS_IMATRIX = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "Q2_K_S")
 
 
+INFO = FormatInfo(
+    name="gguf",
+    distribution="llama-cpp-python",
+    extra=None,
+    library_name="gguf",
+    tags=("gguf", "llama.cpp"),
+    calibrates=False,
+    # convert_hf_to_gguf reads tensors lazily; llama-imatrix computes on the f16 GGUF (3.8 B/param measured)
+    build_memory=Factors(0.5 * GIB, 2.5, 0.0),
+    # llama.cpp maps the artifact (counted separately), its output buffer and our copy of the logits
+    gate_memory=Factors(0.25 * GIB, 0.0, 12.0),
+    gate_maps_artifact=True,
+)
+
+
 class Recipe(RecipeBase):
     format: Literal["gguf"]
-    type: str
-    outtype: Literal["f16", "bf16"] = "f16"
-    imatrix: bool = False
-    imatrix_chunks: int = Field(64, ge=1)
-    imatrix_ctx: int = Field(512, ge=32)
+    type: str = Field(description="llama.cpp quantization type, as llama-quantize names it (Q8_0, Q6_K, Q5_K_M, "
+                                  "Q4_K_M, Q4_0, IQ4_XS, ...; case does not matter)")
+    outtype: Literal["f16", "bf16"] = Field("f16", description="the unquantized GGUF the converter writes first")
+    imatrix: bool = Field(False, description="quantize with an importance matrix that llama-imatrix computes on "
+                                             "the calibration text (required by IQ2_*, IQ1_*, Q2_K_S)")
+    imatrix_chunks: int = Field(64, ge=1, description="calibration chunks llama-imatrix reads")
+    imatrix_ctx: int = Field(512, ge=32, description="tokens per llama-imatrix chunk")
 
     @model_validator(mode="after")
     def _known_type(self) -> "Recipe":
@@ -68,6 +82,9 @@ class Recipe(RecipeBase):
         if self.type in NEEDS_IMATRIX and not self.imatrix:
             raise ValueError(f"GGUF type {self.type} needs `imatrix: true`")
         return self
+
+    def weights_dtype(self) -> str:
+        return "bfloat16" if self.outtype == "bf16" else "float16"
 
 
 # ---------------------------------------------------------------- tools
@@ -149,6 +166,35 @@ def _vendored_commit(changelog: str, version: str) -> str | None:
     return match.group(1) if match else None
 
 
+def build_unavailable_reason() -> str | None:
+    """llama.cpp must load, and its converter must be installed for this version."""
+    from pipeline.runtimes import llama_cpp as runtime
+
+    problem = runtime.unavailable_reason()
+    if problem:
+        return problem
+    try:
+        converter_info()
+    except HostLacks as missing:
+        return f"{missing.what}: {missing.fix}"
+    return None
+
+
+def tools() -> dict[str, str]:
+    """The llama.cpp tools a GGUF build runs, for doctor: where each is, or what is missing."""
+    found = {}
+    try:
+        converter = converter_info()
+        found["converter"] = f"{converter['path']} (llama.cpp {converter.get('llama_cpp_commit')})"
+    except HostLacks as missing:
+        found["converter"] = f"missing: {missing.fix}"
+    try:
+        found["imatrix"] = str(llama_tool("llama-imatrix")[0])
+    except HostLacks as missing:
+        found["imatrix"] = f"missing: {missing.fix}"
+    return found
+
+
 # ---------------------------------------------------------------- build
 
 
@@ -180,6 +226,9 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
         fallback = quantize(unquantized, out_dir / ARTIFACT_FILE, recipe.type, imatrix=imatrix,
                             threads=threads, log_file=out_dir / QUANTIZE_LOG)
         timings["quantize_s"] = time.perf_counter() - started
+        # the log names the unquantized file's temporary directory: a rebuild must write the same bytes
+        quantize_log = out_dir / QUANTIZE_LOG
+        quantize_log.write_text(quantize_log.read_text(errors="replace").replace(scratch, "<scratch>"))
         unquantized_bytes = unquantized.stat().st_size
 
     mix = tensor_type_mix(out_dir / ARTIFACT_FILE)
@@ -460,7 +509,7 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
     """Bytes a decode step must read: every weight tensor once, plus the f16 KV cache at
     the given context length. With a separate output matrix the token embedding reads a
     single row; with tied embeddings the whole matrix is read for the logits."""
-    from pipeline.gates.speed import kv_cache_bytes
+    from pipeline.measure import kv_cache_bytes
 
     header = read_header(artifact_path(build_dir))
     tensors = {t.name: t for t in header.tensors}
@@ -482,7 +531,9 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
 
 
 def runtime_name(build_dir: Path | None = None) -> str:
-    return f"llama.cpp (llama-cpp-python {llama_cpp_version()})"
+    from pipeline.runtimes import llama_cpp as runtime
+
+    return runtime.name()
 
 
 def window_logits(build_dir: Path, windows: np.ndarray, threads: int) -> Iterator[np.ndarray]:
@@ -503,7 +554,7 @@ def measure_speed(build_dir: Path, prompt: list[int], *, gen_tokens: int, repeat
     from pipeline.runtimes import llama_cpp as runtime
 
     return runtime.measure_speed(artifact_path(build_dir), prompt, gen_tokens=gen_tokens,
-                                 repeats=repeats, warmup=warmup, threads=threads)
+                                 repeats=repeats, warmup=warmup, threads=threads, concurrency=concurrency)
 
 
 def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,

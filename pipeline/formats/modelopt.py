@@ -1,39 +1,12 @@
 """FP8 and INT8 for TensorRT-LLM: NVIDIA ModelOpt post-training quantization -> checkpoints.
 
-The build calibrates with ``modelopt.torch.quantization.quantize`` (the config the recipe
-names, plus ModelOpt's FP8 KV-cache config when ``kv_cache: fp8``) on the calibration text,
-casts the calibrated model to the recipe's dtype, and exports:
-
-- ``trtllm_checkpoint/``: the legacy TensorRT-LLM checkpoint (config.json with
-  ``quantization.quant_algo``, rank0.safetensors) that ``trtllm-build`` of TensorRT-LLM 1.2.x
-  turns into an engine (the engine@R stage). Every config exports it; it is the artifact the
-  gates score and the report sizes.
-- ``hf_checkpoint/`` (FP8 only): the unified HF checkpoint (hf_quant_config.json,
-  ``quant_method: modelopt``) that TensorRT-LLM's PyTorch backend (``LLM(model=dir)``), vLLM
-  (``quantization="modelopt"``) and SGLang load. INT8 SmoothQuant and INT8 weight-only ship
-  only as the legacy checkpoint.
-
-Both get the tokenizer files, which ModelOpt's exporters do not write.
-
-What the build guards against (each reproduced with ModelOpt 0.47):
-- each exporter mutates the model it is given (the HF exporter swaps weights for fp8 codes in
-  place; the TensorRT-LLM exporter unifies the scales of fused layers), and the second export
-  from the same model is wrong (the legacy checkpoint's v and up weights came out 1.6x to
-  7.8x too large). So the TensorRT-LLM export gets its own copy of the model;
-- with transformers 5 the TensorRT-LLM export drops the RoPE base (no ``config.rope_theta``;
-  TensorRT-LLM then assumes 10000): it is set from ``rope_parameters`` before export and
-  checked in the written config;
-- ``export_hf_checkpoint(dtype=bfloat16)`` casts only the quantized weights: the model is cast
-  to the recipe dtype after calibration, before export.
-
-Cross-check (fails the build): the exported files, read back by the emulation in
-``runtimes.checkpoint_emulation``, and ModelOpt's in-memory fake-quant model must agree on
-perplexity within ``max_crosscheck_ppl_gap`` on held-out calibration windows.
-
-Gates: through TensorRT-LLM and its engine where the engine@R stage built one (a CUDA GPU
-and TensorRT-LLM < 1.3), else accuracy through the emulation (``emulated:...``) and speed
-``not_run``. A ModelOpt export is never scored through plain transformers: transformers
-5.23 loads one without raising and takes the raw FP8 codes as weights.
+The build calibrates with ``modelopt.torch.quantization.quantize``, exports the legacy
+TensorRT-LLM checkpoint (and the unified HF checkpoint where a runtime loads it), and fails
+unless the exported files, read back by ``runtimes.checkpoint_emulation``, agree with ModelOpt's
+fake-quant model. The engine hook builds a TensorRT engine where TensorRT-LLM 1.2.x and a CUDA
+GPU are present. The gates run through that engine, else accuracy through the emulation and
+speed ``not_run``. Which export for which family, what the build guards against and why:
+docs/formats/modelopt.md.
 """
 
 from __future__ import annotations
@@ -52,7 +25,9 @@ from pydantic import Field, field_validator
 from pipeline.config import RecipeBase, Strict
 from pipeline.corpus import calibration_windows
 from pipeline.errors import BadInput, QpipeError, RecipeNotApplicable
-from pipeline.formats import calibration_host_knobs, calibration_plan, require_installed
+from pipeline.formats.contract import (FormatInfo, calibration_host_knobs, calibration_plan, missing_distribution,
+                                       require_installed)
+from pipeline.memory import GIB, Factors
 
 # ModelOpt configs this format builds, exports and emulates -> the quant_algo they export as
 CONFIGS = {
@@ -100,29 +75,33 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class EngineKnobs(Strict):
     """trtllm-build settings for the engine@R stage (TensorRT-LLM 1.2.x)."""
 
-    # auto: build where a CUDA GPU and TensorRT-LLM < 1.3 are present, else `not_run`;
-    # required: fail (exit 3) where they are not; never: do not build
-    build: Literal["auto", "required", "never"] = "auto"
-    max_batch_size: int = Field(8, ge=1)
-    max_input_len: int = Field(1024, ge=1)
-    max_seq_len: int = Field(2048, ge=2)
-    max_num_tokens: int = Field(8192, ge=1)
+    build: Literal["auto", "required", "never"] = Field("auto", description="auto: build where a CUDA GPU and "
+                                                        "TensorRT-LLM < 1.3 are present, else not_run; required: "
+                                                        "exit 3 where they are not; never: do not build")
+    max_batch_size: int = Field(8, ge=1, description="trtllm-build --max_batch_size")
+    max_input_len: int = Field(1024, ge=1, description="trtllm-build --max_input_len")
+    max_seq_len: int = Field(2048, ge=2, description="trtllm-build --max_seq_len")
+    max_num_tokens: int = Field(8192, ge=1, description="trtllm-build --max_num_tokens")
 
 
 class Recipe(RecipeBase):
     format: Literal["modelopt"]
-    config: str = "FP8_DEFAULT_CFG"  # a ModelOpt PTQ config (modelopt.torch.quantization.<NAME>)
-    kv_cache: Literal["fp8", "none"] = "none"
-    dtype: Literal["bfloat16", "float16"] = "bfloat16"
-    # calibration windows of calibration_seq_len tokens: few on a CPU, more on a GPU
-    calibration_samples: int = Field(16, ge=1)
-    gpu_calibration_samples: int = Field(64, ge=1)
-    calibration_seq_len: int = Field(512, ge=16)
-    # held-out calibration windows on which the exported files must match the fake-quant model
-    crosscheck_windows: int = Field(4, ge=1)
-    crosscheck_seq_len: int = Field(512, ge=16)
-    max_crosscheck_ppl_gap: float = Field(0.01, gt=0)
-    engine: EngineKnobs = Field(default_factory=EngineKnobs)
+    config: str = Field("FP8_DEFAULT_CFG", description="ModelOpt PTQ config (modelopt.torch.quantization.<NAME>): "
+                        "FP8_DEFAULT_CFG, INT8_SMOOTHQUANT_CFG or INT8_WEIGHT_ONLY_CFG")
+    kv_cache: Literal["fp8", "none"] = Field("none", description="fp8: ModelOpt's FP8_KV_CFG appended to the "
+                                             "config; none: a bf16/fp16 KV cache")
+    dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="the model is cast to it after "
+                                                  "calibration, before export")
+    calibration_samples: int = Field(16, ge=1, description="calibration windows on a CPU host")
+    gpu_calibration_samples: int = Field(64, ge=1, description="calibration windows on a CUDA host")
+    calibration_seq_len: int = Field(512, ge=16, description="tokens per calibration window")
+    crosscheck_windows: int = Field(4, ge=1, description="held-out calibration windows on which the exported "
+                                    "files must match ModelOpt's fake-quant model")
+    crosscheck_seq_len: int = Field(512, ge=16, description="tokens per cross-check window")
+    max_crosscheck_ppl_gap: float = Field(0.01, gt=0, description="largest relative perplexity gap allowed "
+                                          "between the exported files (emulated) and the fake-quant model")
+    engine: EngineKnobs = Field(default_factory=EngineKnobs, description="the engine@R stage's trtllm-build "
+                                "settings (TensorRT-LLM 1.2.x)")
 
     @field_validator("config")
     @classmethod
@@ -135,8 +114,27 @@ class Recipe(RecipeBase):
         raise ValueError(f"unknown ModelOpt config {value!r}; use one of {', '.join(CONFIGS)}")
 
 
+INFO = FormatInfo(
+    name="modelopt",
+    distribution="nvidia-modelopt",
+    extra="modelopt",
+    # not "transformers", whose snippet would load the FP8 codes as weights
+    library_name="modelopt",
+    tags=("modelopt", "tensorrt-llm"),
+    calibrates=True,
+    # the fake-quant model, both exports, the fp32 emulation of the cross-check (12.6 B/param measured)
+    build_memory=Factors(1.0 * GIB, 7.5, 8.0),
+    # the checkpoint emulation: fp32 weights rebuilt from the stored codes (6.9 B/param measured)
+    gate_memory=Factors(0.75 * GIB, 4.0, 12.0),
+    gate_maps_artifact=False,
+)
+
 # calibration runs on the GPU where there is one, with gpu_calibration_samples
 host_build_knobs = calibration_host_knobs
+
+
+def build_unavailable_reason() -> str | None:
+    return missing_distribution(INFO)
 
 
 def quant_config(recipe: Recipe) -> dict[str, Any]:
@@ -197,7 +195,7 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     from pipeline.runtimes.transformers import load_causal_lm
 
     tools = tool_versions()
-    require_installed(tools, "nvidia-modelopt", "modelopt", recipe.where("format"))
+    require_installed(INFO, recipe.where("format"))
     device, samples = calibration_plan(recipe, threads)
     architecture = AutoConfig.from_pretrained(source_dir).architectures[0]
     plan = export_plan(recipe, architecture, f"{source_dir}/config.json: architectures")
@@ -301,7 +299,7 @@ def _model_logits(model, windows: list[list[int]]) -> Iterator[np.ndarray]:
 
 def windows_ppl(logits: Iterator[np.ndarray], windows: list[list[int]]) -> float:
     """Perplexity of next-token prediction over the windows, from their [T, V] logits."""
-    from pipeline.gates.accuracy import window_nll
+    from pipeline.measure import window_nll
 
     nll = [window_nll(window_logits, np.asarray(window)) for window_logits, window in zip(logits, windows)]
     return float(math.exp(np.concatenate(nll).mean()))
@@ -406,7 +404,7 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
     """Every stored tensor once except the input embedding (one row), plus the KV cache in its
     stored format (1 byte per value for FP8, else 2)."""
     from pipeline.files import safetensors_table
-    from pipeline.gates.speed import kv_cache_bytes
+    from pipeline.measure import kv_cache_bytes
 
     checkpoint = artifact_path(build_dir)
     table = safetensors_table(checkpoint)
@@ -425,16 +423,106 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
     return {"weights": float(weights), "kv_cache": float(kv_cache), "total": float(weights + kv_cache)}
 
 
+# ---------------------------------------------------------------- engine (the engine@R stage)
+
+
+def build_engine(recipe: Recipe, build_dir: Path, out_dir: Path, host_info: dict[str, Any], log) -> dict[str, Any]:
+    """A TensorRT engine of the build's TensorRT-LLM checkpoint, in ``out_dir/<sm>-trt<version>/``
+    with the tokenizer beside it; or ``not_run`` and why (exit 3 instead with ``engine.build:
+    required``)."""
+    from pipeline.errors import HostLacks
+    from pipeline.files import artifact_bytes, read_json, verify_artifact
+    from pipeline.runtimes import tensorrt_llm
+
+    if recipe.engine.build == "never":
+        return {"status": "not_run", "reason": "the recipe says engine.build: never"}
+    reason = tensorrt_llm.unavailable_reason()
+    if reason:
+        if recipe.engine.build == "required":
+            raise HostLacks(f"an engine was required, but {reason}", where=recipe.where("engine.build"),
+                            fix="set engine.build: auto (the gate then scores the checkpoint through the emulation) "
+                                "or run on a CUDA host with `qpipe[trtllm]`")
+        return {"status": "not_run", "reason": reason}
+    if not (build_dir / "build.json").is_file():
+        raise BadInput(f"no build for recipe {build_dir.name}", where=str(build_dir),
+                       fix=f"run `qpipe build {build_dir.name}` first")
+    build = read_json(build_dir / "build.json")
+    if build.get("status") == "refused":
+        return {"status": "not_run", "reason": f"the build was refused: {build['reason']}"}
+    if "trtllm" not in build["exports"]:
+        reason = (f"ModelOpt wrote no TensorRT-LLM checkpoint for {build['modelopt']['architecture']}, so there is "
+                  f"nothing for trtllm-build; its unified checkpoint ({HF_DIR}/) runs on "
+                  f"{build['exports']['hf']['runs_on']}")
+        if recipe.engine.build == "required":
+            raise BadInput(f"an engine was required, but {reason}", where=recipe.where("engine.build"),
+                           fix="set engine.build: auto for this model")
+        return {"status": "not_run", "reason": reason}
+
+    verify_artifact(build_dir, build)
+    target = tensorrt_llm.engine_target()
+    engine_dir = out_dir / tensorrt_llm.engine_dir_name(target)
+    built = _trtllm_build(artifact_path(build_dir), engine_dir, recipe.engine, log)
+    copy_tokenizer(artifact_path(build_dir), engine_dir)
+    return {"status": "ok", "path": engine_dir.name, **target, **built,
+            "knobs": recipe.engine.model_dump(), "bytes": artifact_bytes(engine_dir)}
+
+
+def _trtllm_build(checkpoint_dir: Path, engine_dir: Path, knobs: EngineKnobs, log) -> dict[str, Any]:
+    """trtllm-build on a checkpoint as TensorRT-LLM reads it (a W8A16 one handed over as float weights)."""
+    from pipeline.runtimes import tensorrt_llm
+
+    quant = json.loads((checkpoint_dir / "config.json").read_text()).get("quantization") or {}
+    handover = engine_dir.parent / (engine_dir.name + ".w8a16-input")
+    source = weight_only_float_checkpoint(checkpoint_dir, handover) if quant.get("quant_algo") == "W8A16" \
+        else checkpoint_dir
+    try:
+        return tensorrt_llm.build_engine(source, engine_dir, max_batch_size=knobs.max_batch_size,
+                                         max_input_len=knobs.max_input_len, max_seq_len=knobs.max_seq_len,
+                                         max_num_tokens=knobs.max_num_tokens, log=log)
+    finally:
+        shutil.rmtree(handover, ignore_errors=True)
+
+
+def weight_only_float_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Path:
+    """TensorRT-LLM 1.2 takes an int8 W8A16 weight in a checkpoint as already in the
+    transposed, preprocessed layout of its weight-only kernels (``preprocess_weights``), while
+    ModelOpt writes plain [out, in] codes. TensorRT-LLM's own ModelOpt flow writes float
+    weights and lets the loader quantize them per output channel (amax / 127); so does this,
+    in fp32, where code x scale re-quantizes to exactly the stored code (in bf16 the rounding
+    of each row's amax can move a code by one)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.runtimes.checkpoint_emulation import dequantize
+
+    config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in sorted(Path(checkpoint_dir).glob("rank*.safetensors")):
+        tensors = load_file(path)
+        converted = {}
+        for key, tensor in tensors.items():
+            if key.endswith(".weights_scaling_factor"):
+                continue
+            scale = tensors.get(key.removesuffix(".weight") + ".weights_scaling_factor")
+            converted[key] = dequantize(tensor, scale) if tensor.dtype == torch.int8 else tensor
+        save_file(converted, out_dir / path.name)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=4))
+    return out_dir
+
+
+
 # ---------------------------------------------------------------- gates
 
 
 def _engine(build_dir: Path | None) -> dict[str, Any] | None:
     """The engine@R stage's record for this build, if it built an engine."""
-    from pipeline import engines
+    from pipeline import layout
+    from pipeline.files import read_json
 
     if build_dir is None:
         return None
-    record = engines.read_record(Path(build_dir).name)
+    path = layout.engine_record(Path(build_dir).name)
+    record = read_json(path) if path.is_file() else None
     return record if record and record.get("status") == "ok" else None
 
 
@@ -450,22 +538,25 @@ def runtime_name(build_dir: Path | None = None) -> str:
 
     if _native(build_dir):
         return f"{tensorrt_llm.name()} engine"
-    return checkpoint_emulation.name(artifact_path(build_dir))
+    if build_dir is None:
+        return checkpoint_emulation.name()
+    return checkpoint_emulation.describe(artifact_path(build_dir))
 
 
 def window_logits(build_dir: Path, windows: np.ndarray, threads: int) -> Iterator[np.ndarray]:
     from pipeline.runtimes import checkpoint_emulation, tensorrt_llm
 
     if _native(build_dir):
-        yield from tensorrt_llm.window_logits(_engine_path(build_dir), windows, tokenizer_dir=artifact_path(build_dir))
+        yield from tensorrt_llm.window_logits(_engine_path(build_dir), windows, threads=threads,
+                                              tokenizer_dir=artifact_path(build_dir))
     else:
         yield from checkpoint_emulation.window_logits(artifact_path(build_dir), windows, threads=threads)
 
 
 def _engine_path(build_dir: Path) -> Path:
-    from pipeline import engines
+    from pipeline import layout
 
-    return engines.engine_path(Path(build_dir).name, _engine(build_dir))
+    return layout.engine_dir(Path(build_dir).name) / _engine(build_dir)["path"]
 
 
 def tokenize(build_dir: Path, text: str) -> list[int]:
@@ -478,35 +569,49 @@ def measure_speed(build_dir: Path, prompt: list[int], *, gen_tokens: int, repeat
                   threads: int, concurrency: int) -> dict[str, Any]:
     from pipeline.runtimes import tensorrt_llm
 
-    return tensorrt_llm.measure_speed(_engine_path(build_dir), prompt, tokenizer_dir=artifact_path(build_dir),
-                                      gen_tokens=gen_tokens, repeats=repeats, warmup=warmup, concurrency=concurrency)
+    return tensorrt_llm.measure_speed(_engine_path(build_dir), prompt, gen_tokens=gen_tokens, repeats=repeats,
+                                      warmup=warmup, threads=threads, concurrency=concurrency,
+                                      tokenizer_dir=artifact_path(build_dir))
 
 
 def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
                    threads: int, concurrency: int) -> dict[str, Any]:
-    """The unquantized checkpoint as a TensorRT engine, built the same way as the quantized ones."""
+    """The unquantized checkpoint as a TensorRT engine, built the same way as the quantized ones:
+    ModelOpt's exporter writes the unquantized (bf16) TensorRT-LLM checkpoint, with the same
+    RoPE-base fix as the quantized builds, and trtllm-build builds it."""
     import tempfile
 
+    import torch
+
     from pipeline.runtimes import tensorrt_llm
+    from pipeline.runtimes.transformers import load_causal_lm
 
     with tempfile.TemporaryDirectory() as scratch:
-        engine_dir = tensorrt_llm.build_unquantized_engine(Path(source_dir), Path(scratch), EngineKnobs())
-        measured = tensorrt_llm.measure_speed(engine_dir, prompt, tokenizer_dir=Path(source_dir),
-                                              gen_tokens=gen_tokens, repeats=repeats, warmup=warmup,
-                                              concurrency=concurrency)
+        model = load_causal_lm(Path(source_dir), dtype=torch.bfloat16)
+        checkpoint = Path(scratch) / "checkpoint"
+        export_trtllm(model, decoder_type(type(model).__name__, str(source_dir)), torch.bfloat16, checkpoint,
+                      source_dir)
+        del model
+        engine_dir = Path(scratch) / "engine"
+        _trtllm_build(checkpoint, engine_dir, EngineKnobs(), log=lambda _: None)
+        measured = tensorrt_llm.measure_speed(engine_dir, prompt, gen_tokens=gen_tokens, repeats=repeats,
+                                              warmup=warmup, threads=threads, concurrency=concurrency,
+                                              tokenizer_dir=Path(source_dir))
     return {"artifact": "unquantized checkpoint (TensorRT-LLM engine, bf16)", **measured}
 
 
 def speed_unavailable_reason(build_dir: Path | None = None) -> str | None:
-    from pipeline import engines
+    from pipeline import layout
+    from pipeline.files import read_json
     from pipeline.runtimes import tensorrt_llm
 
     reason = tensorrt_llm.unavailable_reason()
     if reason or build_dir is None:
         return reason
-    record = engines.read_record(Path(build_dir).name)
-    if record is None:
+    path = layout.engine_record(Path(build_dir).name)
+    if not path.is_file():
         return "no engine record: run `qpipe engine <recipe>` (the engine@R stage) first"
+    record = read_json(path)
     return None if record.get("status") == "ok" else record.get("reason")
 
 

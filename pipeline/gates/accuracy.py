@@ -39,15 +39,6 @@ KLD_PERCENTILES = {"99.9%": 0.999, "99.0%": 0.99, "95.0%": 0.95, "90.0%": 0.90}
 FIGURES = ("nll", "reference_nll", "kld", "delta_p", "top1")
 
 
-def window_nll(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """Per-position negative log-likelihood of the next token ([T, V] logits, [T] tokens)."""
-    logits = np.asarray(logits[:-1], dtype=np.float32)
-    targets = np.asarray(tokens[1:], dtype=np.int64)
-    peak = logits.max(axis=1)
-    lse = peak.astype(np.float64) + np.log(np.exp(logits - peak[:, None]).sum(axis=1, dtype=np.float64))
-    return lse - logits[np.arange(len(targets)), targets].astype(np.float64)
-
-
 def position_scores(logits, reference_logits, targets) -> dict[str, np.ndarray]:
     """NLL, reference NLL, KLD, Δp and top-1 agreement of positions whose artifact logits,
     reference logits ([n, V] each) and next tokens ([n]) are given. A vocabulary padded on one

@@ -27,34 +27,28 @@ def roofline_tok_s(bandwidth_gb_s: float, bytes_per_token: float) -> float:
     return bandwidth_gb_s * 1e9 / bytes_per_token
 
 
-def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, context_tokens: float,
-                   bytes_per_value: int = 2) -> float:
-    """Bytes of K and V a decode step reads at the given context length (f16/bf16 cache)."""
-    return layers * 2 * kv_heads * head_dim * bytes_per_value * context_tokens
+def host_and_threads(speed_params) -> tuple[dict, int]:
+    """host.json (written by the host stage) and the thread count gates and baselines run with."""
+    from pipeline import host, layout
+    from pipeline.errors import BadInput
+    from pipeline.files import read_json
+
+    if not layout.HOST_FILE.is_file():
+        raise BadInput("no host description", where=str(layout.HOST_FILE), fix="run `qpipe host` first")
+    host_info = read_json(layout.HOST_FILE)
+    return host_info, host.worker_threads(speed_params.threads, host_info["cpu"])
 
 
-def batch1_run(prompt_tokens: int, *, ttft_s: float, decode_s: float, decoded: int, source: str) -> dict:
-    """One batch-1 generation's figures: prefill from the time to the first token, decode and
-    ITL from the time between the first and the last of `decoded` tokens."""
-    return {
-        "prefill_tok_s": prompt_tokens / ttft_s,
-        "decode_tok_s": (decoded - 1) / decode_s,
-        "ttft_ms": 1000 * ttft_s,
-        "itl_ms": 1000 * decode_s / (decoded - 1),
-        "timing_source": source,
-    }
+def speed_prompt(ref, speed_params) -> list[int]:
+    """The first `speed.prompt_tokens` ids of the evaluation text: the same prompt everywhere."""
+    prompt = ref.text_tokens[: speed_params.prompt_tokens].tolist()
+    if len(prompt) < speed_params.prompt_tokens:
+        from pipeline.errors import BadInput
 
-
-def summarize_runs(runs: list[dict], *, concurrency: int, generated: int, wall_s: float) -> dict:
-    """Medians of the batch-1 runs and their spread, plus output throughput of a concurrent batch."""
-    import statistics
-
-    keys = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_ms")
-    result = {key: statistics.median(run[key] for run in runs) for key in keys}
-    result["spread"] = {key: {"stdev": statistics.stdev(run[key] for run in runs) if len(runs) > 1 else 0.0,
-                              "samples": [run[key] for run in runs]} for key in keys}
-    result.update({"runs": runs, "concurrency": concurrency, "output_tok_s": generated / wall_s})
-    return result
+        raise BadInput(f"the evaluation text has only {len(prompt)} tokens for a "
+                       f"{speed_params.prompt_tokens}-token speed prompt",
+                       where="params.yaml: speed.prompt_tokens", fix="lower it or use a longer text")
+    return prompt
 
 
 def mean_decode_context(prompt_tokens: int, gen_tokens: int) -> float:

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.errors import BadInput
+from pipeline.registries import SUMS_FILE, read_sums, verify_files
 
 INDEX = "index.json"
 
@@ -27,8 +28,6 @@ class DirectoryRegistry:
         return str(self.root / release.model / release.recipe / release.version)
 
     def has(self, release, sums: dict[str, str]) -> bool:
-        from pipeline.publish import SUMS_FILE, read_sums
-
         published = Path(self.location(release)) / SUMS_FILE
         return published.is_file() and read_sums(published.read_text()) == sums
 
@@ -53,8 +52,6 @@ class DirectoryRegistry:
         return str(final)
 
     def verify(self, release, sums: dict[str, str]) -> None:
-        from pipeline.publish import verify_files
-
         folder = Path(self.location(release))
         files = {str(p.relative_to(folder)): p for p in folder.rglob("*") if p.is_file()}
         verify_files(files, sums, where=str(folder))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.errors import BadInput, QpipeError
+from pipeline.registries import SUMS_FILE, env_secret, read_sums, verify_files
 
 TOKEN_VARIABLE = "HF_TOKEN"
 
@@ -28,9 +29,6 @@ class HubRegistry:
 
     def _api(self):
         from huggingface_hub import HfApi
-
-        from pipeline.publish import env_secret
-
         token = env_secret(TOKEN_VARIABLE)
         if token is None:
             raise BadInput("no Hugging Face token", where=str(self),
@@ -39,9 +37,6 @@ class HubRegistry:
 
     def has(self, release, sums: dict[str, str]) -> bool:
         from huggingface_hub.utils import EntryNotFoundError, RepositoryNotFoundError
-
-        from pipeline.publish import SUMS_FILE, read_sums
-
         api = self._api()
         try:
             path = api.hf_hub_download(self.repo_id, f"{release.recipe}/{SUMS_FILE}")
@@ -68,8 +63,6 @@ class HubRegistry:
         return self.location(release)
 
     def verify(self, release, sums: dict[str, str]) -> None:
-        from pipeline.publish import verify_files
-
         api = self._api()
         files = {name: Path(api.hf_hub_download(self.repo_id, f"{release.recipe}/{name}")) for name in sums}
         verify_files(files, sums, where=str(self))

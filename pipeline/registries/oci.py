@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.errors import BadInput, HostLacks, QpipeError
+from pipeline.registries import SUMS_FILE, env_secret, read_sums, verify_files
 
 USER_VARIABLE = "QPIPE_REGISTRY_USERNAME"
 PASSWORD_VARIABLE = "QPIPE_REGISTRY_PASSWORD"
@@ -78,9 +79,6 @@ class OciRegistry:
         if self._client is None:
             import requests
             from oras.provider import Registry
-
-            from pipeline.publish import env_secret
-
             user, password = env_secret(USER_VARIABLE), env_secret(PASSWORD_VARIABLE)
             scheme = "http" if self.insecure else "https"
             try:
@@ -120,8 +118,6 @@ class OciRegistry:
         return response.json()
 
     def has(self, release, sums: dict[str, str]) -> bool:
-        from pipeline.publish import SUMS_FILE, read_sums
-
         manifest = self.manifest(release)
         if manifest is None:
             return False
@@ -169,8 +165,6 @@ class OciRegistry:
         return self.location(release)
 
     def verify(self, release, sums: dict[str, str]) -> None:
-        from pipeline.publish import verify_files
-
         manifest = self.manifest(release)
         if manifest is None:
             raise QpipeError(f"{self.reference(release)} is not in the registry after the push", where=str(self),

@@ -1,0 +1,66 @@
+"""Runtimes: one module each, the leaves that load an artifact and run it.
+
+A runtime module imports nothing from formats, gates or the stages; a format module picks
+its runtime and hands it the artifact's path. Every runtime has the functions of
+``Runtime``; one that can time generation (llama_cpp, vllm, tensorrt_llm) also has
+``SpeedRuntime``'s. A test checks each module against them (``contract_problems``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterator, Protocol
+
+RUNTIMES = ("llama_cpp", "transformers", "vllm", "tensorrt_llm", "checkpoint_emulation")
+SPEED_RUNTIMES = ("llama_cpp", "vllm", "tensorrt_llm")
+
+
+class Runtime(Protocol):
+    def version(self) -> str | None:
+        """The installed version of the package it runs on, or None."""
+
+    def name(self) -> str:
+        """What a gate result's ``runtime`` field says."""
+
+    def unavailable_reason(self) -> str | None:
+        """Why it cannot run on this host, or None. Never raises."""
+
+    def window_logits(self, model: Path, windows, *, threads: int,
+                      tokenizer_dir: Path | None = None) -> Iterator:
+        """[T, V] float32 logits of each token window, each from an empty context."""
+
+
+class SpeedRuntime(Runtime, Protocol):
+    def measure_speed(self, model: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
+                      threads: int, concurrency: int, tokenizer_dir: Path | None = None) -> dict[str, Any]:
+        """Batch-1 prefill / decode / TTFT / ITL (``measure.summarize_runs``'s keys, or llama-bench's)."""
+
+
+def _signature(function) -> tuple[int, tuple[str, ...]]:
+    """(positional parameters, keyword-only parameters without a default or given by the protocol)."""
+    parameters = [p for name, p in inspect.signature(function).parameters.items() if name != "self"]
+    positional = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters)
+    return positional, tuple(p.name for p in parameters if p.kind == p.KEYWORD_ONLY)
+
+
+def contract_problems(module: ModuleType, protocol: type = Runtime) -> list[str]:
+    """What ``module`` lacks or defines differently from ``protocol`` (empty: it meets it). A
+    runtime may take further keyword-only parameters, with defaults."""
+    problems = []
+    for name in dir(protocol):
+        member = getattr(protocol, name)
+        if name.startswith("_") or not inspect.isfunction(member):
+            continue
+        function = getattr(module, name, None)
+        if not callable(function):
+            problems.append(f"{name}() is missing")
+            continue
+        wanted_positional, wanted_keywords = _signature(member)
+        positional, keywords = _signature(function)
+        extra = [p for p in inspect.signature(function).parameters.values()
+                 if p.kind == p.KEYWORD_ONLY and p.name not in wanted_keywords and p.default is p.empty]
+        if positional != wanted_positional or not set(wanted_keywords) <= set(keywords) or extra:
+            problems.append(f"{name}{inspect.signature(function)} should match {name}{inspect.signature(member)}")
+    return problems

@@ -70,8 +70,22 @@ class UnsupportedCheckpoint(BadInput):
     """The checkpoint asks for arithmetic this emulation does not implement."""
 
 
-def name(checkpoint_dir: Path) -> str:
-    """``emulated:<what it emulates>``, for the gate's runtime field."""
+def version() -> str | None:
+    from pipeline.host import package_version
+
+    return package_version("torch")
+
+
+def name() -> str:
+    return f"the checkpoint emulation (TensorRT-LLM arithmetic in PyTorch {version()})"
+
+
+def unavailable_reason() -> str | None:
+    return None  # torch is a core dependency
+
+
+def describe(checkpoint_dir: Path) -> str:
+    """``emulated:<what it emulates>`` for one checkpoint, the gate's runtime field."""
     from pipeline.host import package_version
 
     config = read_config(checkpoint_dir)
@@ -446,7 +460,8 @@ def load(checkpoint_dir: Path, threads: int):
     return model.eval()
 
 
-def window_logits(checkpoint_dir: Path, windows: np.ndarray, *, threads: int) -> Iterator[np.ndarray]:
+def window_logits(checkpoint_dir: Path, windows: np.ndarray, *, threads: int,
+                  tokenizer_dir: Path | None = None) -> Iterator[np.ndarray]:
     model = load(checkpoint_dir, threads)
     with torch.inference_mode():
         for window in windows:

@@ -39,6 +39,10 @@ def version() -> str | None:
     return package_version("llama-cpp-python")
 
 
+def name() -> str:
+    return f"llama.cpp (llama-cpp-python {version()})"
+
+
 def unavailable_reason() -> str | None:
     try:
         import llama_cpp  # noqa: F401
@@ -112,7 +116,8 @@ def open_model(path: Path, *, n_ctx: int, logits_all: bool, threads: int, n_gpu_
         )
 
 
-def window_logits(path: Path, windows: np.ndarray, *, threads: int) -> Iterator[np.ndarray]:
+def window_logits(path: Path, windows: np.ndarray, *, threads: int,
+                  tokenizer_dir: Path | None = None) -> Iterator[np.ndarray]:
     """Yield the [window_tokens, n_vocab] float32 logits of each window, evaluated from an
     empty context."""
     window_tokens = int(windows.shape[1])
@@ -143,9 +148,11 @@ def tokenize(path: Path, text: str) -> list[int]:
 
 
 def measure_speed(path: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                  threads: int, n_gpu_layers: int = 0) -> dict[str, Any]:
+                  threads: int, concurrency: int = 1, tokenizer_dir: Path | None = None,
+                  n_gpu_layers: int = 0) -> dict[str, Any]:
     """Prefill and decode from llama-bench (`repeats` runs), TTFT and ITL from one run of the
-    Python API after `warmup` (module docstring)."""
+    Python API after `warmup` (module docstring). Batch 1 only: llama-cpp-python serves one
+    sequence at a time, so `concurrency` is unused; a GGUF carries its tokenizer."""
     bench = llama_bench(path, prompt_tokens=len(prompt), gen_tokens=gen_tokens, repeats=repeats,
                         threads=threads, n_gpu_layers=n_gpu_layers)
     api = api_latency(path, prompt, gen_tokens=gen_tokens, warmup=warmup, threads=threads,

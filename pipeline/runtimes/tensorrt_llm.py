@@ -1,8 +1,7 @@
 """TensorRT-LLM 1.2.x as a runtime: ``trtllm-build`` engines, context logits, batch-1 and concurrent speed.
 
 Written against TensorRT-LLM 1.2 (the last release line with ``trtllm-build`` and the
-TensorRT engine backend; both were deprecated in February 2026 and removed from main in
-mid-2026), read in its source: tensorrt_llm/commands/build.py (flags), llmapi/llm.py
+TensorRT engine backend; CHANGELOG.md says when they went), read in its source: tensorrt_llm/commands/build.py (flags), llmapi/llm.py
 (``_TrtLLM``, exported as ``tensorrt_llm._tensorrt_engine.LLM``: the default
 ``tensorrt_llm.LLM`` is the PyTorch backend and refuses an engine directory),
 sampling_params.py and executor/result.py (``return_context_logits``,
@@ -18,7 +17,6 @@ default for a bf16 model is float16).
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -46,9 +44,11 @@ def _release_tuple(text: str) -> tuple[int, int]:
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
-def unavailable_reason(has_gpu: bool | None = None) -> str | None:
-    """Why TensorRT-LLM's engine path cannot run here, or None. ``has_gpu`` from host.json
-    (the engine stage, which must not import torch), else asked of torch."""
+def unavailable_reason() -> str | None:
+    """Why TensorRT-LLM's engine path cannot run here, or None (no torch import: the GPU is
+    host.json's, else nvidia-smi's)."""
+    from pipeline.host import has_cuda_gpu
+
     installed = version()
     if installed is None:
         return ("needs a CUDA GPU and tensorrt_llm<1.3: TensorRT-LLM is not installed (install `qpipe[trtllm]` "
@@ -57,11 +57,7 @@ def unavailable_reason(has_gpu: bool | None = None) -> str | None:
         return (f"TensorRT-LLM {installed} has no engine path (trtllm-build and TensorRT engines were removed "
                 "after 1.2): serve the unified checkpoint hf_checkpoint/ (FP8) with its PyTorch backend, "
                 "`LLM(model=...)`; INT8 legacy checkpoints need TensorRT-LLM 1.2.x")
-    if has_gpu is None:
-        import torch
-
-        has_gpu = torch.cuda.is_available()
-    if not has_gpu:
+    if not has_cuda_gpu():
         return "needs a CUDA GPU for TensorRT-LLM engines; this host has none"
     return None
 
@@ -110,76 +106,37 @@ def build_command(checkpoint_dir: Path, output_dir: Path, *, quant_algo: str | N
     return command
 
 
-def weight_only_float_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Path:
-    """TensorRT-LLM 1.2 takes an int8 W8A16 weight in a checkpoint as already in the
-    transposed, preprocessed layout of its weight-only kernels (``preprocess_weights``), while
-    ModelOpt writes plain [out, in] codes. TensorRT-LLM's own ModelOpt flow writes float
-    weights and lets the loader quantize them per output channel (amax / 127); so does this,
-    in fp32, where code x scale re-quantizes to exactly the stored code (in bf16 the rounding
-    of each row's amax can move a code by one)."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    from pipeline.runtimes.checkpoint_emulation import dequantize
-
-    config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for path in sorted(Path(checkpoint_dir).glob("rank*.safetensors")):
-        tensors = load_file(path)
-        converted = {}
-        for key, tensor in tensors.items():
-            if key.endswith(".weights_scaling_factor"):
-                continue
-            scale = tensors.get(key.removesuffix(".weight") + ".weights_scaling_factor")
-            converted[key] = dequantize(tensor, scale) if tensor.dtype == torch.int8 else tensor
-        save_file(converted, out_dir / path.name)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=4))
-    return out_dir
-
-
-def build_engine(checkpoint_dir: Path, output_dir: Path, knobs, *, log=print) -> dict[str, Any]:
-    """Run trtllm-build on a ModelOpt TensorRT-LLM checkpoint; return the command and timing."""
+def build_engine(checkpoint_dir: Path, output_dir: Path, *, max_batch_size: int, max_input_len: int,
+                 max_seq_len: int, max_num_tokens: int, log=print) -> dict[str, Any]:
+    """Run trtllm-build on a TensorRT-LLM checkpoint; return the command and its seconds
+    (``timings_s``, which the engine stage keeps in its run record)."""
     config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
     quant = config.get("quantization") or {}
-    source = Path(checkpoint_dir)
-    if quant.get("quant_algo") == "W8A16":
-        source = weight_only_float_checkpoint(source, output_dir.parent / (output_dir.name + ".w8a16-input"))
-    command = build_command(source, output_dir, quant_algo=quant.get("quant_algo"),
+    command = build_command(checkpoint_dir, output_dir, quant_algo=quant.get("quant_algo"),
                             kv_cache_quant_algo=quant.get("kv_cache_quant_algo"), dtype=config["dtype"],
-                            max_batch_size=knobs.max_batch_size, max_input_len=knobs.max_input_len,
-                            max_seq_len=knobs.max_seq_len, max_num_tokens=knobs.max_num_tokens)
+                            max_batch_size=max_batch_size, max_input_len=max_input_len,
+                            max_seq_len=max_seq_len, max_num_tokens=max_num_tokens)
     log("engine: " + " ".join(command))
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
-    if source != Path(checkpoint_dir):
-        shutil.rmtree(source)
     if result.returncode != 0:
         from pipeline.errors import QpipeError
 
         tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
         raise QpipeError(f"trtllm-build failed (exit {result.returncode}): {' / '.join(tail)}",
                          where=str(checkpoint_dir), fix="see the command above; nothing was written to artifacts/")
-    return {"command": command, "build_s": round(seconds, 2)}
-
-
-def build_unquantized_engine(source_dir: Path, scratch: Path, knobs) -> Path:
-    """An unquantized (bf16) engine of an HF checkpoint, for the baseline: ModelOpt's exporter
-    writes the unquantized TensorRT-LLM checkpoint (with the same RoPE-base fix as the
-    quantized builds), trtllm-build builds it like the others."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from pipeline.formats.modelopt import decoder_type, export_trtllm
-
-    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.bfloat16)
-    checkpoint = scratch / "checkpoint"
-    export_trtllm(model, decoder_type(type(model).__name__, str(source_dir)), torch.bfloat16, checkpoint, source_dir)
-    build_engine(checkpoint, scratch / "engine", knobs)
-    return scratch / "engine"
+    return {"command": command, "timings_s": {"trtllm_build_s": round(seconds, 2)}}
 
 
 # ---------------------------------------------------------------- running an engine
+
+
+def _checkpoint_of(engine_dir: Path, tokenizer_dir: Path | None) -> Path:
+    """The checkpoint an engine was built from (its tokenizer and HF config): a caller must say."""
+    if tokenizer_dir is None:
+        raise ValueError(f"TensorRT-LLM needs the checkpoint that {engine_dir} was built from (tokenizer_dir)")
+    return Path(tokenizer_dir)
 
 
 def _llm(engine_dir: Path, tokenizer_dir: Path):
@@ -209,10 +166,12 @@ def generation_params(gen_tokens: int) -> dict[str, Any]:
             "detokenize": False}
 
 
-def window_logits(engine_dir: Path, windows: np.ndarray, *, tokenizer_dir: Path) -> Iterator[np.ndarray]:
+def window_logits(engine_dir: Path, windows: np.ndarray, *, threads: int,
+                  tokenizer_dir: Path | None = None) -> Iterator[np.ndarray]:
     """[T, V] context logits per window (the engine pads the vocabulary; the padding is cut)."""
     from tensorrt_llm import SamplingParams
 
+    tokenizer_dir = _checkpoint_of(engine_dir, tokenizer_dir)
     vocab = json.loads((Path(tokenizer_dir) / "config.json").read_text())["vocab_size"]
     llm = _llm(engine_dir, tokenizer_dir)
     try:
@@ -237,17 +196,17 @@ async def _timed_stream(llm, prompt: list[int], params) -> dict[str, Any]:
     return {"ttft_s": stamps[0] - started, "decode_s": stamps[-1] - stamps[0], "tokens": len(stamps)}
 
 
-def measure_speed(engine_dir: Path, prompt: list[int], *, tokenizer_dir: Path, gen_tokens: int, repeats: int,
-                  warmup: int, concurrency: int) -> dict[str, Any]:
+def measure_speed(engine_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
+                  threads: int, concurrency: int, tokenizer_dir: Path | None = None) -> dict[str, Any]:
     """Batch-1 greedy generation streamed (TTFT, ITL; median of `repeats` after `warmup`),
     then `concurrency` copies of the prompt at once for output throughput."""
     import asyncio
 
     from tensorrt_llm import SamplingParams
 
-    from pipeline.gates.speed import batch1_run, summarize_runs
+    from pipeline.measure import batch1_run, summarize_runs
 
-    llm = _llm(engine_dir, tokenizer_dir)
+    llm = _llm(engine_dir, _checkpoint_of(engine_dir, tokenizer_dir))
     params = SamplingParams(**generation_params(gen_tokens))
     runs = []
     try:

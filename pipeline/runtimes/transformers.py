@@ -14,6 +14,12 @@ from typing import Iterator
 import numpy as np
 
 
+def version() -> str | None:
+    from pipeline.host import package_version
+
+    return package_version("transformers")
+
+
 def name() -> str:
     from pipeline.host import package_version
 
@@ -62,7 +68,8 @@ def load(model_dir: Path, threads: int):
     return load_causal_lm(model_dir, dtype="auto").to(device).eval()
 
 
-def window_logits(model_dir: Path, windows: np.ndarray, *, threads: int) -> Iterator[np.ndarray]:
+def window_logits(model_dir: Path, windows: np.ndarray, *, threads: int,
+                  tokenizer_dir: Path | None = None) -> Iterator[np.ndarray]:
     import torch
 
     model = load(model_dir, threads)

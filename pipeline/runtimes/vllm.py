@@ -121,7 +121,8 @@ def _release(llm) -> None:
     torch.cuda.empty_cache()
 
 
-def window_logits(model_dir: Path, windows: np.ndarray, *, threads: int) -> Iterator[np.ndarray]:
+def window_logits(model_dir: Path, windows: np.ndarray, *, threads: int,
+                  tokenizer_dir: Path | None = None) -> Iterator[np.ndarray]:
     from vllm import SamplingParams
 
     llm = _engine(model_dir, max_model_len=int(windows.shape[1]) + 8)
@@ -146,12 +147,12 @@ def request_timings(output, wall_s: float, first_token_wall_s: float) -> dict[st
 
 
 def measure_speed(model_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                  concurrency: int) -> dict[str, Any]:
+                  threads: int, concurrency: int, tokenizer_dir: Path | None = None) -> dict[str, Any]:
     """Batch-1 greedy generation (median of `repeats` runs after `warmup`), then `concurrency`
     copies of the prompt at once for output throughput."""
     from vllm import SamplingParams
 
-    from pipeline.gates.speed import batch1_run, summarize_runs
+    from pipeline.measure import batch1_run, summarize_runs
 
     llm = _engine(model_dir, max_model_len=len(prompt) + gen_tokens + 8)
     params = SamplingParams(**generation_params(gen_tokens))

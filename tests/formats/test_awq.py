@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pipeline.config import load_recipe
+from pipeline.formats import load_recipe
 from pipeline.errors import BadInput, HostLacks
 from pipeline.formats import awq
 from tests.conftest import write

@@ -12,7 +12,7 @@ def recipe(**knobs):
 
 
 def test_unknown_config_lists_the_valid_ones(project):
-    from pipeline.config import load_recipe
+    from pipeline.formats import load_recipe
     from tests.conftest import write
 
     write(project / "recipes/bad.yaml", "format: modelopt\nconfig: FP8_FAST_CFG\n")
@@ -33,7 +33,7 @@ def test_unknown_config_lists_the_valid_ones(project):
 
 
 def test_the_shipped_recipes_validate(project):
-    from pipeline.config import load_recipe
+    from pipeline.formats import load_recipe
 
     configs = {name: load_recipe(name).config for name in ("trtllm-fp8", "trtllm-int8-sq", "trtllm-int8-wo")}
     assert configs == {"trtllm-fp8": "FP8_DEFAULT_CFG", "trtllm-int8-sq": "INT8_SMOOTHQUANT_CFG",
@@ -153,3 +153,28 @@ def test_a_gap_over_the_limit_fails_the_build(tiny_llama, tmp_path, monkeypatch)
                        source_dir=tiny_llama, calibration_text=tiny_llama.parent / "calibration.txt",
                        out_dir=tmp_path, threads=1, log=lambda _: None)
     assert "limit 1.00 %" in info.value.what and info.value.where.endswith("max_crosscheck_ppl_gap")
+
+
+def test_weight_only_codes_survive_the_float_checkpoint_tensorrt_llm_requantizes(tmp_path):
+    """TensorRT-LLM quantizes a float W8A16 weight per output channel with amax / 127; from the
+    fp32 checkpoint written for it, that gives back exactly the stored codes and scales."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    codes = torch.randint(-127, 128, (64, 32), dtype=torch.int8)
+    codes[:, 0] = 127  # ModelOpt's symmetric quantization puts each row's amax at +-127
+    scales = torch.rand(64) * 0.01 + 1e-4
+    source = tmp_path / "ckpt"
+    source.mkdir()
+    save_file({"transformer.layers.0.mlp.fc.weight": codes,
+               "transformer.layers.0.mlp.fc.weights_scaling_factor": scales,
+               "transformer.ln_f.weight": torch.ones(32, dtype=torch.bfloat16)}, source / "rank0.safetensors")
+    (source / "config.json").write_text(json.dumps({"dtype": "bfloat16", "quantization": {"quant_algo": "W8A16"}}))
+    converted = load_file(modelopt.weight_only_float_checkpoint(source, tmp_path / "float") / "rank0.safetensors")
+    weight = converted["transformer.layers.0.mlp.fc.weight"]
+    assert weight.dtype == torch.float32 and "transformer.layers.0.mlp.fc.weights_scaling_factor" not in converted
+    requantized_scales = weight.float().abs().amax(dim=1) / 127
+    requantized = torch.round(weight.float() / requantized_scales[:, None]).to(torch.int8)
+    assert torch.equal(requantized, codes)
+    assert torch.allclose(requantized_scales, scales, rtol=1e-6)

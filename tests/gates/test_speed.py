@@ -1,5 +1,6 @@
 import pytest
 
+from pipeline import measure
 from pipeline.gates import speed
 
 
@@ -49,12 +50,6 @@ def test_no_baseline_leaves_speedup_unmeasured_with_a_reason():
     assert result["decode_speedup"] is None and "baseline" in result["decode_speedup_reason"]
     absent = speed.with_speedup(section_for(), {"status": "not_run", "reason": "needs a CUDA GPU"})
     assert absent["decode_speedup_reason"] == "needs a CUDA GPU"
-
-
-def test_kv_cache_bytes_counts_k_and_v_per_layer():
-    # 30 layers x (K and V) x 3 KV heads x 64 dims x 2 bytes x 576 tokens
-    assert speed.kv_cache_bytes(30, 3, 64, 576) == 30 * 2 * 3 * 64 * 2 * 576
-    assert speed.kv_cache_bytes(1, 1, 1, 10, bytes_per_value=1) == 20
 
 
 def test_a_second_speed_measurement_waits_for_the_first(tmp_path, monkeypatch):
@@ -114,9 +109,9 @@ def test_heavy_work_shares_the_lock_and_keeps_speed_out(tmp_path, monkeypatch):
 
 
 def test_batch1_runs_summarize_to_medians_with_their_spread():
-    runs = [speed.batch1_run(100, ttft_s=t, decode_s=d, decoded=11, source="wall clock")
+    runs = [measure.batch1_run(100, ttft_s=t, decode_s=d, decoded=11, source="wall clock")
             for t, d in ((0.10, 0.50), (0.12, 0.40), (0.20, 0.45))]
-    summary = speed.summarize_runs(runs, concurrency=4, generated=400, wall_s=2.0)
+    summary = measure.summarize_runs(runs, concurrency=4, generated=400, wall_s=2.0)
     assert summary["decode_tok_s"] == pytest.approx(10 / 0.45) and summary["ttft_ms"] == pytest.approx(120)
     assert summary["spread"]["decode_tok_s"]["samples"] == [r["decode_tok_s"] for r in runs]
     assert summary["spread"]["ttft_ms"]["stdev"] == pytest.approx(52.915, rel=1e-4)

@@ -6,7 +6,7 @@ import json
 import pytest
 import requests
 
-from pipeline import publish
+from pipeline import publish, registries
 from pipeline.errors import BadInput, HostLacks
 from pipeline.registries import oci
 from tests.test_publish import RECIPES, gated  # noqa: F401 (fixture)
@@ -40,8 +40,8 @@ def test_push_pull_verify_and_push_again(gated, oci_registry):  # noqa: F811
 
     registry = Registry(hostname=oci_registry, insecure=True)
     pulled = registry.pull(target=f"{oci_registry}/team/smollm2:{tag}", outdir=str(gated / "pulled"))
-    sums = publish.read_sums((gated / "pulled" / "SHA256SUMS").read_text())
-    publish.verify_files({name: gated / "pulled" / name for name in sums}, sums, where="pulled")
+    sums = registries.read_sums((gated / "pulled" / "SHA256SUMS").read_text())
+    registries.verify_files({name: gated / "pulled" / name for name in sums}, sums, where="pulled")
     assert len(pulled) == 5
 
     again = publish.run(url, RECIPES, include_failed=False, log=lambda _: None)

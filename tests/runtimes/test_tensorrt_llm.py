@@ -6,23 +6,38 @@ import torch
 from pipeline.runtimes import tensorrt_llm
 
 
-def test_absent_tensorrt_llm_is_reported_not_imported(monkeypatch):
+@pytest.fixture
+def gpu_host(monkeypatch):
+    """Whether the host has a CUDA GPU, as host.json or nvidia-smi would say: set per test."""
+    import pipeline.host
+
+    def set_gpu(present: bool) -> None:
+        monkeypatch.setattr(pipeline.host, "has_cuda_gpu", lambda: present)
+
+    return set_gpu
+
+
+def test_absent_tensorrt_llm_is_reported_not_imported(monkeypatch, gpu_host):
     monkeypatch.setattr(tensorrt_llm, "version", lambda: None)
-    assert "TensorRT-LLM is not installed" in tensorrt_llm.unavailable_reason(has_gpu=True)
+    gpu_host(True)
+    assert "TensorRT-LLM is not installed" in tensorrt_llm.unavailable_reason()
 
 
 @pytest.mark.parametrize("installed", ["1.3.0", "1.3.0rc1", "2.0.1"])
-def test_versions_without_the_engine_path_point_to_the_unified_checkpoint(monkeypatch, installed):
+def test_versions_without_the_engine_path_point_to_the_unified_checkpoint(monkeypatch, gpu_host, installed):
     monkeypatch.setattr(tensorrt_llm, "version", lambda: installed)
-    reason = tensorrt_llm.unavailable_reason(has_gpu=True)
+    gpu_host(True)
+    reason = tensorrt_llm.unavailable_reason()
     assert f"TensorRT-LLM {installed} has no engine path" in reason
     assert "hf_checkpoint/" in reason and "1.2.x" in reason
 
 
-def test_a_1_2_release_needs_a_gpu(monkeypatch):
+def test_a_1_2_release_needs_a_gpu(monkeypatch, gpu_host):
     monkeypatch.setattr(tensorrt_llm, "version", lambda: "1.2.0rc2")
-    assert tensorrt_llm.unavailable_reason(has_gpu=True) is None
-    assert "needs a CUDA GPU" in tensorrt_llm.unavailable_reason(has_gpu=False)
+    gpu_host(True)
+    assert tensorrt_llm.unavailable_reason() is None
+    gpu_host(False)
+    assert "needs a CUDA GPU" in tensorrt_llm.unavailable_reason()
 
 
 def build_command(**overrides):
@@ -54,30 +69,6 @@ def test_int8_engines_use_the_model_dtype_gemm_plugin(quant_algo):
     command = build_command(quant_algo=quant_algo, kv_cache_quant_algo=None)
     assert flag(command, "--gemm_plugin") == "bfloat16"
     assert "--use_fp8_context_fmha" not in command
-
-
-def test_weight_only_codes_survive_the_float_checkpoint_tensorrt_llm_requantizes(tmp_path):
-    """TensorRT-LLM quantizes a float W8A16 weight per output channel with amax / 127; from the
-    fp32 checkpoint written for it, that gives back exactly the stored codes and scales."""
-    from safetensors.torch import load_file, save_file
-
-    torch.manual_seed(0)
-    codes = torch.randint(-127, 128, (64, 32), dtype=torch.int8)
-    codes[:, 0] = 127  # ModelOpt's symmetric quantization puts each row's amax at +-127
-    scales = torch.rand(64) * 0.01 + 1e-4
-    source = tmp_path / "ckpt"
-    source.mkdir()
-    save_file({"transformer.layers.0.mlp.fc.weight": codes,
-               "transformer.layers.0.mlp.fc.weights_scaling_factor": scales,
-               "transformer.ln_f.weight": torch.ones(32, dtype=torch.bfloat16)}, source / "rank0.safetensors")
-    (source / "config.json").write_text(json.dumps({"dtype": "bfloat16", "quantization": {"quant_algo": "W8A16"}}))
-    converted = load_file(tensorrt_llm.weight_only_float_checkpoint(source, tmp_path / "float") / "rank0.safetensors")
-    weight = converted["transformer.layers.0.mlp.fc.weight"]
-    assert weight.dtype == torch.float32 and "transformer.layers.0.mlp.fc.weights_scaling_factor" not in converted
-    requantized_scales = weight.float().abs().amax(dim=1) / 127
-    requantized = torch.round(weight.float() / requantized_scales[:, None]).to(torch.int8)
-    assert torch.equal(requantized, codes)
-    assert torch.allclose(requantized_scales, scales, rtol=1e-6)
 
 
 def test_sampling_params_ask_for_context_logits_and_exact_lengths():
@@ -156,7 +147,7 @@ def test_context_logits_lose_the_engines_vocabulary_padding(fake_engine):
 
     llm, tokenizer_dir = fake_engine
     windows = np.array([[1, 2, 3], [4, 5, 6]])
-    logits = list(tensorrt_llm.window_logits("engine", windows, tokenizer_dir=tokenizer_dir))
+    logits = list(tensorrt_llm.window_logits("engine", windows, threads=1, tokenizer_dir=tokenizer_dir))
     assert [item.shape for item in logits] == [(3, 10), (3, 10)]
     assert logits[0].dtype == np.float32 and logits[0][1, 0] == 16.0  # row 1 starts after 16 padded columns
     assert llm.shut_down
@@ -165,7 +156,7 @@ def test_context_logits_lose_the_engines_vocabulary_padding(fake_engine):
 def test_speed_streams_batch_1_and_measures_concurrent_output(fake_engine):
     llm, tokenizer_dir = fake_engine
     result = tensorrt_llm.measure_speed("engine", list(range(32)), tokenizer_dir=tokenizer_dir, gen_tokens=8,
-                                        repeats=3, warmup=1, concurrency=4)
+                                        repeats=3, warmup=1, threads=1, concurrency=4)
     assert len(result["runs"]) == 3 and result["concurrency"] == 4
     assert all(run["timing_source"] == "wall clock, streamed" for run in result["runs"])
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_ms", "output_tok_s"):

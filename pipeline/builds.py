@@ -1,0 +1,111 @@
+"""The recipe@R and build@R stages: a validated recipe's build knobs, then its artifact.
+
+build@R writes artifacts/builds/R/ (the artifact and build.json, everything in it a function
+of the inputs, so that a byte-identical rebuild leaves every gate cached) and
+artifacts/runs/build@R.json (how long it took, its peak memory, when and with how many
+threads: a `cache: false` record beside it). Schemas: docs/design.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline import layout
+
+
+
+def write_build_spec(name: str) -> dict:
+    """The recipe@R stage: validate recipes/R.yaml early and write its build knobs, plus the
+    host facts a format's build depends on (``host_build_knobs``, e.g. calibrating on a GPU),
+    so that moving to another kind of host rebuilds exactly the builds it changes."""
+    from pipeline import formats
+    from pipeline.files import read_json, write_json
+
+    recipe = formats.load_recipe(name)
+    spec = {"recipe": name, "build": formats.build_spec(recipe)}
+    host_build_knobs = getattr(formats.module(recipe.format), "host_build_knobs", None)
+    if host_build_knobs:
+        spec["host"] = host_build_knobs(read_json(layout.HOST_FILE) if layout.HOST_FILE.is_file() else {})
+    write_json(layout.recipe_spec(name), spec)
+    return spec
+
+
+def run_build(name: str, *, threads: int, log=print) -> dict:
+    """The build@R stage: recipe R -> artifacts/builds/R/ (artifact files + build.json) and
+    its run record. Returns build.json's record."""
+    import json
+    import time
+
+    from pipeline import formats, runs
+    from pipeline.errors import BadInput, RecipeNotApplicable
+    from pipeline.files import artifact_bytes, atomic_dir, sha256_artifact
+    from pipeline.source import checkpoint_sha256
+
+    recipe = formats.load_recipe(name)
+    if not (layout.SOURCE_DIR / "source.json").is_file():
+        raise BadInput("no source checkpoint", where=str(layout.SOURCE_DIR), fix="run `qpipe source` first")
+    if not layout.CALIBRATION_TEXT.is_file():
+        raise BadInput("no calibration text", where=str(layout.CALIBRATION_TEXT), fix="run `qpipe corpus` first")
+    fmt = formats.module(recipe.format)
+    memory_record = check_build_memory(fmt.INFO, recipe, layout.SOURCE_DIR)
+    started = time.perf_counter()
+    try:
+        with atomic_dir(layout.build_dir(name)) as staging:
+            facts = fmt.build(recipe, source_dir=layout.SOURCE_DIR, calibration_text=layout.CALIBRATION_TEXT,
+                              out_dir=staging, threads=threads, log=log)
+            facts, run_facts = runs.split(facts)
+            artifact = fmt.artifact_path(staging)
+            artifact_facts = {"file": artifact.name if artifact != staging else ".",
+                              "bytes": artifact_bytes(artifact), "sha256": sha256_artifact(artifact)}
+            source = json.loads((layout.SOURCE_DIR / "source.json").read_text())
+            record = {
+                "schema_version": layout.SCHEMA_VERSION,
+                "recipe": name,
+                "format": recipe.format,
+                "resolved_recipe": recipe.model_dump(),
+                "source": {"origin": source["origin"], "sha256": checkpoint_sha256(layout.SOURCE_DIR)},
+                "artifact": artifact_facts,
+                **facts,
+            }
+            (staging / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+    except RecipeNotApplicable as refusal:
+        record = write_refusal(name, recipe, refusal, log)
+        runs.write(f"build@{name}", started, threads=threads, memory=memory_record, status="refused")
+        return record
+    run = runs.write(f"build@{name}", started, threads=threads, memory=memory_record, status="ok", **run_facts)
+    log(f"build {name}: {record['artifact']['bytes'] / 1e6:.1f} MB in {run['wall_s']:.1f} s")
+    return record
+
+
+def check_build_memory(info, recipe, source_dir) -> dict:
+    """Refuse a build the host cannot hold (exit 3), before it loads anything. A calibrating
+    format calibrates on the GPU where there is one, so that is the memory it needs."""
+    from pipeline import memory
+
+    device = "cpu"
+    if info.calibrates:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    need = memory.estimate(info.build_memory, memory.ModelSize.of(source_dir),
+                           window_tokens=recipe.calibration_seq_len if info.calibrates else 0,
+                           dtype=recipe.weights_dtype(), device=device)
+    return memory.ensure_fits(need, stage=f"the {info.name} build", device=device,
+                              fix="run the build on a host with more memory" + (" or a GPU" if info.calibrates else ""))
+
+
+def write_refusal(name: str, recipe, refusal, log=print) -> dict:
+    """A recipe that cannot apply to this model: build.json says ``refused`` and why, and the
+    stage succeeds, so that every other recipe still builds and gates; the gate records the
+    refusal and `qpipe check` (the last stage) fails on it."""
+    import json
+
+    from pipeline.files import atomic_dir
+
+    record = {"schema_version": layout.SCHEMA_VERSION, "recipe": name, "format": recipe.format, "status": "refused",
+              "reason": refusal.what, "where": refusal.where, "fix": refusal.fix,
+              "resolved_recipe": recipe.model_dump()}
+    with atomic_dir(layout.build_dir(name)) as staging:
+        (staging / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(f"build {name}: refused for this model: {refusal.one_line().removeprefix('error: ')}")
+    return record

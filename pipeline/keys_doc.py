@@ -1,0 +1,102 @@
+"""docs/recipes.md, generated from the pydantic models' ``Field`` descriptions.
+
+`python -m pipeline.keys_doc > docs/recipes.md` (or `make docs`) writes it; a test checks
+that the committed file is current.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+HEADER = """# Recipe and params keys
+
+Generated from the `Field` descriptions in pipeline/config.py and pipeline/formats/*.py by
+`make docs`; a test fails when this file is out of date. Unknown keys are refused with exit 2,
+naming the file, the key and the keys allowed there.
+"""
+
+
+def type_name(annotation: Any) -> str:
+    from pipeline.config import RelativeLimit
+
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return " \\| ".join(f"`{value}`" for value in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        parts = [type_name(arg) for arg in typing.get_args(annotation) if arg is not type(None)]
+        return " or ".join(parts)
+    if origin is list:
+        return f"list of {type_name(typing.get_args(annotation)[0])}"
+    if origin is dict:
+        return "mapping"
+    if annotation is RelativeLimit:
+        return "`{relative_to, factor}`"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "mapping (below)"
+    return {int: "integer", float: "number", str: "string", bool: "boolean"}.get(annotation, str(annotation))
+
+
+def bounds(field) -> str:
+    found = []
+    for constraint in field.metadata:
+        for attribute, sign in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"), ("min_length", "length ≥")):
+            value = getattr(constraint, attribute, None)
+            if value is not None:
+                found.append(f"{sign} {value}")
+    return ", ".join(found)
+
+
+def default_of(field) -> str:
+    import yaml
+
+    if field.default_factory is not None:
+        value = field.default_factory()
+        return "" if isinstance(value, BaseModel) else f"`{yaml.safe_dump(value, default_flow_style=True).strip()}`"
+    if field.default is PydanticUndefined:
+        return "required"
+    if field.default is None:
+        return ""
+    text = yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix("\n...").strip()
+    return f"`{text}`"
+
+
+def rows(fields: dict[str, Any], prefix: str = "") -> list[str]:
+    """One table row per field, then the rows of each nested model's fields under its key."""
+    lines, nested = [], []
+    for name, field in fields.items():
+        key = f"{prefix}{name}"
+        lines.append(f"| `{key}` | {type_name(field.annotation)} | {default_of(field)} | {bounds(field)} | "
+                     f"{field.description or ''} |")
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            nested.append((key, field.annotation))
+    for key, submodel in nested:
+        lines += rows(submodel.model_fields, f"{key}.")
+    return lines
+
+
+TABLE_HEAD = ["| key | type | default | bounds | what it is |", "|---|---|---|---|---|"]
+
+
+def render() -> str:
+    from pipeline import formats
+    from pipeline.config import GateLimitOverrides, Params, RecipeBase
+
+    out = [HEADER, "## params.yaml", "", *TABLE_HEAD, *rows(Params.model_fields), "",
+           f"`limits.<recipe>` takes the keys of a recipe's `gates` ({', '.join(GateLimitOverrides.model_fields)}); "
+           "only the keys given replace the recipe's.", "",
+           "## Every recipe (recipes/NAME.yaml)", "", *TABLE_HEAD, *rows(RecipeBase.model_fields), ""]
+    for name in formats.FORMATS:
+        recipe = formats.recipe_class(name)
+        own = {key: field for key, field in recipe.model_fields.items() if key not in RecipeBase.model_fields}
+        out += [f"## `format: {name}`", "", f"Details: [formats/{name}.md](formats/{name}.md).", "",
+                *TABLE_HEAD, *rows(own), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")

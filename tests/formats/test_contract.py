@@ -1,0 +1,42 @@
+import json
+import subprocess
+import sys
+import types
+
+from pipeline import formats
+from pipeline.formats import contract
+
+HEAVY = ("torch", "transformers", "llama_cpp", "modelopt", "llmcompressor")
+
+
+def test_every_registered_format_imports_light_and_meets_the_contract():
+    probe = f"""
+import json, sys
+from pipeline import formats
+from pipeline.formats import contract
+problems = {{name: contract.contract_problems(formats.module(name)) for name in formats.FORMATS}}
+print(json.dumps({{"problems": problems, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = json.loads(result.stdout)
+    assert found["heavy"] == []
+    assert found["problems"] == {name: [] for name in formats.FORMATS}
+
+
+def test_each_format_says_who_it_is():
+    for name in formats.FORMATS:
+        info = formats.module(name).INFO
+        assert info.name == name and info.distribution and info.library_name and info.tags
+
+
+def test_the_check_names_what_a_module_lacks_or_defines_differently():
+    gguf = formats.module("gguf")
+    broken = types.ModuleType("broken")
+    broken.__dict__.update({name: getattr(gguf, name) for name in dir(gguf) if not name.startswith("_")})
+    del broken.tokenize
+    broken.window_logits = lambda build_dir, windows: iter(())
+    broken.INFO = None
+    problems = contract.contract_problems(broken)
+    assert "tokenize() is missing" in problems and "INFO is not a FormatInfo" in problems
+    assert any(p.startswith("window_logits('build_dir', 'windows') should take") for p in problems)

@@ -1,0 +1,70 @@
+import json
+
+import pytest
+
+from pipeline import builds, formats, layout
+from pipeline.formats import load_recipe
+from tests.conftest import write
+
+
+def test_write_build_spec(project):
+    builds.write_build_spec("gguf-q8_0")
+    written = json.loads(layout.recipe_spec("gguf-q8_0").read_text())
+    assert written == {"recipe": "gguf-q8_0", "build": formats.build_spec(load_recipe("gguf-q8_0"))}
+
+
+def test_build_spec_of_a_calibrating_format_records_the_calibration_device(project):
+    write(layout.HOST_FILE, json.dumps({"gpus": [{"name": "NVIDIA H100"}]}))
+    spec = builds.write_build_spec("awq-w4a16")
+    assert spec["host"] == {"calibration_device": "cuda"}
+    write(layout.HOST_FILE, json.dumps({"gpus": []}))
+    assert builds.write_build_spec("awq-w4a16")["host"] == {"calibration_device": "cpu"}
+    assert "host" not in builds.write_build_spec("gguf-q8_0")
+
+
+def test_interrupted_build_leaves_no_artifact(project, monkeypatch):
+    write(layout.SOURCE_DIR / "source.json", json.dumps({"origin": {}, "files": {}, "parameters": 1000}))
+    write(layout.SOURCE_DIR / "config.json", json.dumps({"vocab_size": 10}))
+    write(layout.CALIBRATION_TEXT, "calibration")
+    gguf = formats.module("gguf")
+
+    def dies_midway(recipe, *, out_dir, **_):
+        (out_dir / "model.gguf").write_bytes(b"GGUF half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf, "build", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        builds.run_build("gguf-q8_0", threads=1, log=lambda _: None)
+    assert list(layout.BUILDS_DIR.iterdir()) == []
+
+
+def test_a_recipe_that_cannot_apply_to_the_model_is_recorded_and_stops_nothing(project, tiny_llama, qpipe_env):
+    """AWQ group size 128 on a width-64 model: refused before loading weights, build.json says
+    why, the stage exits 0 (the other recipes go on), the gate says refused, check fails."""
+    import shutil
+    import subprocess
+
+    from pipeline.config import Params
+    from pipeline.gates import run_gate
+
+    shutil.copytree(tiny_llama, layout.SOURCE_DIR)
+    write(layout.SOURCE_DIR / "source.json", json.dumps({"origin": {"kind": "local"}, "files": {}}))
+    write(layout.CALIBRATION_TEXT, (tiny_llama.parent / "calibration.txt").read_text())
+    write(project / "recipes/awq-g128.yaml", "format: awq\ngroup_size: 128\n")
+    record = builds.run_build("awq-g128", threads=1, log=lambda _: None)
+    assert record["status"] == "refused"
+    assert "group_size 128 does not divide the input width 64" in record["reason"]
+    assert record["where"] == "recipes/awq-g128.yaml: group_size" and "32, 64" in record["fix"]
+    assert sorted(p.name for p in layout.build_dir("awq-g128").iterdir()) == ["build.json"]
+    write(layout.HOST_FILE, json.dumps({"cpu": {"model": "test", "physical_cores": 1}, "gpus": [],
+                                        "bandwidth": {"gb_s": 1.0}, "fingerprint": "x"}))
+    result = run_gate("awq-g128", params=Params(recipes=["awq-g128"]), log=lambda _: None)
+    assert result["verdict"] == "refused" and result["accuracy"]["status"] == "not_run"
+    assert "refused for this model: group_size 128" in result["reasons"][0]
+    write(project / "params.yaml", "recipes:\n  - awq-g128\n")
+    write(layout.REFERENCE_DIR / "reference.json", json.dumps({"ppl": 2.0}))
+    made = subprocess.run(["qpipe", "report"], capture_output=True, text=True, env=qpipe_env)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert "| awq-g128 | not run |" in (project / "artifacts/report/tradeoff.md").read_text()
+    check = subprocess.run(["qpipe", "check"], capture_output=True, text=True, env=qpipe_env)
+    assert check.returncode == 1 and "REFUSED awq-g128" in check.stdout + check.stderr
