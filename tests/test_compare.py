@@ -171,3 +171,19 @@ def test_accuracy_figures_tie_when_their_paired_per_window_difference_is_noise()
     assert not report.differs(a, b, "mean_kld")
     assert report.differs(a, c, "mean_kld")  # 0.004 apart on every window: far beyond the paired error
     assert not report.differs(a, b, "ppl_ratio") and not report.differs(a, a, "decode_tok_s")
+
+
+def test_results_of_every_schema_up_to_this_one_are_compared_and_a_newer_one_is_left_out_by_name(monkeypatch):
+    from pipeline import layout
+
+    old = gate_result("old", 0.01, 50.0)  # no schema_version: written before there was one
+    current = {**gate_result("current", 0.02, 60.0), "schema_version": layout.SCHEMA_VERSION}
+    newer = {**gate_result("newer", 0.03, 70.0), "schema_version": layout.SCHEMA_VERSION + 1}
+    monkeypatch.setattr(compare, "dvc_exp_show", lambda: exp_show([old, current, newer]))
+    said = []
+    rows = compare.load_rows(workspace_only=False, log=said.append)
+    assert sorted(row["recipe"] for row in rows) == ["current", "old"]
+    assert len(said) == 1 and "newer" in said[0] and f"schema version {layout.SCHEMA_VERSION + 1}" in said[0]
+    monkeypatch.setattr(compare, "dvc_exp_show", lambda: exp_show([newer]))
+    with pytest.raises(BadInput, match="no gate results this qpipe can read"):
+        compare.load_rows(workspace_only=False, log=said.append)
