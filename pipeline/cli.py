@@ -211,10 +211,18 @@ def compare_command(
     descending: bool = typer.Option(False, "--descending", help="largest first"),
     output: str = typer.Option("md", "--format", help="md | csv | json"),
     workspace_only: bool = typer.Option(False, "--workspace-only", help="skip `dvc exp` experiments"),
+    against: str = typer.Option(None, "--against", help="a git revision: each recipe's change against its "
+                                                       "committed gate results (md | json), for a pull request"),
 ):
-    """Every artifact of the workspace and of `dvc exp` experiments in one table, Pareto front marked."""
+    """Every artifact of the workspace and of `dvc exp` experiments in one table, Pareto front marked;
+    with --against REV, each recipe's change against that revision."""
     from pipeline import compare
 
+    if against:
+        from pipeline import changes
+
+        typer.echo(changes.against(against, output, log=log), nl=False)
+        return
     rows = compare.sort_rows(compare.load_rows(workspace_only, log=log), sort, descending)
     typer.echo(compare.render(rows, output), nl=False)
 

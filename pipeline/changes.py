@@ -1,0 +1,154 @@
+"""Each recipe's change against a base revision: `qpipe compare --against REV`, for a pull request.
+
+The base side is the gate results committed at REV (artifacts/gates/*.json in git), the head
+side the workspace's. For every recipe on either side it gives size, ppl ratio, mean KLD,
+top-1, prefill and decode as head value and change, marks a change within the measured noise
+as a tie (``report.differs``: speed against the repeats' spread, accuracy by a paired test over
+the windows both scored), and names the checks that crossed their limit either way.
+Relative limits are judged within each side (``gates.verdict.resolve``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+from pipeline import layout
+from pipeline.errors import BadInput
+
+# column -> (label, format of a value)
+COLUMNS = {
+    "size_mb": ("size MB", "{:.1f}"),
+    "ppl_ratio": ("ppl ratio", "{:.4f}"),
+    "mean_kld": ("mean KLD", "{:.4f}"),
+    "top1_agreement": ("top-1", "{:.3f}"),
+    "prefill_tok_s": ("prefill tok/s", "{:.0f}"),
+    "decode_tok_s": ("decode tok/s", "{:.1f}"),
+}
+OUTPUT_FORMATS = ("md", "json")
+
+
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], capture_output=True, text=True)
+
+
+def results_at(revision: str) -> dict[str, dict[str, Any]]:
+    """The gate results committed at `revision`, by recipe."""
+    if _git("rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}").returncode != 0:
+        raise BadInput(f"unknown revision {revision!r}", where="--against",
+                       fix="name a commit, branch or tag git has here (in CI, fetch the base branch first)")
+    listed = _git("ls-tree", "--name-only", revision, "--", f"{layout.GATES_DIR}/")
+    results = {}
+    for path in listed.stdout.split():
+        if path.endswith(".json"):
+            result = json.loads(_git("show", f"{revision}:{path}").stdout)
+            results[result["recipe"]] = result
+    return results
+
+
+def workspace_results() -> dict[str, dict[str, Any]]:
+    from pipeline.files import read_json
+
+    return {result["recipe"]: result for result in map(read_json, sorted(layout.GATES_DIR.glob("*.json")))}
+
+
+def readable(results: dict[str, dict[str, Any]], side: str, log) -> list[dict[str, Any]]:
+    """The results of a schema this qpipe reads, relative limits judged; the rest named and left out."""
+    from pipeline.gates import verdict
+
+    kept = []
+    for recipe, result in results.items():
+        version = result.get("schema_version", 1)
+        if version > layout.SCHEMA_VERSION:
+            log(f"left out {side} {recipe}: schema version {version}, this qpipe reads up to {layout.SCHEMA_VERSION}")
+        else:
+            kept.append(result)
+    return verdict.resolve(kept)
+
+
+def changes(base: list[dict[str, Any]], head: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per recipe: its status, each column's base and head values and whether they
+    differ beyond the noise, the verdicts and the checks that crossed their limit."""
+    from pipeline import report
+
+    base_by = {r["recipe"]: r for r in base}
+    head_by = {r["recipe"]: r for r in head}
+    entries = []
+    for recipe in [*head_by, *(name for name in base_by if name not in head_by)]:
+        old, new = base_by.get(recipe), head_by.get(recipe)
+        old_row = report.row(old, None) if old else None
+        new_row = report.row(new, None) if new else None
+        columns = {}
+        for column in COLUMNS:
+            before = old_row.get(column) if old_row else None
+            after = new_row.get(column) if new_row else None
+            changed = old_row is not None and new_row is not None and report.differs(old_row, new_row, column)
+            columns[column] = {"base": before, "head": after, "differs": bool(changed)}
+        entries.append({
+            "recipe": recipe,
+            "status": "added" if old is None else "removed" if new is None else
+                      "same artifact" if old["artifact"].get("sha256") == new["artifact"].get("sha256") else "rebuilt",
+            "columns": columns,
+            "verdict": {"base": old["verdict"] if old else None, "head": new["verdict"] if new else None},
+            "crossed": crossed(old, new),
+        })
+    return entries
+
+
+def crossed(old: dict[str, Any] | None, new: dict[str, Any] | None) -> list[str]:
+    """Checks whose verdict went from pass to fail (`name failed`) or back (`name passes`)."""
+    if old is None or new is None:
+        return []
+    before = {check["name"]: check["verdict"] for check in old.get("checks", [])}
+    found = []
+    for check in new.get("checks", []):
+        was = before.get(check["name"])
+        if check["verdict"] == "fail" and was != "fail":
+            found.append(f"{check['name']} failed ({check['value']:.4g} vs {check['limit']})")
+        elif check["verdict"] == "pass" and was == "fail":
+            found.append(f"{check['name']} passes")
+    return found
+
+
+def _cell(value: dict[str, Any], template: str) -> str:
+    before, after = value["base"], value["head"]
+    if after is None:
+        return "not run" if before is None else f"not run (was {template.format(before)})"
+    shown = template.format(after)
+    if before is None:
+        return shown
+    delta = after - before
+    if delta == 0:
+        return f"{shown} (=)"
+    sign = "+" if delta > 0 else "−"
+    return f"{shown} ({sign}{template.format(abs(delta))}{'' if value['differs'] else ', tie'})"
+
+
+def render(entries: list[dict[str, Any]], revision: str, output: str) -> str:
+    if output == "json":
+        return json.dumps({"against": revision, "recipes": entries}, indent=2) + "\n"
+    if output != "md":
+        raise BadInput(f"unknown output format {output!r}", where="--format",
+                       fix=f"use one of: {', '.join(OUTPUT_FORMATS)} with --against")
+    header = ["recipe", "status", *(label for label, _ in COLUMNS.values()), "verdict", "crossed a limit"]
+    lines = [f"Changes against `{revision}` (tie: within the measured noise)", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for entry in entries:
+        verdicts = entry["verdict"]
+        verdict = (verdicts["head"] or "removed") if verdicts["base"] in (None, verdicts["head"]) \
+            else f"{verdicts['base']} → {verdicts['head'] or 'removed'}"
+        cells = [entry["recipe"], entry["status"],
+                 *(_cell(entry["columns"][column], template) for column, (_, template) in COLUMNS.items()),
+                 verdict, "; ".join(entry["crossed"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def against(revision: str, output: str, log=print) -> str:
+    """The whole `qpipe compare --against REV` output."""
+    head = readable(workspace_results(), "workspace", log)
+    if not head:
+        raise BadInput("no gate results in the workspace", where=str(layout.GATES_DIR), fix="run `dvc repro` first")
+    base = readable(results_at(revision), revision, log)
+    return render(changes(base, head), revision, output)
