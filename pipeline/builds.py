@@ -3,7 +3,7 @@
 build@R writes artifacts/builds/R/ (the artifact and build.json, everything in it a function
 of the inputs, so that a byte-identical rebuild leaves every gate cached) and
 artifacts/runs/build@R.json (how long it took, its peak memory, when and with how many
-threads: a `cache: false` record beside it). Schemas: docs/design.md.
+threads: a record beside it that nothing depends on). Schemas: docs/design.md.
 """
 
 from __future__ import annotations

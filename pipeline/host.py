@@ -181,8 +181,13 @@ def probe(previous: dict[str, Any] | None = None, remeasure: bool = False) -> di
         "python": platform.python_version(),
     }
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    # one measurement per machine and fingerprint, so that every clone on it writes the same
+    # host.json and DVC's run-cache serves one clone's stages to another
+    stored = user_cache_dir() / f"bandwidth-{fingerprint}.json"
     if not remeasure and previous and previous.get("fingerprint") == fingerprint:
         bandwidth = previous["bandwidth"]
+    elif not remeasure and stored.is_file():
+        bandwidth = json.loads(stored.read_text())
     else:
         bandwidth = {
             "gb_s": measure_bandwidth_gb_s(threads=identity["cpu"]["logical_cores"]),
@@ -192,7 +197,19 @@ def probe(previous: dict[str, Any] | None = None, remeasure: bool = False) -> di
         if identity["gpus"]:  # import torch only where nvidia-smi found a device
             bandwidth["gpu_gb_s"] = measure_gpu_bandwidth_gb_s()
             bandwidth["gpu_method"] = "torch device-to-device copy of 1 GiB; bytes read + written; best of 10"
+    if remeasure or not stored.is_file():
+        from pipeline.files import write_json
+
+        write_json(stored, bandwidth)
     return {"fingerprint": fingerprint, **identity, "bandwidth": bandwidth}
+
+
+def user_cache_dir() -> Path:
+    """qpipe's per-user cache ($XDG_CACHE_HOME/qpipe, else ~/.cache/qpipe), where each
+    fingerprint's measured bandwidth is kept (gates.speed.lock_path puts the speed lock there too)."""
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qpipe"
 
 
 def worker_threads(requested: int, cpu: dict[str, Any] | None = None) -> int:

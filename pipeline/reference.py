@@ -95,7 +95,10 @@ class OutputLayer:
         tensors = {"weight": weight.contiguous()}
         if self.bias is not None:
             tensors["bias"] = self.bias.contiguous()
-        save_file(tensors, str(path), metadata={"softcap": json.dumps(self.softcap), "scale": json.dumps(self.scale)})
+        # one metadata key: safetensors writes several in a different order from run to run, and
+        # a re-run must write the same bytes
+        transform = json.dumps({"scale": self.scale, "softcap": self.softcap}, sort_keys=True)
+        save_file(tensors, str(path), metadata={"transform": transform})
 
     @classmethod
     def load(cls, path: Path) -> "OutputLayer":
@@ -104,8 +107,9 @@ class OutputLayer:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()
             bias = handle.get_tensor("bias").float() if "bias" in handle.keys() else None
+            transform = json.loads(metadata["transform"])
             return cls(weight=handle.get_tensor("weight").float(), bias=bias,
-                       softcap=json.loads(metadata["softcap"]), scale=json.loads(metadata["scale"]))
+                       softcap=transform["softcap"], scale=transform["scale"])
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Run records: what a stage measured about its own run (seconds, peak memory, threads, when).
 
-They live in artifacts/runs/<stage>.json, `cache: false` outputs beside the stage's hashed
-ones, so that a rerun that writes byte-identical outputs leaves every downstream stage cached.
+They live in artifacts/runs/<stage>.json, DVC metrics of their stage that nothing depends on,
+beside its hashed outputs: a rerun that writes byte-identical outputs leaves every downstream
+stage cached (docs/design.md, "Run records").
 """
 
 from __future__ import annotations

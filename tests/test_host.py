@@ -1,4 +1,12 @@
+import pytest
+
 from pipeline import host
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Probes here keep their bandwidth in a cache of their own, never the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 def test_probe_describes_the_host():
@@ -36,3 +44,14 @@ def test_gpu_bandwidth_is_none_without_cuda_and_positive_with_it():
         assert value > 1
     else:
         assert value is None
+
+
+def test_a_fresh_clone_on_the_same_machine_reuses_the_machines_bandwidth(tmp_path, monkeypatch):
+    measured = []
+    monkeypatch.setattr(host, "measure_bandwidth_gb_s", lambda **_: measured.append(1) or 42.0)
+    first = host.probe()                     # no host.json yet: measures, and keeps it per fingerprint
+    assert host.probe() == first             # another clone, no host.json either: the same file
+    assert measured == [1]
+    assert (tmp_path / "cache" / "qpipe" / f"bandwidth-{first['fingerprint']}.json").is_file()
+    host.probe(remeasure=True)
+    assert measured == [1, 1]
