@@ -33,38 +33,22 @@ def _git(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], capture_output=True, text=True)
 
 
-def results_at(revision: str) -> dict[str, dict[str, Any]]:
-    """The gate results committed at `revision`, by recipe."""
+def results_at(revision: str) -> list[tuple[str, dict[str, Any]]]:
+    """(revision, gate result) for every gate result committed at `revision`."""
     if _git("rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}").returncode != 0:
         raise BadInput(f"unknown revision {revision!r}", where="--against",
                        fix="name a commit, branch or tag git has here (in CI, fetch the base branch first)")
     listed = _git("ls-tree", "--name-only", revision, "--", f"{layout.GATES_DIR}/")
-    results = {}
-    for path in listed.stdout.split():
-        if path.endswith(".json"):
-            result = json.loads(_git("show", f"{revision}:{path}").stdout)
-            results[result["recipe"]] = result
-    return results
+    return [(revision, json.loads(_git("show", f"{revision}:{path}").stdout))
+            for path in listed.stdout.split() if path.endswith(".json")]
 
 
-def workspace_results() -> dict[str, dict[str, Any]]:
-    from pipeline.files import read_json
-
-    return {result["recipe"]: result for result in map(read_json, sorted(layout.GATES_DIR.glob("*.json")))}
-
-
-def readable(results: dict[str, dict[str, Any]], side: str, log) -> list[dict[str, Any]]:
-    """The results of a schema this qpipe reads, relative limits judged; the rest named and left out."""
+def judged(entries: list[tuple[str, dict[str, Any]]], log) -> list[dict[str, Any]]:
+    """The results of a schema this qpipe reads (``compare.readable``), relative limits judged."""
+    from pipeline.compare import readable
     from pipeline.gates import verdict
 
-    kept = []
-    for recipe, result in results.items():
-        version = result.get("schema_version", 1)
-        if version > layout.SCHEMA_VERSION:
-            log(f"left out {side} {recipe}: schema version {version}, this qpipe reads up to {layout.SCHEMA_VERSION}")
-        else:
-            kept.append(result)
-    return verdict.resolve(kept)
+    return verdict.resolve([result for _, result in readable(entries, log)])
 
 
 def changes(base: list[dict[str, Any]], head: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -147,8 +131,10 @@ def render(entries: list[dict[str, Any]], revision: str, output: str) -> str:
 
 def against(revision: str, output: str, log=print) -> str:
     """The whole `qpipe compare --against REV` output."""
-    head = readable(workspace_results(), "workspace", log)
+    from pipeline.compare import workspace_results
+
+    head = judged(workspace_results(), log)
     if not head:
         raise BadInput("no gate results in the workspace", where=str(layout.GATES_DIR), fix="run `dvc repro` first")
-    base = readable(results_at(revision), revision, log)
+    base = judged(results_at(revision), log)
     return render(changes(base, head), revision, output)

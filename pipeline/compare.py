@@ -69,24 +69,37 @@ def load_rows(workspace_only: bool, log=print) -> list[dict[str, Any]]:
     """Rows of every gate result: artifacts/gates/ alone, or every commit and experiment. A
     result written with a newer schema than this qpipe reads is left out, and `log` says so."""
     from pipeline import layout
+
+    entries = workspace_results() if workspace_only else gate_results(dvc_exp_show())
+    kept = readable(entries, log)
+    if not kept:
+        raise BadInput("no gate results" + (" this qpipe can read" if entries else ""), where=str(layout.GATES_DIR),
+                       fix="upgrade qpipe" if entries else "run `dvc repro` first")
+    return compare_rows(kept)
+
+
+def workspace_results() -> list[tuple[str, dict[str, Any]]]:
+    """("workspace", gate result) for every file in artifacts/gates/."""
+    from pipeline import layout
     from pipeline.files import read_json
 
-    if workspace_only:
-        entries = [("workspace", read_json(path)) for path in sorted(layout.GATES_DIR.glob("*.json"))]
-    else:
-        entries = gate_results(dvc_exp_show())
-    readable = []
+    return [("workspace", read_json(path)) for path in sorted(layout.GATES_DIR.glob("*.json"))]
+
+
+def readable(entries: list[tuple[str, dict[str, Any]]], log) -> list[tuple[str, dict[str, Any]]]:
+    """The (label, result) entries of a schema this qpipe reads; each other one is named through
+    `log` and left out. Results written before there were schema versions are version 1."""
+    from pipeline import layout
+
+    kept = []
     for label, result in entries:
-        version = result.get("schema_version", 1)  # results before schema versions are version 1
+        version = result.get("schema_version", 1)
         if version > layout.SCHEMA_VERSION:
             log(f"left out {label} {result.get('recipe')}: its gate result has schema version {version}, this "
                 f"qpipe reads up to {layout.SCHEMA_VERSION}; upgrade qpipe to compare it")
         else:
-            readable.append((label, result))
-    if not readable:
-        raise BadInput("no gate results" + (" this qpipe can read" if entries else ""), where=str(layout.GATES_DIR),
-                       fix="upgrade qpipe" if entries else "run `dvc repro` first")
-    return compare_rows(readable)
+            kept.append((label, result))
+    return kept
 
 
 def compare_rows(entries: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ def read_record(recipe: str) -> dict[str, Any] | None:
 
 def run_engine(name: str, log=print) -> dict[str, Any]:
     from pipeline import formats, runs
-    from pipeline.files import atomic_dir, read_json, write_json
+    from pipeline.files import atomic_dir, write_json
 
     recipe = formats.load_recipe(name)
     fmt = formats.module(recipe.format)
@@ -38,8 +38,7 @@ def run_engine(name: str, log=print) -> dict[str, Any]:
                        "reason": f"format {recipe.format} has no engine step (formats with one: "
                                  f"{', '.join(with_engines) or 'none'})"}
         else:
-            host_info = read_json(layout.HOST_FILE) if layout.HOST_FILE.is_file() else {}
-            outcome = hook(recipe, layout.build_dir(name), staging, host_info, log)
+            outcome = hook(recipe, layout.build_dir(name), staging, log)
         outcome, run_facts = runs.split(outcome)
         record = {"recipe": name, "format": recipe.format, **outcome}
         write_json(staging / layout.engine_record(name).name, record)

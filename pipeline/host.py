@@ -205,8 +205,8 @@ def probe(previous: dict[str, Any] | None = None, remeasure: bool = False) -> di
 
 
 def user_cache_dir() -> Path:
-    """qpipe's per-user cache ($XDG_CACHE_HOME/qpipe, else ~/.cache/qpipe), where each
-    fingerprint's measured bandwidth is kept (gates.speed.lock_path puts the speed lock there too)."""
+    """qpipe's per-user cache ($XDG_CACHE_HOME/qpipe, else ~/.cache/qpipe): each fingerprint's
+    measured bandwidth and the host-wide speed lock (gates.speed.lock_path)."""
     import os
 
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qpipe"

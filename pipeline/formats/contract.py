@@ -89,7 +89,7 @@ OPTIONAL_HOOKS: dict[str, tuple[str, ...]] = {
     # host facts the build depends on (written into artifacts/recipes/R.json)
     "host_build_knobs": ("host_info",),
     # the engine@R stage's work for this format: returns engine.json's status and facts
-    "build_engine": ("recipe", "build_dir", "out_dir", "host_info", "log"),
+    "build_engine": ("recipe", "build_dir", "out_dir", "log"),
     # the tools its build runs, for doctor: label -> where it is, or what is missing
     "tools": (),
 }

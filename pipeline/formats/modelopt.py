@@ -426,7 +426,7 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
 # ---------------------------------------------------------------- engine (the engine@R stage)
 
 
-def build_engine(recipe: Recipe, build_dir: Path, out_dir: Path, host_info: dict[str, Any], log) -> dict[str, Any]:
+def build_engine(recipe: Recipe, build_dir: Path, out_dir: Path, log) -> dict[str, Any]:
     """A TensorRT engine of the build's TensorRT-LLM checkpoint, in ``out_dir/<sm>-trt<version>/``
     with the tokenizer beside it; or ``not_run`` and why (exit 3 instead with ``engine.build:
     required``)."""
@@ -510,19 +510,21 @@ def weight_only_float_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-
 # ---------------------------------------------------------------- gates
+
+
+def _engine_record(build_dir: Path) -> dict[str, Any] | None:
+    """The engine@R stage's record for this build, None before that stage ran."""
+    from pipeline import layout
+    from pipeline.files import read_json
+
+    path = layout.engine_record(Path(build_dir).name)
+    return read_json(path) if path.is_file() else None
 
 
 def _engine(build_dir: Path | None) -> dict[str, Any] | None:
     """The engine@R stage's record for this build, if it built an engine."""
-    from pipeline import layout
-    from pipeline.files import read_json
-
-    if build_dir is None:
-        return None
-    path = layout.engine_record(Path(build_dir).name)
-    record = read_json(path) if path.is_file() else None
+    record = _engine_record(build_dir) if build_dir is not None else None
     return record if record and record.get("status") == "ok" else None
 
 
@@ -601,17 +603,14 @@ def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repe
 
 
 def speed_unavailable_reason(build_dir: Path | None = None) -> str | None:
-    from pipeline import layout
-    from pipeline.files import read_json
     from pipeline.runtimes import tensorrt_llm
 
     reason = tensorrt_llm.unavailable_reason()
     if reason or build_dir is None:
         return reason
-    path = layout.engine_record(Path(build_dir).name)
-    if not path.is_file():
+    record = _engine_record(build_dir)
+    if record is None:
         return "no engine record: run `qpipe engine <recipe>` (the engine@R stage) first"
-    record = read_json(path)
     return None if record.get("status") == "ok" else record.get("reason")
 
 

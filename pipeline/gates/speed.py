@@ -110,11 +110,9 @@ def lock_path():
     it exclusively, CPU-heavy work (reference, builds, accuracy scoring) shares it, so queued DVC
     experiments, two `dvc repro` runs and a CI runner's parallel jobs never measure speed while
     another qpipe process computes, nor two speeds at once."""
-    import os
-    from pathlib import Path
+    from pipeline.host import user_cache_dir
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "qpipe" / "speed.lock"
+    return user_cache_dir() / "speed.lock"
 
 
 class HostLock:
