@@ -1,7 +1,9 @@
 """Each recipe's change against a base revision: `qpipe compare --against REV`, for a pull request.
 
-The base side is the gate results committed at REV (artifacts/gates/*.json in git), the head
-side the workspace's. For every recipe on either side it gives size, ppl ratio, mean KLD,
+The base side is the gate results recorded at REV, read through DVC (`dvc exp show --rev REV`):
+from git at a revision that committed them (they were `cache: false` metrics then), else from
+the DVC cache or the project's remote by the hashes in REV's dvc.lock. The head side is
+the workspace's. For every recipe on either side it gives size, ppl ratio, mean KLD,
 top-1, prefill and decode as head value and change, marks a change within the measured noise
 as a tie (``report.differs``: speed against the repeats' spread, accuracy by a paired test over
 the windows both scored), and names the checks that crossed their limit either way.
@@ -29,18 +31,30 @@ COLUMNS = {
 OUTPUT_FORMATS = ("md", "json")
 
 
-def _git(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", *args], capture_output=True, text=True)
-
-
 def results_at(revision: str) -> list[tuple[str, dict[str, Any]]]:
-    """(revision, gate result) for every gate result committed at `revision`."""
-    if _git("rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}").returncode != 0:
+    """(revision, gate result) for every gate result recorded at `revision`. A result DVC cannot
+    read there (its object is in neither the cache nor the remote) stops with its path."""
+    from pipeline.compare import GATES_PREFIX, dvc_exp_show
+
+    known = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"],
+                           capture_output=True, text=True)
+    if known.returncode != 0:
         raise BadInput(f"unknown revision {revision!r}", where="--against",
                        fix="name a commit, branch or tag git has here (in CI, fetch the base branch first)")
-    listed = _git("ls-tree", "--name-only", revision, "--", f"{layout.GATES_DIR}/")
-    return [(revision, json.loads(_git("show", f"{revision}:{path}").stdout))
-            for path in listed.stdout.split() if path.endswith(".json")]
+    commit = known.stdout.strip()
+    shown = next((entry for entry in dvc_exp_show("--rev", commit, "-n", "1") if entry["rev"] == commit), None)
+    metrics = ((shown or {}).get("data") or {}).get("metrics") or {}
+    found = []
+    for path, entry in sorted(metrics.items()):
+        if not path.startswith(GATES_PREFIX):
+            continue
+        if "error" in entry:
+            raise BadInput(f"the gate result {path} of {revision} cannot be read: {entry['error'].get('msg')}",
+                           where="--against", fix="set up the project's DVC remote (docs/remote.md) or "
+                                                  f"`dvc pull` at {revision}, where its results were pushed")
+        if "verdict" in entry.get("data", {}):
+            found.append((revision, entry["data"]))
+    return found
 
 
 def judged(entries: list[tuple[str, dict[str, Any]]], log) -> list[dict[str, Any]]:

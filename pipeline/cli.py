@@ -211,8 +211,8 @@ def compare_command(
     descending: bool = typer.Option(False, "--descending", help="largest first"),
     output: str = typer.Option("md", "--format", help="md | csv | json"),
     workspace_only: bool = typer.Option(False, "--workspace-only", help="skip `dvc exp` experiments"),
-    against: str = typer.Option(None, "--against", help="a git revision: each recipe's change against its "
-                                                       "committed gate results (md | json), for a pull request"),
+    against: str = typer.Option(None, "--against", help="a git revision: each recipe's change against the "
+                                                       "gate results recorded there (md | json), for a pull request"),
 ):
     """Every artifact of the workspace and of `dvc exp` experiments in one table, Pareto front marked;
     with --against REV, each recipe's change against that revision."""

@@ -1,8 +1,9 @@
 """Compare artifacts across the workspace and `dvc exp` experiments, and recommend one.
 
-Gate results are DVC metrics files (artifacts/gates/R.json, committed to git), so DVC keeps
-them for every experiment; `dvc exp show --json` returns them for the workspace, each
-baseline commit and each experiment. One row per artifact is made with the report's own row
+Gate results are cached DVC metrics (artifacts/gates/R.json; dvc.lock holds their hashes, the
+DVC cache and remote their bytes), so DVC keeps them for every commit and experiment; `dvc exp
+show --json` returns them for the workspace, each baseline commit and each experiment, reading
+a result that is not in the local cache from the remote. One row per artifact is made with the report's own row
 function: one file (same sha256) scored on the same reference with the same verdict in
 several experiments is one candidate, never its own rival. Its speed is the median of its
 runs, and its noise the larger of the repeats' spread and the spread between the runs.
@@ -39,8 +40,8 @@ SPEED_COLUMNS = ("prefill_tok_s", "decode_tok_s", "decode_speedup", "ttft_ms", "
 # ---------------------------------------------------------------- reading experiments
 
 
-def dvc_exp_show() -> list[dict[str, Any]]:
-    result = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
+def dvc_exp_show(*options: str) -> list[dict[str, Any]]:
+    result = subprocess.run(["dvc", "exp", "show", "--json", *options], capture_output=True, text=True)
     if result.returncode != 0:
         raise QpipeError("`dvc exp show --json` failed", where="the DVC repository in the current directory",
                          fix=(result.stderr.strip().splitlines() or ["run qpipe from the project root"])[-1])

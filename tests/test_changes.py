@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 
 import pytest
@@ -18,20 +19,48 @@ def spread(result, stdev):
     return result
 
 
-@pytest.fixture
-def repo(tmp_path, monkeypatch):
-    """A git repository whose first commit holds three gate results."""
-    monkeypatch.chdir(tmp_path)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
-    subprocess.run(git + ["init", "-q"], check=True)
-    base = [spread(with_check(gate_result("q8", 0.004, 100.0), "max_mean_kld", 0.004, 0.01, "pass"), 1.0),
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+# a gate stage of qpipe's shape: the result is a cached DVC metric (dvc.yaml in the project)
+CACHED_GATES = """stages:
+  gate:
+    foreach: [q8, q4, gone]
+    do:
+      cmd: python copy.py ${item}
+      deps:
+        - results/${item}.json
+      metrics:
+        - artifacts/gates/${item}.json
+"""
+COPY = "import shutil, sys\nshutil.copy(f'results/{sys.argv[1]}.json', f'artifacts/gates/{sys.argv[1]}.json')\n"
+
+
+def base_results():
+    return [spread(with_check(gate_result("q8", 0.004, 100.0), "max_mean_kld", 0.004, 0.01, "pass"), 1.0),
             spread(with_check(gate_result("q4", 0.05, 150.0), "max_mean_kld", 0.05, 0.08, "pass"), 1.0),
             gate_result("gone", 0.1, None)]
-    for result in base:
-        (layout.GATES_DIR / f"{result['recipe']}.json").parent.mkdir(parents=True, exist_ok=True)
-        (layout.GATES_DIR / f"{result['recipe']}.json").write_text(json.dumps(result))
-    subprocess.run(git + ["add", "-A"], check=True)
-    subprocess.run(git + ["commit", "-qm", "base"], check=True)
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    """A DVC project whose first commit records three gate results, cached and pushed to a
+    directory remote; the local cache is then emptied, so the base side comes from the remote."""
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(GIT + ["init", "-q"], check=True)
+    subprocess.run(["dvc", "init", "-q"], check=True)
+    subprocess.run(["dvc", "remote", "add", "-q", "-d", "shared", str(tmp_path / "remote")], check=True)
+    (tmp_path / "dvc.yaml").write_text(CACHED_GATES)
+    (tmp_path / "copy.py").write_text(COPY)
+    (tmp_path / "results").mkdir()
+    layout.GATES_DIR.mkdir(parents=True)
+    for result in base_results():
+        (tmp_path / "results" / f"{result['recipe']}.json").write_text(json.dumps(result))
+    subprocess.run(["dvc", "repro", "-q"], check=True)
+    subprocess.run(["dvc", "push", "-q"], check=True)
+    subprocess.run(GIT + ["add", "-A"], check=True)
+    subprocess.run(GIT + ["commit", "-qm", "base"], check=True)
+    tracked = subprocess.run(["git", "ls-files", str(layout.GATES_DIR)], capture_output=True, text=True).stdout
+    assert tracked.split() == [f"{layout.GATES_DIR}/.gitignore"]  # DVC's; the results are not in git
+    shutil.rmtree(tmp_path / ".dvc" / "cache")
     return tmp_path
 
 
@@ -68,3 +97,30 @@ def test_a_fixed_check_and_an_unknown_revision(repo):
         changes.against("nope", "md", log=lambda _: None)
     with pytest.raises(BadInput, match="unknown output format"):
         changes.against("HEAD", "csv", log=lambda _: None)
+
+
+def test_a_base_result_in_neither_the_cache_nor_the_remote_is_named(repo):
+    head(gate_result("q8", 0.004, 100.0))
+    shutil.rmtree(repo / "remote")
+    with pytest.raises(BadInput, match="the gate result artifacts/gates/gone.json of HEAD cannot be read"):
+        changes.against("HEAD", "md", log=lambda _: None)
+
+
+def test_a_revision_that_committed_its_results_to_git_is_read_from_git(tmp_path, monkeypatch):
+    """Before the gate results were cached, they were `cache: false` metrics in git."""
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(GIT + ["init", "-q"], check=True)
+    subprocess.run(["dvc", "init", "-q"], check=True)
+    (tmp_path / "dvc.yaml").write_text(CACHED_GATES.replace(
+        "- artifacts/gates/${item}.json", "- artifacts/gates/${item}.json:\n            cache: false"))
+    (tmp_path / "copy.py").write_text(COPY)
+    (tmp_path / "results").mkdir()
+    layout.GATES_DIR.mkdir(parents=True)
+    for result in base_results():
+        (tmp_path / "results" / f"{result['recipe']}.json").write_text(json.dumps(result))
+    subprocess.run(["dvc", "repro", "-q"], check=True)
+    subprocess.run(GIT + ["add", "-A"], check=True)
+    subprocess.run(GIT + ["commit", "-qm", "base"], check=True)
+    head(gate_result("q8", 0.004, 100.0))
+    base = {result["recipe"]: result["accuracy"]["mean_kld"] for _, result in changes.results_at("HEAD")}
+    assert base == {"q8": 0.004, "q4": 0.05, "gone": 0.1}

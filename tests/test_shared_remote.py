@@ -1,11 +1,8 @@
 """Runners that share a DVC remote: one reproduces the shared stages, each other one its own
 recipe, and each pushes its outputs and run-cache; a last clone pulls the run-cache and
-reproduces the whole pipeline without re-running a shared stage or a build. Real DVC, a
-directory remote, clones of one repository on this machine (so every clone's host.json is
+reproduces the whole pipeline without re-running a shared stage, a build or a gate. Real DVC,
+a directory remote, clones of one repository on this machine (so every clone's host.json is
 the same: the bandwidth is kept per machine).
-
-The gates are run again in that last clone: their results are `cache: false` metrics, whose
-objects `dvc push --run-cache` does not send, so DVC cannot restore them elsewhere.
 """
 
 import shutil
@@ -66,7 +63,7 @@ def ran(output):
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
 
 
-def test_runners_share_the_shared_stages_and_the_builds_through_the_remote(origin):
+def test_runners_share_the_shared_stages_the_builds_and_the_gates_through_the_remote(origin):
     base, env = origin
     pull, push = ["dvc", "pull", "--run-cache"], ["dvc", "push", "--run-cache"]
     _, shared = in_clone(base, env, "shared", pull, ["dvc", "repro", "--pull", "source", "corpus", "reference"], push)
@@ -78,8 +75,12 @@ def test_runners_share_the_shared_stages_and_the_builds_through_the_remote(origi
         assert {f"build@{recipe}", f"gate@{recipe}"} <= set(ran(outputs[recipe]))
         assert not {"source", "corpus", "reference"} & set(ran(outputs[recipe])), outputs[recipe]
     last, report = in_clone(base, env, "report", pull, ["dvc", "repro", "--pull"])
-    assert not [stage for stage in ran(report) if stage.startswith(("source", "corpus", "reference", "build@"))], report
+    assert not [stage for stage in ran(report)
+                if stage.startswith(("source", "corpus", "reference", "build@", "gate@"))], report
     for recipe in RECIPES:
         assert f"Stage 'build@{recipe}' is cached - skipping run" in report
+        assert f"Stage 'gate@{recipe}' is cached - skipping run" in report
         assert (last / "artifacts" / "runs" / f"build@{recipe}.json").is_file()  # the run record came along
+        assert (last / "artifacts" / "gates" / f"{recipe}.json").read_bytes() == \
+            (base / f"runner-{recipe}" / "artifacts" / "gates" / f"{recipe}.json").read_bytes()
     assert {"report", "check"} <= set(ran(report))
