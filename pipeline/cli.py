@@ -38,6 +38,9 @@ def stage(function: Callable) -> Callable:
         from pipeline.errors import DEBUG_ENV, QpipeError, from_unexpected
 
         try:
+            from pipeline.ci import refuse_to_run
+
+            refuse_to_run(function.__name__.removesuffix("_command"))
             return function(*args, **kwargs)
         except QpipeError as error:
             typer.echo(error.one_line(), err=True)
@@ -255,6 +258,7 @@ def recommend_command(
 def publish_command(
     to: str = typer.Option(..., "--to", help="dir://PATH | oci://HOST[:PORT]/REPOSITORY | hf://ORG/NAME"),
     include_failed: bool = typer.Option(False, "--include-failed", help="also publish artifacts that did not pass"),
+    gto_tag: bool = typer.Option(False, "--gto-tag", help="tag each new registry version RECIPE@vX.Y.Z at HEAD (GTO)"),
 ):
     """Publish every artifact whose verdict is pass, with model card, SHA256SUMS and provenance."""
     from pipeline import publish
@@ -263,6 +267,10 @@ def publish_command(
     for entry in published:
         typer.echo(f"{entry['recipe']}\t{entry['version']}\t{'pushed' if entry['pushed'] else 'unchanged'}\t"
                    f"{entry['location']}")
+    if gto_tag:
+        from pipeline import versions
+
+        versions.register(published, log=log)
 
 
 @app.command("doctor")
@@ -321,6 +329,63 @@ def setup_converter_command():
 
     path = gguf.setup_converter()
     typer.echo(f"converter ready: {path}")
+
+
+ci_app = typer.Typer(help="Run qpipe in a team's CI: one job per recipe, a shared DVC remote (docs/ci.md).",
+                     no_args_is_help=True)
+app.add_typer(ci_app, name="ci")
+
+
+def _labels(text: str | None) -> list[str] | None:
+    return None if text is None else [label.strip() for label in text.split(",") if label.strip()]
+
+
+@ci_app.command("init")
+@stage
+def ci_init_command(
+    platform: str = typer.Argument(..., help="github | gitlab"),
+    cpu_labels: str = typer.Option(None, help="runner labels (GitHub runs-on, GitLab tags) for CPU jobs, comma-separated"),
+    gpu_labels: str = typer.Option(None, help="runner labels for recipes whose format needs a GPU runtime"),
+    force: bool = typer.Option(False, "--force", help="replace an existing workflow"),
+    check: bool = typer.Option(False, "--check", help="write nothing; exit 2 if the written workflow's recipe "
+                                                     "matrix differs from params.yaml's"),
+):
+    """Write .github/workflows/qpipe.yml or .gitlab-ci.yml: a job per recipe of params.yaml."""
+    from pathlib import Path
+
+    from pipeline import ci
+    from pipeline.errors import BadInput
+
+    recipes = _params().recipes
+    if check:
+        path = Path(ci.platform_module(platform).PATH)
+        problem = ci.stale_reason(platform, path, ci.jobs(recipes))
+        if problem:
+            raise BadInput(f"the workflow is stale: {problem}", where=str(path),
+                           fix=f"`qpipe ci init {platform} --force` and commit it")
+        log(f"{path} lists every recipe of params.yaml on the runner its format needs")
+        return
+    ci.init(platform, recipes, _labels(cpu_labels), _labels(gpu_labels), force, log=log)
+
+
+@ci_app.command("gather")
+@stage
+def ci_gather_command(hosts: str = typer.Option("ci-hosts", help="folder of RECIPE.json: each runner's host.json")):
+    """The report job: restore every recipe's stages from the run-cache under its runner's host.json."""
+    from pathlib import Path
+
+    from pipeline import ci
+
+    ci.gather(_params().recipes, Path(hosts), log=log)
+
+
+@ci_app.command("comment")
+@stage
+def ci_comment_command(against: str = typer.Option(None, "--against", help="the base revision to compare with")):
+    """The pull-request comment (markdown on stdout): report table, changes against the base, plot."""
+    from pipeline import ci
+
+    typer.echo(ci.comment(against, log=log), nl=False)
 
 
 def main() -> None:

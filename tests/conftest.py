@@ -13,11 +13,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def tracked_files() -> list[str]:
-    """The project's source files: git's files without the committed gate results."""
+    """The project's source files: git's tracked files and the untracked ones it does not ignore."""
     result = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
                             cwd=REPO, capture_output=True, text=True, check=True)
-    return [line for line in result.stdout.splitlines()
-            if (REPO / line).is_file() and not line.startswith("artifacts/gates/")]
+    return [line for line in result.stdout.splitlines() if (REPO / line).is_file()]
 
 
 @pytest.fixture

@@ -78,6 +78,7 @@ INFO = FormatInfo(
     # transformers decompresses compressed-tensors into the checkpoint dtype (3.2 B/param measured)
     gate_memory=Factors(0.75 * GIB, 2.0, 12.0),
     gate_maps_artifact=False,
+    gpu_runtime="vllm",
 )
 
 # calibration runs on the GPU where there is one, with gpu_calibration_samples

@@ -34,6 +34,9 @@ class FormatInfo:
     build_memory: Factors       # peak memory of its build on the CPU (memory.estimate)
     gate_memory: Factors        # peak memory of its accuracy gate on the CPU
     gate_maps_artifact: bool    # the gate's runtime maps the artifact file whole (llama.cpp)
+    # the qpipe extra of the runtime whose engine or speed gate needs a CUDA GPU (vllm, trtllm);
+    # None: the format gates fully on a CPU. `qpipe ci init` runs its recipes on GPU runners.
+    gpu_runtime: str | None = None
 
 
 class Format(Protocol):

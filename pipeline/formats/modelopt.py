@@ -127,6 +127,7 @@ INFO = FormatInfo(
     # the checkpoint emulation: fp32 weights rebuilt from the stored codes (6.9 B/param measured)
     gate_memory=Factors(0.75 * GIB, 4.0, 12.0),
     gate_maps_artifact=False,
+    gpu_runtime="trtllm",
 )
 
 # calibration runs on the GPU where there is one, with gpu_calibration_samples
