@@ -32,7 +32,8 @@ def run_baselines(speed_params, log=print) -> dict[str, Any]:
                 with speed.HostLock() as held:
                     measured = fmt.baseline_speed(layout.SOURCE_DIR, prompt, gen_tokens=speed_params.gen_tokens,
                                                   repeats=speed_params.repeats, warmup=speed_params.warmup,
-                                                  threads=threads, concurrency=speed_params.concurrency)
+                                                  threads=threads, concurrency=speed_params.concurrency,
+                                                  gpu_layers=speed_params.n_gpu_layers)
                 result = {"format": name, "status": "ok", "runtime": fmt.runtime_name(None), "threads": threads,
                           "prompt_tokens": len(prompt), "gen_tokens": speed_params.gen_tokens, **measured}
                 result = speed.contended(result, held.record(), cpu_runtime=not host_info.get("gpus"))

@@ -168,6 +168,9 @@ class SpeedParams(Strict):
     threads: int = Field(0, ge=0, description="CPU threads; 0 = one per physical core")
     concurrency: int = Field(8, ge=1, description="requests at once for output throughput, where the runtime "
                              "batches (vLLM, TensorRT-LLM)")
+    n_gpu_layers: int = Field(-1, ge=-1, description="llama.cpp: layers on the GPU in both GGUF gates and the "
+                              "baseline, where its build supports offload (llama_supports_gpu_offload); -1 = all, "
+                              "0 = none. vLLM and TensorRT-LLM place the whole model on the GPU")
 
 
 class Params(Strict):

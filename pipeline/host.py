@@ -91,7 +91,21 @@ def gpus() -> list[dict[str, Any]]:
         if len(parts) == 4:
             found.append({"name": parts[0], "memory_gb": round(float(parts[1]) / 1024, 1),
                           "driver": parts[2], "compute_capability": parts[3]})
-    return found
+    cuda = driver_cuda_version(smi) if found else None
+    return [{**gpu, "cuda": cuda} for gpu in found]
+
+
+def driver_cuda_version(smi: str) -> str | None:
+    """The CUDA version the driver supports, from nvidia-smi's header ("CUDA Version: 12.8"):
+    its --query-gpu fields do not include it."""
+    import re
+
+    try:
+        header = subprocess.run([smi], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"CUDA Version:\s*([0-9.]+)", header)
+    return found.group(1) if found else None
 
 
 def has_cuda_gpu() -> bool:

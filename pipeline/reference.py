@@ -149,9 +149,23 @@ def make_windows(ids: list[int], windows: int, window_tokens: int, text_path: Pa
     return np.asarray(ids[:need], dtype=np.int32).reshape(windows, window_tokens)
 
 
-def score_windows(model, windows: np.ndarray, device: str, progress=None):
+def windows_per_batch(device: str, window_tokens: int, vocabulary: int, free_bytes: int | None = None) -> int:
+    """Windows scored at once: one on the CPU (the logits of one window are what its memory
+    check counts), and on a GPU as many as a quarter of its free memory holds, at float32 logits
+    plus their log-softmax chunk."""
+    if device != "cuda":
+        return 1
+    if free_bytes is None:
+        import torch
+
+        free_bytes, _ = torch.cuda.mem_get_info()
+    per_window = window_tokens * vocabulary * 4 * 2
+    return max(1, int(free_bytes // 4 // per_window))
+
+
+def score_windows(model, windows: np.ndarray, device: str, progress=None, batch: int = 1):
     """Per-position NLL of the next token from the model's own logits, and the input of its
-    output layer at every position ([W, T-1] and [W, T-1, d] float32)."""
+    output layer at every position ([W, T-1] and [W, T-1, d] float32); `batch` windows at once."""
     import torch
 
     captured = {}
@@ -160,21 +174,23 @@ def score_windows(model, windows: np.ndarray, device: str, progress=None):
     nll, hidden, logits_of_first = [], [], None
     try:
         with torch.inference_mode():
-            for index, window in enumerate(windows):
-                ids = torch.as_tensor(window, dtype=torch.long, device=device)[None]
-                logits = model(ids).logits[0, :-1]
-                targets = ids[0, 1:]
-                window_nll = []
-                for start in range(0, logits.shape[0], POSITIONS_PER_CHUNK):
-                    logprobs = torch.log_softmax(logits[start:start + POSITIONS_PER_CHUNK].float(), dim=-1)
-                    window_nll.append(-logprobs.gather(1, targets[start:start + POSITIONS_PER_CHUNK, None])[:, 0])
-                nll.append(torch.cat(window_nll).cpu().numpy())
-                hidden.append(captured.pop("hidden")[0, :-1].float().cpu().numpy())
-                if index == 0:
-                    logits_of_first = logits[:POSITIONS_PER_CHUNK].float().cpu()
-                del logits
-                if progress:
-                    progress(index + 1)
+            for first in range(0, len(windows), batch):
+                ids = torch.as_tensor(np.asarray(windows[first:first + batch]), dtype=torch.long, device=device)
+                batch_logits = model(ids).logits[:, :-1]
+                batch_hidden = captured.pop("hidden")
+                for row in range(ids.shape[0]):
+                    logits, targets = batch_logits[row], ids[row, 1:]
+                    window_nll = []
+                    for start in range(0, logits.shape[0], POSITIONS_PER_CHUNK):
+                        logprobs = torch.log_softmax(logits[start:start + POSITIONS_PER_CHUNK].float(), dim=-1)
+                        window_nll.append(-logprobs.gather(1, targets[start:start + POSITIONS_PER_CHUNK, None])[:, 0])
+                    nll.append(torch.cat(window_nll).cpu().numpy())
+                    hidden.append(batch_hidden[row, :-1].float().cpu().numpy())
+                    if first + row == 0:
+                        logits_of_first = logits[:POSITIONS_PER_CHUNK].float().cpu()
+                    if progress:
+                        progress(first + row + 1)
+                del batch_logits, batch_hidden
     finally:
         hook.remove()
     return np.stack(nll), np.stack(hidden), logits_of_first
@@ -228,7 +244,9 @@ def run(params: ReferenceParams, source_dir: Path, evaluation_text: Path, out_di
     from tqdm import tqdm
 
     with tqdm(total=len(windows), desc="reference windows", unit="win", leave=False) as bar:
-        nll, hidden, logits_of_first = score_windows(model, windows, device, progress=lambda n: bar.update(1))
+        batch = windows_per_batch(device, params.window_tokens, model.config.get_text_config().vocab_size)
+        nll, hidden, logits_of_first = score_windows(model, windows, device, progress=lambda n: bar.update(1),
+                                                     batch=batch)
     elapsed = time.perf_counter() - started
     output_layer = OutputLayer.of(model)
     architecture = (model.config.architectures or [type(model).__name__])[0]

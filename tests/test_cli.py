@@ -20,7 +20,8 @@ def test_doctor_reports_host_runtimes_and_tools():
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 0, result.output
     for line in ["CPU", "memory", "GPU", "runtimes", "llama_cpp 0.3", "converter", "can build  gguf, awq, modelopt",
-                 "can gate   awq accuracy via", "can gate   modelopt accuracy via the checkpoint emulation"]:
+                 "can gate   awq accuracy via", "can gate   modelopt accuracy via the checkpoint emulation",
+                 "offload    no, this llama.cpp is a CPU build"]:
         assert line in result.output
 
 

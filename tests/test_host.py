@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from pipeline import host
@@ -55,3 +57,13 @@ def test_a_fresh_clone_on_the_same_machine_reuses_the_machines_bandwidth(tmp_pat
     assert (tmp_path / "cache" / "qpipe" / f"bandwidth-{first['fingerprint']}.json").is_file()
     host.probe(remeasure=True)
     assert measured == [1, 1]
+
+
+def test_gpus_come_from_nvidia_smi_with_the_drivers_cuda_version(tmp_path, monkeypatch):
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text('#!/bin/sh\nif [ -n "$1" ]; then echo "NVIDIA H200, 143771, 570.124.06, 9.0"; else\n'
+                   'echo "| NVIDIA-SMI 570.124.06   Driver Version: 570.124.06   CUDA Version: 12.8     |"; fi\n')
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert host.gpus() == [{"name": "NVIDIA H200", "memory_gb": 140.4, "driver": "570.124.06",
+                            "compute_capability": "9.0", "cuda": "12.8"}]

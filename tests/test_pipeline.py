@@ -25,6 +25,7 @@ speed:
   warmup: 1
   threads: 0
   concurrency: 8
+  n_gpu_layers: -1
 recipes:
   - gguf-q8_0
   - gguf-q4_0

@@ -57,6 +57,27 @@ def test_the_output_layer_recomputes_every_family_s_logits(family_model, tmp_pat
     assert check_reproduced(loaded, hidden[0], logits, "float32", family) < 1e-4
 
 
+def test_windows_scored_in_a_batch_give_the_figures_of_windows_scored_one_by_one(family_model):
+    from pipeline.reference import score_windows
+
+    _, model = family_model
+    windows = np.random.default_rng(1).integers(3, 1000, size=(3, 24)).astype(np.int32)
+    one_by_one = score_windows(model, windows, "cpu")
+    batched = score_windows(model, windows, "cpu", batch=2)  # what a GPU host does, here on the CPU
+    for single, together in zip(one_by_one[:2], batched[:2]):
+        np.testing.assert_allclose(single, together, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(one_by_one[2].numpy(), batched[2].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_batch_is_one_window_on_the_cpu_and_fits_a_quarter_of_the_gpus_free_memory():
+    from pipeline.reference import windows_per_batch
+
+    assert windows_per_batch("cpu", 512, 128256) == 1
+    per_window = 512 * 128256 * 4 * 2  # float32 logits and their log-softmax
+    assert windows_per_batch("cuda", 512, 128256, free_bytes=100 * per_window) == 25
+    assert windows_per_batch("cuda", 512, 128256, free_bytes=per_window) == 1
+
+
 def test_a_logit_transform_the_reference_does_not_know_is_refused(family_model):
     from pipeline.reference import OutputLayer, check_reproduced, score_windows
 

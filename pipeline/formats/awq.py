@@ -388,20 +388,73 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
 # ---------------------------------------------------------------- gates
 
 
-def _runtime():
-    """vLLM where it can run, else transformers (accuracy only)."""
+# vLLM fuses these projections into one layer, whose kernel must take the summed output width
+# (QKVParallelLinear, MergedColumnParallelLinear)
+VLLM_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+              "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def vllm_layers(build_dir: Path) -> dict[str, tuple[int, int]]:
+    """Every quantized linear layer as vLLM builds it, name -> [in, out], from the checkpoint's
+    config on the meta device (no weights read)."""
+    import torch
+
+    from pipeline.runtimes.transformers import meta_model
+
+    ignore = _quantization_config(build_dir).get("ignore") or []
+    layers: dict[str, tuple[int, int]] = {}
+    for name, module in meta_model(build_dir).named_modules():
+        if isinstance(module, torch.nn.Linear) and not is_ignored(name, ignore):
+            parent, _, leaf = name.rpartition(".")
+            fused = f"{parent}.{VLLM_FUSED.get(leaf, leaf)}" if parent else leaf
+            width, outputs = layers.get(fused, (module.in_features, 0))
+            layers[fused] = (width, outputs + module.out_features)
+    return layers
+
+
+def _quantization_config(build_dir: Path) -> dict[str, Any]:
+    return json.loads((artifact_path(build_dir) / "config.json").read_text()).get("quantization_config") or {}
+
+
+def vllm_unavailable_reason(build_dir: Path | None) -> str | None:
+    """Why vLLM cannot serve this build here: vLLM or a GPU missing, or no kernel of the
+    installed vLLM for one of its layer shapes with its scheme and dtype."""
+    from pipeline.runtimes import vllm
+
+    reason = vllm.unavailable_reason()
+    if reason or build_dir is None:
+        return reason
+    (group,) = _quantization_config(build_dir)["config_groups"].values()
+    weights = group["weights"]
+    dtype = json.loads((artifact_path(build_dir) / "config.json").read_text()).get("dtype") or "bfloat16"
+    problems = vllm.kernel_problems(vllm_layers(build_dir), bits=weights["num_bits"], group_size=weights["group_size"],
+                                    symmetric=weights["symmetric"], dtype=dtype)
+    if problems:
+        return (f"vLLM {vllm.version()} has no mixed-precision kernel for {len(problems)} layer shape(s) of this "
+                f"{'symmetric' if weights['symmetric'] else 'asymmetric'} {weights['num_bits']}-bit group-"
+                f"{weights['group_size']} {dtype} checkpoint: {problems[0]}")
+    return None
+
+
+def _runtime(build_dir: Path | None = None):
+    """vLLM where it can serve this build, else transformers (accuracy only)."""
     from pipeline.runtimes import transformers as hf
     from pipeline.runtimes import vllm
 
-    return vllm if vllm.unavailable_reason() is None else hf
+    return vllm if vllm_unavailable_reason(build_dir) is None else hf
 
 
 def runtime_name(build_dir: Path | None = None) -> str:
-    return _runtime().name()
+    return _runtime(build_dir).name()
 
 
-def window_logits(build_dir: Path, windows: np.ndarray, threads: int) -> Iterator[np.ndarray]:
-    yield from _runtime().window_logits(artifact_path(build_dir), windows, threads=threads)
+def window_logits(build_dir: Path, windows: np.ndarray, threads: int, gpu_layers: int) -> Iterator[np.ndarray]:
+    """vLLM or transformers place the whole model on one device: `gpu_layers` is llama.cpp's."""
+    yield from _runtime(build_dir).window_logits(artifact_path(build_dir), windows, threads=threads)
+
+
+def accuracy_device(build_dir: Path, gpu_layers: int) -> str:
+    return _runtime(build_dir).device()
 
 
 def tokenize(build_dir: Path, text: str) -> list[int]:
@@ -411,7 +464,7 @@ def tokenize(build_dir: Path, text: str) -> list[int]:
 
 
 def measure_speed(build_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                  threads: int, concurrency: int) -> dict[str, Any]:
+                  threads: int, concurrency: int, gpu_layers: int) -> dict[str, Any]:
     from pipeline.runtimes import vllm
 
     return vllm.measure_speed(artifact_path(build_dir), prompt, gen_tokens=gen_tokens, repeats=repeats,
@@ -419,7 +472,7 @@ def measure_speed(build_dir: Path, prompt: list[int], *, gen_tokens: int, repeat
 
 
 def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                   threads: int, concurrency: int) -> dict[str, Any]:
+                   threads: int, concurrency: int, gpu_layers: int) -> dict[str, Any]:
     """The unquantized checkpoint served by vLLM with the same prompt and settings."""
     from pipeline.runtimes import vllm
 
@@ -429,10 +482,8 @@ def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repe
 
 
 def speed_unavailable_reason(build_dir: Path | None = None) -> str | None:
-    from pipeline.runtimes import vllm
-
-    return vllm.unavailable_reason()
+    return vllm_unavailable_reason(build_dir)
 
 
 def accuracy_unavailable_reason(build_dir: Path | None = None) -> str | None:
-    return _runtime().unavailable_reason()
+    return _runtime(build_dir).unavailable_reason()

@@ -66,18 +66,24 @@ class Format(Protocol):
     def runtime_name(self, build_dir: Path | None = None) -> str:
         """What the gates run the artifact with (``None``: what they would run here)."""
 
-    def window_logits(self, build_dir: Path, windows, threads: int) -> Iterator:
-        """[T, V] logits of each token window, through the native runtime or a declared emulation."""
+    def window_logits(self, build_dir: Path, windows, threads: int, gpu_layers: int) -> Iterator:
+        """[T, V] logits of each token window, through the native runtime or a declared emulation.
+        ``gpu_layers`` is params ``speed.n_gpu_layers`` (llama.cpp's offload, -1 = all); a runtime
+        that places the whole model on the GPU ignores it."""
+
+    def accuracy_device(self, build_dir: Path, gpu_layers: int) -> str:
+        """Where ``window_logits`` runs here: "cpu", "gpu", or "gpu+cpu" (a partial offload)."""
 
     def tokenize(self, build_dir: Path, text: str) -> list[int]:
         """The artifact's own tokenizer's ids for ``text``."""
 
     def measure_speed(self, build_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                      threads: int, concurrency: int) -> dict[str, Any]:
-        """Batch-1 prefill/decode/TTFT/ITL on the native runtime (``measure.summarize_runs``'s keys)."""
+                      threads: int, concurrency: int, gpu_layers: int) -> dict[str, Any]:
+        """Batch-1 prefill/decode/TTFT/ITL on the native runtime (``measure.summarize_runs``'s keys),
+        and ``device``: where it ran ("cpu", "gpu" or "gpu+cpu"), which picks the roofline's bandwidth."""
 
     def baseline_speed(self, source_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                       threads: int, concurrency: int) -> dict[str, Any]:
+                       threads: int, concurrency: int, gpu_layers: int) -> dict[str, Any]:
         """The unquantized model's speed on the same runtime, for ``decode_speedup``."""
 
     def accuracy_unavailable_reason(self, build_dir: Path | None = None) -> str | None:

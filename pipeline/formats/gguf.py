@@ -192,6 +192,11 @@ def tools() -> dict[str, str]:
         found["imatrix"] = str(llama_tool("llama-imatrix")[0])
     except HostLacks as missing:
         found["imatrix"] = f"missing: {missing.fix}"
+    from pipeline.runtimes import llama_cpp
+
+    found["offload"] = ("yes: the GGUF gates put params speed.n_gpu_layers layers on the GPU (-1 = all)"
+                        if llama_cpp.supports_gpu_offload() else
+                        "no, this llama.cpp is a CPU build (README: GGUF gates on a GPU)")
     return found
 
 
@@ -536,10 +541,17 @@ def runtime_name(build_dir: Path | None = None) -> str:
     return runtime.name()
 
 
-def window_logits(build_dir: Path, windows: np.ndarray, threads: int) -> Iterator[np.ndarray]:
+def window_logits(build_dir: Path, windows: np.ndarray, threads: int, gpu_layers: int) -> Iterator[np.ndarray]:
     from pipeline.runtimes import llama_cpp as runtime
 
-    yield from runtime.window_logits(artifact_path(build_dir), windows, threads=threads)
+    yield from runtime.window_logits(artifact_path(build_dir), windows, threads=threads,
+                                     n_gpu_layers=runtime.gpu_layers(gpu_layers))
+
+
+def accuracy_device(build_dir: Path, gpu_layers: int) -> str:
+    from pipeline.runtimes import llama_cpp as runtime
+
+    return runtime.offload(artifact_path(build_dir), runtime.gpu_layers(gpu_layers))["device"]
 
 
 def tokenize(build_dir: Path, text: str) -> list[int]:
@@ -549,25 +561,27 @@ def tokenize(build_dir: Path, text: str) -> list[int]:
 
 
 def measure_speed(build_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int,
-                  warmup: int, threads: int, concurrency: int) -> dict[str, Any]:
-    """Batch 1 only: llama-cpp-python serves one sequence at a time, so `concurrency` is unused."""
+                  warmup: int, threads: int, concurrency: int, gpu_layers: int) -> dict[str, Any]:
+    """Batch 1 only: llama-cpp-python serves one sequence at a time, so `concurrency` is unused.
+    Every layer goes to the GPU where this llama.cpp offloads (or params speed.n_gpu_layers)."""
     from pipeline.runtimes import llama_cpp as runtime
 
-    return runtime.measure_speed(artifact_path(build_dir), prompt, gen_tokens=gen_tokens,
-                                 repeats=repeats, warmup=warmup, threads=threads, concurrency=concurrency)
+    return runtime.measure_speed(artifact_path(build_dir), prompt, gen_tokens=gen_tokens, repeats=repeats,
+                                 warmup=warmup, threads=threads, concurrency=concurrency,
+                                 n_gpu_layers=runtime.gpu_layers(gpu_layers))
 
 
 def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                   threads: int, concurrency: int) -> dict[str, Any]:
+                   threads: int, concurrency: int, gpu_layers: int) -> dict[str, Any]:
     """Speed of the unquantized model in this format: the f16 GGUF from the same converter,
-    measured on the same runtime with the same prompt and settings as the gates."""
+    measured on the same runtime with the same prompt, settings and offload as the gates."""
     from pipeline.runtimes import llama_cpp as runtime
 
     with tempfile.TemporaryDirectory(prefix="qpipe-baseline-") as scratch:
         f16 = Path(scratch) / "model-f16.gguf"
         convert(source_dir, f16, "f16", converter_info()["path"])
         measured = runtime.measure_speed(f16, prompt, gen_tokens=gen_tokens, repeats=repeats,
-                                         warmup=warmup, threads=threads)
+                                         warmup=warmup, threads=threads, n_gpu_layers=runtime.gpu_layers(gpu_layers))
         return {"artifact": "f16 GGUF (llama.cpp converter)", "bytes": f16.stat().st_size, **measured}
 
 

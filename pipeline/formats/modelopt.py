@@ -79,7 +79,8 @@ class EngineKnobs(Strict):
                                                         "TensorRT-LLM < 1.3 are present, else not_run; required: "
                                                         "exit 3 where they are not; never: do not build")
     max_batch_size: int = Field(8, ge=1, description="trtllm-build --max_batch_size")
-    max_input_len: int = Field(1024, ge=1, description="trtllm-build --max_input_len")
+    max_input_len: int = Field(1024, ge=1, description="trtllm-build --max_input_len (TensorRT-LLM 1.2 ignores it "
+                               "with padding removal and fused attention: max_seq_len bounds a prompt)")
     max_seq_len: int = Field(2048, ge=2, description="trtllm-build --max_seq_len")
     max_num_tokens: int = Field(8192, ge=1, description="trtllm-build --max_num_tokens")
 
@@ -469,46 +470,70 @@ def build_engine(recipe: Recipe, build_dir: Path, out_dir: Path, log) -> dict[st
 
 
 def _trtllm_build(checkpoint_dir: Path, engine_dir: Path, knobs: EngineKnobs, log) -> dict[str, Any]:
-    """trtllm-build on a checkpoint as TensorRT-LLM reads it (a W8A16 one handed over as float weights)."""
+    """trtllm-build on a checkpoint as TensorRT-LLM reads it (a W8A16 one handed over in its
+    kernel layout, ``weight_only_int8_checkpoint``)."""
     from pipeline.runtimes import tensorrt_llm
 
-    quant = json.loads((checkpoint_dir / "config.json").read_text()).get("quantization") or {}
+    config = json.loads((checkpoint_dir / "config.json").read_text())
     handover = engine_dir.parent / (engine_dir.name + ".w8a16-input")
-    source = weight_only_float_checkpoint(checkpoint_dir, handover) if quant.get("quant_algo") == "W8A16" \
-        else checkpoint_dir
+    facts: dict[str, Any] = {}
+    source = checkpoint_dir
+    if (config.get("quantization") or {}).get("quant_algo") == "W8A16":
+        import torch
+
+        model_dtype = getattr(torch, config["dtype"])
+        layout = tensorrt_llm.weight_only_kernel_layout(model_dtype)
+        source, facts = weight_only_int8_checkpoint(checkpoint_dir, handover, layout, model_dtype)
     try:
-        return tensorrt_llm.build_engine(source, engine_dir, max_batch_size=knobs.max_batch_size,
-                                         max_input_len=knobs.max_input_len, max_seq_len=knobs.max_seq_len,
-                                         max_num_tokens=knobs.max_num_tokens, log=log)
+        built = tensorrt_llm.build_engine(source, engine_dir, max_batch_size=knobs.max_batch_size,
+                                          max_input_len=knobs.max_input_len, max_seq_len=knobs.max_seq_len,
+                                          max_num_tokens=knobs.max_num_tokens, log=log)
+        return {**built, **({"w8a16_handover": facts} if facts else {})}
     finally:
         shutil.rmtree(handover, ignore_errors=True)
 
 
-def weight_only_float_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Path:
-    """TensorRT-LLM 1.2 takes an int8 W8A16 weight in a checkpoint as already in the
-    transposed, preprocessed layout of its weight-only kernels (``preprocess_weights``), while
-    ModelOpt writes plain [out, in] codes. TensorRT-LLM's own ModelOpt flow writes float
-    weights and lets the loader quantize them per output channel (amax / 127); so does this,
-    in fp32, where code x scale re-quantizes to exactly the stored code (in bf16 the rounding
-    of each row's amax can move a code by one)."""
+def weight_only_int8_checkpoint(checkpoint_dir: Path, out_dir: Path, kernel_layout, model_dtype) -> tuple[Path, dict]:
+    """The W8A16 checkpoint as TensorRT-LLM 1.2 loads int8 weights: each ModelOpt [out, in]
+    code matrix transposed to [in, out] and put in the kernel layout by TensorRT-LLM's own
+    preprocessing (``kernel_layout``), with its scale as ``per_channel_scale`` in the model
+    dtype, the dtype the weight-only GEMM takes its scales in (WeightOnlyQuantLinear).
+
+    Float weights would not do: TensorRT-LLM re-quantizes a float W8A16 weight with scale =
+    amax / 128 (cutlass_preprocessors.cpp, ``symmetric_quantize``: ``quant_range_scale = 1.f /
+    float(1 << (bits_in_type - 1))``, rounding with ``round``, clipping to [-128, 127]), while
+    ModelOpt's codes use amax / 127. From code x scale the engine's codes would come back as
+    round(c x 128 / 127), about half of them moved by one; and no float input reproduces a
+    channel whose amax is a negative weight. An int8 weight it loads as it is
+    (convert_utils.py, ``weight_only_quantize_dict`` skips torch.int8). Returns the folder and
+    what the handover changed: the scales' rounding to the model dtype."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    from pipeline.runtimes.checkpoint_emulation import dequantize
-
     config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
+    largest_rounding, layers = 0.0, 0
     for path in sorted(Path(checkpoint_dir).glob("rank*.safetensors")):
         tensors = load_file(path)
         converted = {}
         for key, tensor in tensors.items():
             if key.endswith(".weights_scaling_factor"):
                 continue
-            scale = tensors.get(key.removesuffix(".weight") + ".weights_scaling_factor")
-            converted[key] = dequantize(tensor, scale) if tensor.dtype == torch.int8 else tensor
+            if tensor.dtype != torch.int8:
+                converted[key] = tensor
+                continue
+            prefix = key.removesuffix(".weight")
+            scale = tensors[prefix + ".weights_scaling_factor"].reshape(-1).float()
+            held = scale.to(model_dtype)
+            largest_rounding = max(largest_rounding, float(((held.float() - scale).abs() / scale).max()))
+            converted[key] = kernel_layout(tensor.t().contiguous())
+            converted[prefix + ".per_channel_scale"] = held
+            layers += 1
         save_file(converted, out_dir / path.name)
     (out_dir / "config.json").write_text(json.dumps(config, indent=4))
-    return out_dir
+    return out_dir, {"layers": layers, "codes": "the checkpoint's, in TensorRT-LLM's kernel layout",
+                     "scale_dtype": str(model_dtype).removeprefix("torch."),
+                     "largest_scale_rounding": largest_rounding}
 
 
 # ---------------------------------------------------------------- gates
@@ -546,7 +571,8 @@ def runtime_name(build_dir: Path | None = None) -> str:
     return checkpoint_emulation.describe(artifact_path(build_dir))
 
 
-def window_logits(build_dir: Path, windows: np.ndarray, threads: int) -> Iterator[np.ndarray]:
+def window_logits(build_dir: Path, windows: np.ndarray, threads: int, gpu_layers: int) -> Iterator[np.ndarray]:
+    """The engine or the emulation places the whole model on one device: `gpu_layers` is llama.cpp's."""
     from pipeline.runtimes import checkpoint_emulation, tensorrt_llm
 
     if _native(build_dir):
@@ -554,6 +580,12 @@ def window_logits(build_dir: Path, windows: np.ndarray, threads: int) -> Iterato
                                               tokenizer_dir=artifact_path(build_dir))
     else:
         yield from checkpoint_emulation.window_logits(artifact_path(build_dir), windows, threads=threads)
+
+
+def accuracy_device(build_dir: Path, gpu_layers: int) -> str:
+    from pipeline.runtimes import checkpoint_emulation, tensorrt_llm
+
+    return tensorrt_llm.device() if _native(build_dir) else checkpoint_emulation.device()
 
 
 def _engine_path(build_dir: Path) -> Path:
@@ -569,7 +601,7 @@ def tokenize(build_dir: Path, text: str) -> list[int]:
 
 
 def measure_speed(build_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                  threads: int, concurrency: int) -> dict[str, Any]:
+                  threads: int, concurrency: int, gpu_layers: int) -> dict[str, Any]:
     from pipeline.runtimes import tensorrt_llm
 
     return tensorrt_llm.measure_speed(_engine_path(build_dir), prompt, gen_tokens=gen_tokens, repeats=repeats,
@@ -578,7 +610,7 @@ def measure_speed(build_dir: Path, prompt: list[int], *, gen_tokens: int, repeat
 
 
 def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                   threads: int, concurrency: int) -> dict[str, Any]:
+                   threads: int, concurrency: int, gpu_layers: int) -> dict[str, Any]:
     """The unquantized checkpoint as a TensorRT engine, built the same way as the quantized ones:
     ModelOpt's exporter writes the unquantized (bf16) TensorRT-LLM checkpoint, with the same
     RoPE-base fix as the quantized builds, and trtllm-build builds it."""

@@ -43,7 +43,7 @@ def run_gate(name: str, *, params, log=print) -> dict[str, Any]:
         "bits_per_weight": fmt.bits_per_weight(build_dir),
     }
     memory_record = check_gate_memory(fmt.INFO, artifact["bytes"], ref, host_info)
-    accuracy = run_accuracy(fmt, build_dir, ref, threads, log)
+    accuracy = run_accuracy(fmt, build_dir, ref, threads, speed_params.n_gpu_layers, log)
     speed = run_speed(fmt, recipe.format, build_dir, ref, speed_params, host_info, threads, log)
     sections = {"accuracy": accuracy, "speed": speed}
     checks = verdict.evaluate(limits, sections, set_in)
@@ -107,7 +107,7 @@ def check_gate_memory(info, artifact_bytes: int, ref, host_info: dict[str, Any])
                        "or a GPU, or lower reference.window_tokens (the logits of one window are held at once)")
 
 
-def run_accuracy(fmt, build_dir, ref, threads: int, log) -> dict[str, Any]:
+def run_accuracy(fmt, build_dir, ref, threads: int, gpu_layers: int, log) -> dict[str, Any]:
     from tqdm import tqdm
 
     from pipeline.gates import accuracy
@@ -119,11 +119,12 @@ def run_accuracy(fmt, build_dir, ref, threads: int, log) -> dict[str, Any]:
 
     started = time.perf_counter()
     with speed.heavy_work(), tqdm(total=len(ref.tokens), desc="accuracy windows", unit="win", leave=False) as bar:
-        figures = accuracy.score(fmt.window_logits(build_dir, ref.tokens, threads), ref,
+        figures = accuracy.score(fmt.window_logits(build_dir, ref.tokens, threads, gpu_layers), ref,
                                  progress=lambda n: bar.update(1))
     tokenizer = accuracy.tokenizer_mismatch(ref.text_tokens.tolist(),
                                             fmt.tokenize(build_dir, _evaluation_text()))
-    return {"status": "ok", "runtime": fmt.runtime_name(build_dir), **figures,
+    return {"status": "ok", "runtime": fmt.runtime_name(build_dir),
+            "device": fmt.accuracy_device(build_dir, gpu_layers), **figures,
             "tokenizer_mismatch": tokenizer["mismatch"], "tokenizer": tokenizer,
             "seconds": round(time.perf_counter() - started, 2)}
 
@@ -140,12 +141,13 @@ def run_speed(fmt, format_name: str, build_dir, ref, speed_params, host_info, th
     with speed.HostLock() as held:
         measured = fmt.measure_speed(build_dir, prompt, gen_tokens=speed_params.gen_tokens,
                                      repeats=speed_params.repeats, warmup=speed_params.warmup, threads=threads,
-                                     concurrency=speed_params.concurrency)
+                                     concurrency=speed_params.concurrency, gpu_layers=speed_params.n_gpu_layers)
     bytes_per_token = fmt.decode_bytes_per_token(
         build_dir, speed.mean_decode_context(len(prompt), speed_params.gen_tokens))
     section = speed.section(measured, runtime=fmt.runtime_name(build_dir), prompt_tokens=len(prompt),
                             gen_tokens=speed_params.gen_tokens, threads=threads,
-                            bandwidth_gb_s=host_info["bandwidth"]["gb_s"], bytes_per_token=bytes_per_token)
+                            bandwidth=speed.roofline_bandwidth(host_info, measured.get("device", "cpu")),
+                            bytes_per_token=bytes_per_token)
     section = speed.with_speedup(section, _baseline(format_name))
     return speed.contended(section, held.record(), cpu_runtime=not host_info.get("gpus"))
 

@@ -9,9 +9,12 @@ so the fastest possible decode rate on a host is
     roofline_tok_s = bandwidth (bytes/s) / bytes read per decoded token,
 
 and roofline_fraction = measured decode_tok_s / roofline_tok_s says how much of the host's
-measured memory bandwidth the runtime turns into tokens. The bandwidth comes from host.json
-(a multi-threaded array copy, bytes read plus bytes written). Speed is never emulated:
-without the native runtime the section is `not_run`.
+measured memory bandwidth the runtime turns into tokens. The bandwidth comes from host.json,
+bytes read plus bytes written: the CPU's multi-threaded array copy for a runtime that ran on
+the CPU, the GPU's device-to-device copy for one that ran on the GPU (the runtime's measured
+``device``). A llama.cpp run with only some layers offloaded reads from both memories, so it
+gets no roofline, and says why. Speed is never emulated: without the native runtime the
+section is `not_run`.
 
 decode_speedup (and prefill_speedup) = the artifact's rate / the unquantized model's rate in
 the same format, runtime, prompt and settings, measured once per host by the baseline stage.
@@ -25,6 +28,19 @@ def roofline_tok_s(bandwidth_gb_s: float, bytes_per_token: float) -> float:
     if bandwidth_gb_s <= 0 or bytes_per_token <= 0:
         raise ValueError("bandwidth and bytes per token must be positive")
     return bandwidth_gb_s * 1e9 / bytes_per_token
+
+
+def roofline_bandwidth(host_info: dict, device: str) -> dict:
+    """The bandwidth the roofline of a run on `device` ("cpu", "gpu", "gpu+cpu") divides by:
+    {"gb_s": figure or None, "source": what it is, or why there is none}."""
+    bandwidth = host_info["bandwidth"]
+    if device == "cpu":
+        return {"gb_s": bandwidth["gb_s"], "source": f"CPU: {bandwidth['method']}"}
+    if device == "gpu" and bandwidth.get("gpu_gb_s"):
+        return {"gb_s": bandwidth["gpu_gb_s"], "source": f"GPU: {bandwidth['gpu_method']}"}
+    if device == "gpu":
+        return {"gb_s": None, "source": "no GPU bandwidth in host.json (run `qpipe host --remeasure` on this GPU host)"}
+    return {"gb_s": None, "source": "a partial offload reads weights from both CPU and GPU memory: no one bandwidth"}
 
 
 def host_and_threads(speed_params) -> tuple[dict, int]:
@@ -57,10 +73,11 @@ def mean_decode_context(prompt_tokens: int, gen_tokens: int) -> float:
 
 
 def section(measured: dict, *, runtime: str, prompt_tokens: int, gen_tokens: int, threads: int,
-            bandwidth_gb_s: float | None, bytes_per_token: dict[str, float]) -> dict:
+            bandwidth: dict, bytes_per_token: dict[str, float]) -> dict:
     result = {
         "status": "ok",
         "runtime": runtime,
+        "device": measured.get("device", "cpu"),
         "threads": threads,
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
@@ -75,14 +92,16 @@ def section(measured: dict, *, runtime: str, prompt_tokens: int, gen_tokens: int
     }
     # what the runtime measured besides: its timing source, the spread of its repeats and, for
     # llama.cpp, the Python API's own decode rate
-    for key in ("timing_source", "spread", "api_decode_tok_s"):
+    for key in ("timing_source", "spread", "api_decode_tok_s", "n_gpu_layers", "offloaded_layers", "layers",
+                "backends", "gpu_info"):
         if key in measured:
             result[key] = measured[key]
     if "output_tok_s" in measured:  # runtimes that batch: throughput at params speed.concurrency
         result["concurrency"] = measured["concurrency"]
         result["output_tok_s"] = measured["output_tok_s"]
-    if bandwidth_gb_s:
-        roof = roofline_tok_s(bandwidth_gb_s, bytes_per_token["total"])
+    result["bandwidth_gb_s"], result["bandwidth_source"] = bandwidth["gb_s"], bandwidth["source"]
+    if bandwidth["gb_s"]:
+        roof = roofline_tok_s(bandwidth["gb_s"], bytes_per_token["total"])
         result["roofline_tok_s"] = roof
         result["roofline_fraction"] = measured["decode_tok_s"] / roof
     return result

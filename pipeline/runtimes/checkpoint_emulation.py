@@ -407,7 +407,7 @@ def load(checkpoint_dir: Path, threads: int):
     from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
     from transformers.masking_utils import AttentionMaskInterface
 
-    from pipeline.runtimes.transformers import attention_implementation
+    from pipeline.runtimes.transformers import attention_implementation, torch_device
 
     torch.set_num_threads(threads)
     facts = read_config(checkpoint_dir, model_config_for(checkpoint_dir))
@@ -457,7 +457,14 @@ def load(checkpoint_dir: Path, threads: int):
                 raise UnsupportedCheckpoint(f"layer {index} has no KV-cache scale although the cache is FP8",
                                             where=str(checkpoint_dir), fix="re-export the checkpoint")
             attention.qpipe_kv_scales = kv_scale_pair(kv_scales[index], facts["layout"])
-    return model.eval()
+    return model.to(torch_device()).eval()
+
+
+def device() -> str:
+    """Where the emulation runs here: on a CUDA GPU if there is one ("gpu"), else "cpu"."""
+    from pipeline.runtimes.transformers import device as transformers_device
+
+    return transformers_device()
 
 
 def window_logits(checkpoint_dir: Path, windows: np.ndarray, *, threads: int,
@@ -465,5 +472,5 @@ def window_logits(checkpoint_dir: Path, windows: np.ndarray, *, threads: int,
     model = load(checkpoint_dir, threads)
     with torch.inference_mode():
         for window in windows:
-            ids = torch.as_tensor(window, dtype=torch.long)[None]
-            yield model(ids).logits[0].float().numpy()
+            ids = torch.as_tensor(window, dtype=torch.long, device=model.device)[None]
+            yield model(ids).logits[0].float().cpu().numpy()

@@ -51,6 +51,40 @@ def unavailable_reason() -> str | None:
     return None
 
 
+# llama.cpp offloads min(n_gpu_layers, n_layer + 1) layers (the output layer counts as one), so
+# this puts every layer of any model on the GPU
+ALL_LAYERS = 999
+
+
+def supports_gpu_offload() -> bool:
+    """llama.cpp's own answer: whether this build of it can put layers on a GPU."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def gpu_layers(requested: int) -> int:
+    """The n_gpu_layers (llama-bench's -ngl) to run with: `requested` (params speed.n_gpu_layers;
+    -1 = all) where this build offloads, else 0."""
+    if requested == 0 or not supports_gpu_offload():
+        return 0
+    return ALL_LAYERS if requested < 0 else requested
+
+
+def offload(path: Path, n_gpu_layers: int) -> dict[str, Any]:
+    """Where a model runs with this n_gpu_layers: its offloaded layer count out of all, and the
+    device ("cpu", "gpu", or "gpu+cpu" for a partial offload)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    field = reader.fields[f"{architecture}.block_count"]
+    layers = int(field.parts[field.data[0]][0]) + 1  # the blocks and the output layer
+    offloaded = min(n_gpu_layers, layers)
+    device = "cpu" if offloaded == 0 else "gpu" if offloaded == layers else "gpu+cpu"
+    return {"n_gpu_layers": n_gpu_layers, "offloaded_layers": offloaded, "layers": layers, "device": device}
+
+
 def llama_tool(name: str) -> tuple[Path, dict[str, str]]:
     """A llama.cpp tool binary installed by llama-cpp-python, and the environment it needs
     (the binaries carry no RPATH: the package's lib folder goes on the loader path)."""
@@ -117,11 +151,11 @@ def open_model(path: Path, *, n_ctx: int, logits_all: bool, threads: int, n_gpu_
 
 
 def window_logits(path: Path, windows: np.ndarray, *, threads: int,
-                  tokenizer_dir: Path | None = None) -> Iterator[np.ndarray]:
+                  tokenizer_dir: Path | None = None, n_gpu_layers: int = 0) -> Iterator[np.ndarray]:
     """Yield the [window_tokens, n_vocab] float32 logits of each window, evaluated from an
     empty context."""
     window_tokens = int(windows.shape[1])
-    model = open_model(path, n_ctx=window_tokens, logits_all=True, threads=threads)
+    model = open_model(path, n_ctx=window_tokens, logits_all=True, threads=threads, n_gpu_layers=n_gpu_layers)
     try:
         for window in windows:
             model.reset()
@@ -158,6 +192,10 @@ def measure_speed(path: Path, prompt: list[int], *, gen_tokens: int, repeats: in
     api = api_latency(path, prompt, gen_tokens=gen_tokens, warmup=warmup, threads=threads,
                       n_gpu_layers=n_gpu_layers)
     return {
+        **offload(path, n_gpu_layers),
+        # llama-bench's own record of where it ran
+        "backends": bench["decode"].get("backends"),
+        "gpu_info": bench["decode"].get("gpu_info") or None,
         "prefill_tok_s": bench["prefill"]["avg_ts"],
         "decode_tok_s": bench["decode"]["avg_ts"],
         "ttft_ms": api["ttft_ms"],

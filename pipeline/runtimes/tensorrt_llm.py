@@ -12,6 +12,18 @@ imported only where TensorRT-LLM is installed, and reports its absence otherwise
 Accuracy builds gather context logits (``--gather_context_logits``, without which the
 executor refuses ``return_context_logits``) in float32 (``--logits_dtype float32``; the
 default for a bf16 model is float16).
+
+Checked call by call against 1.2.0rc2 (the version the ``trtllm`` extra pins):
+- every ``trtllm-build`` flag of ``build_command`` is in commands/build.py ``parse_arguments``
+  or plugin/plugin.py ``add_plugin_argument``. ``--max_input_len`` is accepted but ignored
+  with padding removal and fused attention (builder.py ``_init_max_seq_len`` says so), so
+  prompts are bounded by ``--max_seq_len`` and ``--max_num_tokens``;
+- ``LLM(model, tokenizer, kv_cache_config)``, ``KvCacheConfig(free_gpu_memory_fraction,
+  enable_block_reuse)``, ``SamplingParams(max_tokens, min_tokens, ignore_eos, temperature,
+  detokenize, return_context_logits)``, ``generate``, ``generate_async(streaming=True)`` and
+  ``shutdown`` as llmapi/llm.py and sampling_params.py define them. ``temperature=0.0`` is
+  greedy in effect: the sampler divides by t + 1e-6;
+- the W8A16 handover's layout step and quantizer check: ``weight_only_kernel_layout``.
 """
 
 from __future__ import annotations
@@ -42,6 +54,11 @@ def name() -> str:
 def _release_tuple(text: str) -> tuple[int, int]:
     major, minor = (text.split("rc")[0].split(".") + ["0"])[:2]
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def device() -> str:
+    """It runs only on a CUDA GPU (``unavailable_reason`` says when there is none)."""
+    return "gpu"
 
 
 def unavailable_reason() -> str | None:
@@ -104,6 +121,33 @@ def build_command(checkpoint_dir: Path, output_dir: Path, *, quant_algo: str | N
     if quant_algo == "FP8" and kv_cache_quant_algo == "FP8":
         command += ["--use_fp8_context_fmha", "enable"]
     return command
+
+
+def weight_only_kernel_layout(activation_dtype):
+    """TensorRT-LLM's own layout step for an int8 [in, out] weight of its weight-only GEMM on
+    this GPU: ``torch.ops.trtllm.preprocess_weights_for_mixed_gemm``, the C++ function
+    (cutlass_kernels/cutlass_preprocessors.cpp) that its quantizer ``symmetric_quantize``
+    applies to the codes it computes. Before handing it out, it is checked on this GPU against
+    that quantizer: on a float weight whose codes TensorRT-LLM reproduces (each column's amax at
+    +127), laying out TensorRT-LLM's own unprocessed codes must give its processed bytes."""
+    import torch
+    import tensorrt_llm  # noqa: F401  (registers torch.ops.trtllm)
+
+    def layout(codes):
+        return torch.ops.trtllm.preprocess_weights_for_mixed_gemm(codes.contiguous().cpu(), torch.int8,
+                                                                   activation_dtype)
+
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(256, 128, generator=generator)  # [in, out]
+    probe[0] = probe.abs().amax(dim=0)  # +amax in every output column
+    unprocessed, processed, _ = torch.ops.trtllm._symmetric_quantize_last_axis_of_batched_matrix(probe, torch.int8)
+    if not torch.equal(layout(unprocessed), processed):
+        from pipeline.errors import ToolFailed
+
+        raise ToolFailed("TensorRT-LLM's weight-only layout step does not reproduce its own quantizer's bytes here",
+                         where="torch.ops.trtllm.preprocess_weights_for_mixed_gemm",
+                         fix="report it with this TensorRT-LLM version; the W8A16 engine is not built")
+    return layout
 
 
 def build_engine(checkpoint_dir: Path, output_dir: Path, *, max_batch_size: int, max_input_len: int,
@@ -222,4 +266,4 @@ def measure_speed(engine_dir: Path, prompt: list[int], *, gen_tokens: int, repea
         generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     finally:
         _shutdown(llm)
-    return summarize_runs(runs, concurrency=concurrency, generated=generated, wall_s=wall)
+    return {**summarize_runs(runs, concurrency=concurrency, generated=generated, wall_s=wall), "device": device()}

@@ -59,13 +59,24 @@ def meta_model(model_dir: Path):
         return AutoModelForCausalLM.from_config(config)
 
 
+def torch_device() -> str:
+    """Where torch runs a model here: a CUDA GPU if there is one, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device() -> str:
+    """Where the gates' transformers runs go here ("gpu" or "cpu", as gate results say it)."""
+    return "gpu" if torch_device() == "cuda" else "cpu"
+
+
 def load(model_dir: Path, threads: int):
     """The model in the dtype its config.json names, on a CUDA GPU if there is one."""
     import torch
 
     torch.set_num_threads(threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_causal_lm(model_dir, dtype="auto").to(device).eval()
+    return load_causal_lm(model_dir, dtype="auto").to(torch_device()).eval()
 
 
 def window_logits(model_dir: Path, windows: np.ndarray, *, threads: int,

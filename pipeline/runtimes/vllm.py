@@ -6,9 +6,10 @@ this module is imported only where vLLM is installed, and reports its absence ot
 
 Prompt log-probs: ``SamplingParams(prompt_logprobs=N)`` returns, per prompt token, ``None`` for
 the first token and then a ``dict[token_id, Logprob]`` holding the top-N tokens plus the
-actual prompt token (N or N+1 entries). They are the log-softmax of the raw model logits (the
-``logprobs_mode`` option does not apply to prompt log-probs). ``N`` may not exceed the
-engine's ``max_logprobs`` (default 20), so the engine is started with ``max_logprobs=TOP_N``.
+actual prompt token (N or N+1 entries). They are the log-softmax of the raw model logits:
+vLLM's default ``logprobs_mode`` (``raw_logprobs``), which prompt log-probs follow as well
+(v1/worker/gpu_model_runner.py). ``N`` may not exceed the engine's ``max_logprobs`` (default
+20), so the engine is started with ``max_logprobs=TOP_N``.
 
 KLD from top-N only, so approximate: the accuracy gate's KLD is over the whole vocabulary,
 and vLLM returns N tokens per position. Every token outside vLLM's top-N is given an equal
@@ -19,6 +20,19 @@ The section's runtime name says so.
 
 Speed: TTFT and decode time come from the request's own metrics (``RequestOutput.metrics``,
 filled when the engine is started with ``disable_log_stats=False``), else from wall-clock time.
+
+Kernels: a 4-bit layer loads only where one of vLLM's mixed-precision kernels implements its
+shape, scheme and dtype; otherwise ``LLM()`` raises. ``kernel_problems`` asks the installed
+vLLM's own ``choose_mp_linear_kernel`` for every layer shape first, with the config that
+compressed-tensors' ``CompressedTensorsWNA16.create_weights`` builds.
+
+Memory: the engine's weights and KV cache live in its core process (vLLM's default
+``VLLM_ENABLE_V1_MULTIPROCESSING=1``). The function that owns an ``LLM`` shuts that process
+down (``engine_core.shutdown()``, v1/engine/core_client.py), drops its own last reference and
+then runs vLLM's ``cleanup_dist_env_and_memory`` (vllm/distributed/parallel_state.py), as
+vLLM's test fixtures do, so a second engine in the same process finds its memory free.
+
+Checked against vLLM 0.33.0 (the version the ``vllm`` extra pins).
 """
 
 from __future__ import annotations
@@ -43,6 +57,11 @@ def version() -> str | None:
 
 def name() -> str:
     return f"vLLM {version()} (KLD from the top-{TOP_N} prompt log-probs: approximate)"
+
+
+def device() -> str:
+    """It runs only on a CUDA GPU (``unavailable_reason`` says when there is none)."""
+    return "gpu"
 
 
 def unavailable_reason() -> str | None:
@@ -113,12 +132,46 @@ def _engine(model_dir: Path, max_model_len: int):
     return LLM(**engine_kwargs(model_dir, max_model_len=max_model_len))
 
 
-def _release(llm) -> None:
-    import torch
+def _shut_down(llm) -> None:
+    """Stop the engine's core process, which holds its GPU memory."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
 
-    del llm
+
+def _free_memory() -> None:
+    """vLLM's own clean-up, once the owner has dropped its last reference to the engine."""
+    from vllm.distributed import cleanup_dist_env_and_memory
+
     gc.collect()
-    torch.cuda.empty_cache()
+    cleanup_dist_env_and_memory(shutdown_ray=False)
+
+
+def kernel_problems(layers: dict[str, tuple[int, int]], *, bits: int, group_size: int, symmetric: bool,
+                    dtype: str) -> list[str]:
+    """Each distinct [in, out] layer shape no mixed-precision kernel of the installed vLLM
+    implements, with the layer it is found in and vLLM's own reasons (empty: all load)."""
+    import torch
+    from vllm.model_executor.kernels.linear import choose_mp_linear_kernel
+    from vllm.model_executor.kernels.linear.mixed_precision import MPLinearLayerConfig
+    from vllm.scalar_type import scalar_types
+
+    # compressed_tensors_wNa16.py: WNA16_SUPPORTED_TYPES_MAP / WNA16_ZP_SUPPORTED_TYPES_MAP
+    weight_type = getattr(scalar_types, {(4, True): "uint4b8", (4, False): "uint4",
+                                         (8, True): "uint8b128", (8, False): "uint8"}[(bits, symmetric)])
+    problems, seen = [], set()
+    for name, shape in layers.items():
+        if shape in seen:
+            continue
+        seen.add(shape)
+        config = MPLinearLayerConfig(full_weight_shape=shape, partition_weight_shape=shape, weight_type=weight_type,
+                                     act_type=getattr(torch, dtype), group_size=group_size, zero_points=not symmetric)
+        try:
+            choose_mp_linear_kernel(config)
+        except ValueError as error:
+            reasons = "; ".join(line.strip() for line in str(error).splitlines()[1:] if line.strip())
+            problems.append(f"{name} ({shape[0]} -> {shape[1]}): {reasons}")
+    return problems
 
 
 def window_logits(model_dir: Path, windows: np.ndarray, *, threads: int,
@@ -129,11 +182,13 @@ def window_logits(model_dir: Path, windows: np.ndarray, *, threads: int,
     try:
         outputs = llm.generate([{"prompt_token_ids": [int(t) for t in w]} for w in windows],
                                SamplingParams(**prompt_logprob_params()), use_tqdm=False)
-        vocab = _vocab_size(model_dir)
-        for output in outputs:
-            yield dense_logprobs(output.prompt_logprobs, vocab)
     finally:
-        _release(llm)
+        _shut_down(llm)
+        del llm  # this frame owns the engine: its last reference goes before the clean-up
+        _free_memory()
+    vocab = _vocab_size(model_dir)
+    for output in outputs:
+        yield dense_logprobs(output.prompt_logprobs, vocab)
 
 
 def request_timings(output, wall_s: float, first_token_wall_s: float) -> dict[str, Any]:
@@ -177,5 +232,7 @@ def measure_speed(model_dir: Path, prompt: list[int], *, gen_tokens: int, repeat
         wall = time.perf_counter() - started
         generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     finally:
-        _release(llm)
-    return summarize_runs(runs, concurrency=concurrency, generated=generated, wall_s=wall)
+        _shut_down(llm)
+        del llm
+        _free_memory()
+    return {**summarize_runs(runs, concurrency=concurrency, generated=generated, wall_s=wall), "device": device()}

@@ -203,3 +203,28 @@ def test_group_size_is_checked_before_loading_weights(tiny_checkpoint, tmp_path,
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", must_not_load)
     with pytest.raises(BadInput, match="group_size 128 does not divide"):
         build(tiny_checkpoint, tmp_path, algorithm="rtn", group_size=128)
+
+
+def test_a_checkpoint_no_vllm_kernel_takes_is_scored_through_transformers_and_its_speed_not_run(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    from pipeline.runtimes import vllm
+
+    out, _ = build(tiny_checkpoint, tmp_path, algorithm="rtn", group_size=32)
+    asked = {}
+
+    def problems(layers, **scheme):
+        asked.update(scheme, layers=layers)
+        return ["model.layers.0.self_attn.qkv_proj (64 -> 128): MarlinLinearKernel cannot implement due to: x"]
+
+    monkeypatch.setattr(vllm, "unavailable_reason", lambda: None)  # as on a GPU host with vLLM
+    monkeypatch.setattr(vllm, "kernel_problems", problems)
+    reason = awq.speed_unavailable_reason(out)
+    assert "has no mixed-precision kernel for 1 layer shape(s) of this asymmetric 4-bit group-32" in reason
+    assert "qkv_proj (64 -> 128)" in reason
+    assert (asked["bits"], asked["group_size"], asked["symmetric"]) == (4, 32, False)
+    fused = asked["layers"]
+    assert "model.layers.0.self_attn.qkv_proj" in fused and "model.layers.0.mlp.gate_up_proj" in fused
+    assert not {name.rsplit(".", 1)[-1] for name in fused} & {"q_proj", "k_proj", "v_proj", "lm_head"}  # fused; ignored
+    assert awq.runtime_name(out).startswith("transformers") and awq.accuracy_unavailable_reason(out) is None
+    monkeypatch.setattr(vllm, "kernel_problems", lambda layers, **scheme: [])
+    assert awq.speed_unavailable_reason(out) is None and awq.runtime_name(out).startswith("vLLM")

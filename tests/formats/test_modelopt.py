@@ -134,7 +134,8 @@ def test_gates_score_the_checkpoint_through_the_emulation_here(fp8_build):
     assert modelopt.accuracy_unavailable_reason(out) is None
     assert modelopt.runtime_name(out).startswith("emulated:trtllm checkpoint FP8 + fp8 e4m3 KV cache")
     assert "TensorRT-LLM is not installed" in modelopt.speed_unavailable_reason(out)
-    (logits,) = modelopt.window_logits(out, np.array([[1, 2, 3, 4, 5]]), threads=1)
+    (logits,) = modelopt.window_logits(out, np.array([[1, 2, 3, 4, 5]]), 1, -1)
+    assert modelopt.accuracy_device(out, -1) == "cpu"  # no CUDA here
     assert logits.shape == (5, 130) and np.isfinite(logits).all()
     assert 0 < modelopt.bits_per_weight(out) < 16
     kv = modelopt.decode_bytes_per_token(out, 100)["kv_cache"]
@@ -155,26 +156,73 @@ def test_a_gap_over_the_limit_fails_the_build(tiny_llama, tmp_path, monkeypatch)
     assert "limit 1.00 %" in info.value.what and info.value.where.endswith("max_crosscheck_ppl_gap")
 
 
-def test_weight_only_codes_survive_the_float_checkpoint_tensorrt_llm_requantizes(tmp_path):
-    """TensorRT-LLM quantizes a float W8A16 weight per output channel with amax / 127; from the
-    fp32 checkpoint written for it, that gives back exactly the stored codes and scales."""
+def tensorrt_llm_requantize(weight):
+    """TensorRT-LLM 1.2's quantizer of a float W8A16 weight [out, in], per output channel, as
+    cpp/tensorrt_llm/kernels/cutlass_kernels/cutlass_preprocessors.cpp states it
+    (``symmetric_quantize``): ``quant_range_scale = 1.f / float(1 << (bits_in_type - 1))``, so
+    scale = amax / 128; codes = ``round`` (half away from zero) of weight / scale, clipped to
+    [-128, 127]."""
     import torch
-    from safetensors.torch import load_file, save_file
 
-    torch.manual_seed(0)
-    codes = torch.randint(-127, 128, (64, 32), dtype=torch.int8)
-    codes[:, 0] = 127  # ModelOpt's symmetric quantization puts each row's amax at +-127
-    scales = torch.rand(64) * 0.01 + 1e-4
+    scale = weight.float().abs().amax(dim=1) / 128
+    scaled = weight.float() / scale[:, None]
+    codes = torch.clamp(torch.sign(scaled) * torch.floor(scaled.abs() + 0.5), -128, 127).to(torch.int8)
+    return codes, scale
+
+
+def w8a16_checkpoint(tmp_path):
+    """A ModelOpt-style W8A16 TensorRT-LLM checkpoint: symmetric codes per output channel with
+    scale = amax / 127, so each row's amax is +127 or -127."""
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 32, generator=generator)
+    scales = weight.abs().amax(dim=1) / 127
+    codes = torch.round(weight / scales[:, None]).to(torch.int8)
     source = tmp_path / "ckpt"
     source.mkdir()
     save_file({"transformer.layers.0.mlp.fc.weight": codes,
-               "transformer.layers.0.mlp.fc.weights_scaling_factor": scales,
+               "transformer.layers.0.mlp.fc.weights_scaling_factor": scales[:, None],
                "transformer.ln_f.weight": torch.ones(32, dtype=torch.bfloat16)}, source / "rank0.safetensors")
     (source / "config.json").write_text(json.dumps({"dtype": "bfloat16", "quantization": {"quant_algo": "W8A16"}}))
-    converted = load_file(modelopt.weight_only_float_checkpoint(source, tmp_path / "float") / "rank0.safetensors")
+    return source, codes, scales
+
+
+def test_a_float_handover_would_not_give_tensorrt_llm_the_checkpoints_codes(tmp_path):
+    """Why the W8A16 handover is int8: re-quantized by TensorRT-LLM's rule, code x scale comes
+    back with codes moved and, for a row whose amax is negative, cannot come back at all."""
+    import torch
+
+    _, codes, scales = w8a16_checkpoint(tmp_path)
+    requantized, requantized_scales = tensorrt_llm_requantize(codes.float() * scales[:, None])
+    assert not torch.equal(requantized, codes)
+    assert (requantized != codes).float().mean() > 0.2
+    assert torch.allclose(requantized_scales, scales * 127 / 128)
+    assert (codes.min(dim=1).values == -127).any()  # a row no float weight reproduces
+
+
+def test_the_w8a16_handover_keeps_the_checkpoints_codes_in_tensorrt_llms_layout(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    source, codes, scales = w8a16_checkpoint(tmp_path)
+    laid_out = []
+
+    def layout(matrix):  # TensorRT-LLM's preprocess_weights_for_mixed_gemm on a GPU host
+        laid_out.append(matrix.clone())
+        return matrix.flip(0)  # any byte permutation: the handover must store what it returns
+
+    folder, facts = modelopt.weight_only_int8_checkpoint(source, tmp_path / "handover", layout, torch.bfloat16)
+    converted = load_file(folder / "rank0.safetensors")
+    (given,) = laid_out
+    assert torch.equal(given, codes.t())  # [in, out], the checkpoint's own codes
     weight = converted["transformer.layers.0.mlp.fc.weight"]
-    assert weight.dtype == torch.float32 and "transformer.layers.0.mlp.fc.weights_scaling_factor" not in converted
-    requantized_scales = weight.float().abs().amax(dim=1) / 127
-    requantized = torch.round(weight.float() / requantized_scales[:, None]).to(torch.int8)
-    assert torch.equal(requantized, codes)
-    assert torch.allclose(requantized_scales, scales, rtol=1e-6)
+    assert weight.dtype == torch.int8 and torch.equal(weight, codes.t().flip(0))
+    held = converted["transformer.layers.0.mlp.fc.per_channel_scale"]
+    assert held.dtype == torch.bfloat16 and held.shape == (64,)
+    assert torch.equal(held, scales.to(torch.bfloat16))
+    assert "transformer.layers.0.mlp.fc.weights_scaling_factor" not in converted
+    assert torch.equal(converted["transformer.ln_f.weight"], torch.ones(32, dtype=torch.bfloat16))
+    assert facts["layers"] == 1 and facts["scale_dtype"] == "bfloat16"
+    assert 0 < facts["largest_scale_rounding"] <= 2 ** -8  # bf16 keeps 8 significant bits

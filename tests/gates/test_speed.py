@@ -20,22 +20,41 @@ def test_mean_decode_context():
     assert speed.mean_decode_context(512, 128) == 576
 
 
+NO_BANDWIDTH = {"gb_s": None, "source": "none here"}
+
+
 def test_section_fraction_and_missing_bandwidth():
     measured = {"prefill_tok_s": 400.0, "decode_tok_s": 100.0, "ttft_ms": 1300.0, "itl_ms": 10.0, "runs": [{}, {}]}
     section = speed.section(measured, runtime="x", prompt_tokens=512, gen_tokens=128, threads=2,
-                            bandwidth_gb_s=40.0, bytes_per_token={"total": 100e6})
+                            bandwidth={"gb_s": 40.0, "source": "CPU"}, bytes_per_token={"total": 100e6})
     assert section["roofline_tok_s"] == pytest.approx(400)
     assert section["roofline_fraction"] == pytest.approx(0.25)
-    assert section["repeats"] == 2
+    assert section["repeats"] == 2 and section["device"] == "cpu" and section["bandwidth_gb_s"] == 40.0
     unmeasured = speed.section(measured, runtime="x", prompt_tokens=512, gen_tokens=128, threads=2,
-                               bandwidth_gb_s=None, bytes_per_token={"total": 100e6})
-    assert unmeasured["roofline_fraction"] is None
+                               bandwidth=NO_BANDWIDTH, bytes_per_token={"total": 100e6})
+    assert unmeasured["roofline_fraction"] is None and unmeasured["bandwidth_source"] == "none here"
+
+
+def test_the_roofline_takes_the_bandwidth_of_the_memory_the_run_read():
+    host = {"bandwidth": {"gb_s": 50.0, "method": "numpy copy", "gpu_gb_s": 4000.0, "gpu_method": "torch copy"}}
+    assert speed.roofline_bandwidth(host, "cpu") == {"gb_s": 50.0, "source": "CPU: numpy copy"}
+    assert speed.roofline_bandwidth(host, "gpu") == {"gb_s": 4000.0, "source": "GPU: torch copy"}
+    partial = speed.roofline_bandwidth(host, "gpu+cpu")
+    assert partial["gb_s"] is None and "partial offload" in partial["source"]
+    unmeasured = speed.roofline_bandwidth({"bandwidth": {"gb_s": 50.0, "method": "numpy copy"}}, "gpu")
+    assert unmeasured["gb_s"] is None and "qpipe host --remeasure" in unmeasured["source"]
+    measured = {"prefill_tok_s": 4e4, "decode_tok_s": 500.0, "ttft_ms": 1.0, "itl_ms": 2.0, "device": "gpu",
+                "n_gpu_layers": 999, "offloaded_layers": 33, "layers": 33, "backends": "CUDA", "gpu_info": "NVIDIA H200"}
+    section = speed.section(measured, runtime="llama.cpp", prompt_tokens=8, gen_tokens=8, threads=1,
+                            bandwidth=speed.roofline_bandwidth(host, "gpu"), bytes_per_token={"total": 4e9})
+    assert section["roofline_tok_s"] == pytest.approx(1000) and section["roofline_fraction"] == pytest.approx(0.5)
+    assert (section["device"], section["offloaded_layers"], section["backends"]) == ("gpu", 33, "CUDA")
 
 
 def section_for(decode=100.0, prefill=400.0):
     measured = {"prefill_tok_s": prefill, "decode_tok_s": decode, "ttft_ms": 1.0, "itl_ms": 1.0}
     return speed.section(measured, runtime="x", prompt_tokens=8, gen_tokens=8, threads=1,
-                         bandwidth_gb_s=None, bytes_per_token={"total": 1.0})
+                         bandwidth=NO_BANDWIDTH, bytes_per_token={"total": 1.0})
 
 
 def test_speedup_against_the_unquantized_baseline():
@@ -116,6 +135,6 @@ def test_batch1_runs_summarize_to_medians_with_their_spread():
     assert summary["spread"]["decode_tok_s"]["samples"] == [r["decode_tok_s"] for r in runs]
     assert summary["spread"]["ttft_ms"]["stdev"] == pytest.approx(52.915, rel=1e-4)
     assert summary["output_tok_s"] == 200
-    section = speed.section(summary, runtime="r", prompt_tokens=100, gen_tokens=11, threads=2, bandwidth_gb_s=None,
+    section = speed.section(summary, runtime="r", prompt_tokens=100, gen_tokens=11, threads=2, bandwidth=NO_BANDWIDTH,
                             bytes_per_token={"total": 1e6})
     assert section["spread"] == summary["spread"] and section["repeats"] == 3

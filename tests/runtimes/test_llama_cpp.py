@@ -35,6 +35,51 @@ def test_measure_speed_takes_prefill_and_decode_from_llama_bench_and_latency_fro
     assert result["decode_tok_s"] == pytest.approx(sum(spread["decode_tok_s"]["samples"]) / 2, rel=1e-3)
     assert spread["itl_ms"]["p10"] <= result["itl_ms"] <= spread["itl_ms"]["p90"]
     assert f"pp{len(prompt)} and tg8 at depth {len(prompt)}" in result["timing_source"]
+    assert (result["device"], result["offloaded_layers"], result["layers"]) == ("cpu", 0, 31)  # 30 blocks + output
+    assert result["backends"] == "CPU"  # llama-bench's own record
+
+
+def test_offload_follows_llama_cpps_own_answer(model_path, monkeypatch):
+    import llama_cpp as bindings
+
+    # this build's real answer: the CPU-only wheel CI builds cannot offload
+    assert llama_cpp.supports_gpu_offload() is bool(bindings.llama_supports_gpu_offload()) is False
+    assert [llama_cpp.gpu_layers(n) for n in (-1, 0, 12)] == [0, 0, 0]
+    monkeypatch.setattr(bindings, "llama_supports_gpu_offload", lambda: True)  # a CUDA build's answer
+    assert [llama_cpp.gpu_layers(n) for n in (-1, 0, 12)] == [llama_cpp.ALL_LAYERS, 0, 12]
+    assert llama_cpp.offload(model_path, llama_cpp.ALL_LAYERS)["device"] == "gpu"
+    assert llama_cpp.offload(model_path, 12) == {"n_gpu_layers": 12, "offloaded_layers": 12, "layers": 31,
+                                                 "device": "gpu+cpu"}
+
+
+@pytest.mark.parametrize("offloads, expected", [(False, 0), (True, llama_cpp.ALL_LAYERS)])
+def test_each_offload_branch_passes_its_layers_to_llama_bench_and_the_api(model_path, monkeypatch, offloads, expected):
+    import llama_cpp as bindings
+
+    from pipeline.formats import gguf
+
+    monkeypatch.setattr(bindings, "llama_supports_gpu_offload", lambda: offloads)
+    commands, opened = [], []
+
+    def bench(command, **kwargs):
+        commands.append(command)
+        record = {"avg_ts": 10.0, "stddev_ts": 0.0, "samples_ts": [10.0], "build_commit": "x", "backends": "CPU"}
+        return type("Done", (), {"returncode": 0, "stdout": __import__("json").dumps([record]), "stderr": ""})()
+
+    monkeypatch.setattr(llama_cpp.subprocess, "run", bench)
+    monkeypatch.setattr(llama_cpp, "api_latency", lambda *a, **k: opened.append(k["n_gpu_layers"]) or
+                        {"ttft_ms": 1.0, "itl_ms": 1.0, "decode_tok_s": 10.0, "itl_p10_ms": 1.0, "itl_p90_ms": 1.0})
+    monkeypatch.setattr(llama_cpp, "open_model", lambda *a, **k: opened.append(k["n_gpu_layers"]) or
+                        (_ for _ in ()).throw(RuntimeError("stop")))
+    monkeypatch.setattr(gguf, "artifact_path", lambda build_dir: model_path)
+    measured = gguf.measure_speed(None, [1, 2, 3], gen_tokens=4, repeats=1, warmup=0, threads=2, concurrency=1,
+                                  gpu_layers=-1)
+    assert all(command[command.index("-ngl") + 1] == str(expected) for command in commands) and len(commands) == 2
+    assert measured["device"] == ("gpu" if offloads else "cpu") and opened == [expected]
+    with pytest.raises(RuntimeError, match="stop"):
+        list(gguf.window_logits(None, np.zeros((1, 4), dtype=np.int32), 2, -1))
+    assert opened == [expected, expected]
+    assert gguf.accuracy_device(None, -1) == measured["device"]
 
 
 def test_llama_bench_records_are_its_own_json(model_path):

@@ -100,3 +100,76 @@ def test_absence_is_reported_not_raised():
         import torch
 
         assert (vllm.unavailable_reason() is None) == torch.cuda.is_available()
+
+
+def fake_vllm(monkeypatch, chooser=None, cleanup=None, llm_class=None):
+    """A stand-in vllm package with the names our module imports, where vLLM is absent."""
+    import sys
+    import types
+
+    modules = {name: types.ModuleType(name) for name in (
+        "vllm", "vllm.distributed", "vllm.scalar_type", "vllm.model_executor", "vllm.model_executor.kernels",
+        "vllm.model_executor.kernels.linear", "vllm.model_executor.kernels.linear.mixed_precision")}
+    modules["vllm.scalar_type"].scalar_types = types.SimpleNamespace(uint4="uint4", uint4b8="uint4b8",
+                                                                     uint8="uint8", uint8b128="uint8b128")
+    modules["vllm.model_executor.kernels.linear.mixed_precision"].MPLinearLayerConfig = \
+        lambda **fields: types.SimpleNamespace(**fields)
+    modules["vllm.model_executor.kernels.linear"].choose_mp_linear_kernel = chooser
+    modules["vllm.distributed"].cleanup_dist_env_and_memory = cleanup
+    modules["vllm"].LLM = llm_class
+    modules["vllm"].SamplingParams = lambda **kwargs: kwargs
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_kernel_problems_ask_vllms_own_kernel_choice_for_each_distinct_shape(monkeypatch):
+    asked = []
+
+    def choose(config):  # the rule of an older Marlin, the only kernel with zero points there
+        asked.append(config)
+        if config.full_weight_shape[0] % 128:
+            raise ValueError("Failed to find a kernel that can implement the WNA16 linear layer. Reasons: \n"
+                             " MarlinLinearKernel cannot implement due to: input not divisible by 128")
+        return object
+
+    fake_vllm(monkeypatch, chooser=choose)
+    layers = {"model.layers.0.self_attn.qkv_proj": (576, 960), "model.layers.0.mlp.down_proj": (1536, 576),
+              "model.layers.1.self_attn.qkv_proj": (576, 960)}
+    problems = vllm.kernel_problems(layers, bits=4, group_size=64, symmetric=False, dtype="bfloat16")
+    assert problems == ["model.layers.0.self_attn.qkv_proj (576 -> 960): MarlinLinearKernel cannot implement due "
+                        "to: input not divisible by 128"]
+    assert len(asked) == 2  # one question per distinct shape
+    first = asked[0]
+    assert (first.full_weight_shape, first.partition_weight_shape) == ((576, 960), (576, 960))
+    assert (first.weight_type, first.zero_points, first.group_size) == ("uint4", True, 64)
+    assert str(first.act_type) == "torch.bfloat16"
+    assert vllm.kernel_problems(layers, bits=4, group_size=64, symmetric=True, dtype="float16") != [] and \
+        asked[-1].weight_type == "uint4b8" and asked[-1].zero_points is False
+
+
+def test_the_function_that_owns_the_engine_drops_its_last_reference_before_the_clean_up(monkeypatch, tmp_path):
+    import json
+    import weakref
+
+    engines, at_cleanup = [], []
+
+    class Core:
+        stopped = False
+
+        def shutdown(self):
+            Core.stopped = True
+
+    class LLM:
+        def __init__(self, **kwargs):
+            self.llm_engine = type("Engine", (), {"engine_core": Core()})()
+            engines.append(weakref.ref(self))
+
+        def generate(self, requests, params, use_tqdm=False):
+            logprobs = [None] + [{1: type("Logprob", (), {"logprob": -0.1})()}] * 3
+            return [type("Output", (), {"prompt_logprobs": logprobs})() for _ in requests]
+
+    fake_vllm(monkeypatch, cleanup=lambda shutdown_ray: at_cleanup.append(engines[-1]() is None), llm_class=LLM)
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 8}))
+    rows = list(vllm.window_logits(tmp_path, np.zeros((2, 4), dtype=np.int32), threads=1))
+    assert len(rows) == 2 and rows[0].shape == (4, 8)
+    assert Core.stopped and at_cleanup == [True]
