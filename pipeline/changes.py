@@ -25,6 +25,7 @@ COLUMNS = {
     "ppl_ratio": ("ppl ratio", "{:.4f}"),
     "mean_kld": ("mean KLD", "{:.4f}"),
     "top1_agreement": ("top-1", "{:.3f}"),
+    "task_recovery": ("task recovery", "{:.3f}"),
     "prefill_tok_s": ("prefill tok/s", "{:.0f}"),
     "decode_tok_s": ("decode tok/s", "{:.1f}"),
 }

@@ -158,10 +158,21 @@ def baseline_command():
     baselines.run_baselines(_params().speed, log=log)
 
 
+@app.command("task-base")
+@stage
+def task_base_command():
+    """The unquantized model's scores on params `tasks` (lm-eval) -> artifacts/tasks/base.json."""
+    from pipeline.gates import speed, tasks
+
+    params = _params()
+    with speed.heavy_work():
+        tasks.run_base(params, threads=_threads(params), log=log)
+
+
 @app.command("gate")
 @stage
 def gate_command(recipe: str = typer.Argument(..., help="recipe name (recipes/NAME.yaml)")):
-    """Accuracy + speed gates of one artifact -> artifacts/gates/RECIPE.json."""
+    """Accuracy, speed and task gates of one artifact -> artifacts/gates/RECIPE.json."""
     from pipeline.gates import run_gate
 
     run_gate(recipe, params=_params(), log=log)
@@ -238,7 +249,8 @@ def recommend_command(
     max_ppl_ratio: float = typer.Option(None, help="largest ppl ratio"),
     min_top1: float = typer.Option(None, help="smallest top-1 agreement"),
     min_decode: float = typer.Option(None, help="smallest decode tok/s"),
-    objective: str = typer.Option("decode", help="decode | prefill | kld | ppl | top1 | size"),
+    min_recovery: float = typer.Option(None, help="smallest task recovery (the lowest over params `tasks`)"),
+    objective: str = typer.Option("decode", help="decode | prefill | kld | ppl | top1 | recovery | size"),
     workspace_only: bool = typer.Option(False, "--workspace-only", help="skip `dvc exp` experiments"),
 ):
     """The best passing artifact under the constraints, and why each other one lost."""
@@ -246,7 +258,8 @@ def recommend_command(
 
     given = [("--max-size", "bytes", compare.parse_size(max_size) if max_size else None, True),
              ("--max-kld", "mean_kld", max_kld, True), ("--max-ppl-ratio", "ppl_ratio", max_ppl_ratio, True),
-             ("--min-top1", "top1_agreement", min_top1, False), ("--min-decode", "decode_tok_s", min_decode, False)]
+             ("--min-top1", "top1_agreement", min_top1, False), ("--min-decode", "decode_tok_s", min_decode, False),
+             ("--min-recovery", "task_recovery", min_recovery, False)]
     constraints = [compare.Constraint(flag, column, limit, at_most, text=max_size if flag == "--max-size" else "")
                    for flag, column, limit, at_most in given if limit is not None]
     choice = compare.recommend(compare.load_rows(workspace_only, log=log), constraints, objective)
@@ -293,6 +306,9 @@ def doctor_command():
     typer.echo("runtimes   " + ", ".join(f"{name} {version or '-'}" for name, version in runtimes.items()))
     for line in format_lines(formats.FORMATS):
         typer.echo(line)
+    lm_eval = host.package_version("lm-eval")
+    typer.echo("tasks      " + (f"lm-eval {lm_eval}: task gates for params `tasks` (docs/tasks.md)" if lm_eval else
+                                "lm-eval is not installed: pip install 'qpipe[tasks]' for params `tasks`"))
     typer.echo("others     vllm / tensorrt_llm / modelopt / llmcompressor are listed above when installed "
                "(found by package metadata, not imported: importing them takes seconds)")
     typer.echo(f"({time.perf_counter() - started:.2f} s)")

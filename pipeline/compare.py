@@ -30,7 +30,7 @@ from pipeline.errors import BadInput, QpipeError
 
 GATES_PREFIX = "artifacts/gates/"
 COLUMNS = ["experiment", "recipe", "format", "size_mb", "bits_per_weight", "ppl_ratio", "mean_kld",
-           "top1_agreement", "prefill_tok_s", "decode_tok_s", "decode_speedup", "ttft_ms", "itl_ms",
+           "top1_agreement", "task_recovery", "prefill_tok_s", "decode_tok_s", "decode_speedup", "ttft_ms", "itl_ms",
            "roofline_fraction", "verdict", "pareto", "accuracy_runtime", "speed_runtime"]
 OUTPUT_FORMATS = ("md", "csv", "json")
 # figures measured anew in each run, pooled over one candidate's runs
@@ -222,6 +222,7 @@ OBJECTIVES: dict[str, tuple[str, bool]] = {
     "kld": ("mean_kld", False),
     "ppl": ("ppl_ratio", False),
     "top1": ("top1_agreement", True),
+    "recovery": ("task_recovery", True),
     "size": ("bytes", False),
 }
 

@@ -29,7 +29,7 @@ class Strict(BaseModel):
 # ---------------------------------------------------------------- recipe
 
 
-GateName = Literal["accuracy", "speed"]
+GateName = Literal["accuracy", "speed", "tasks"]
 
 
 class RelativeLimit(Strict):
@@ -78,6 +78,9 @@ class GateLimits(Strict):
                                                              "of its 95 % interval")
     min_top1_agreement_lower: float | RelativeLimit | None = Field(None, description="min_top1_agreement on the "
                                                                    "lower bound of its 95 % interval")
+    min_task_recovery: float | dict[str, float] | None = Field(
+        None, description="smallest task recovery (score / the unquantized model's score, params `tasks`): a "
+                          "number for every task, or {task: number} for the tasks named")
     require: list[GateName] = Field(default_factory=lambda: ["accuracy", "speed"],
                                     description="gates that must run for a pass; one that did not is not_run, "
                                                 "and the verdict incomplete")
@@ -105,6 +108,23 @@ class GateLimits(Strict):
                 f"{'at least' if low_allowed else 'above'} {low:g}"
             raise ValueError(f"must be {span}, got {value!r}")
         return float(value)
+
+    @field_validator("min_task_recovery", mode="before")
+    @classmethod
+    def _recovery(cls, value: Any) -> Any:
+        def positive(number: Any, key: str) -> float:
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
+                    or number <= 0:
+                raise ValueError(f"{key}must be a number above 0, got {number!r}")
+            return float(number)
+
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            if not value:
+                raise ValueError("name at least one task, or give one number for every task")
+            return {str(task): positive(number, f"{task}: ") for task, number in value.items()}
+        return positive(value, "")
 
 
 class GateLimitOverrides(GateLimits):
@@ -173,6 +193,17 @@ class SpeedParams(Strict):
                               "0 = none. vLLM and TensorRT-LLM place the whole model on the GPU")
 
 
+class TaskSpec(Strict):
+    """One lm-evaluation-harness task every recipe is scored on (docs/tasks.md)."""
+
+    name: str = Field(min_length=1, description="an lm-eval task: built in (its data from the Hugging Face Hub) or "
+                      "defined by a YAML under tasks/ (local data: dataset_path: json with data_files)")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples (None: the task's own default, else 0)")
+    limit: int | None = Field(None, ge=1, description="score only the first this many documents (None: all)")
+    metric: str | None = Field(None, min_length=1, description="lm-eval's `metric,filter` key to gate on, e.g. "
+                               "`acc,none` or `exact_match,strict-match` (None: the task's first)")
+
+
 class Params(Strict):
     model: ModelParams = Field(default_factory=ModelParams, description="the checkpoint to quantize")
     corpus: CorpusParams = Field(default_factory=CorpusParams, description="calibration and evaluation text")
@@ -181,6 +212,17 @@ class Params(Strict):
     recipes: list[str] = Field(default_factory=list, description="recipes/NAME.yaml files to build and gate")
     limits: dict[str, GateLimitOverrides] = Field(default_factory=dict, description="recipe name -> gate limits "
                                                   "that replace the recipe file's (`dvc exp run -S limits.R.key=v`)")
+    tasks: list[TaskSpec] = Field(default_factory=list, description="lm-eval tasks scored on every artifact and on "
+                                  "the unquantized model (none by default: no benchmark data ships with qpipe)")
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct_tasks(cls, tasks: list[TaskSpec]) -> list[TaskSpec]:
+        names = [task.name for task in tasks]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"each task may be named once; repeated: {', '.join(repeated)}")
+        return tasks
 
 
 def effective_limits(recipe: RecipeBase, name: str, params: Params) -> tuple[GateLimits, dict[str, str]]:
@@ -191,7 +233,7 @@ def effective_limits(recipe: RecipeBase, name: str, params: Params) -> tuple[Gat
     limits = recipe.gates.model_copy(update=given)
     recipe_file = recipe._path or Path(RECIPES_DIR) / f"{name}.yaml"
     set_in = {key: (f"{PARAMS_FILE}: limits.{name}.{key}" if key in given else f"{recipe_file}: gates.{key}")
-              for key in LIMIT_KEYS if getattr(limits, key) is not None}
+              for key in (*LIMIT_KEYS, "min_task_recovery") if getattr(limits, key) is not None}
     return limits, set_in
 
 

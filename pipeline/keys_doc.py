@@ -36,7 +36,7 @@ def type_name(annotation: Any) -> str:
         return "mapping"
     if annotation is RelativeLimit:
         return "`{relative_to, factor}`"
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+    if _is_model(annotation):
         return "mapping (below)"
     return {int: "integer", float: "number", str: "string", bool: "boolean"}.get(annotation, str(annotation))
 
@@ -72,11 +72,17 @@ def rows(fields: dict[str, Any], prefix: str = "") -> list[str]:
         key = f"{prefix}{name}"
         lines.append(f"| `{key}` | {type_name(field.annotation)} | {default_of(field)} | {bounds(field)} | "
                      f"{field.description or ''} |")
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            nested.append((key, field.annotation))
+        if _is_model(field.annotation):
+            nested.append((f"{key}.", field.annotation))
+        elif typing.get_origin(field.annotation) is list and _is_model(typing.get_args(field.annotation)[0]):
+            nested.append((f"{key}[].", typing.get_args(field.annotation)[0]))  # each entry of the list
     for key, submodel in nested:
-        lines += rows(submodel.model_fields, f"{key}.")
+        lines += rows(submodel.model_fields, key)
     return lines
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 TABLE_HEAD = ["| key | type | default | bounds | what it is |", "|---|---|---|---|---|"]

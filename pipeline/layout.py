@@ -20,6 +20,9 @@ GATES_DIR = ARTIFACTS / "gates"
 BASELINES_DIR = ARTIFACTS / "baselines"
 REPORT_DIR = ARTIFACTS / "report"
 RUNS_DIR = ARTIFACTS / "runs"
+TASKS_BASE_DIR = ARTIFACTS / "tasks"
+TASKS_BASE_FILE = TASKS_BASE_DIR / "base.json"   # the unquantized model's task scores
+TASK_CONFIGS_DIR = Path("tasks")                  # the project's own lm-eval task YAMLs (local data)
 
 CALIBRATION_TEXT = CORPUS_DIR / "calibration.txt"
 EVALUATION_TEXT = CORPUS_DIR / "evaluation.txt"

@@ -36,6 +36,7 @@ COLUMNS = [
     ("mean_kld", "mean KLD", "{:.4f}"),
     ("mean_kld_ci95", "KLD 95 % CI", "{low:.4f}-{high:.4f}"),
     ("top1_agreement", "top-1", "{:.3f}"),
+    ("task_recovery", "task recovery", "{:.3f}"),
     ("prefill_tok_s", "prefill tok/s", "{:.0f}"),
     ("decode_tok_s", "decode tok/s", "{:.1f}"),
     ("decode_sd", "± sd", "{:.1f}"),
@@ -49,6 +50,7 @@ COLUMNS = [
 def row(result: dict[str, Any], build: dict[str, Any] | None) -> dict[str, Any]:
     accuracy = result["accuracy"] if result["accuracy"].get("status") == "ok" else {}
     speed = result["speed"] if result["speed"].get("status") == "ok" else {}
+    tasks = result.get("tasks") or {}  # absent from results written before the task gate
     mix = (build or {}).get("tensor_types") or {}
     return {
         "recipe": result["recipe"],
@@ -61,6 +63,8 @@ def row(result: dict[str, Any], build: dict[str, Any] | None) -> dict[str, Any]:
         "mean_kld": accuracy.get("mean_kld"),
         "top1_agreement": accuracy.get("top1_agreement"),
         "tokenizer_mismatch": accuracy.get("tokenizer_mismatch"),
+        "task_recovery": tasks.get("min_recovery") if tasks.get("status") == "ok" else None,
+        "tasks": tasks.get("tasks") if tasks.get("status") == "ok" else None,
         "prefill_tok_s": speed.get("prefill_tok_s"),
         "decode_tok_s": speed.get("decode_tok_s"),
         "decode_speedup": speed.get("decode_speedup"),
@@ -159,12 +163,13 @@ def markdown(rows: list[dict[str, Any]], reference_meta: dict[str, Any], host: d
         f"Host: {host.get('cpu')} ({host.get('cores')} cores), {host.get('gpu') or 'no GPU'}, "
         f"measured bandwidth {host.get('bandwidth_gb_s')} GB/s.",
         "",
-        "| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
     ]
+    # the task column only where a task gate ran: the default run names no task
+    columns = [c for c in COLUMNS if c[0] != "task_recovery" or any(r.get("task_recovery") is not None for r in rows)]
+    lines += ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = []
-        for key, _, fmt in COLUMNS:
+        for key, _, fmt in columns:
             value = r.get(key)
             if key == "pareto":
                 cells.append({True: "yes", False: "", None: "n/a"}[value])
@@ -177,6 +182,7 @@ def markdown(rows: list[dict[str, Any]], reference_meta: dict[str, Any], host: d
                 cells.append(fmt.format(**value) if isinstance(value, dict) else fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")
     lines += llama_cpp_table(rows)
+    lines += tasks_table(rows)
     lines += ["", "## Runtimes and tensor types", ""]
     for r in rows:
         mix = ", ".join(f"{k} {v:.0%}" for k, v in (r.get("tensor_types") or {}).items())
@@ -189,6 +195,25 @@ def markdown(rows: list[dict[str, Any]], reference_meta: dict[str, Any], host: d
                   f"being a tie ({TIE_SIGMAS:g} sd of the speed repeats; {TIE_SIGMAS:g} standard errors of the paired "
                   "per-window KLD); `n/a` = a figure was not measured.", ""]
     return "\n".join(lines)
+
+
+def tasks_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Each task's score, the unquantized model's, and recovery, per recipe whose task gate ran."""
+    ran = [r for r in rows if r.get("tasks")]
+    if not ran:
+        return []
+    lines = ["", "## Tasks (lm-evaluation-harness)", "",
+             "Score on the task's metric through the artifact's own runtime, the unquantized model's score "
+             "(95 % interval from lm-eval's stderr), and recovery = score / unquantized score.", "",
+             "| recipe | task | metric | documents | score | unquantized | recovery |", "|---|---|---|---|---|---|---|"]
+    for r in ran:
+        for task in r["tasks"]:
+            interval = task.get("base_ci95")
+            base = f"{task['base_score']:.4f}" + (f" ({interval['low']:.3f}-{interval['high']:.3f})" if interval else "")
+            shown = "n/a" if task["recovery"] is None else f"{task['recovery']:.3f}"
+            lines.append(f"| {r['recipe']} | {task['name']} | {task['metric']} | {task['samples']} | "
+                         f"{task['score']:.4f} | {base} | {shown} |")
+    return lines
 
 
 # llama-perplexity --kl-divergence labels shown in the report, all positions then the second half

@@ -12,7 +12,7 @@ def test_help_lists_every_stage_command():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     for command in ["host", "source", "corpus", "reference", "recipe", "build", "baseline", "gate", "report",
-                    "check", "doctor", "setup-converter", "engine"]:
+                    "check", "doctor", "setup-converter", "engine", "task-base"]:
         assert command in result.output
 
 
@@ -21,7 +21,7 @@ def test_doctor_reports_host_runtimes_and_tools():
     assert result.exit_code == 0, result.output
     for line in ["CPU", "memory", "GPU", "runtimes", "llama_cpp 0.3", "converter", "can build  gguf, awq, modelopt",
                  "can gate   awq accuracy via", "can gate   modelopt accuracy via the checkpoint emulation",
-                 "offload    no, this llama.cpp is a CPU build"]:
+                 "offload    no, this llama.cpp is a CPU build", "tasks      lm-eval 0.4.13: task gates"]:
         assert line in result.output
 
 

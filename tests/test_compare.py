@@ -187,3 +187,16 @@ def test_results_of_every_schema_up_to_this_one_are_compared_and_a_newer_one_is_
     monkeypatch.setattr(compare, "dvc_exp_show", lambda: exp_show([newer]))
     with pytest.raises(BadInput, match="no gate results this qpipe can read"):
         compare.load_rows(workspace_only=False, log=said.append)
+
+
+def test_recommend_with_min_recovery_drops_what_lost_the_tasks_or_never_ran_them():
+    from tests.test_report import with_tasks
+
+    rows = rows_of(("w", with_tasks(gate_result("q4", 0.05, 110.0), {"arc_easy": (0.55, 0.64)})),
+                   ("w", with_tasks(gate_result("q8", 0.01, 80.0), {"arc_easy": (0.63, 0.64)})),
+                   ("w", gate_result("iq4", 0.04, 120.0)))
+    choice = compare.recommend(rows, [constraint("--min-recovery", "task_recovery", 0.95, False)], "decode")
+    assert choice["best"]["recipe"] == "q8"
+    reasons = {entry["row"]["recipe"]: entry["reason"] for entry in choice["lost"]}
+    assert reasons["q4"] == "task_recovery 0.8594 breaks --min-recovery 0.95"
+    assert reasons["iq4"] == "task_recovery not measured (--min-recovery needs it)"

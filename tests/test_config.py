@@ -115,7 +115,7 @@ def test_each_dvc_stage_depends_on_its_own_code_and_on_params_keys_that_exist():
     own_code = {"host": "pipeline/host.py", "source": "pipeline/source.py", "corpus": "pipeline/corpus.py",
                 "reference": "pipeline/reference.py", "recipe": "pipeline/builds.py", "build": "pipeline/builds.py",
                 "engine": "pipeline/engines.py", "baseline": "pipeline/baselines.py", "gate": "pipeline/gates",
-                "report": "pipeline/report.py", "check": "pipeline/cli.py"}
+                "report": "pipeline/report.py", "check": "pipeline/cli.py", "task_base": "pipeline/gates/tasks.py"}
     assert set(stages) == set(own_code)
     for name, stage in stages.items():
         body = stage.get("do", stage)
@@ -174,3 +174,45 @@ def test_a_bad_limit_in_params_names_its_key(tmp_path, value, message):
     error = error_of(lambda: load_params(write(tmp_path / "params.yaml",
                                                f"recipes: [r]\nlimits:\n  r:\n    min_top1_agreement: {value}\n")))
     assert error.where.endswith("limits.r.min_top1_agreement") and message in error.what
+
+
+def test_tasks_are_lm_eval_names_with_optional_shots_limit_and_metric(tmp_path):
+    params = load_params(write(tmp_path / "params.yaml", "tasks:\n  - {name: arc_easy, num_fewshot: 0, limit: 500}\n"
+                                                         "  - {name: gsm8k, metric: 'exact_match,strict-match'}\n"))
+    assert [(t.name, t.num_fewshot, t.limit, t.metric) for t in params.tasks] == [
+        ("arc_easy", 0, 500, None), ("gsm8k", None, None, "exact_match,strict-match")]
+    assert load_params(write(tmp_path / "params.yaml", "recipes: []\n")).tasks == []
+
+
+@pytest.mark.parametrize("tasks, where, message", [
+    ("[{name: arc_easy}, {name: arc_easy}]", "tasks", "repeated: arc_easy"),
+    ("[{name: arc_easy, limit: 0}]", "tasks.0.limit", "greater than or equal to 1"),
+    ("[{name: arc_easy, shots: 5}]", "tasks.0.shots", "unknown key"),
+    ("[{limit: 5}]", "tasks.0.name", "Field required"),
+])
+def test_a_bad_task_names_its_key(tmp_path, tasks, where, message):
+    error = error_of(lambda: load_params(write(tmp_path / "params.yaml", f"tasks: {tasks}\n")))
+    assert error.where.endswith(where) and message in error.what
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "must be a number above 0"),
+    ("{arc_easy: -1}", "arc_easy: must be a number above 0"),
+    ("{}", "name at least one task"),
+])
+def test_a_bad_task_recovery_limit_names_its_key(tmp_path, value, message):
+    error = error_of(lambda: load_params(write(tmp_path / "params.yaml",
+                                               f"recipes: [r]\nlimits:\n  r:\n    min_task_recovery: {value}\n")))
+    assert error.where.endswith("limits.r.min_task_recovery") and message in error.what
+
+
+def test_a_recovery_limit_for_a_task_params_does_not_name_is_refused(tmp_path):
+    from pipeline.config import effective_limits
+    from pipeline.gates import check_task_limits
+
+    recipes = recipe(tmp_path, "format: gguf\ntype: Q8_0\ngates:\n  min_task_recovery: {arc_easy: 0.95}\n")
+    params = load_params(write(tmp_path / "params.yaml", "recipes: [r]\ntasks: [{name: arc_challenge}]\n"))
+    limits, set_in = effective_limits(load_recipe("r", recipes), "r", params)
+    error = error_of(lambda: check_task_limits(limits, params, set_in))
+    assert "names arc_easy" in error.what and error.where.endswith("r.yaml: gates.min_task_recovery")
+    assert "arc_challenge" in error.fix

@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from tests import lm_eval_tasks
 from tests.conftest import write
 
 pytestmark = pytest.mark.integration
@@ -18,6 +19,7 @@ corpus:
 reference:
   windows: 3
   window_tokens: 128
+  dtype: float32
 speed:
   prompt_tokens: 64
   gen_tokens: 16
@@ -33,7 +35,7 @@ recipes:
   - trtllm-fp8
   - trtllm-int8-sq
 limits: {}
-"""
+""" + lm_eval_tasks.PARAMS
 
 
 LOOSE_GATES = """gates:
@@ -103,6 +105,7 @@ def repo(tmp_path_factory):
         knobs = [line for line in recipe.read_text().split("gates:")[0].splitlines()
                  if not line.startswith(("calibration_samples", "calibration_seq_len"))]
         recipe.write_text("\n".join(knobs) + "\n" + TINY_MODELOPT)
+    lm_eval_tasks.write_tasks(root)
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     git = ["git", "-C", str(root), "-c", "user.name=qpipe-test", "-c", "user.email=test@example.invalid"]
@@ -225,6 +228,37 @@ def test_modelopt_checkpoints_are_scored_as_written(repo):
     assert fp8["mean_kld"] < sq["mean_kld"]  # per-tensor int8 activations cost this model more than fp8
     engine = json.loads((root / "artifacts/engines/gguf-q8_0/engine.json").read_text())
     assert engine["status"] == "not_applicable"
+
+
+def test_every_artifact_is_scored_on_the_tasks_through_its_own_runtime_against_the_base(repo):
+    from pipeline.config import GateLimits
+    from pipeline.gates import verdict
+
+    root, _, _, _ = repo
+    base = json.loads((root / "artifacts" / "tasks" / "base.json").read_text())
+    assert [t["name"] for t in base["tasks"]] == ["qpipe_mc", "qpipe_gen"]
+    assert base["runtime"].startswith("transformers") and "unquantized" in base["runtime"]
+    base_scores = {t["name"]: t["score"] for t in base["tasks"]}
+    assert all(score > 0 for score in base_scores.values())
+    for name in ("gguf-q8_0", "gguf-q4_0", "awq-w4a16", "trtllm-fp8", "trtllm-int8-sq"):
+        result = gate(root, name)
+        section = result["tasks"]
+        assert section["status"] == "ok", section
+        assert section["runtime"] == result["accuracy"]["runtime"]  # llama.cpp, transformers, the emulation
+        assert section["device"] == result["accuracy"]["device"] == "cpu"
+        for task in section["tasks"]:
+            assert task["base_score"] == base_scores[task["name"]]
+            assert task["recovery"] == pytest.approx(task["score"] / task["base_score"])
+            assert task["samples"] == {"qpipe_mc": 10, "qpipe_gen": 12}[task["name"]]
+        assert section["min_recovery"] == min(section["recovery"].values())
+        judged = [(section["min_recovery"] + 0.01, "fail")]
+        if section["min_recovery"] > 0:  # a limit is above 0; 2 x 128 calibration tokens may lose every answer
+            judged.append((section["min_recovery"], "pass"))
+        for limit, expected in judged:
+            (check,) = verdict.evaluate(GateLimits(min_task_recovery=limit, require=["tasks"]), {"tasks": section})
+            assert check["verdict"] == expected
+    report = (root / "artifacts" / "report" / "tradeoff.md").read_text()
+    assert "| task recovery |" in report.splitlines()[4] and "## Tasks (lm-evaluation-harness)" in report
 
 
 def test_the_emulation_sees_a_wrong_scale_in_the_file(repo, tmp_path):

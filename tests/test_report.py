@@ -67,3 +67,24 @@ def test_markdown_shows_llama_cpp_statistics_and_the_size_plot_takes_every_forma
     assert set(accuracy.KLD_PERCENTILES) <= {label.split()[0] for label in report.LLAMA_CPP_LABELS}
     report.plot_quality_vs_size(table, tmp_path / "size.png")
     assert (tmp_path / "size.png").stat().st_size > 1000
+
+
+def with_tasks(result, scores):
+    """A tasks section: task -> (score, unquantized score)."""
+    entries = [{"name": name, "metric": "acc,none", "samples": 100, "score": score, "base_score": base,
+                "base_ci95": {"low": base - 0.1, "high": base + 0.1}, "recovery": score / base}
+               for name, (score, base) in scores.items()]
+    result["tasks"] = {"status": "ok", "tasks": entries, "recovery": {e["name"]: e["recovery"] for e in entries},
+                       "min_recovery": min(e["recovery"] for e in entries)}
+    return result
+
+
+def test_the_task_column_and_table_appear_only_where_a_task_gate_ran(tmp_path):
+    plain = report.markdown(report.build_rows([gate_result("a", 0.01, 50.0)], tmp_path), {"ppl": 13.0}, {"cpu": "x"})
+    assert "task recovery" not in plain and "## Tasks" not in plain
+    scored = with_tasks(gate_result("a", 0.01, 50.0), {"arc_easy": (0.6, 0.64), "qpipe_gen": (0.5, 0.5)})
+    table = report.build_rows([scored, gate_result("b", 0.05, 60.0)], tmp_path)
+    assert table[0]["task_recovery"] == 0.6 / 0.64 and table[1]["task_recovery"] is None
+    text = report.markdown(table, {"ppl": 13.0}, {"cpu": "x"})
+    assert "| task recovery |" in text and "| 0.938 |" in text
+    assert "| a | arc_easy | acc,none | 100 | 0.6000 | 0.6400 (0.540-0.740) | 0.938 |" in text

@@ -27,11 +27,11 @@ from pipeline.errors import BadInput, HostLacks
 
 RESTORE_ONLY_ENV = "QPIPE_RESTORE_ONLY"
 # the commands DVC runs for stages the report job must restore, never run
-RESTORED_COMMANDS = ("source", "corpus", "reference", "recipe", "build", "engine", "baseline", "gate")
+RESTORED_COMMANDS = ("source", "corpus", "reference", "task_base", "recipe", "build", "engine", "baseline", "gate")
 HOSTS_DIR = "ci-hosts"   # the report job's folder of runners' host.json files, one per recipe
-SHARED_STAGES = ("source", "corpus", "reference")
+SHARED_STAGES = ("source", "corpus", "reference", "task_base")
 PLATFORMS = ("github", "gitlab")
-BASE_EXTRAS = ("awq", "modelopt")  # every runner builds with these (`make setup EXTRAS=...`)
+BASE_EXTRAS = ("awq", "modelopt", "tasks")  # every runner builds with these (`make setup EXTRAS=...`)
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def jobs(recipes: list[str]) -> list[Job]:
 def refuse_to_run(command: str) -> None:
     """Stop a stage command in a job that only restores (``gather`` sets the variable)."""
     if os.environ.get(RESTORE_ONLY_ENV) == "1" and command in RESTORED_COMMANDS:
-        raise HostLacks(f"`qpipe {command}` would run in a job that only restores stages: no runner pushed a run "
+        raise HostLacks(f"`qpipe {command.replace('_', '-')}` would run in a job that only restores stages: no runner pushed a run "
                         "with these inputs", where=f"stage {command} ({RESTORE_ONLY_ENV}=1)",
                         fix="let the recipe's runner job finish its `dvc push --run-cache`, and check that it ran "
                             "this commit with the host.json handed to this job")

@@ -448,9 +448,15 @@ def runtime_name(build_dir: Path | None = None) -> str:
     return _runtime(build_dir).name()
 
 
-def window_logits(build_dir: Path, windows: np.ndarray, threads: int, gpu_layers: int) -> Iterator[np.ndarray]:
+def window_logits(build_dir: Path, windows, threads: int, gpu_layers: int) -> Iterator[np.ndarray]:
     """vLLM or transformers place the whole model on one device: `gpu_layers` is llama.cpp's."""
     yield from _runtime(build_dir).window_logits(artifact_path(build_dir), windows, threads=threads)
+
+
+def generate(build_dir: Path, prompts, max_tokens: int, stop_ids: list[int], threads: int,
+             gpu_layers: int) -> Iterator[list[int]]:
+    yield from _runtime(build_dir).generate(artifact_path(build_dir), prompts, max_tokens=max_tokens,
+                                            stop_ids=stop_ids, threads=threads)
 
 
 def accuracy_device(build_dir: Path, gpu_layers: int) -> str:

@@ -67,9 +67,16 @@ class Format(Protocol):
         """What the gates run the artifact with (``None``: what they would run here)."""
 
     def window_logits(self, build_dir: Path, windows, threads: int, gpu_layers: int) -> Iterator:
-        """[T, V] logits of each token window, through the native runtime or a declared emulation.
+        """[T, V] logits of each token window (a sequence of token id sequences; the reference's
+        are all one length, the task gate's are not), through the native runtime or a declared emulation.
         ``gpu_layers`` is params ``speed.n_gpu_layers`` (llama.cpp's offload, -1 = all); a runtime
         that places the whole model on the GPU ignores it."""
+
+    def generate(self, build_dir: Path, prompts, max_tokens: int, stop_ids: list[int], threads: int,
+                 gpu_layers: int) -> Iterator[list[int]]:
+        """Greedy continuation ids of each prompt (token id lists), through the same runtime as
+        ``window_logits``, up to ``max_tokens`` ids or the first of ``stop_ids`` (the task gate's
+        ``generate_until``)."""
 
     def accuracy_device(self, build_dir: Path, gpu_layers: int) -> str:
         """Where ``window_logits`` runs here: "cpu", "gpu", or "gpu+cpu" (a partial offload)."""

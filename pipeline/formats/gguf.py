@@ -541,11 +541,19 @@ def runtime_name(build_dir: Path | None = None) -> str:
     return runtime.name()
 
 
-def window_logits(build_dir: Path, windows: np.ndarray, threads: int, gpu_layers: int) -> Iterator[np.ndarray]:
+def window_logits(build_dir: Path, windows, threads: int, gpu_layers: int) -> Iterator[np.ndarray]:
     from pipeline.runtimes import llama_cpp as runtime
 
     yield from runtime.window_logits(artifact_path(build_dir), windows, threads=threads,
                                      n_gpu_layers=runtime.gpu_layers(gpu_layers))
+
+
+def generate(build_dir: Path, prompts, max_tokens: int, stop_ids: list[int], threads: int,
+             gpu_layers: int) -> Iterator[list[int]]:
+    from pipeline.runtimes import llama_cpp as runtime
+
+    yield from runtime.generate(artifact_path(build_dir), prompts, max_tokens=max_tokens, stop_ids=stop_ids,
+                                threads=threads, n_gpu_layers=runtime.gpu_layers(gpu_layers))
 
 
 def accuracy_device(build_dir: Path, gpu_layers: int) -> str:

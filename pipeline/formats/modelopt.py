@@ -571,7 +571,7 @@ def runtime_name(build_dir: Path | None = None) -> str:
     return checkpoint_emulation.describe(artifact_path(build_dir))
 
 
-def window_logits(build_dir: Path, windows: np.ndarray, threads: int, gpu_layers: int) -> Iterator[np.ndarray]:
+def window_logits(build_dir: Path, windows, threads: int, gpu_layers: int) -> Iterator[np.ndarray]:
     """The engine or the emulation places the whole model on one device: `gpu_layers` is llama.cpp's."""
     from pipeline.runtimes import checkpoint_emulation, tensorrt_llm
 
@@ -580,6 +580,18 @@ def window_logits(build_dir: Path, windows: np.ndarray, threads: int, gpu_layers
                                               tokenizer_dir=artifact_path(build_dir))
     else:
         yield from checkpoint_emulation.window_logits(artifact_path(build_dir), windows, threads=threads)
+
+
+def generate(build_dir: Path, prompts, max_tokens: int, stop_ids: list[int], threads: int,
+             gpu_layers: int) -> Iterator[list[int]]:
+    from pipeline.runtimes import checkpoint_emulation, tensorrt_llm
+
+    if _native(build_dir):
+        yield from tensorrt_llm.generate(_engine_path(build_dir), prompts, max_tokens=max_tokens, stop_ids=stop_ids,
+                                         threads=threads, tokenizer_dir=artifact_path(build_dir))
+    else:
+        yield from checkpoint_emulation.generate(artifact_path(build_dir), prompts, max_tokens=max_tokens,
+                                                 stop_ids=stop_ids, threads=threads)
 
 
 def accuracy_device(build_dir: Path, gpu_layers: int) -> str:

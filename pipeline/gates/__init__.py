@@ -1,7 +1,7 @@
 """The gate@R stage: score the artifact as written to disk, measure its speed, check limits.
 
 Writes artifacts/gates/R.json (a DVC metrics file) with the schema in docs/design.md:
-schema_version, recipe, format, artifact, accuracy, speed, checks, verdict, host.
+schema_version, recipe, format, artifact, accuracy, speed, tasks, checks, verdict, host.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def run_gate(name: str, *, params, log=print) -> dict[str, Any]:
 
     recipe = formats.load_recipe(name)
     limits, set_in = effective_limits(recipe, name, params)
+    check_task_limits(limits, params, set_in)
     speed_params = params.speed
     fmt = formats.module(recipe.format)
     build_dir = layout.build_dir(name)
@@ -45,7 +46,8 @@ def run_gate(name: str, *, params, log=print) -> dict[str, Any]:
     memory_record = check_gate_memory(fmt.INFO, artifact["bytes"], ref, host_info)
     accuracy = run_accuracy(fmt, build_dir, ref, threads, speed_params.n_gpu_layers, log)
     speed = run_speed(fmt, recipe.format, build_dir, ref, speed_params, host_info, threads, log)
-    sections = {"accuracy": accuracy, "speed": speed}
+    tasks = run_tasks(fmt, build_dir, params.tasks, threads, speed_params.n_gpu_layers, log)
+    sections = {"accuracy": accuracy, "speed": speed, "tasks": tasks}
     checks = verdict.evaluate(limits, sections, set_in)
     outcome, reasons = verdict.overall(limits.require, sections, checks)
     result = {
@@ -55,6 +57,7 @@ def run_gate(name: str, *, params, log=print) -> dict[str, Any]:
         "artifact": artifact,
         "accuracy": accuracy,
         "speed": speed,
+        "tasks": tasks,
         "checks": checks,
         "require": limits.require,
         "verdict": outcome,
@@ -81,6 +84,7 @@ def _write_refused(name: str, format_name: str, require: list[str], build: dict[
         "artifact": {"path": None, "bytes": None, "sha256": None, "bits_per_weight": None},
         "accuracy": {"status": "not_run", "reason": reason},
         "speed": {"status": "not_run", "reason": reason},
+        "tasks": {"status": "not_run", "reason": reason},
         "checks": [],
         "require": require,
         "verdict": "refused",
@@ -105,6 +109,28 @@ def check_gate_memory(info, artifact_bytes: int, ref, host_info: dict[str, Any])
                            mapped_bytes=(artifact_bytes if info.gate_maps_artifact else 0) + output_layer_bytes)
     return memory.ensure_fits(need, stage=f"the {info.name} gate", fix="run the gates on a host with more memory "
                        "or a GPU, or lower reference.window_tokens (the logits of one window are held at once)")
+
+
+def check_task_limits(limits, params, set_in: dict[str, str]) -> None:
+    """A per-task recovery limit must name a task of params.yaml `tasks` (a typo would leave
+    its check not_run for ever)."""
+    from pipeline.errors import BadInput
+
+    per_task = limits.min_task_recovery if isinstance(limits.min_task_recovery, dict) else {}
+    named = [task.name for task in params.tasks]
+    unknown = [task for task in per_task if task not in named]
+    if unknown:
+        raise BadInput(f"min_task_recovery names {', '.join(unknown)}, which params.yaml `tasks` does not list",
+                       where=set_in["min_task_recovery"], fix=f"use one of: {', '.join(named) or '(no tasks named)'}")
+
+
+def run_tasks(fmt, build_dir, specs, threads: int, gpu_layers: int, log) -> dict[str, Any]:
+    from pipeline.gates import speed, tasks
+
+    if not specs:
+        return tasks.not_named()
+    with speed.heavy_work():
+        return tasks.section(fmt, build_dir, specs, threads=threads, gpu_layers=gpu_layers, log=log)
 
 
 def run_accuracy(fmt, build_dir, ref, threads: int, gpu_layers: int, log) -> dict[str, Any]:

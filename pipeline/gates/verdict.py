@@ -33,20 +33,21 @@ CHECKS: dict[str, tuple[str, str, str]] = {
     "max_tokenizer_mismatch": ("accuracy", "tokenizer_mismatch", "<="),
     "min_decode_speedup": ("speed", "decode_speedup", ">="),
     "min_roofline_fraction": ("speed", "roofline_fraction", ">="),
+    # a number judges the lowest recovery; {task: number} makes one check per task, named
+    # min_task_recovery.<task>, on recovery.<task>
+    "min_task_recovery": ("tasks", "min_recovery", ">="),
 }
+SECTIONS = ("accuracy", "speed", "tasks")
 
 
 def evaluate(limits: GateLimits, sections: dict[str, dict[str, Any]],
              set_in: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """One check per limit set; `set_in` maps a limit key to where the user sets it."""
     checks = []
-    for key, (section_name, figure, comparison) in CHECKS.items():
-        limit = getattr(limits, key)
-        if limit is None:
-            continue
+    for key, name, section_name, figure, comparison, limit in _limits_set(limits):
         section = sections.get(section_name) or {}
         value = figure_value(section, figure)
-        check = {"name": key, "gate": section_name, "figure": figure, "limit": None, "value": value}
+        check = {"name": name, "gate": section_name, "figure": figure, "limit": None, "value": value}
         if isinstance(limit, RelativeLimit):
             check.update(relative_to=limit.relative_to, factor=limit.factor)
         else:
@@ -63,6 +64,22 @@ def evaluate(limits: GateLimits, sections: dict[str, dict[str, Any]],
             check["verdict"] = _compare(value, comparison, limit)
         checks.append(check)
     return checks
+
+
+def _limits_set(limits: GateLimits):
+    """(limit key, check name, section, figure, comparison, limit) of each limit set."""
+    for key, (section_name, figure, comparison) in CHECKS.items():
+        limit = getattr(limits, key)
+        if isinstance(limit, dict):  # min_task_recovery per task
+            for task, task_limit in limit.items():
+                yield key, f"{key}.{task}", section_name, f"recovery.{task}", comparison, task_limit
+        elif limit is not None:
+            yield key, key, section_name, figure, comparison, limit
+
+
+def comparison_of(check: dict[str, Any]) -> str:
+    """"<=" or ">=": how a check's value is held against its limit."""
+    return CHECKS[check["name"].split(".")[0]][2]
 
 
 def figure_value(section: dict[str, Any], figure: str) -> float | None:
@@ -103,7 +120,7 @@ def overall(require: list[str], sections: dict[str, dict[str, Any]], checks: lis
 
 
 def _failure(check: dict[str, Any]) -> str:
-    sign = ">" if CHECKS[check["name"]][2] == "<=" else "<"
+    sign = ">" if comparison_of(check) == "<=" else "<"
     limit = f"{check['limit']:.4g}"
     if "relative_to" in check:
         limit += f" = {check['factor']:g} x {check['relative_to']}'s {check['anchor_value']:.4g}"
@@ -159,10 +176,10 @@ def _judge_relative(check: dict[str, Any], anchor: dict[str, Any] | None) -> boo
         return True
     limit = check["factor"] * anchor_value
     check.update(limit=limit, anchor_value=anchor_value,
-                 verdict=_compare(check["value"], CHECKS[check["name"]][2], limit))
+                 verdict=_compare(check["value"], comparison_of(check), limit))
     return True
 
 
 def _recompute(result: dict[str, Any]) -> None:
-    sections = {"accuracy": result.get("accuracy"), "speed": result.get("speed")}
+    sections = {name: result.get(name) for name in SECTIONS}
     result["verdict"], result["reasons"] = overall(result["require"], sections, result["checks"])

@@ -29,7 +29,12 @@ class Runtime(Protocol):
 
     def window_logits(self, model: Path, windows, *, threads: int,
                       tokenizer_dir: Path | None = None) -> Iterator:
-        """[T, V] float32 logits of each token window, each from an empty context."""
+        """[len(window), V] float32 logits of each token window (id sequences of any lengths),
+        each from an empty context."""
+
+    def generate(self, model: Path, prompts, *, max_tokens: int, stop_ids: list[int], threads: int,
+                 tokenizer_dir: Path | None = None) -> Iterator[list[int]]:
+        """Greedy continuation ids of each prompt, up to ``max_tokens`` or the first of ``stop_ids``."""
 
 
 class SpeedRuntime(Runtime, Protocol):

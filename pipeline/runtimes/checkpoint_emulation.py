@@ -467,10 +467,17 @@ def device() -> str:
     return transformers_device()
 
 
-def window_logits(checkpoint_dir: Path, windows: np.ndarray, *, threads: int,
+def window_logits(checkpoint_dir: Path, windows, *, threads: int,
                   tokenizer_dir: Path | None = None) -> Iterator[np.ndarray]:
-    model = load(checkpoint_dir, threads)
-    with torch.inference_mode():
-        for window in windows:
-            ids = torch.as_tensor(window, dtype=torch.long, device=model.device)[None]
-            yield model(ids).logits[0].float().cpu().numpy()
+    from pipeline.runtimes.transformers import model_window_logits
+
+    yield from model_window_logits(load(checkpoint_dir, threads), windows)
+
+
+def generate(checkpoint_dir: Path, prompts, *, max_tokens: int, stop_ids: list[int], threads: int,
+             tokenizer_dir: Path | None = None) -> Iterator[list[int]]:
+    """Greedy continuations through the emulated model (transformers' generate, with the KV
+    cache cast to the checkpoint's KV dtype as in ``window_logits``)."""
+    from pipeline.runtimes.transformers import model_generate
+
+    yield from model_generate(load(checkpoint_dir, threads), prompts, max_tokens=max_tokens, stop_ids=stop_ids)

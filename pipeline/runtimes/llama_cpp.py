@@ -150,17 +150,38 @@ def open_model(path: Path, *, n_ctx: int, logits_all: bool, threads: int, n_gpu_
         )
 
 
-def window_logits(path: Path, windows: np.ndarray, *, threads: int,
+def window_logits(path: Path, windows, *, threads: int,
                   tokenizer_dir: Path | None = None, n_gpu_layers: int = 0) -> Iterator[np.ndarray]:
-    """Yield the [window_tokens, n_vocab] float32 logits of each window, evaluated from an
-    empty context."""
-    window_tokens = int(windows.shape[1])
-    model = open_model(path, n_ctx=window_tokens, logits_all=True, threads=threads, n_gpu_layers=n_gpu_layers)
+    """Yield the [len(window), n_vocab] float32 logits of each window (a sequence of token id
+    sequences, of any lengths), each evaluated from an empty context. A yielded array is
+    overwritten by the next window's."""
+    model = open_model(path, n_ctx=max(len(window) for window in windows), logits_all=True, threads=threads,
+                       n_gpu_layers=n_gpu_layers)
     try:
         for window in windows:
             model.reset()
             model.eval([int(t) for t in window])
-            yield model.scores[:window_tokens]
+            yield model.scores[:len(window)]
+    finally:
+        model.close()
+
+
+def generate(path: Path, prompts, *, max_tokens: int, stop_ids: list[int], threads: int,
+             tokenizer_dir: Path | None = None, n_gpu_layers: int = 0) -> Iterator[list[int]]:
+    """Greedy continuation ids of each prompt (temperature 0: llama.cpp's greedy sampler, no
+    repeat penalty), each from an empty context, up to `max_tokens` ids or the first of
+    `stop_ids`, which is kept."""
+    model = open_model(path, n_ctx=max(len(prompt) for prompt in prompts) + max_tokens, logits_all=False,
+                       threads=threads, n_gpu_layers=n_gpu_layers)
+    try:
+        for prompt in prompts:
+            model.reset()
+            produced: list[int] = []
+            for token in model.generate([int(t) for t in prompt], temp=0.0, repeat_penalty=1.0, reset=True):
+                produced.append(int(token))
+                if token in stop_ids or len(produced) >= max_tokens:
+                    break
+            yield produced
     finally:
         model.close()
 

@@ -20,7 +20,7 @@ Checked call by call against 1.2.0rc2 (the version the ``trtllm`` extra pins):
   prompts are bounded by ``--max_seq_len`` and ``--max_num_tokens``;
 - ``LLM(model, tokenizer, kv_cache_config)``, ``KvCacheConfig(free_gpu_memory_fraction,
   enable_block_reuse)``, ``SamplingParams(max_tokens, min_tokens, ignore_eos, temperature,
-  detokenize, return_context_logits)``, ``generate``, ``generate_async(streaming=True)`` and
+  detokenize, return_context_logits, stop_token_ids)``, ``generate``, ``generate_async(streaming=True)`` and
   ``shutdown`` as llmapi/llm.py and sampling_params.py define them. ``temperature=0.0`` is
   greedy in effect: the sampler divides by t + 1e-6;
 - the W8A16 handover's layout step and quantizer check: ``weight_only_kernel_layout``.
@@ -210,7 +210,7 @@ def generation_params(gen_tokens: int) -> dict[str, Any]:
             "detokenize": False}
 
 
-def window_logits(engine_dir: Path, windows: np.ndarray, *, threads: int,
+def window_logits(engine_dir: Path, windows, *, threads: int,
                   tokenizer_dir: Path | None = None) -> Iterator[np.ndarray]:
     """[T, V] context logits per window (the engine pads the vocabulary; the padding is cut)."""
     from tensorrt_llm import SamplingParams
@@ -223,6 +223,23 @@ def window_logits(engine_dir: Path, windows: np.ndarray, *, threads: int,
         for window in windows:
             output = llm.generate([int(t) for t in window], params, use_tqdm=False)
             yield output.context_logits[:, :vocab].float().cpu().numpy()
+    finally:
+        _shutdown(llm)
+
+
+def generate(engine_dir: Path, prompts, *, max_tokens: int, stop_ids: list[int], threads: int,
+             tokenizer_dir: Path | None = None) -> Iterator[list[int]]:
+    """Greedy continuation ids of each prompt, up to `max_tokens` ids or the first of
+    `stop_ids` (``SamplingParams.stop_token_ids``, tensorrt_llm/sampling_params.py)."""
+    from tensorrt_llm import SamplingParams
+
+    llm = _llm(engine_dir, _checkpoint_of(engine_dir, tokenizer_dir))
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=list(stop_ids),
+                                detokenize=False)
+        for prompt in prompts:
+            output = llm.generate([int(t) for t in prompt], params, use_tqdm=False)
+            yield list(output.outputs[0].token_ids)
     finally:
         _shutdown(llm)
 

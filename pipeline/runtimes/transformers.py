@@ -79,15 +79,40 @@ def load(model_dir: Path, threads: int):
     return load_causal_lm(model_dir, dtype="auto").to(torch_device()).eval()
 
 
-def window_logits(model_dir: Path, windows: np.ndarray, *, threads: int,
+def window_logits(model_dir: Path, windows, *, threads: int,
                   tokenizer_dir: Path | None = None) -> Iterator[np.ndarray]:
+    yield from model_window_logits(load(model_dir, threads), windows)
+
+
+def model_window_logits(model, windows) -> Iterator[np.ndarray]:
+    """[len(window), V] float32 logits of each window (token id sequences of any lengths)."""
     import torch
 
-    model = load(model_dir, threads)
     with torch.inference_mode():
         for window in windows:
-            ids = torch.as_tensor(window, dtype=torch.long, device=model.device)[None]
+            ids = torch.as_tensor(np.asarray(window), dtype=torch.long, device=model.device)[None]
             yield model(ids).logits[0].float().cpu().numpy()
+
+
+def generate(model_dir: Path, prompts, *, max_tokens: int, stop_ids: list[int], threads: int,
+             tokenizer_dir: Path | None = None) -> Iterator[list[int]]:
+    yield from model_generate(load(model_dir, threads), prompts, max_tokens=max_tokens, stop_ids=stop_ids)
+
+
+def model_generate(model, prompts, *, max_tokens: int, stop_ids: list[int]) -> Iterator[list[int]]:
+    """Greedy continuation ids of each prompt, one at a time (no padding), up to `max_tokens`
+    ids or the first of `stop_ids`, which is kept. A fresh GenerationConfig: the checkpoint's
+    own may sample or penalize repeats."""
+    import torch
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=list(stop_ids) or None,
+                              pad_token_id=stop_ids[0] if stop_ids else None)
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.as_tensor([list(prompt)], dtype=torch.long, device=model.device)
+            output = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+            yield output[0, ids.shape[1]:].tolist()
 
 
 def tokenize(model_dir: Path, text: str) -> list[int]:

@@ -174,11 +174,13 @@ def kernel_problems(layers: dict[str, tuple[int, int]], *, bits: int, group_size
     return problems
 
 
-def window_logits(model_dir: Path, windows: np.ndarray, *, threads: int,
+def window_logits(model_dir: Path, windows, *, threads: int,
                   tokenizer_dir: Path | None = None) -> Iterator[np.ndarray]:
+    """Dense log-probs (``dense_logprobs``) of each window (token id sequences of any lengths),
+    all windows submitted at once."""
     from vllm import SamplingParams
 
-    llm = _engine(model_dir, max_model_len=int(windows.shape[1]) + 8)
+    llm = _engine(model_dir, max_model_len=max(len(window) for window in windows) + 8)
     try:
         outputs = llm.generate([{"prompt_token_ids": [int(t) for t in w]} for w in windows],
                                SamplingParams(**prompt_logprob_params()), use_tqdm=False)
@@ -189,6 +191,26 @@ def window_logits(model_dir: Path, windows: np.ndarray, *, threads: int,
     vocab = _vocab_size(model_dir)
     for output in outputs:
         yield dense_logprobs(output.prompt_logprobs, vocab)
+
+
+def generate(model_dir: Path, prompts, *, max_tokens: int, stop_ids: list[int], threads: int,
+             tokenizer_dir: Path | None = None) -> Iterator[list[int]]:
+    """Greedy continuation ids of each prompt (all submitted at once), up to `max_tokens` ids or
+    the first of `stop_ids` (``SamplingParams.stop_token_ids``; vllm/sampling_params.py)."""
+    from vllm import SamplingParams
+
+    prompts = [[int(t) for t in prompt] for prompt in prompts]
+    llm = _engine(model_dir, max_model_len=max(len(prompt) for prompt in prompts) + max_tokens)
+    try:
+        outputs = llm.generate([{"prompt_token_ids": prompt} for prompt in prompts],
+                               SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=list(stop_ids),
+                                              detokenize=False), use_tqdm=False)
+    finally:
+        _shut_down(llm)
+        del llm  # this frame owns the engine: its last reference goes before the clean-up
+        _free_memory()
+    for output in outputs:
+        yield list(output.outputs[0].token_ids)
 
 
 def request_timings(output, wall_s: float, first_token_wall_s: float) -> dict[str, Any]:

@@ -63,11 +63,11 @@ def test_github_matrix_labels_and_commands(remote_project):
     assert jobs["gate-cpu"]["strategy"]["matrix"]["recipe"] == [r for r, (k, _) in runners.items() if k == "cpu"]
     assert jobs["gate-gpu"]["strategy"]["matrix"]["include"] == [
         {"recipe": r, "extras": extras} for r, (k, extras) in runners.items() if k == "gpu"]
-    assert runners["awq-w4a16"] == ("gpu", "awq,modelopt,vllm") and runners["trtllm-fp8"][1].endswith(",trtllm")
+    assert runners["awq-w4a16"] == ("gpu", "awq,modelopt,tasks,vllm") and runners["trtllm-fp8"][1].endswith(",trtllm")
     assert jobs["gate-cpu"]["runs-on"] == "ubuntu-latest"
     assert jobs["gate-gpu"]["runs-on"] == ["self-hosted", "linux", "h100"]
     runs = {name: [step.get("run", "") for step in job["steps"]] for name, job in jobs.items()}
-    assert "dvc repro --pull source corpus reference" in runs["shared"]
+    assert "dvc repro --pull source corpus reference task_base" in runs["shared"]
     assert "qpipe ci init github --check" in runs["shared"]
     for gate in ("gate-cpu", "gate-gpu"):
         assert jobs[gate]["needs"] == "shared"

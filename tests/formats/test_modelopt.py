@@ -142,6 +142,17 @@ def test_gates_score_the_checkpoint_through_the_emulation_here(fp8_build):
     assert kv == 2 * 2 * 2 * 16 * 1 * 100  # layers x (K, V) x kv heads x head dim x 1 byte (fp8) x tokens
 
 
+def test_generation_through_the_emulation_with_its_fp8_kv_cache_follows_the_argmax_of_its_logits(fp8_build):
+    out, _ = fp8_build
+    (produced,) = modelopt.generate(out, [[1, 2, 3]], 5, [], 1, -1)
+    assert len(produced) == 5
+    sequence = [1, 2, 3]
+    for token in produced:
+        (logits,) = modelopt.window_logits(out, [sequence], 1, -1)
+        assert token == int(logits[-1].argmax())  # a KV cache cast as the whole window's is
+        sequence.append(token)
+
+
 def test_a_gap_over_the_limit_fails_the_build(tiny_llama, tmp_path, monkeypatch):
     """With a stand-in emulation far from the fake-quant model, the build refuses. (That the
     emulation does see a wrong file, on the real model, is in tests/test_pipeline.py.)"""

@@ -149,3 +149,39 @@ def test_a_bound_limit_on_a_result_without_intervals_is_not_run():
     checks, (outcome, _) = judge(GateLimits(max_mean_kld_upper=0.1))
     assert checks[0]["verdict"] == "not_run" and "ci95.mean_kld.high was not measured" in checks[0]["reason"]
     assert outcome == "incomplete"
+
+
+OK_TASKS = {"status": "ok", "recovery": {"arc_easy": 0.97, "gsm8k": 0.91}, "min_recovery": 0.91}
+
+
+def judge_tasks(limits, tasks=OK_TASKS):
+    sections = {"accuracy": OK_ACCURACY, "speed": OK_SPEED, "tasks": tasks}
+    checks = verdict.evaluate(limits, sections, {"min_task_recovery": "recipes/r.yaml: gates.min_task_recovery"})
+    return checks, verdict.overall(limits.require, sections, checks)
+
+
+def test_one_task_recovery_limit_judges_the_lowest_recovery():
+    checks, (outcome, reasons) = judge_tasks(GateLimits(min_task_recovery=0.95))
+    assert outcome == "fail" and [c["figure"] for c in checks] == ["min_recovery"]
+    assert reasons == ["min_task_recovery: min_recovery 0.91 < limit 0.95 (set in recipes/r.yaml: gates.min_task_recovery)"]
+    _, (outcome, _) = judge_tasks(GateLimits(min_task_recovery=0.9))
+    assert outcome == "pass"
+
+
+def test_a_recovery_limit_per_task_makes_one_check_per_task():
+    checks, (outcome, reasons) = judge_tasks(GateLimits(min_task_recovery={"arc_easy": 0.95, "gsm8k": 0.9}))
+    assert [(c["name"], c["figure"], c["verdict"]) for c in checks] == [
+        ("min_task_recovery.arc_easy", "recovery.arc_easy", "pass"), ("min_task_recovery.gsm8k", "recovery.gsm8k", "pass")]
+    assert outcome == "pass"
+    _, (outcome, reasons) = judge_tasks(GateLimits(min_task_recovery={"arc_easy": 0.99}))
+    assert outcome == "fail" and reasons[0].startswith("min_task_recovery.arc_easy: recovery.arc_easy 0.97 < limit 0.99")
+
+
+def test_a_task_gate_that_did_not_run_is_never_a_pass():
+    not_run = {"status": "not_run", "reason": "params.yaml names no task (tasks: [])"}
+    checks, (outcome, reasons) = judge_tasks(GateLimits(min_task_recovery=0.95), tasks=not_run)
+    assert checks[0]["verdict"] == "not_run" and outcome == "pass"  # tasks are not required ...
+    _, (outcome, reasons) = judge_tasks(GateLimits(min_task_recovery=0.95, require=["accuracy", "speed", "tasks"]),
+                                        tasks=not_run)
+    assert outcome == "incomplete"  # ... until require names them
+    assert "required gate tasks did not run: params.yaml names no task (tasks: [])" in reasons

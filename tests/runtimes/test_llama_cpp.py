@@ -102,3 +102,24 @@ def test_a_failing_llama_bench_is_a_tool_failure_naming_the_command(tmp_path):
 
 def test_unavailable_reason_is_none_here():
     assert llama_cpp.unavailable_reason() is None
+
+
+def test_windows_of_different_lengths_are_each_scored_whole(model_path):
+    tokens = llama_cpp.tokenize(model_path, "def add(a, b):\n    return a + b\n" * 2)
+    short, long = tokens[:7], tokens[:19]
+    scored = [w.copy() for w in llama_cpp.window_logits(model_path, [long, short], threads=2)]
+    assert [s.shape[0] for s in scored] == [19, 7]
+    np.testing.assert_allclose(scored[1], scored[0][:7], rtol=1e-3, atol=1e-3)  # causal: a prefix scores alike
+
+
+def test_greedy_generation_follows_the_argmax_of_its_own_logits(model_path):
+    prompt = llama_cpp.tokenize(model_path, "def add(a, b):\n    return")
+    produced = next(llama_cpp.generate(model_path, [prompt], max_tokens=6, stop_ids=[], threads=2))
+    assert len(produced) == 6
+    sequence = list(prompt)
+    for token in produced:
+        logits = next(llama_cpp.window_logits(model_path, [sequence], threads=2))
+        assert token == int(logits[-1].argmax())
+        sequence.append(token)
+    first = produced[0]
+    assert next(llama_cpp.generate(model_path, [prompt], max_tokens=6, stop_ids=[first], threads=2)) == [first]

@@ -20,3 +20,16 @@ def test_tokenize_uses_the_directory_tokenizer(tiny_llama):
 def test_name_says_what_ran():
     assert runtime.name().startswith("transformers ") and "decompressed to dense" in runtime.name()
     assert runtime.unavailable_reason() is None
+
+
+def test_greedy_generation_follows_the_argmax_of_its_own_logits(tiny_llama):
+    produced = next(runtime.generate(tiny_llama, [[1, 2, 3]], max_tokens=5, stop_ids=[], threads=1))
+    assert len(produced) == 5
+    sequence = [1, 2, 3]
+    for token in produced:
+        logits = next(runtime.window_logits(tiny_llama, [sequence], threads=1))
+        assert token == int(logits[-1].argmax())
+        sequence.append(token)
+    stop = produced[-1]  # generation ends at its first occurrence, which is kept
+    assert next(runtime.generate(tiny_llama, [[1, 2, 3]], max_tokens=5, stop_ids=[stop],
+                                 threads=1)) == produced[:produced.index(stop) + 1]

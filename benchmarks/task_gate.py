@@ -1,0 +1,80 @@
+"""What the task gate costs: the two small local tasks of tests/lm_eval_tasks.py (10 multiple-
+choice questions of 4 choices, 12 three-shot generation questions of at most 8 tokens) scored
+through real lm-eval on the unquantized model and on built artifacts.
+
+    python benchmarks/task_gate.py [--recipes gguf-q8_0 awq-w4a16 trtllm-fp8] [--threads 2]
+
+Run it after `make repro`, from the project root: it reads artifacts/source and
+artifacts/builds/ there (read only) from a scratch directory that holds the two tasks. Prints,
+per model, the runtime, each task's score and seconds, and the recovery against the
+unquantized model. The seconds include loading the model and lm-eval's own work (building the
+requests, the few-shot contexts, the metrics); the task gate's stage adds them to each gate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    from pipeline import formats
+    from pipeline.config import Params
+    from pipeline.gates import tasks
+    from tests import lm_eval_tasks
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", default=["gguf-q8_0", "awq-w4a16", "trtllm-fp8"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    missing = [name for name in ["source", *(f"builds/{r}" for r in args.recipes)]
+               if not (ROOT / "artifacts" / name).is_dir()]
+    if missing:
+        print(f"error: no artifacts/{missing[0]} | fix: run `make repro` first", file=sys.stderr)
+        return 2
+
+    import yaml
+
+    specs = Params.model_validate(yaml.safe_load(lm_eval_tasks.PARAMS)).tasks
+    scratch = Path(tempfile.mkdtemp(prefix="task-gate-"))
+    (scratch / "artifacts").mkdir()
+    for name in ("source", "builds", "engines"):
+        if (ROOT / "artifacts" / name).exists():
+            (scratch / "artifacts" / name).symlink_to(ROOT / "artifacts" / name)
+    lm_eval_tasks.write_tasks(scratch)
+    os.chdir(scratch)
+    quiet = lambda message: None  # noqa: E731
+
+    started = time.perf_counter()
+    base = tasks.run_base(Params.model_validate({"tasks": [s.model_dump() for s in specs]}), threads=args.threads,
+                          out_dir=scratch / "artifacts" / "tasks", log=quiet)
+    rows = [("unquantized", base["runtime"], base["tasks"], time.perf_counter() - started)]
+    for name in args.recipes:
+        recipe = formats.load_recipe(name, ROOT / "recipes")
+        started = time.perf_counter()
+        section = tasks.section(formats.module(recipe.format), Path("artifacts/builds") / name, specs,
+                                threads=args.threads, gpu_layers=-1, log=quiet)
+        if section["status"] != "ok":
+            print(f"{name}: not_run: {section['reason']}")
+            continue
+        rows.append((name, section["runtime"], section["tasks"], time.perf_counter() - started))
+
+    print(f"{args.threads} threads; seconds include loading the model\n")
+    print(f"{'model':<14} {'task':<10} {'docs':>4} {'score':>6} {'recovery':>8} {'task s':>7} {'total s':>7}  runtime")
+    for model, runtime, entries, total in rows:
+        for entry in entries:
+            recovery = "" if entry.get("recovery") is None else f"{entry['recovery']:.3f}"
+            print(f"{model:<14} {entry['name']:<10} {entry['samples']:>4} {entry['score']:>6.3f} {recovery:>8} "
+                  f"{entry['seconds']:>7.1f} {total:>7.1f}  {runtime[:60]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

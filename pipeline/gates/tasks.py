@@ -1,0 +1,265 @@
+"""The task gate: lm-evaluation-harness tasks scored on each artifact through its own runtime,
+against the unquantized model (docs/tasks.md).
+
+params.yaml ``tasks`` names lm-eval tasks: built-in ones (their data on the Hugging Face Hub)
+or ones defined by lm-eval YAMLs under tasks/ (``layout.TASK_CONFIGS_DIR``), whose data may be
+local files (``dataset_path: json`` with ``dataset_kwargs.data_files``). The task-base stage
+scores the unquantized model once (transformers, in ``reference.dtype``, on the device the
+reference uses) -> artifacts/tasks/base.json. Each gate scores its artifact through
+``task_model.RuntimeLM`` over its format's ``window_logits`` and ``generate``: the runtime the
+accuracy gate uses (llama.cpp; vLLM or transformers; TensorRT-LLM or the checkpoint emulation).
+
+Per task the section records the score on the task's first metric (or ``metric``), the base
+score, recovery = score / base score (base / score for a metric where lower is better), the
+documents scored, and 95 % intervals of both scores: score ± 1.96 x lm-eval's own stderr.
+Recovery's interval is not computed: the two scores come from the same documents, and their
+paired difference is not what lm-eval reports.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline import layout
+from pipeline.errors import BadInput, HostLacks
+
+# the longest request (context + continuation, or prompt + generated tokens) the gate scores:
+# the model's own context length, at most this; the logits of a window are held whole
+MAX_REQUEST_TOKENS = 4096
+# lm-eval's builders for local files (datasets' packaged modules): anything else is a Hub dataset
+LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}
+Z95 = 1.959964
+
+
+def not_named() -> dict[str, Any]:
+    return {"status": "not_run", "reason": "params.yaml names no task (tasks: []); docs/tasks.md shows how to add one"}
+
+
+def run_base(params, *, threads: int, out_dir: Path = layout.TASKS_BASE_DIR, log=print) -> dict[str, Any]:
+    """The task-base stage: the unquantized model's scores on params ``tasks`` -> out_dir/base.json."""
+    from pipeline.files import atomic_dir, write_json
+
+    record: dict[str, Any] = {"schema_version": layout.SCHEMA_VERSION, "tasks": []}
+    if params.tasks:
+        started = time.perf_counter()
+        prepared = prepare(params.tasks)
+        runtime = base_runtime(layout.SOURCE_DIR, params.reference.dtype, threads)
+        record.update(runtime=runtime.name, device=runtime.device, dtype=params.reference.dtype,
+                      lm_eval=_lm_eval_version(), tasks=score(runtime, prepared, log),
+                      seconds=round(time.perf_counter() - started, 2))
+    with atomic_dir(out_dir) as staging:
+        write_json(staging / "base.json", record)
+    for entry in record["tasks"]:
+        log(f"task-base {entry['name']}: {entry['metric']} {entry['score']:.4f} over {entry['samples']} documents")
+    if not params.tasks:
+        log("task-base: params.yaml names no task")
+    return record
+
+
+def section(fmt, build_dir: Path, specs: list, *, threads: int, gpu_layers: int, log=print) -> dict[str, Any]:
+    """The gate's ``tasks`` section for one artifact (module docstring)."""
+    from pipeline.files import read_json
+
+    if not specs:
+        return not_named()
+    reason = fmt.accuracy_unavailable_reason(build_dir)
+    if reason:
+        return {"status": "not_run", "reason": reason}
+    base = read_json(layout.TASKS_BASE_FILE) if layout.TASKS_BASE_FILE.is_file() else {"tasks": []}
+    base_by_name = {entry["name"]: entry for entry in base["tasks"]}
+    stale = [spec.name for spec in specs if _spec_of(base_by_name.get(spec.name)) != spec.model_dump()]
+    if stale:
+        return {"status": "not_run", "reason": f"{layout.TASKS_BASE_FILE} has no base score for {', '.join(stale)} "
+                                               "as params.yaml names them: run `qpipe task-base` (dvc repro does)"}
+    started = time.perf_counter()
+    prepared = prepare(specs)
+    runtime = artifact_runtime(fmt, build_dir, threads, gpu_layers)
+    entries = score(runtime, prepared, log)
+    for entry in entries:
+        base_entry = base_by_name[entry["name"]]
+        entry.update(base_score=base_entry["score"], base_ci95=base_entry["ci95"],
+                     recovery=recovery(entry["score"], base_entry["score"], entry["higher_is_better"]))
+    result = {"status": "ok", "runtime": runtime.name, "device": runtime.device, "base_runtime": base.get("runtime"),
+              "tasks": entries, "recovery": {entry["name"]: entry["recovery"] for entry in entries}}
+    undefined = [entry["name"] for entry in entries if entry["recovery"] is None]
+    result["min_recovery"] = None if undefined else min(result["recovery"].values())
+    if undefined:
+        result["min_recovery_reason"] = f"the unquantized model scores 0 on {', '.join(undefined)}: no recovery"
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    return result
+
+
+def recovery(score: float, base_score: float, higher_is_better: bool) -> float | None:
+    """score / base score, or base / score where lower is better; None where it divides by 0."""
+    numerator, denominator = (score, base_score) if higher_is_better else (base_score, score)
+    return numerator / denominator if denominator else None
+
+
+def _spec_of(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    return entry["spec"] if entry else None
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def prepare(specs: list) -> tuple[Any, list]:
+    """lm-eval's TaskManager and each spec's Task, its data loaded, before any model loads:
+    a task lm-eval does not know, whose data is out of reach, or that samples stops here."""
+    manager = task_manager([spec.name for spec in specs])
+    loaded = []
+    for index, spec in enumerate(specs):
+        task = load_task(manager, spec, index)
+        if task.config.output_type == "generate_until" and (task.config.generation_kwargs or {}).get("do_sample"):
+            raise BadInput(f"task {spec.name} samples (do_sample: true); the task gate decodes greedily, so that "
+                           "the artifact and the unquantized model answer alike",
+                           where=f"params.yaml: tasks[{index}].name (the task's generation_kwargs)",
+                           fix="set generation_kwargs do_sample: false in its YAML")
+        loaded.append((spec, task))
+    return manager, loaded
+
+
+def score(runtime, prepared: tuple[Any, list], log) -> list[dict[str, Any]]:
+    """Each prepared task's entry (name, metric, score, stderr, ci95, samples, ...) for `runtime`."""
+    import lm_eval
+
+    from pipeline.gates.task_model import RuntimeLM
+
+    tokenizer, max_length, stop_ids = source_text_facts(layout.SOURCE_DIR)
+    model = RuntimeLM(runtime, tokenizer, max_length=max_length, stop_ids=stop_ids)
+    manager, loaded = prepared
+    entries = []
+    for index, (spec, task) in enumerate(loaded):
+        log(f"task {spec.name}: {runtime.name} on {runtime.device}"
+            + (f", first {spec.limit} documents" if spec.limit else ""))
+        started = time.perf_counter()
+        results = lm_eval.simple_evaluate(model=model, tasks=[task], num_fewshot=spec.num_fewshot, limit=spec.limit,
+                                          task_manager=manager, log_samples=False, verbosity="WARNING")
+        entries.append(entry_of(spec, task.task_name, results, index, seconds=time.perf_counter() - started))
+    return entries
+
+
+def entry_of(spec, task_name: str, results: dict[str, Any], index: int, *, seconds: float) -> dict[str, Any]:
+    """One task's figures from simple_evaluate's results."""
+    figures = results["results"][task_name]
+    metrics = [key for key in figures if "," in key and "_stderr," not in key]
+    metric = spec.metric or metrics[0]
+    if metric not in figures:
+        raise BadInput(f"task {spec.name} reports no metric {metric!r}", where=f"params.yaml: tasks[{index}].metric",
+                       fix=f"use one of: {', '.join(metrics)}")
+    name, _, _ = metric.partition(",")
+    stderr = figures.get(metric.replace(",", "_stderr,", 1))
+    stderr = float(stderr) if isinstance(stderr, (int, float)) else None
+    value = float(figures[metric])
+    return {
+        "name": spec.name,
+        "spec": spec.model_dump(),
+        "metric": metric,
+        "higher_is_better": bool(results.get("higher_is_better", {}).get(task_name, {}).get(name, True)),
+        "num_fewshot": results.get("n-shot", {}).get(task_name),
+        "samples": int(results["n-samples"][task_name]["effective"]),
+        "score": value,
+        "stderr": stderr,
+        "ci95": None if stderr is None else {"low": value - Z95 * stderr, "high": value + Z95 * stderr},
+        "seconds": round(seconds, 2),
+    }
+
+
+def task_manager(names: list[str]):
+    """lm-eval's TaskManager over the project's tasks/ directory, and over lm-eval's built-in
+    tasks too unless every name is the project's own (indexing those takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    configs = layout.TASK_CONFIGS_DIR
+    if configs.is_dir():
+        local = TaskManager(include_path=str(configs), include_defaults=False)
+        if all(name in local.all_tasks for name in names):
+            return local
+    return TaskManager(include_path=str(configs) if configs.is_dir() else None)
+
+
+def load_task(manager, spec, index: int):
+    """The lm-eval Task named by a spec, its data loaded; one clear line when lm-eval knows no
+    such task or when its data is on the Hub and this host cannot reach it."""
+    where = f"params.yaml: tasks[{index}].name"
+    if spec.name not in manager.all_tasks:
+        raise BadInput(f"lm-eval knows no task {spec.name!r}", where=where,
+                       fix=f"use a task `lm-eval ls tasks` lists, or define it in a YAML under {layout.TASK_CONFIGS_DIR}/")
+    try:
+        loaded = manager.load([spec.name])["tasks"]
+    except Exception as error:
+        dataset = _dataset_path(manager, spec.name)
+        if dataset and dataset not in LOCAL_BUILDERS and not Path(dataset).exists():
+            raise HostLacks(f"task {spec.name} reads its data from the Hugging Face Hub ({dataset}), which this host "
+                            f"cannot reach ({type(error).__name__})", where=where,
+                            fix=f"run where the Hub is reachable, or copy the data and define the task in a YAML "
+                                f"under {layout.TASK_CONFIGS_DIR}/ with dataset_path: json and "
+                                "dataset_kwargs: {data_files: {test: FILE}} (docs/tasks.md)") from None
+        raise BadInput(f"lm-eval could not load task {spec.name}: {error}", where=where,
+                       fix="correct the task's YAML or its data files") from None
+    if len(loaded) != 1:
+        raise BadInput(f"{spec.name} is a group of {len(loaded)} lm-eval tasks", where=where,
+                       fix=f"name its tasks one by one: {', '.join(sorted(loaded))}")
+    return next(iter(loaded.values()))
+
+
+def _dataset_path(manager, name: str) -> str | None:
+    """The dataset_path of a task's config as lm-eval indexed it (includes resolved), without its data."""
+    entry = manager.task_index.get(name)
+    return ((getattr(entry, "cfg", None) or {}).get("dataset_path")) if entry else None
+
+
+def _lm_eval_version() -> str | None:
+    from pipeline.host import package_version
+
+    return package_version("lm-eval") or package_version("lm_eval")
+
+
+# ---------------------------------------------------------------- runtimes
+
+
+def source_text_facts(source_dir: Path) -> tuple[Any, int, list[int]]:
+    """The source checkpoint's tokenizer, the longest request the gate scores (its context
+    length, at most MAX_REQUEST_TOKENS) and its stop ids (EOS and generation_config's)."""
+    from lm_eval.models.utils import resolve_max_length
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    config = AutoConfig.from_pretrained(source_dir)
+    max_length = min(resolve_max_length(config, tokenizer, default=2048), MAX_REQUEST_TOKENS)
+    stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    try:
+        generation = GenerationConfig.from_pretrained(source_dir)
+    except OSError:  # no generation_config.json
+        generation = None
+    eos = getattr(generation, "eos_token_id", None)
+    stop_ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    return tokenizer, max_length, sorted(set(stop_ids))
+
+
+def artifact_runtime(fmt, build_dir: Path, threads: int, gpu_layers: int):
+    """The artifact's own runtime, as its accuracy gate runs it."""
+    from pipeline.gates.task_model import TaskRuntime
+
+    return TaskRuntime(
+        name=fmt.runtime_name(build_dir), device=fmt.accuracy_device(build_dir, gpu_layers),
+        window_logits=lambda windows: fmt.window_logits(build_dir, windows, threads, gpu_layers),
+        generate=lambda prompts, max_tokens, stop_ids: fmt.generate(build_dir, prompts, max_tokens, stop_ids,
+                                                                    threads, gpu_layers))
+
+
+def base_runtime(source_dir: Path, dtype: str, threads: int):
+    """The unquantized model in transformers, in `dtype`, where the reference runs it."""
+    import torch
+
+    from pipeline.gates.task_model import TaskRuntime
+    from pipeline.runtimes import transformers as hf
+
+    torch.set_num_threads(threads)
+    model = hf.load_causal_lm(source_dir, dtype=getattr(torch, dtype)).to(hf.torch_device()).eval()
+    return TaskRuntime(
+        name=f"transformers {hf.version()} ({dtype}, the unquantized model)", device=hf.device(),
+        window_logits=lambda windows: hf.model_window_logits(model, windows),
+        generate=lambda prompts, max_tokens, stop_ids: hf.model_generate(model, prompts, max_tokens=max_tokens,
+                                                                         stop_ids=stop_ids))

@@ -1,0 +1,155 @@
+"""The task gate: real lm-eval on the embedded model, over two local tasks (tests/lm_eval_tasks.py)."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from pipeline.config import TaskSpec
+from pipeline.errors import BadInput
+from pipeline.gates import tasks
+from tests.conftest import write
+from tests.lm_eval_tasks import GEN_YAML, MULTIPLE_CHOICE, PARAMS, write_tasks
+
+SPECS = [TaskSpec(name="qpipe_mc"), TaskSpec(name="qpipe_gen", num_fewshot=3)]
+
+
+def test_recovery_is_the_score_over_the_base_score_and_inverts_where_lower_is_better():
+    assert tasks.recovery(0.5, 0.625, True) == pytest.approx(0.8)
+    assert tasks.recovery(12.0, 10.0, False) == pytest.approx(10 / 12)
+    assert tasks.recovery(0.3, 0.0, True) is None
+
+
+@pytest.fixture(scope="module")
+def embedded_project(tmp_path_factory):
+    """A directory holding the embedded model as the source stage writes it, and the two tasks."""
+    from pipeline import source
+
+    root = tmp_path_factory.mktemp("tasks")
+    source.run("embedded:smollm2-135m", None, root / "artifacts" / "source", log=lambda message: None)
+    write_tasks(root)
+    return root
+
+
+class Counting:
+    """The unquantized model's runtime, counting what the adapter asks of it."""
+
+    def __init__(self, runtime):
+        self.runtime, self.windows, self.prompts = runtime, [], []
+        self.name, self.device = runtime.name, runtime.device
+
+    def window_logits(self, windows):
+        self.windows += windows
+        return self.runtime.window_logits(windows)
+
+    def generate(self, prompts, max_tokens, stop_ids):
+        self.prompts += prompts
+        return self.runtime.generate(prompts, max_tokens, stop_ids)
+
+
+@pytest.mark.integration
+def test_the_base_scores_match_the_model_scored_directly_and_every_request_goes_through_its_runtime(
+        embedded_project, monkeypatch):
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipeline.config import Params
+    from pipeline.gates.task_model import TaskRuntime
+
+    monkeypatch.chdir(embedded_project)
+    params = Params.model_validate({"tasks": [spec.model_dump() for spec in SPECS]})
+    record = tasks.run_base(params, threads=2, log=lambda message: None)
+    assert [(e["name"], e["metric"], e["samples"], e["num_fewshot"]) for e in record["tasks"]] == [
+        ("qpipe_mc", "acc,none", len(MULTIPLE_CHOICE), 0), ("qpipe_gen", "exact_match,strip", 12, 3)]
+    assert json.loads((embedded_project / "artifacts/tasks/base.json").read_text()) == record
+    assert record["runtime"].startswith("transformers") and record["dtype"] == "float32"
+
+    # multiple choice scored by hand: the choice whose continuation " <choice>" is most likely
+    tokenizer = AutoTokenizer.from_pretrained("artifacts/source")
+    model = tasks.base_runtime(tasks.layout.SOURCE_DIR, "float32", 2)
+    right = 0
+    for question, choices, answer in MULTIPLE_CHOICE:
+        context = tokenizer.encode(f"Question: {question}\nAnswer:")
+        scores = []
+        for choice in choices:
+            whole = tokenizer.encode(f"Question: {question}\nAnswer: {choice}")
+            logits = torch.as_tensor(next(model.window_logits([whole[:-1]])))
+            log_probs = torch.log_softmax(logits.double(), dim=-1)[len(context) - 1:]
+            scores.append(float(log_probs[torch.arange(len(whole) - len(context)), whole[len(context):]].sum()))
+        right += int(np.argmax(scores) == answer)
+    mc = record["tasks"][0]
+    assert mc["score"] == pytest.approx(right / len(MULTIPLE_CHOICE))
+    assert mc["ci95"]["low"] == pytest.approx(mc["score"] - tasks.Z95 * mc["stderr"])
+    assert 0 < record["tasks"][1]["score"] <= 1  # 3-shot, the model answers some of the questions
+
+    counting = Counting(model)
+    entries = tasks.score(TaskRuntime(counting.name, counting.device, counting.window_logits, counting.generate),
+                          tasks.prepare(SPECS), log=lambda message: None)
+    assert [e["score"] for e in entries] == [e["score"] for e in record["tasks"]]
+    assert len(counting.windows) == sum(len(choices) for _, choices, _ in MULTIPLE_CHOICE)
+    assert len(counting.prompts) == 12
+
+
+def run_cli(project, env, *args):
+    return subprocess.run(["qpipe", *args], cwd=project, capture_output=True, text=True, env=env)
+
+
+@pytest.fixture
+def offline_env(qpipe_env):
+    return {**qpipe_env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def test_a_hub_task_offline_fails_in_one_line_naming_the_task_and_local_files(project, offline_env):
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("tasks: []", "tasks: [{name: arc_easy, limit: 10}]"))
+    result = run_cli(project, offline_env, "task-base")
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr
+    assert "task arc_easy reads its data from the Hugging Face Hub (allenai/ai2_arc)" in lines[-1]
+    assert "params.yaml: tasks[0].name" in lines[-1] and "dataset_path: json" in lines[-1]
+    assert not (project / "artifacts" / "tasks").exists()
+
+
+def test_an_unknown_task_and_a_sampling_task_are_bad_input(project, offline_env):
+    write_tasks(project, gen_yaml=GEN_YAML.replace("do_sample: false", "do_sample: true"))
+    params = project / "params.yaml"
+    text = params.read_text()
+    params.write_text(text.replace("tasks: []", "tasks: [{name: qpipe_mcq}]"))
+    result = run_cli(project, offline_env, "task-base")
+    assert result.returncode == 2 and "lm-eval knows no task 'qpipe_mcq'" in result.stderr
+    params.write_text(text.replace("tasks: []\n", PARAMS))
+    result = run_cli(project, offline_env, "task-base")
+    assert result.returncode == 2 and "task qpipe_gen samples (do_sample: true)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+class NoFormat:
+    """A format whose accuracy gate can run; the section must stop before it is asked for more."""
+
+    @staticmethod
+    def accuracy_unavailable_reason(build_dir):
+        return None
+
+
+def test_the_section_is_not_run_without_tasks_or_without_the_base_scores_params_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert tasks.section(NoFormat, tmp_path, [], threads=1, gpu_layers=0) == tasks.not_named()
+    write(tmp_path / "artifacts/tasks/base.json", json.dumps({"tasks": [
+        {"name": "qpipe_mc", "spec": {**SPECS[0].model_dump(), "limit": 5}, "score": 0.5}]}))
+    section = tasks.section(NoFormat, tmp_path, SPECS, threads=1, gpu_layers=0)
+    assert section["status"] == "not_run"
+    assert "no base score for qpipe_mc, qpipe_gen" in section["reason"] and "qpipe task-base" in section["reason"]
+
+
+def test_a_task_metric_it_does_not_report_names_those_it_does():
+    results = {"results": {"qpipe_mc": {"alias": "qpipe_mc", "acc,none": 0.5, "acc_stderr,none": 0.1}},
+               "n-samples": {"qpipe_mc": {"original": 10, "effective": 10}}, "n-shot": {"qpipe_mc": 0},
+               "higher_is_better": {"qpipe_mc": {"acc": True}}}
+    entry = tasks.entry_of(SPECS[0], "qpipe_mc", results, 0, seconds=1.0)
+    assert (entry["metric"], entry["score"], entry["samples"]) == ("acc,none", 0.5, 10)
+    with pytest.raises(BadInput) as error:
+        tasks.entry_of(TaskSpec(name="qpipe_mc", metric="acc_norm,none"), "qpipe_mc", results, 0, seconds=1.0)
+    assert "reports no metric 'acc_norm,none'" in error.value.what and error.value.fix == "use one of: acc,none"
+    assert error.value.where == "params.yaml: tasks[0].metric"
