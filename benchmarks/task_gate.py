@@ -14,6 +14,7 @@ requests, the few-shot contexts, the metrics); the task gate's stage adds them t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -71,8 +72,10 @@ def main() -> int:
     for model, runtime, entries, total in rows:
         for entry in entries:
             recovery = "" if entry.get("recovery") is None else f"{entry['recovery']:.3f}"
+            seconds = json.loads((scratch / "artifacts/runs/task_base.json").read_text())["task_seconds"][
+                entry["name"]] if model == "unquantized" else entry["seconds"]
             print(f"{model:<14} {entry['name']:<10} {entry['samples']:>4} {entry['score']:>6.3f} {recovery:>8} "
-                  f"{entry['seconds']:>7.1f} {total:>7.1f}  {runtime[:60]}")
+                  f"{seconds:>7.1f} {total:>7.1f}  {runtime[:60]}")
     return 0
 
 

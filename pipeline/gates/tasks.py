@@ -38,19 +38,24 @@ def not_named() -> dict[str, Any]:
 
 
 def run_base(params, *, threads: int, out_dir: Path = layout.TASKS_BASE_DIR, log=print) -> dict[str, Any]:
-    """The task-base stage: the unquantized model's scores on params ``tasks`` -> out_dir/base.json."""
+    """The task-base stage: the unquantized model's scores on params ``tasks`` -> out_dir/base.json;
+    its seconds go to its run record (artifacts/runs/task_base.json), not into the hashed output."""
+    from pipeline import runs
     from pipeline.files import atomic_dir, write_json
 
+    started = time.perf_counter()
     record: dict[str, Any] = {"schema_version": layout.SCHEMA_VERSION, "tasks": []}
+    task_seconds = {}
     if params.tasks:
-        started = time.perf_counter()
         prepared = prepare(params.tasks)
         runtime = base_runtime(layout.SOURCE_DIR, params.reference.dtype, threads)
+        entries = score(runtime, prepared, log)
+        task_seconds = {entry["name"]: entry.pop("seconds") for entry in entries}
         record.update(runtime=runtime.name, device=runtime.device, dtype=params.reference.dtype,
-                      lm_eval=_lm_eval_version(), tasks=score(runtime, prepared, log),
-                      seconds=round(time.perf_counter() - started, 2))
+                      lm_eval=_lm_eval_version(), tasks=entries)
     with atomic_dir(out_dir) as staging:
         write_json(staging / "base.json", record)
+    runs.write("task_base", started, task_seconds=task_seconds, threads=threads)
     for entry in record["tasks"]:
         log(f"task-base {entry['name']}: {entry['metric']} {entry['score']:.4f} over {entry['samples']} documents")
     if not params.tasks:

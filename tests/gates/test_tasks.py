@@ -64,6 +64,9 @@ def test_the_base_scores_match_the_model_scored_directly_and_every_request_goes_
         ("qpipe_mc", "acc,none", len(MULTIPLE_CHOICE), 0), ("qpipe_gen", "exact_match,strip", 12, 3)]
     assert json.loads((embedded_project / "artifacts/tasks/base.json").read_text()) == record
     assert record["runtime"].startswith("transformers") and record["dtype"] == "float32"
+    assert "seconds" not in record and not any("seconds" in entry for entry in record["tasks"])  # hashed output
+    run = json.loads((embedded_project / "artifacts/runs/task_base.json").read_text())
+    assert set(run["task_seconds"]) == {"qpipe_mc", "qpipe_gen"} and run["wall_s"] > 0
 
     # multiple choice scored by hand: the choice whose continuation " <choice>" is most likely
     tokenizer = AutoTokenizer.from_pretrained("artifacts/source")
