@@ -111,7 +111,11 @@ def _spec_of(entry: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def prepare(specs: list) -> tuple[Any, list]:
     """lm-eval's TaskManager and each spec's Task, its data loaded, before any model loads:
-    a task lm-eval does not know, whose data is out of reach, or that samples stops here."""
+    a task lm-eval does not know, whose data is out of reach, or that samples stops here, as
+    does a host without lm-eval."""
+    if _lm_eval_version() is None:
+        raise HostLacks("lm-eval is not installed, and params.yaml names tasks", where="params.yaml: tasks",
+                        fix="pip install 'qpipe[tasks]' (make setup does), or set tasks: []")
     manager = task_manager([spec.name for spec in specs])
     loaded = []
     for index, spec in enumerate(specs):

@@ -156,3 +156,12 @@ def test_a_task_metric_it_does_not_report_names_those_it_does():
         tasks.entry_of(TaskSpec(name="qpipe_mc", metric="acc_norm,none"), "qpipe_mc", results, 0, seconds=1.0)
     assert "reports no metric 'acc_norm,none'" in error.value.what and error.value.fix == "use one of: acc,none"
     assert error.value.where == "params.yaml: tasks[0].metric"
+
+
+def test_named_tasks_on_a_host_without_lm_eval_name_the_extra(monkeypatch):
+    from pipeline.errors import HostLacks
+
+    monkeypatch.setattr(tasks, "_lm_eval_version", lambda: None)
+    with pytest.raises(HostLacks) as error:
+        tasks.prepare(SPECS)
+    assert "lm-eval is not installed" in error.value.what and "qpipe[tasks]" in error.value.fix
