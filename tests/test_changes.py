@@ -40,21 +40,28 @@ def base_results():
             gate_result("gone", 0.1, None)]
 
 
+def reproduce_base(root, dvc_yaml: str, remote=None) -> None:
+    """A git + DVC project in `root` (the working directory) whose stage copies the three base
+    results into artifacts/gates/, reproduced; with `remote`, a directory remote as its default."""
+    subprocess.run(GIT + ["init", "-q"], check=True)
+    subprocess.run(["dvc", "init", "-q"], check=True)
+    if remote is not None:
+        subprocess.run(["dvc", "remote", "add", "-q", "-d", "shared", str(remote)], check=True)
+    (root / "dvc.yaml").write_text(dvc_yaml)
+    (root / "copy.py").write_text(COPY)
+    (root / "results").mkdir()
+    layout.GATES_DIR.mkdir(parents=True)
+    for result in base_results():
+        (root / "results" / f"{result['recipe']}.json").write_text(json.dumps(result))
+    subprocess.run(["dvc", "repro", "-q"], check=True)
+
+
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
     """A DVC project whose first commit records three gate results, cached and pushed to a
     directory remote; the local cache is then emptied, so the base side comes from the remote."""
     monkeypatch.chdir(tmp_path)
-    subprocess.run(GIT + ["init", "-q"], check=True)
-    subprocess.run(["dvc", "init", "-q"], check=True)
-    subprocess.run(["dvc", "remote", "add", "-q", "-d", "shared", str(tmp_path / "remote")], check=True)
-    (tmp_path / "dvc.yaml").write_text(CACHED_GATES)
-    (tmp_path / "copy.py").write_text(COPY)
-    (tmp_path / "results").mkdir()
-    layout.GATES_DIR.mkdir(parents=True)
-    for result in base_results():
-        (tmp_path / "results" / f"{result['recipe']}.json").write_text(json.dumps(result))
-    subprocess.run(["dvc", "repro", "-q"], check=True)
+    reproduce_base(tmp_path, CACHED_GATES, remote=tmp_path / "remote")
     subprocess.run(["dvc", "push", "-q"], check=True)
     subprocess.run(GIT + ["add", "-A"], check=True)
     subprocess.run(GIT + ["commit", "-qm", "base"], check=True)
@@ -109,16 +116,8 @@ def test_a_base_result_in_neither_the_cache_nor_the_remote_is_named(repo):
 def test_a_revision_that_committed_its_results_to_git_is_read_from_git(tmp_path, monkeypatch):
     """Before the gate results were cached, they were `cache: false` metrics in git."""
     monkeypatch.chdir(tmp_path)
-    subprocess.run(GIT + ["init", "-q"], check=True)
-    subprocess.run(["dvc", "init", "-q"], check=True)
-    (tmp_path / "dvc.yaml").write_text(CACHED_GATES.replace(
+    reproduce_base(tmp_path, CACHED_GATES.replace(
         "- artifacts/gates/${item}.json", "- artifacts/gates/${item}.json:\n            cache: false"))
-    (tmp_path / "copy.py").write_text(COPY)
-    (tmp_path / "results").mkdir()
-    layout.GATES_DIR.mkdir(parents=True)
-    for result in base_results():
-        (tmp_path / "results" / f"{result['recipe']}.json").write_text(json.dumps(result))
-    subprocess.run(["dvc", "repro", "-q"], check=True)
     subprocess.run(GIT + ["add", "-A"], check=True)
     subprocess.run(GIT + ["commit", "-qm", "base"], check=True)
     head(gate_result("q8", 0.004, 100.0))
