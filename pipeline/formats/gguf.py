@@ -12,14 +12,12 @@ import ctypes
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -407,6 +405,8 @@ def tensor_type_mix(path: Path) -> dict[str, Any]:
     counts: Counter[str] = Counter()
     nbytes: Counter[str] = Counter()
     weights: Counter[str] = Counter()
+    from pipeline.runtimes.llama_cpp import read_header
+
     for tensor in read_header(path).tensors:
         counts[tensor.type] += 1
         nbytes[tensor.type] += tensor.n_bytes
@@ -421,82 +421,6 @@ def tensor_type_mix(path: Path) -> dict[str, Any]:
         "weights": total_weights,
         "bits_per_weight": 8 * total_bytes / total_weights,
     }
-
-
-@dataclass
-class TensorInfo:
-    name: str
-    shape: tuple[int, ...]
-    type: str
-    n_elements: int
-    n_bytes: int
-
-
-@dataclass
-class Header:
-    metadata: dict[str, Any]  # scalar and string values; arrays are skipped
-    tensors: list[TensorInfo]
-
-
-# GGUF value types -> struct format of one scalar (8 = string, 9 = array)
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def read_header(path: Path) -> Header:
-    """The GGUF key/values and tensor table, without touching tensor data.
-
-    gguf.GGUFReader builds a numpy view of every vocabulary string (about 2 s for a 49k
-    vocabulary); this skips arrays and reads only what the build and gates need.
-    """
-    import mmap
-
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        magic, version, n_tensors, n_kv = struct.unpack_from("<4sIQQ", data, 0)
-        if magic != b"GGUF":
-            raise QpipeError("not a GGUF file", where=str(path))
-        offset = 24
-
-        def string(at: int) -> tuple[str, int]:
-            (length,) = struct.unpack_from("<Q", data, at)
-            return data[at + 8: at + 8 + length].decode("utf-8", errors="replace"), at + 8 + length
-
-        def skip_or_read(kind: int, at: int) -> tuple[Any, int]:
-            if kind in _SCALARS:
-                fmt = _SCALARS[kind]
-                return struct.unpack_from(fmt, data, at)[0], at + struct.calcsize(fmt)
-            if kind == 8:
-                return string(at)
-            item, count = struct.unpack_from("<IQ", data, at)
-            at += 12
-            if item in _SCALARS:
-                return None, at + count * struct.calcsize(_SCALARS[item])
-            for _ in range(count):
-                _, at = skip_or_read(item, at)
-            return None, at
-
-        metadata: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key, offset = string(offset)
-            (kind,) = struct.unpack_from("<I", data, offset)
-            value, offset = skip_or_read(kind, offset + 4)
-            if value is not None:
-                metadata[key] = value
-        tensors = []
-        for _ in range(n_tensors):
-            name, offset = string(offset)
-            (n_dims,) = struct.unpack_from("<I", data, offset)
-            shape = struct.unpack_from(f"<{n_dims}Q", data, offset + 4)
-            type_id, _data_offset = struct.unpack_from("<IQ", data, offset + 4 + 8 * n_dims)
-            offset += 4 + 8 * n_dims + 12
-            quant = GGMLQuantizationType(type_id)
-            block, block_bytes = GGML_QUANT_SIZES[quant]
-            elements = 1
-            for dim in shape:
-                elements *= dim
-            tensors.append(TensorInfo(name, tuple(shape), quant.name, elements, elements // block * block_bytes))
-    return Header(metadata, tensors)
 
 
 # ---------------------------------------------------------------- artifact facts
@@ -515,6 +439,7 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
     the given context length. With a separate output matrix the token embedding reads a
     single row; with tied embeddings the whole matrix is read for the logits."""
     from pipeline.measure import kv_cache_bytes
+    from pipeline.runtimes.llama_cpp import read_header
 
     header = read_header(artifact_path(build_dir))
     tensors = {t.name: t for t in header.tensors}

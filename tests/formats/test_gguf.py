@@ -83,27 +83,6 @@ def test_architecture_the_converter_does_not_support_is_bad_input(tmp_path):
     assert info.value.where.endswith("config.json: architectures")
 
 
-def test_header_reader_agrees_with_gguf_reader(embedded_build):
-    from gguf import GGUFReader
-
-    path = embedded_build / fmt.ARTIFACT_FILE
-    header = fmt.read_header(path)
-    reference = GGUFReader(path)
-    assert [(t.name, t.type, t.n_elements, t.n_bytes) for t in header.tensors] == [
-        (t.name, t.tensor_type.name, int(t.n_elements), int(t.n_bytes)) for t in reference.tensors]
-    assert header.metadata["general.architecture"] == "llama"
-    assert header.metadata["llama.block_count"] == 30
-    assert "tokenizer.ggml.tokens" not in header.metadata  # arrays are skipped
-
-
-def test_header_reader_refuses_a_non_gguf_file(tmp_path):
-    from pipeline.errors import QpipeError
-
-    (tmp_path / "x.gguf").write_bytes(b"NOTGGUF" + b"\x00" * 40)
-    with pytest.raises(QpipeError, match="not a GGUF"):
-        fmt.read_header(tmp_path / "x.gguf")
-
-
 def test_a_quantization_that_fails_on_a_full_disk_says_so(tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple

@@ -123,3 +123,23 @@ def test_greedy_generation_follows_the_argmax_of_its_own_logits(model_path):
         sequence.append(token)
     first = produced[0]
     assert next(llama_cpp.generate(model_path, [prompt], max_tokens=6, stop_ids=[first], threads=2)) == [first]
+
+
+def test_header_reader_agrees_with_gguf_reader(model_path):
+    from gguf import GGUFReader
+
+    header = llama_cpp.read_header(model_path)
+    reference = GGUFReader(model_path)
+    assert [(t.name, t.type, t.n_elements, t.n_bytes) for t in header.tensors] == [
+        (t.name, t.tensor_type.name, int(t.n_elements), int(t.n_bytes)) for t in reference.tensors]
+    assert header.metadata["general.architecture"] == "llama"
+    assert header.metadata["llama.block_count"] == 30
+    assert "tokenizer.ggml.tokens" not in header.metadata  # arrays are skipped
+
+
+def test_header_reader_refuses_a_non_gguf_file(tmp_path):
+    from pipeline.errors import QpipeError
+
+    (tmp_path / "x.gguf").write_bytes(b"NOTGGUF" + b"\x00" * 40)
+    with pytest.raises(QpipeError, match="not a GGUF"):
+        llama_cpp.read_header(tmp_path / "x.gguf")
