@@ -571,33 +571,31 @@ def runtime_name(build_dir: Path | None = None) -> str:
     return checkpoint_emulation.describe(artifact_path(build_dir))
 
 
-def window_logits(build_dir: Path, windows, threads: int, gpu_layers: int) -> Iterator[np.ndarray]:
-    """The engine or the emulation places the whole model on one device: `gpu_layers` is llama.cpp's."""
+def _scoring_runtime(build_dir: Path):
+    """(runtime, what it loads, its tokenizer_dir) for this build here: the TensorRT-LLM engine
+    where one was built and TensorRT-LLM runs, else the checkpoint emulation of the files."""
     from pipeline.runtimes import checkpoint_emulation, tensorrt_llm
 
     if _native(build_dir):
-        yield from tensorrt_llm.window_logits(_engine_path(build_dir), windows, threads=threads,
-                                              tokenizer_dir=artifact_path(build_dir))
-    else:
-        yield from checkpoint_emulation.window_logits(artifact_path(build_dir), windows, threads=threads)
+        return tensorrt_llm, _engine_path(build_dir), artifact_path(build_dir)
+    return checkpoint_emulation, artifact_path(build_dir), None
+
+
+def window_logits(build_dir: Path, windows, threads: int, gpu_layers: int) -> Iterator[np.ndarray]:
+    """The engine or the emulation places the whole model on one device: `gpu_layers` is llama.cpp's."""
+    runtime, model, tokenizer_dir = _scoring_runtime(build_dir)
+    yield from runtime.window_logits(model, windows, threads=threads, tokenizer_dir=tokenizer_dir)
 
 
 def generate(build_dir: Path, prompts, max_tokens: int, stop_ids: list[int], threads: int,
              gpu_layers: int) -> Iterator[list[int]]:
-    from pipeline.runtimes import checkpoint_emulation, tensorrt_llm
-
-    if _native(build_dir):
-        yield from tensorrt_llm.generate(_engine_path(build_dir), prompts, max_tokens=max_tokens, stop_ids=stop_ids,
-                                         threads=threads, tokenizer_dir=artifact_path(build_dir))
-    else:
-        yield from checkpoint_emulation.generate(artifact_path(build_dir), prompts, max_tokens=max_tokens,
-                                                 stop_ids=stop_ids, threads=threads)
+    runtime, model, tokenizer_dir = _scoring_runtime(build_dir)
+    yield from runtime.generate(model, prompts, max_tokens=max_tokens, stop_ids=stop_ids, threads=threads,
+                                tokenizer_dir=tokenizer_dir)
 
 
 def accuracy_device(build_dir: Path, gpu_layers: int) -> str:
-    from pipeline.runtimes import checkpoint_emulation, tensorrt_llm
-
-    return tensorrt_llm.device() if _native(build_dir) else checkpoint_emulation.device()
+    return _scoring_runtime(build_dir)[0].device()
 
 
 def _engine_path(build_dir: Path) -> Path:

@@ -20,8 +20,9 @@ Checked call by call against 1.2.0rc2 (the version the ``trtllm`` extra pins):
   prompts are bounded by ``--max_seq_len`` and ``--max_num_tokens``;
 - ``LLM(model, tokenizer, kv_cache_config)``, ``KvCacheConfig(free_gpu_memory_fraction,
   enable_block_reuse)``, ``SamplingParams(max_tokens, min_tokens, ignore_eos, temperature,
-  detokenize, return_context_logits, stop_token_ids)``, ``generate``, ``generate_async(streaming=True)`` and
-  ``shutdown`` as llmapi/llm.py and sampling_params.py define them. ``temperature=0.0`` is
+  detokenize, return_context_logits, stop_token_ids)``, ``generate``,
+  ``generate_async(streaming=True)`` and ``shutdown`` as llmapi/llm.py and sampling_params.py
+  define them. ``temperature=0.0`` is
   greedy in effect: the sampler divides by t + 1e-6;
 - the W8A16 handover's layout step and quantizer check: ``weight_only_kernel_layout``.
 """
