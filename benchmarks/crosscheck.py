@@ -9,7 +9,7 @@ mean KLD, same-top-p, ppl ratio and RMS Δp check the scoring and the runtime gl
 itself uses the fp32 transformers reference as its base, not the f16 GGUF; its second-half
 KLD is printed beside them, so the part the base contributes is visible.
 
-Speed: the gate's own measurement (``formats.gguf.measure_speed`` with params.yaml's speed
+Speed: the gate's own measurement (the GGUF session's ``measure_speed`` with params.yaml's speed
 settings) against llama-bench run as a user would run it on the same file and threads
 (`llama-bench -m F -t T -p <prompt> -n 0`, then `-p 0 -n <gen> -d <prompt>`: its default
 5 repetitions and flash attention `auto`), alternated back to back --rounds times; the ratio
@@ -69,7 +69,8 @@ def parse_statistics(output: str) -> dict[str, float]:
 
 def second_half_logits(path: Path, windows: np.ndarray, threads: int) -> list[np.ndarray]:
     half = windows.shape[1] // 2
-    return [np.array(logits[half:-1]) for logits in llama_cpp.window_logits(path, windows, threads=threads)]
+    with llama_cpp.open_session(path, threads=threads) as session:
+        return [np.array(logits[half:-1]) for logits in session.window_logits(windows)]
 
 
 def qpipe_statistics(logits: list[np.ndarray], base: list[np.ndarray], windows: np.ndarray) -> dict[str, float]:
@@ -106,9 +107,10 @@ def speed_crosscheck(recipes: list[str], speed_params, threads: int, prompt: lis
         path = layout.build_dir(recipe) / "model.gguf"
         ours, theirs = [], []
         for _ in range(rounds):
-            ours.append(gguf.measure_speed(layout.build_dir(recipe), prompt, gen_tokens=speed_params.gen_tokens,
-                                           repeats=speed_params.repeats, warmup=speed_params.warmup, threads=threads,
-                                           concurrency=speed_params.concurrency))
+            with gguf.open_session(layout.build_dir(recipe), threads, speed_params.n_gpu_layers) as session:
+                ours.append(session.measure_speed(prompt, gen_tokens=speed_params.gen_tokens,
+                                                  repeats=speed_params.repeats, warmup=speed_params.warmup,
+                                                  concurrency=speed_params.concurrency))
             theirs.append(user_llama_bench(path, prompt_tokens=len(prompt), gen_tokens=speed_params.gen_tokens,
                                            threads=threads))
         for figure, key in (("prefill_tok_s", "prefill_tok_s"), ("decode_tok_s", "decode_tok_s"),

@@ -18,6 +18,7 @@ import os
 import subprocess
 import tempfile
 import time
+from typing import Iterator
 
 import scratch_project
 
@@ -37,6 +38,34 @@ def measured(args: list[str], cwd, env) -> tuple[float, float]:
     return usage.ru_maxrss * 1024 / 1e9, time.perf_counter() - started
 
 
+def stage_rows(root, recipes: list[str], env) -> Iterator[tuple[str, float | None, float, float]]:
+    """Run the reference, then each recipe's build, the baseline, then each gate, one process
+    at a time in the project at `root`; yield (stage, estimate GB, peak RSS GB, seconds) as each
+    finishes. The estimate is the one the stage made before loading (None where it made none)."""
+    peak, seconds = measured(["qpipe", "reference"], root, env)
+    run = json.loads((root / "artifacts/runs/reference.json").read_text())
+    yield "reference", run["memory"]["estimate_gb"], peak, seconds
+    for recipe in recipes:
+        measured(["qpipe", "recipe", recipe], root, env)
+        peak, seconds = measured(["qpipe", "build", recipe], root, env)
+        build = json.loads((root / f"artifacts/builds/{recipe}/build.json").read_text())
+        if build.get("status") == "refused":
+            print(f"build {recipe}: refused ({build['reason']})")
+            continue
+        run = json.loads((root / f"artifacts/runs/build@{recipe}.json").read_text())
+        yield f"build {recipe}", run["memory"]["estimate_gb"], peak, seconds
+    measured(["qpipe", "formats"], root, env)
+    peak, seconds = measured(["qpipe", "baseline"], root, env)
+    yield "baseline", None, peak, seconds
+    for recipe in recipes:
+        if not (root / f"artifacts/builds/{recipe}/build.json").is_file():
+            continue
+        measured(["qpipe", "engine", recipe], root, env)
+        peak, seconds = measured(["qpipe", "gate", recipe], root, env)
+        gate = json.loads((root / f"artifacts/gates/{recipe}.json").read_text())
+        yield f"gate {recipe}", gate["memory"]["estimate_gb"], peak, seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded:smollm2-135m", help="params model.source")
@@ -52,30 +81,10 @@ def main() -> None:
     source = json.loads((root / "artifacts/source/source.json").read_text())
     print(f"model: {args.model} ({source['architectures']}, {source['parameters'] / 1e6:.1f}M parameters)")
     print(f"{'stage':<26} {'estimate GB':>11} {'peak RSS GB':>11} {'estimate/peak':>13} {'seconds':>8}")
-
-    def show(label: str, estimate_gb: float, peak_gb: float, seconds: float) -> None:
-        print(f"{label:<26} {estimate_gb:11.2f} {peak_gb:11.2f} {estimate_gb / peak_gb:13.2f} {seconds:8.1f}", flush=True)
-
-    peak, seconds = measured(["qpipe", "reference"], root, env)
-    run = json.loads((root / "artifacts/runs/reference.json").read_text())
-    show("reference", run["memory"]["estimate_gb"], peak, seconds)
-    for recipe in args.recipes:
-        measured(["qpipe", "recipe", recipe], root, env)
-        peak, seconds = measured(["qpipe", "build", recipe], root, env)
-        build = json.loads((root / f"artifacts/builds/{recipe}/build.json").read_text())
-        if build.get("status") == "refused":
-            print(f"build {recipe}: refused ({build['reason']})")
-            continue
-        run = json.loads((root / f"artifacts/runs/build@{recipe}.json").read_text())
-        show(f"build {recipe}", run["memory"]["estimate_gb"], peak, seconds)
-    measured(["qpipe", "baseline"], root, env)
-    for recipe in args.recipes:
-        if not (root / f"artifacts/builds/{recipe}/build.json").is_file():
-            continue
-        measured(["qpipe", "engine", recipe], root, env)
-        peak, seconds = measured(["qpipe", "gate", recipe], root, env)
-        gate = json.loads((root / f"artifacts/gates/{recipe}.json").read_text())
-        show(f"gate {recipe}", gate["memory"]["estimate_gb"], peak, seconds)
+    for label, estimate_gb, peak_gb, seconds in stage_rows(root, args.recipes, env):
+        if estimate_gb is not None:
+            print(f"{label:<26} {estimate_gb:11.2f} {peak_gb:11.2f} {estimate_gb / peak_gb:13.2f} {seconds:8.1f}",
+                  flush=True)
     print(f"(scratch project: {root})")
 
 

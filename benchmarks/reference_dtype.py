@@ -76,7 +76,8 @@ def main() -> None:
         if not path.is_file():
             print(f"{recipe:<14} no artifact at {path} (run dvc repro / dvc checkout)")
             continue
-        logits = [np.array(l) for l in llama_cpp.window_logits(path, windows, threads=threads)]
+        with llama_cpp.open_session(path, threads=threads) as session:
+            logits = [np.array(l) for l in session.window_logits(windows)]
         against = {dtype: accuracy.score(iter(logits), ref) for dtype, ref in references.items()}
         fp32, other = against["float32"], against[args.dtype]
         print(f"{recipe:<14} {fp32['mean_kld']:11.6f} {other['mean_kld']:16.6f} {fp32['ppl_ratio']:14.5f} "

@@ -77,9 +77,9 @@ def run_build(name: str, *, threads: int, log=print) -> dict:
     return record
 
 
-def check_build_memory(info, recipe, source_dir) -> dict:
-    """Refuse a build the host cannot hold (exit 3), before it loads anything. A calibrating
-    format calibrates on the GPU where there is one, so that is the memory it needs."""
+def build_memory_need(info, recipe, source_dir) -> tuple[int, str]:
+    """(bytes, device) a build of `recipe` needs: a calibrating format calibrates on the GPU
+    where there is one, so that is the memory it needs."""
     from pipeline import memory
 
     device = "cpu"
@@ -90,6 +90,14 @@ def check_build_memory(info, recipe, source_dir) -> dict:
     need = memory.estimate(info.build_memory, memory.ModelSize.of(source_dir),
                            window_tokens=recipe.calibration_seq_len if info.calibrates else 0,
                            dtype=recipe.weights_dtype(), device=device)
+    return need, device
+
+
+def check_build_memory(info, recipe, source_dir) -> dict:
+    """Refuse a build the host cannot hold (exit 3), before it loads anything."""
+    from pipeline import memory
+
+    need, device = build_memory_need(info, recipe, source_dir)
     return memory.ensure_fits(need, stage=f"the {info.name} build", device=device,
                               fix="run the build on a host with more memory" + (" or a GPU" if info.calibrates else ""))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import typer
@@ -152,10 +153,20 @@ def engine_command(recipe: str = typer.Argument(..., help="recipe name (recipes/
 @app.command("baseline")
 @stage
 def baseline_command():
-    """Unquantized speed per format on this host -> artifacts/baselines/ (for decode_speedup)."""
+    """Unquantized speed of each format `recipes` uses, on this host -> artifacts/baselines/ (for decode_speedup)."""
     from pipeline import baselines
 
     baselines.run_baselines(_params().speed, log=log)
+
+
+@app.command("formats")
+@stage
+def formats_command():
+    """The formats `recipes` uses -> artifacts/formats.json (what the baseline stage measures)."""
+    from pipeline import baselines
+
+    used = baselines.write_formats_used(_params().recipes)
+    log(f"formats: {', '.join(used) or '(none)'}")
 
 
 @app.command("task-base")
@@ -288,10 +299,19 @@ def publish_command(
 
 @app.command("doctor")
 @stage
-def doctor_command():
+def doctor_command(checkpoint: Path = typer.Option(None, "--checkpoint", help="a Hugging Face checkpoint "
+                                                    "directory: whether each stage of params.yaml's recipes fits this "
+                                                    "host, from its config alone (exit 3 when one does not)")):
     """What this host can build and gate: CPU, GPU, memory bandwidth, runtimes, tools."""
     from pipeline import formats, host
 
+    if checkpoint is not None:
+        fits = checkpoint_lines(checkpoint, _params())
+        for line in fits:
+            typer.echo(line)
+        if any(line.endswith("does not fit") for line in fits):
+            raise typer.Exit(3)
+        return
     started = time.perf_counter()
     cpu = host.cpu_info()
     gpus = host.gpus()
@@ -312,6 +332,44 @@ def doctor_command():
     typer.echo("others     vllm / tensorrt_llm / modelopt / llmcompressor are listed above when installed "
                "(found by package metadata, not imported: importing them takes seconds)")
     typer.echo(f"({time.perf_counter() - started:.2f} s)")
+
+
+def checkpoint_lines(checkpoint: Path, params) -> list[str]:
+    """Each heavy stage's memory estimate for `checkpoint` (nothing loads: its config and a
+    meta-device model) against what this host has: the reference, then each recipe's build
+    and gate. A GGUF gate maps its artifact, counted here at the checkpoint's 16-bit size (no
+    GGUF is larger), so its estimate is an upper bound until the build exists."""
+    import json
+
+    from pipeline import formats, memory, reference
+    from pipeline.builds import build_memory_need
+    from pipeline.errors import BadInput
+    from pipeline.gates import gate_memory_need
+    from pipeline.runtimes.transformers import torch_device
+
+    if not (checkpoint / "config.json").is_file():
+        raise BadInput("no config.json in the checkpoint", where=str(checkpoint),
+                       fix="give a Hugging Face checkpoint directory (config.json and safetensors)")
+    config = json.loads((checkpoint / "config.json").read_text())
+    hidden_size = int(config.get("hidden_size") or config["text_config"]["hidden_size"])
+    size = memory.ModelSize.of(checkpoint)
+    device = torch_device()
+    needs = [(f"reference ({params.reference.dtype})", reference.memory_need(params.reference, checkpoint, device),
+              device)]
+    for name in params.recipes:
+        recipe = formats.load_recipe(name)
+        info = formats.module(recipe.format).INFO
+        needs.append((f"build {name}", *build_memory_need(info, recipe, checkpoint)))
+        needs.append((f"gate {name}", gate_memory_need(
+            info, size, window_tokens=params.reference.window_tokens, vocabulary=size.vocabulary,
+            hidden_size=hidden_size, artifact_bytes=2 * size.parameters), "cpu"))
+    lines = [f"checkpoint {checkpoint}: {size.parameters / 1e9:.2f}B parameters, vocabulary {size.vocabulary}"]
+    for stage, need, where in needs:
+        have = memory.available_bytes(where)
+        verdict = "fits" if have is None or need <= have else "does not fit"
+        lines.append(f"{stage:<28} needs ~{need / 1e9:6.1f} GB of {'GPU 0' if where == 'cuda' else 'memory'}, "
+                     f"{'unknown' if have is None else f'{have / 1e9:.1f} GB'} free: {verdict}")
+    return lines
 
 
 def format_lines(names) -> list[str]:

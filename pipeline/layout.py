@@ -18,6 +18,7 @@ BUILDS_DIR = ARTIFACTS / "builds"
 ENGINES_DIR = ARTIFACTS / "engines"
 GATES_DIR = ARTIFACTS / "gates"
 BASELINES_DIR = ARTIFACTS / "baselines"
+FORMATS_USED_FILE = ARTIFACTS / "formats.json"   # the formats `recipes` uses: what the baseline measures
 REPORT_DIR = ARTIFACTS / "report"
 RUNS_DIR = ARTIFACTS / "runs"
 TASKS_BASE_DIR = ARTIFACTS / "tasks"

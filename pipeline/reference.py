@@ -80,6 +80,11 @@ class OutputLayer:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
+    def to(self, device: str) -> "OutputLayer":
+        """The same layer on `device` (the GPU, where the gate scores there)."""
+        return OutputLayer(weight=self.weight.to(device), bias=None if self.bias is None else self.bias.to(device),
+                           softcap=self.softcap, scale=self.scale)
+
     @property
     def vocabulary(self) -> int:
         return int(self.weight.shape[0])
@@ -212,6 +217,14 @@ def check_reproduced(output_layer: OutputLayer, hidden: np.ndarray, model_logits
     return error
 
 
+def memory_need(params: ReferenceParams, source_dir: Path, device: str) -> int:
+    """Bytes the reference stage needs for the checkpoint at `source_dir` (``memory.estimate``)."""
+    from pipeline import memory
+
+    return memory.estimate(memory.REFERENCE, memory.ModelSize.of(source_dir), window_tokens=params.window_tokens,
+                           dtype=params.dtype, device=device)
+
+
 def run(params: ReferenceParams, source_dir: Path, evaluation_text: Path, out_dir: Path, log=print) -> dict[str, Any]:
     import torch
     import transformers
@@ -232,8 +245,7 @@ def run(params: ReferenceParams, source_dir: Path, evaluation_text: Path, out_di
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, params.dtype)
-    need = memory.estimate(memory.REFERENCE, memory.ModelSize.of(source_dir), window_tokens=params.window_tokens,
-                           dtype=params.dtype, device=device)
+    need = memory_need(params, source_dir, device)
     fix = ("set reference.dtype: bfloat16 in params.yaml (half the weights' memory), or run on a host "
            "with more memory or a GPU") if params.dtype == "float32" else "run on a host with more memory or a GPU"
     memory_record = memory.ensure_fits(need, stage=f"the reference in {params.dtype}", fix=fix, device=device)

@@ -40,6 +40,27 @@ def test_gate_without_build_exits_2(project):
     assert "qpipe build gguf-q8_0" in result.output
 
 
+def test_doctor_says_which_stages_a_checkpoint_fits_before_anything_loads(project, tiny_llama, monkeypatch):
+    from pipeline import memory
+
+    write(project / "params.yaml", (project / "params.yaml").read_text().replace(
+        "  - gguf-q6_k\n", "").replace("  - trtllm-int8-sq ", "  # "))
+    result = runner.invoke(app, ["doctor", "--checkpoint", str(tiny_llama)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith(f"checkpoint {tiny_llama}: 0.00B parameters, vocabulary 130")
+    assert lines[1].startswith("reference (float32)") and lines[1].endswith(": fits")
+    stages = [line.split()[:2] for line in lines[2:]]
+    assert ["build", "gguf-q8_0"] in stages and ["gate", "trtllm-fp8"] in stages
+    assert ["build", "gguf-q6_k"] not in stages and ["gate", "trtllm-int8-sq"] not in stages  # params' recipes only
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 600 * 2**20)  # 0.6 GB: only the smallest fit
+    result = runner.invoke(app, ["doctor", "--checkpoint", str(tiny_llama)])
+    assert result.exit_code == 3
+    assert any(line.endswith("0.6 GB free: does not fit") for line in result.output.splitlines())
+    result = runner.invoke(app, ["doctor", "--checkpoint", str(project / "nothing")])
+    assert result.exit_code == 2 and "no config.json in the checkpoint" in result.output
+
+
 def test_baseline_without_host_exits_2(project):
     result = runner.invoke(app, ["baseline"])
     assert result.exit_code == 2

@@ -74,7 +74,8 @@ def test_gguf_converts_quantizes_and_matches_transformers(checkpoint, tmp_path):
         # Gemma's llama.cpp vocabulary adds no leading space, the fixture's HF tokenizer does: 1 token
         assert accuracy.tokenizer_mismatch(reference_ids, gguf.tokenize(tmp_path, text))["mismatch"] <= 0.001
     window = np.asarray(reference_ids[:128])
-    (logits,) = gguf.window_logits(tmp_path, window[None], 2, -1)
+    with gguf.open_session(tmp_path, 2, -1) as session:
+        (logits,) = [logits.copy() for logits in session.window_logits(window[None])]
     # llama.cpp converts Mistral to its `llama` architecture, which has no sliding window: past
     # the window (64 here; 4096 in Mistral 7B v0.1, none from v0.2) it attends to every token
     compared = families.family_configs()[family].sliding_window if family == "mistral" else len(window)

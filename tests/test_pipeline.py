@@ -411,21 +411,22 @@ def test_dvc_artifacts_get_fetches_a_built_artifact(repo, tmp_path):
 def test_experiment_with_another_recipe_set_reuses_cached_stages(repo):
     root, env, _, _ = repo
     run(["dvc", "repro"], env)  # up to date after the previous test restored the recipe
-    experiment = run(["dvc", "exp", "run", "-S", "recipes=[gguf-q8_0]", "-n", "only-q8"], env)
+    # the same three formats: formats.json is unchanged, so the baseline and the gates are too
+    experiment = run(["dvc", "exp", "run", "-S", "recipes=[gguf-q8_0,awq-w4a16,trtllm-fp8]", "-n", "fewer"], env)
     ran = [line for line in experiment.stdout.splitlines() if line.startswith("Running stage")]
-    assert "Running stage 'report':" in ran
+    assert "Running stage 'report':" in ran and "Running stage 'formats':" in ran
     assert not any("build@" in line or "gate@" in line or "baseline" in line for line in ran), experiment.stdout
     report = json.loads((root / "artifacts" / "report" / "tradeoff.json").read_text())
-    assert [r["recipe"] for r in report["rows"]] == ["gguf-q8_0"]
+    assert [r["recipe"] for r in report["rows"]] == ["gguf-q8_0", "awq-w4a16", "trtllm-fp8"]
     shown = run(["dvc", "exp", "show", "--json"], env).stdout
-    assert "only-q8" in shown
+    assert "fewer" in shown
 
     # compare reads every commit and experiment through DVC; identical results are one row
     rows = json.loads(run(["qpipe", "compare", "--format", "json", "--sort", "decode_tok_s", "--descending"],
                           env).stdout)
     by_recipe = {r["recipe"]: r for r in rows}
     assert set(by_recipe) == {"gguf-q8_0", "gguf-q4_0", "awq-w4a16", "trtllm-fp8", "trtllm-int8-sq"}
-    assert "only-q8" in by_recipe["gguf-q8_0"]["experiment"] and "workspace" in by_recipe["gguf-q8_0"]["experiment"]
+    assert "fewer" in by_recipe["gguf-q8_0"]["experiment"] and "workspace" in by_recipe["gguf-q8_0"]["experiment"]
     assert {r["recipe"] for r in rows[-3:]} == {"awq-w4a16", "trtllm-fp8", "trtllm-int8-sq"}  # no speed: last
     assert rows[-1]["pareto"] is None
     chosen = run(["qpipe", "recommend", "--max-size", "1GB", "--objective", "kld"], env).stdout
@@ -441,7 +442,7 @@ def test_two_queued_experiments_at_once_measure_speed_one_at_a_time(repo):
     from pipeline import compare
 
     root, env, _, git = repo
-    run(git + ["checkout", "params.yaml"], env)  # the previous test's experiment left recipes=[gguf-q8_0]
+    run(git + ["checkout", "params.yaml"], env)  # the previous test's experiment left three recipes
     run(["dvc", "repro"], env)
     serial = {name: gate(root, name)["accuracy"] for name in ("gguf-q8_0", "gguf-q4_0")}
     for name in serial:

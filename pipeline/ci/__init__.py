@@ -103,7 +103,7 @@ def gather(recipes: list[str], hosts_dir: Path, log=print) -> list[list[str]]:
         write_text(layout.HOST_FILE, host_bytes.decode())
         # --single-item runs the targets in the order given, so each one's inputs come first
         targets = [*SHARED_STAGES, *(f"{stage}@{name}" for stage in ("recipe", "build", "engine") for name in names),
-                   "baseline", *(f"gate@{name}" for name in names)]
+                   "formats", "baseline", *(f"gate@{name}" for name in names)]
         log(f"host {number} of {len(by_host)} ({', '.join(names)}): dvc repro --pull --single-item {' '.join(targets)}")
         result = subprocess.run(["dvc", "repro", "--pull", "--single-item", *targets], env=env,
                                 stdout=sys.stderr, stderr=sys.stderr)

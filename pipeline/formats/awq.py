@@ -11,6 +11,7 @@ workarounds: docs/formats/awq.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import re
@@ -394,9 +395,11 @@ VLLM_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
               "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 
 
+@functools.lru_cache(maxsize=4)
 def vllm_layers(build_dir: Path) -> dict[str, tuple[int, int]]:
     """Every quantized linear layer as vLLM builds it, name -> [in, out], from the checkpoint's
-    config on the meta device (no weights read)."""
+    config on the meta device (no weights read). Kept per build directory for the process: a
+    gate asks for its runtime several times, and a build's output does not change under it."""
     import torch
 
     from pipeline.runtimes.transformers import meta_model
@@ -448,19 +451,10 @@ def runtime_name(build_dir: Path | None = None) -> str:
     return _runtime(build_dir).name()
 
 
-def window_logits(build_dir: Path, windows, threads: int, gpu_layers: int) -> Iterator[np.ndarray]:
-    """vLLM or transformers place the whole model on one device: `gpu_layers` is llama.cpp's."""
-    yield from _runtime(build_dir).window_logits(artifact_path(build_dir), windows, threads=threads)
-
-
-def generate(build_dir: Path, prompts, max_tokens: int, stop_ids: list[int], threads: int,
-             gpu_layers: int) -> Iterator[list[int]]:
-    yield from _runtime(build_dir).generate(artifact_path(build_dir), prompts, max_tokens=max_tokens,
-                                            stop_ids=stop_ids, threads=threads)
-
-
-def accuracy_device(build_dir: Path, gpu_layers: int) -> str:
-    return _runtime(build_dir).device()
+def open_session(build_dir: Path, threads: int, gpu_layers: int):
+    """vLLM's engine where it can serve this build (its accuracy, tasks and speed), else
+    transformers (accuracy and tasks); `gpu_layers` is llama.cpp's."""
+    return _runtime(build_dir).open_session(artifact_path(build_dir), threads=threads)
 
 
 def tokenize(build_dir: Path, text: str) -> list[int]:
@@ -469,21 +463,14 @@ def tokenize(build_dir: Path, text: str) -> list[int]:
     return hf.tokenize(artifact_path(build_dir), text)
 
 
-def measure_speed(build_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                  threads: int, concurrency: int, gpu_layers: int) -> dict[str, Any]:
-    from pipeline.runtimes import vllm
-
-    return vllm.measure_speed(artifact_path(build_dir), prompt, gen_tokens=gen_tokens, repeats=repeats,
-                              warmup=warmup, threads=threads, concurrency=concurrency)
-
-
 def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
                    threads: int, concurrency: int, gpu_layers: int) -> dict[str, Any]:
     """The unquantized checkpoint served by vLLM with the same prompt and settings."""
     from pipeline.runtimes import vllm
 
-    measured = vllm.measure_speed(Path(source_dir), prompt, gen_tokens=gen_tokens, repeats=repeats,
-                                  warmup=warmup, threads=threads, concurrency=concurrency)
+    with vllm.open_session(Path(source_dir), threads=threads) as session:
+        measured = session.measure_speed(prompt, gen_tokens=gen_tokens, repeats=repeats, warmup=warmup,
+                                         concurrency=concurrency)
     return {"artifact": "unquantized checkpoint (vLLM)", **measured}
 
 

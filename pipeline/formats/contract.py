@@ -66,28 +66,16 @@ class Format(Protocol):
     def runtime_name(self, build_dir: Path | None = None) -> str:
         """What the gates run the artifact with (``None``: what they would run here)."""
 
-    def window_logits(self, build_dir: Path, windows, threads: int, gpu_layers: int) -> Iterator:
-        """[T, V] logits of each token window (a sequence of token id sequences; the reference's
-        are all one length, the task gate's are not), through the native runtime or a declared emulation.
-        ``gpu_layers`` is params ``speed.n_gpu_layers`` (llama.cpp's offload, -1 = all); a runtime
-        that places the whole model on the GPU ignores it."""
-
-    def generate(self, build_dir: Path, prompts, max_tokens: int, stop_ids: list[int], threads: int,
-                 gpu_layers: int) -> Iterator[list[int]]:
-        """Greedy continuation ids of each prompt (token id lists), through the same runtime as
-        ``window_logits``, up to ``max_tokens`` ids or the first of ``stop_ids`` (the task gate's
-        ``generate_until``)."""
-
-    def accuracy_device(self, build_dir: Path, gpu_layers: int) -> str:
-        """Where ``window_logits`` runs here: "cpu", "gpu", or "gpu+cpu" (a partial offload)."""
+    def open_session(self, build_dir: Path, threads: int, gpu_layers: int):
+        """The artifact loaded once by the runtime that gates it here (a ``runtimes.Session``:
+        its ``window_logits``, ``generate``, ``measure_speed``, ``runtime`` and ``device``), the
+        native runtime or a declared emulation. The gate scores its accuracy windows, task
+        requests and speed through it, then closes it. ``gpu_layers`` is params
+        ``speed.n_gpu_layers`` (llama.cpp's offload, -1 = all); a runtime that places the whole
+        model on the GPU ignores it."""
 
     def tokenize(self, build_dir: Path, text: str) -> list[int]:
         """The artifact's own tokenizer's ids for ``text``."""
-
-    def measure_speed(self, build_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                      threads: int, concurrency: int, gpu_layers: int) -> dict[str, Any]:
-        """Batch-1 prefill/decode/TTFT/ITL on the native runtime (``measure.summarize_runs``'s keys),
-        and ``device``: where it ran ("cpu", "gpu" or "gpu+cpu"), which picks the roofline's bandwidth."""
 
     def baseline_speed(self, source_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
                        threads: int, concurrency: int, gpu_layers: int) -> dict[str, Any]:

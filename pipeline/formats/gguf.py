@@ -466,42 +466,20 @@ def runtime_name(build_dir: Path | None = None) -> str:
     return runtime.name()
 
 
-def window_logits(build_dir: Path, windows, threads: int, gpu_layers: int) -> Iterator[np.ndarray]:
+def open_session(build_dir: Path, threads: int, gpu_layers: int):
+    """llama.cpp on the GGUF, every layer on the GPU where this llama.cpp offloads (or params
+    speed.n_gpu_layers). Its speed is llama-bench's, batch 1 only: llama-cpp-python serves one
+    sequence at a time, so `concurrency` is unused."""
     from pipeline.runtimes import llama_cpp as runtime
 
-    yield from runtime.window_logits(artifact_path(build_dir), windows, threads=threads,
-                                     n_gpu_layers=runtime.gpu_layers(gpu_layers))
-
-
-def generate(build_dir: Path, prompts, max_tokens: int, stop_ids: list[int], threads: int,
-             gpu_layers: int) -> Iterator[list[int]]:
-    from pipeline.runtimes import llama_cpp as runtime
-
-    yield from runtime.generate(artifact_path(build_dir), prompts, max_tokens=max_tokens, stop_ids=stop_ids,
-                                threads=threads, n_gpu_layers=runtime.gpu_layers(gpu_layers))
-
-
-def accuracy_device(build_dir: Path, gpu_layers: int) -> str:
-    from pipeline.runtimes import llama_cpp as runtime
-
-    return runtime.offload(artifact_path(build_dir), runtime.gpu_layers(gpu_layers))["device"]
+    return runtime.open_session(artifact_path(build_dir), threads=threads,
+                                n_gpu_layers=runtime.gpu_layers(gpu_layers))
 
 
 def tokenize(build_dir: Path, text: str) -> list[int]:
     from pipeline.runtimes import llama_cpp as runtime
 
     return runtime.tokenize(artifact_path(build_dir), text)
-
-
-def measure_speed(build_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int,
-                  warmup: int, threads: int, concurrency: int, gpu_layers: int) -> dict[str, Any]:
-    """Batch 1 only: llama-cpp-python serves one sequence at a time, so `concurrency` is unused.
-    Every layer goes to the GPU where this llama.cpp offloads (or params speed.n_gpu_layers)."""
-    from pipeline.runtimes import llama_cpp as runtime
-
-    return runtime.measure_speed(artifact_path(build_dir), prompt, gen_tokens=gen_tokens, repeats=repeats,
-                                 warmup=warmup, threads=threads, concurrency=concurrency,
-                                 n_gpu_layers=runtime.gpu_layers(gpu_layers))
 
 
 def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,

@@ -11,6 +11,7 @@ docs/formats/modelopt.md.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -91,8 +92,9 @@ class Recipe(RecipeBase):
                         "FP8_DEFAULT_CFG, INT8_SMOOTHQUANT_CFG or INT8_WEIGHT_ONLY_CFG")
     kv_cache: Literal["fp8", "none"] = Field("none", description="fp8: ModelOpt's FP8_KV_CFG appended to the "
                                              "config; none: a bf16/fp16 KV cache")
-    dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="the model is cast to it after "
-                                                  "calibration, before export")
+    dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="the exported dtype: the model "
+                                                  "is calibrated in its stored dtype and cast to this one "
+                                                  "before export where they differ")
     calibration_samples: int = Field(16, ge=1, description="calibration windows on a CPU host")
     gpu_calibration_samples: int = Field(64, ge=1, description="calibration windows on a CUDA host")
     calibration_seq_len: int = Field(512, ge=16, description="tokens per calibration window")
@@ -194,8 +196,6 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from pipeline.runtimes.transformers import load_causal_lm
-
     tools = tool_versions()
     require_installed(INFO, recipe.where("format"))
     device, samples = calibration_plan(recipe, threads)
@@ -205,16 +205,18 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     calibration, held_out = split_calibration_text(tokenizer, calibration_text, recipe, samples)
     dtype = getattr(torch, recipe.dtype)
-    model = load_causal_lm(source_dir, dtype=torch.float32).to(device).eval()
+    model = load_calibration_model(source_dir, device)
 
     timings: dict[str, float] = {}
     log(f"ModelOpt {recipe.config}{' + ' + KV_CACHE_CONFIGS[recipe.kv_cache] if recipe.kv_cache != 'none' else ''} "
         f"on {device}: {samples} calibration samples x {recipe.calibration_seq_len} tokens")
     started = time.perf_counter()
-    model = _calibrate(model, config, calibration, device)
+    model = _calibrate(model, config, calibration)
     timings["calibrate_s"] = time.perf_counter() - started
     peak_gpu_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1) if device == "cuda" else None
-    model = model.to(dtype)
+    calibrated_in = str(model.dtype).removeprefix("torch.")
+    if model.dtype != dtype:
+        model = model.to(dtype)
     model.config.dtype = dtype  # the exporters read the dtype from the config
     started = time.perf_counter()
     fake_quant_ppl = windows_ppl(_model_logits(model, held_out), held_out)
@@ -226,8 +228,8 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
         from pipeline.runtimes.checkpoint_emulation import SOURCE_CONFIG
 
         shutil.copy2(Path(source_dir) / "config.json", out_dir / SOURCE_CONFIG)  # the emulation's HF model
-        exports["trtllm"] = export_trtllm(copy.deepcopy(model), plan["decoder"], dtype, out_dir / TRTLLM_DIR,
-                                          source_dir)
+        with export_side_effects_undone(model):
+            exports["trtllm"] = export_trtllm(model, plan["decoder"], dtype, out_dir / TRTLLM_DIR, source_dir)
     if plan["hf"]:
         exports["hf"] = export_hf(model, dtype, out_dir / HF_DIR, source_dir)
         exports["hf"]["runs_on"] = UNIFIED_RUNTIMES[recipe.config]
@@ -259,6 +261,7 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
         "device": device,
         "peak_gpu_mb": peak_gpu_mb,
         "dtype": recipe.dtype,
+        "calibration_dtype": calibrated_in,
         "modelopt": {"config": recipe.config, "kv_cache_config": KV_CACHE_CONFIGS.get(recipe.kv_cache),
                      "decoder_type": plan["decoder"], "architecture": architecture, "scored": plan["scored"]},
         "calibration": {"samples": samples, "seq_len": recipe.calibration_seq_len,
@@ -267,6 +270,17 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
         "exports": exports,
         "crosscheck": crosscheck,
     }
+
+
+def load_calibration_model(source_dir: Path, device: str):
+    """The source model in its stored dtype, as ModelOpt's own hf_ptq loads it: on a CUDA host
+    placed by accelerate (``device_map="auto"``: across every GPU, the rest in CPU memory), else
+    on the CPU. One copy of the weights, never widened to fp32."""
+    from pipeline.runtimes.transformers import load_causal_lm
+
+    if device == "cuda":
+        return load_causal_lm(source_dir, dtype="auto", device_map="auto").eval()
+    return load_causal_lm(source_dir, dtype="auto").eval()
 
 
 def split_calibration_text(tokenizer, calibration_text: Path, recipe: Recipe, samples: int):
@@ -279,14 +293,14 @@ def split_calibration_text(tokenizer, calibration_text: Path, recipe: Recipe, sa
     return calibration, rest[-recipe.crosscheck_windows:]
 
 
-def _calibrate(model, config: dict[str, Any], windows: list[list[int]], device: str):
+def _calibrate(model, config: dict[str, Any], windows: list[list[int]]):
     import modelopt.torch.quantization as mtq
     import torch
 
     def forward_loop(module) -> None:
         with torch.no_grad():
-            for window in windows:
-                module(torch.tensor([window], device=device))
+            for window in windows:  # to the device of the first layer (accelerate moves the rest)
+                module(torch.tensor([window], device=module.device))
 
     return mtq.quantize(model, config, forward_loop)
 
@@ -312,8 +326,33 @@ def emulated_ppl(checkpoint_dir: Path, windows: list[list[int]], threads: int) -
     TensorRT-LLM checkpoint the same source_config.json beside it, that the gate will read."""
     from pipeline.runtimes import checkpoint_emulation
 
-    return windows_ppl(checkpoint_emulation.window_logits(checkpoint_dir, np.asarray(windows), threads=threads),
-                       windows)
+    with checkpoint_emulation.open_session(checkpoint_dir, threads=threads) as session:
+        return windows_ppl(session.window_logits(np.asarray(windows)), windows)
+
+
+@contextlib.contextmanager
+def export_side_effects_undone(model) -> Iterator[None]:
+    """The model's config and every quantizer's buffers (amax, smoothing scales) as they were
+    before the block.
+
+    ModelOpt 0.47's TensorRT-LLM exporter sets the weight amax of the layers it fuses (q/k/v,
+    gate/up under FP8) to their maximum in the model it is given, and adds keys to its config
+    (as ``export_trtllm`` does rope_theta); an HF export made after it would inherit both.
+    Measured on SmolLM2-135M: FP8 changes 90 weight amaxes and no other tensor, INT8
+    SmoothQuant and weight-only none. Keeping these small objects replaces a copy of the whole
+    model (a test shows the HF checkpoint is byte for byte the one exported beside a copy)."""
+    quantizers = {name: module for name, module in model.named_modules() if name.endswith("_quantizer")}
+    kept = {name: {key: buffer.clone() for key, buffer in module.named_buffers(recurse=False)}
+            for name, module in quantizers.items()}
+    config = copy.deepcopy(model.config.__dict__)
+    try:
+        yield
+    finally:
+        for name, buffers in kept.items():
+            for key, buffer in buffers.items():
+                setattr(quantizers[name], key, buffer)
+        model.config.__dict__.clear()  # in place: the model's submodules hold the same config
+        model.config.__dict__.update(config)
 
 
 def export_trtllm(model, decoder: str, dtype, export_dir: Path, source_dir: Path) -> dict[str, Any]:
@@ -581,21 +620,10 @@ def _scoring_runtime(build_dir: Path):
     return checkpoint_emulation, artifact_path(build_dir), None
 
 
-def window_logits(build_dir: Path, windows, threads: int, gpu_layers: int) -> Iterator[np.ndarray]:
+def open_session(build_dir: Path, threads: int, gpu_layers: int):
     """The engine or the emulation places the whole model on one device: `gpu_layers` is llama.cpp's."""
     runtime, model, tokenizer_dir = _scoring_runtime(build_dir)
-    yield from runtime.window_logits(model, windows, threads=threads, tokenizer_dir=tokenizer_dir)
-
-
-def generate(build_dir: Path, prompts, max_tokens: int, stop_ids: list[int], threads: int,
-             gpu_layers: int) -> Iterator[list[int]]:
-    runtime, model, tokenizer_dir = _scoring_runtime(build_dir)
-    yield from runtime.generate(model, prompts, max_tokens=max_tokens, stop_ids=stop_ids, threads=threads,
-                                tokenizer_dir=tokenizer_dir)
-
-
-def accuracy_device(build_dir: Path, gpu_layers: int) -> str:
-    return _scoring_runtime(build_dir)[0].device()
+    return runtime.open_session(model, threads=threads, tokenizer_dir=tokenizer_dir)
 
 
 def _engine_path(build_dir: Path) -> Path:
@@ -608,15 +636,6 @@ def tokenize(build_dir: Path, text: str) -> list[int]:
     from pipeline.runtimes import transformers as hf
 
     return hf.tokenize(artifact_path(build_dir), text)
-
-
-def measure_speed(build_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                  threads: int, concurrency: int, gpu_layers: int) -> dict[str, Any]:
-    from pipeline.runtimes import tensorrt_llm
-
-    return tensorrt_llm.measure_speed(_engine_path(build_dir), prompt, gen_tokens=gen_tokens, repeats=repeats,
-                                      warmup=warmup, threads=threads, concurrency=concurrency,
-                                      tokenizer_dir=artifact_path(build_dir))
 
 
 def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
@@ -639,9 +658,9 @@ def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repe
         del model
         engine_dir = Path(scratch) / "engine"
         _trtllm_build(checkpoint, engine_dir, EngineKnobs(), log=lambda _: None)
-        measured = tensorrt_llm.measure_speed(engine_dir, prompt, gen_tokens=gen_tokens, repeats=repeats,
-                                              warmup=warmup, threads=threads, concurrency=concurrency,
-                                              tokenizer_dir=Path(source_dir))
+        with tensorrt_llm.open_session(engine_dir, threads=threads, tokenizer_dir=Path(source_dir)) as session:
+            measured = session.measure_speed(prompt, gen_tokens=gen_tokens, repeats=repeats, warmup=warmup,
+                                             concurrency=concurrency)
     return {"artifact": "unquantized checkpoint (TensorRT-LLM engine, bf16)", **measured}
 
 

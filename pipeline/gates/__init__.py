@@ -44,9 +44,18 @@ def run_gate(name: str, *, params, log=print) -> dict[str, Any]:
         "bits_per_weight": fmt.bits_per_weight(build_dir),
     }
     memory_record = check_gate_memory(fmt.INFO, artifact["bytes"], ref, host_info)
-    accuracy = run_accuracy(fmt, build_dir, ref, threads, speed_params.n_gpu_layers, log)
-    speed = run_speed(fmt, recipe.format, build_dir, ref, speed_params, host_info, threads, log)
-    tasks = run_tasks(fmt, build_dir, params.tasks, threads, speed_params.n_gpu_layers, log)
+    accuracy_reason = fmt.accuracy_unavailable_reason(build_dir)
+    speed_reason = fmt.speed_unavailable_reason(build_dir)
+    task_plan = tasks_plan(params.tasks, accuracy_reason)  # before the model loads: a bad task stops here
+    if accuracy_reason and speed_reason:
+        accuracy, speed, tasks = ({"status": "not_run", "reason": accuracy_reason},
+                                  {"status": "not_run", "reason": speed_reason}, task_plan)
+    else:
+        with fmt.open_session(build_dir, threads, speed_params.n_gpu_layers) as session:
+            accuracy = run_accuracy(session, fmt, build_dir, ref, accuracy_reason)
+            tasks = run_tasks(session, task_plan, log)
+            speed = run_speed(session, fmt, recipe.format, build_dir, ref, speed_params, host_info, threads,
+                              speed_reason, log)
     sections = {"accuracy": accuracy, "speed": speed, "tasks": tasks}
     checks = verdict.evaluate(limits, sections, set_in)
     outcome, reasons = verdict.overall(limits.require, sections, checks)
@@ -103,12 +112,21 @@ def check_gate_memory(info, artifact_bytes: int, ref, host_info: dict[str, Any])
 
     if host_info.get("gpus"):
         return {"estimate_gb": None, "reason": "a GPU host: the GPU runtimes size their own memory"}
-    output_layer_bytes = 4 * ref.meta["vocabulary"] * ref.meta["hidden_size"]  # float32, for the reference logits
-    need = memory.estimate(info.gate_memory, memory.ModelSize.of(layout.SOURCE_DIR),
-                           window_tokens=int(ref.tokens.shape[1]),
-                           mapped_bytes=(artifact_bytes if info.gate_maps_artifact else 0) + output_layer_bytes)
+    need = gate_memory_need(info, memory.ModelSize.of(layout.SOURCE_DIR), window_tokens=int(ref.tokens.shape[1]),
+                            vocabulary=ref.meta["vocabulary"], hidden_size=ref.meta["hidden_size"],
+                            artifact_bytes=artifact_bytes)
     return memory.ensure_fits(need, stage=f"the {info.name} gate", fix="run the gates on a host with more memory "
                        "or a GPU, or lower reference.window_tokens (the logits of one window are held at once)")
+
+
+def gate_memory_need(info, size, *, window_tokens: int, vocabulary: int, hidden_size: int, artifact_bytes: int) -> int:
+    """Bytes a gate of format `info` needs on the CPU: its factors, the artifact where its
+    runtime maps it whole, and the reference's output layer in float32."""
+    from pipeline import memory
+
+    output_layer_bytes = 4 * vocabulary * hidden_size
+    return memory.estimate(info.gate_memory, size, window_tokens=window_tokens,
+                           mapped_bytes=(artifact_bytes if info.gate_maps_artifact else 0) + output_layer_bytes)
 
 
 def check_task_limits(limits, params, set_in: dict[str, str]) -> None:
@@ -124,53 +142,54 @@ def check_task_limits(limits, params, set_in: dict[str, str]) -> None:
                        where=set_in["min_task_recovery"], fix=f"use one of: {', '.join(named) or '(no tasks named)'}")
 
 
-def run_tasks(fmt, build_dir, specs, threads: int, gpu_layers: int, log) -> dict[str, Any]:
+def tasks_plan(specs, accuracy_reason: str | None):
+    """The tasks to score through the artifact's runtime, or the section that says why none are."""
+    from pipeline.gates import tasks
+
+    return tasks.plan(specs, accuracy_reason)
+
+
+def run_tasks(session, task_plan, log) -> dict[str, Any]:
     from pipeline.gates import speed, tasks
 
-    if not specs:
-        return tasks.not_named()
+    if isinstance(task_plan, dict):  # not_run, with its reason
+        return task_plan
     with speed.heavy_work():
-        return tasks.section(fmt, build_dir, specs, threads=threads, gpu_layers=gpu_layers, log=log)
+        return tasks.section(task_plan, session, log=log)
 
 
-def run_accuracy(fmt, build_dir, ref, threads: int, gpu_layers: int, log) -> dict[str, Any]:
+def run_accuracy(session, fmt, build_dir, ref, reason: str | None) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from pipeline.gates import accuracy
+    from pipeline.gates import accuracy, speed
 
-    reason = fmt.accuracy_unavailable_reason(build_dir)
     if reason:
         return {"status": "not_run", "reason": reason}
-    from pipeline.gates import speed
-
     started = time.perf_counter()
     with speed.heavy_work(), tqdm(total=len(ref.tokens), desc="accuracy windows", unit="win", leave=False) as bar:
-        figures = accuracy.score(fmt.window_logits(build_dir, ref.tokens, threads, gpu_layers), ref,
-                                 progress=lambda n: bar.update(1))
+        figures = accuracy.score(session.window_logits(ref.tokens), ref, progress=lambda n: bar.update(1))
     tokenizer = accuracy.tokenizer_mismatch(ref.text_tokens.tolist(),
                                             fmt.tokenize(build_dir, _evaluation_text()))
-    return {"status": "ok", "runtime": fmt.runtime_name(build_dir),
-            "device": fmt.accuracy_device(build_dir, gpu_layers), **figures,
+    return {"status": "ok", "runtime": session.runtime, "device": session.device, **figures,
             "tokenizer_mismatch": tokenizer["mismatch"], "tokenizer": tokenizer,
             "seconds": round(time.perf_counter() - started, 2)}
 
 
-def run_speed(fmt, format_name: str, build_dir, ref, speed_params, host_info, threads: int, log) -> dict[str, Any]:
+def run_speed(session, fmt, format_name: str, build_dir, ref, speed_params, host_info, threads: int,
+              reason: str | None, log) -> dict[str, Any]:
     from pipeline.gates import speed
 
-    reason = fmt.speed_unavailable_reason(build_dir)
     if reason:
         return {"status": "not_run", "reason": reason}
     prompt = speed.speed_prompt(ref, speed_params)
     log(f"speed: {len(prompt)}-token prompt, {speed_params.gen_tokens} generated tokens, "
         f"{speed_params.warmup} warm-up + {speed_params.repeats} runs, {threads} threads")
     with speed.HostLock() as held:
-        measured = fmt.measure_speed(build_dir, prompt, gen_tokens=speed_params.gen_tokens,
-                                     repeats=speed_params.repeats, warmup=speed_params.warmup, threads=threads,
-                                     concurrency=speed_params.concurrency, gpu_layers=speed_params.n_gpu_layers)
+        measured = session.measure_speed(prompt, gen_tokens=speed_params.gen_tokens, repeats=speed_params.repeats,
+                                         warmup=speed_params.warmup, concurrency=speed_params.concurrency)
     bytes_per_token = fmt.decode_bytes_per_token(
         build_dir, speed.mean_decode_context(len(prompt), speed_params.gen_tokens))
-    section = speed.section(measured, runtime=fmt.runtime_name(build_dir), prompt_tokens=len(prompt),
+    section = speed.section(measured, runtime=session.runtime, prompt_tokens=len(prompt),
                             gen_tokens=speed_params.gen_tokens, threads=threads,
                             bandwidth=speed.roofline_bandwidth(host_info, measured.get("device", "cpu")),
                             bytes_per_token=bytes_per_token)

@@ -42,26 +42,28 @@ FIGURES = ("nll", "reference_nll", "kld", "delta_p", "top1")
 def position_scores(logits, reference_logits, targets) -> dict[str, np.ndarray]:
     """NLL, reference NLL, KLD, Δp and top-1 agreement of positions whose artifact logits,
     reference logits ([n, V] each) and next tokens ([n]) are given. A vocabulary padded on one
-    side only is compared over the ids both have."""
+    side only is compared over the ids both have. It computes where the reference logits are
+    (the GPU on a GPU host) and returns numpy arrays."""
     import torch
 
-    logits = torch.as_tensor(np.asarray(logits, dtype=np.float32))
     reference_logits = torch.as_tensor(reference_logits, dtype=torch.float32)
+    device = reference_logits.device
+    logits = torch.as_tensor(np.asarray(logits, dtype=np.float32)).to(device)
     vocabulary = min(logits.shape[1], reference_logits.shape[1])
     # float32 throughout: Q8_0's mean KLD is then 1.2e-5 (relative) from an all-float64
     # computation, at 60 % of its cost
     log_q = torch.log_softmax(logits[:, :vocabulary], dim=-1)
     log_p = torch.log_softmax(reference_logits[:, :vocabulary], dim=-1)
     kld = torch.nn.functional.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1).double()
-    targets = torch.as_tensor(np.asarray(targets, dtype=np.int64))[:, None]
+    targets = torch.as_tensor(np.asarray(targets, dtype=np.int64), device=device)[:, None]
     nll = -log_q.gather(1, targets)[:, 0].double()
     reference_nll = -log_p.gather(1, targets)[:, 0].double()
     return {
-        "nll": nll.numpy(),
-        "reference_nll": reference_nll.numpy(),
-        "kld": kld.numpy(),
-        "delta_p": (torch.exp(-nll) - torch.exp(-reference_nll)).numpy(),
-        "top1": (log_q.argmax(dim=-1) == log_p.argmax(dim=-1)).numpy(),
+        "nll": nll.cpu().numpy(),
+        "reference_nll": reference_nll.cpu().numpy(),
+        "kld": kld.cpu().numpy(),
+        "delta_p": (torch.exp(-nll) - torch.exp(-reference_nll)).cpu().numpy(),
+        "top1": (log_q.argmax(dim=-1) == log_p.argmax(dim=-1)).cpu().numpy(),
     }
 
 
@@ -140,18 +142,43 @@ def bootstrap_ci95(per_window: dict[str, np.ndarray]) -> dict[str, dict[str, flo
     return intervals
 
 
-def score(window_logits: Iterable[np.ndarray], reference, progress=None) -> dict[str, Any]:
-    """Score every reference window; `window_logits` yields [T, V] logits in window order."""
+def scoring_device() -> str:
+    """Where the reference logits and the statistics are computed: a CUDA GPU where there is
+    one (one window's matmul and log-softmax at an 8B model's shapes take seconds on a CPU)."""
     import torch
 
-    output_layer = reference.output_layer()
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def positions_per_chunk(device: str, vocabulary: int, free_bytes: int | None = None) -> int:
+    """Positions scored at once: ``POSITIONS_PER_CHUNK`` on the CPU (the fastest there); on a
+    GPU as many as a quarter of its free memory holds at six float32 copies of a chunk's
+    logits (both logits, both log-softmaxes, the KL terms and their scratch), at least that."""
+    if device != "cuda":
+        return POSITIONS_PER_CHUNK
+    if free_bytes is None:
+        import torch
+
+        free_bytes, _ = torch.cuda.mem_get_info()
+    return max(POSITIONS_PER_CHUNK, int(free_bytes // 4 // (6 * 4 * vocabulary)))
+
+
+def score(window_logits: Iterable[np.ndarray], reference, progress=None, device: str | None = None
+          ) -> dict[str, Any]:
+    """Score every reference window; `window_logits` yields [T, V] logits in window order. The
+    reference's output layer and the statistics run on `device` (``scoring_device()`` by default)."""
+    import torch
+
+    device = device or scoring_device()
+    output_layer = reference.output_layer().to(device)
+    chunk = positions_per_chunk(device, output_layer.vocabulary)
     windows = []
     for index, logits in enumerate(window_logits):
         if index >= len(reference.tokens):
             raise RuntimeError(f"runtime returned more windows than the {len(reference.tokens)} of the reference")
-        hidden = torch.from_numpy(reference.hidden[index])
+        hidden = torch.from_numpy(reference.hidden[index]).to(device)
         windows.append(window_scores(logits, reference.tokens[index],
-                                     lambda start, stop: output_layer.logits(hidden[start:stop])))
+                                     lambda start, stop: output_layer.logits(hidden[start:stop]), chunk=chunk))
         if progress:
             progress(index + 1)
     if len(windows) != len(reference.tokens):
@@ -168,6 +195,7 @@ def score(window_logits: Iterable[np.ndarray], reference, progress=None) -> dict
         "per_window": {"mean_nll": per_window["nll"].tolist(), "mean_reference_nll": per_window["reference_nll"].tolist(),
                        "mean_kld": per_window["kld"].tolist(), "top1_agreement": per_window["top1"].tolist()},
         "vocabulary": output_layer.vocabulary,
+        "scoring_device": device,
     }
 
 

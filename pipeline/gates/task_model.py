@@ -15,9 +15,6 @@ Imported only by the task gate, which runs where lm-eval is installed (the ``tas
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator
-
 import numpy as np
 from lm_eval.api.model import TemplateLM
 from tqdm import tqdm
@@ -28,21 +25,11 @@ from pipeline.errors import BadInput
 DEFAULT_MAX_GEN_TOKS = 256
 
 
-@dataclass
-class TaskRuntime:
-    """What scores the requests: the runtime's name and device, as the gate records them, and
-    its two calls."""
-
-    name: str
-    device: str
-    window_logits: Callable[[list[list[int]]], Iterator[np.ndarray]]  # windows -> [len, V] logits each
-    generate: Callable[[list[list[int]], int, list[int]], Iterator[list[int]]]  # prompts, max_tokens, stop_ids
-
-
 class RuntimeLM(TemplateLM):
-    """lm-eval's model interface over a ``TaskRuntime``; `max_length` bounds every request's tokens."""
+    """lm-eval's model interface over an open runtime session (``runtimes.Session``: its
+    ``window_logits`` and ``generate``); `max_length` bounds every request's tokens."""
 
-    def __init__(self, runtime: TaskRuntime, tokenizer, *, max_length: int, stop_ids: list[int]) -> None:
+    def __init__(self, runtime, tokenizer, *, max_length: int, stop_ids: list[int]) -> None:
         super().__init__()
         if tokenizer.eos_token_id is None:
             raise BadInput("the source tokenizer has no EOS token, which lm-eval's requests need",
@@ -129,7 +116,8 @@ class RuntimeLM(TemplateLM):
         answers = [""] * len(requests)
         with tqdm(total=len(requests), desc="generate_until", leave=False, disable=disable_tqdm) as bar:
             for max_tokens, members in groups.items():
-                produced = self.runtime.generate([prompts[i] for i in members], max_tokens, self.stop_ids)
+                produced = self.runtime.generate([prompts[i] for i in members], max_tokens=max_tokens,
+                                                 stop_ids=self.stop_ids)
                 for index, ids in zip(members, produced):
                     ids = list(ids)
                     cut = next((at for at, token in enumerate(ids) if token in self.stop_ids), len(ids))

@@ -6,8 +6,9 @@ or ones defined by lm-eval YAMLs under tasks/ (``layout.TASK_CONFIGS_DIR``), who
 local files (``dataset_path: json`` with ``dataset_kwargs.data_files``). The task-base stage
 scores the unquantized model once (transformers, in ``reference.dtype``, on the device the
 reference uses) -> artifacts/tasks/base.json. Each gate scores its artifact through
-``task_model.RuntimeLM`` over its format's ``window_logits`` and ``generate``: the runtime the
-accuracy gate uses (llama.cpp; vLLM or transformers; TensorRT-LLM or the checkpoint emulation).
+``task_model.RuntimeLM`` over the ``window_logits`` and ``generate`` of the session its
+accuracy gate opened (llama.cpp; vLLM or transformers; TensorRT-LLM or the checkpoint
+emulation): the artifact is loaded once per gate.
 
 Per task the section records the score on the task's first metric (or ``metric``), the base
 score, recovery = score / base score (base / score for a metric where lower is better), the
@@ -19,6 +20,7 @@ paired difference is not what lm-eval reports.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +50,10 @@ def run_base(params, *, threads: int, out_dir: Path = layout.TASKS_BASE_DIR, log
     task_seconds = {}
     if params.tasks:
         prepared = prepare(params.tasks)
-        runtime = base_runtime(layout.SOURCE_DIR, params.reference.dtype, threads)
-        entries = score(runtime, prepared, log)
+        with base_session(layout.SOURCE_DIR, params.reference.dtype, threads) as session:
+            entries = score(session, prepared, log)
         task_seconds = {entry["name"]: entry.pop("seconds") for entry in entries}
-        record.update(runtime=runtime.name, device=runtime.device, dtype=params.reference.dtype,
+        record.update(runtime=session.runtime, device=session.device, dtype=params.reference.dtype,
                       lm_eval=_lm_eval_version(), tasks=entries)
     with atomic_dir(out_dir) as staging:
         write_json(staging / "base.json", record)
@@ -63,30 +65,44 @@ def run_base(params, *, threads: int, out_dir: Path = layout.TASKS_BASE_DIR, log
     return record
 
 
-def section(fmt, build_dir: Path, specs: list, *, threads: int, gpu_layers: int, log=print) -> dict[str, Any]:
-    """The gate's ``tasks`` section for one artifact (module docstring)."""
+@dataclass
+class TaskPlan:
+    """What a gate scores: lm-eval's prepared tasks and the base scores they are judged against."""
+
+    prepared: tuple[Any, list]
+    base: dict[str, Any]
+
+
+def plan(specs: list, unavailable_reason: str | None) -> TaskPlan | dict[str, Any]:
+    """The tasks a gate scores, prepared before its model loads (a task lm-eval does not know,
+    or whose data is out of reach, stops here); or the section's ``not_run`` record and why."""
     from pipeline.files import read_json
 
     if not specs:
         return not_named()
-    reason = fmt.accuracy_unavailable_reason(build_dir)
-    if reason:
-        return {"status": "not_run", "reason": reason}
+    if unavailable_reason:
+        return {"status": "not_run", "reason": unavailable_reason}
     base = read_json(layout.TASKS_BASE_FILE) if layout.TASKS_BASE_FILE.is_file() else {"tasks": []}
     base_by_name = {entry["name"]: entry for entry in base["tasks"]}
     stale = [spec.name for spec in specs if _spec_of(base_by_name.get(spec.name)) != spec.model_dump()]
     if stale:
         return {"status": "not_run", "reason": f"{layout.TASKS_BASE_FILE} has no base score for {', '.join(stale)} "
                                                "as params.yaml names them: run `qpipe task-base` (dvc repro does)"}
+    return TaskPlan(prepare(specs), base)
+
+
+def section(task_plan: TaskPlan, session, log=print) -> dict[str, Any]:
+    """The gate's ``tasks`` section (module docstring), scored through the artifact's open
+    ``session``, the one its accuracy gate used."""
     started = time.perf_counter()
-    prepared = prepare(specs)
-    runtime = artifact_runtime(fmt, build_dir, threads, gpu_layers)
-    entries = score(runtime, prepared, log)
+    entries = score(session, task_plan.prepared, log)
+    base_by_name = {entry["name"]: entry for entry in task_plan.base["tasks"]}
     for entry in entries:
         base_entry = base_by_name[entry["name"]]
         entry.update(base_score=base_entry["score"], base_ci95=base_entry["ci95"],
                      recovery=recovery(entry["score"], base_entry["score"], entry["higher_is_better"]))
-    result = {"status": "ok", "runtime": runtime.name, "device": runtime.device, "base_runtime": base.get("runtime"),
+    result = {"status": "ok", "runtime": session.runtime, "device": session.device,
+              "base_runtime": task_plan.base.get("runtime"),
               "tasks": entries, "recovery": {entry["name"]: entry["recovery"] for entry in entries}}
     undefined = [entry["name"] for entry in entries if entry["recovery"] is None]
     result["min_recovery"] = None if undefined else min(result["recovery"].values())
@@ -129,18 +145,19 @@ def prepare(specs: list) -> tuple[Any, list]:
     return manager, loaded
 
 
-def score(runtime, prepared: tuple[Any, list], log) -> list[dict[str, Any]]:
-    """Each prepared task's entry (name, metric, score, stderr, ci95, samples, ...) for `runtime`."""
+def score(session, prepared: tuple[Any, list], log) -> list[dict[str, Any]]:
+    """Each prepared task's entry (name, metric, score, stderr, ci95, samples, ...) through the
+    open runtime ``session``."""
     import lm_eval
 
     from pipeline.gates.task_model import RuntimeLM
 
     tokenizer, max_length, stop_ids = source_text_facts(layout.SOURCE_DIR)
-    model = RuntimeLM(runtime, tokenizer, max_length=max_length, stop_ids=stop_ids)
+    model = RuntimeLM(session, tokenizer, max_length=max_length, stop_ids=stop_ids)
     manager, loaded = prepared
     entries = []
     for index, (spec, task) in enumerate(loaded):
-        log(f"task {spec.name}: {runtime.name} on {runtime.device}"
+        log(f"task {spec.name}: {session.runtime} on {session.device}"
             + (f", first {spec.limit} documents" if spec.limit else ""))
         started = time.perf_counter()
         results = lm_eval.simple_evaluate(model=model, tasks=[task], num_fewshot=spec.num_fewshot, limit=spec.limit,
@@ -247,28 +264,13 @@ def source_text_facts(source_dir: Path) -> tuple[Any, int, list[int]]:
     return tokenizer, max_length, sorted(set(stop_ids))
 
 
-def artifact_runtime(fmt, build_dir: Path, threads: int, gpu_layers: int):
-    """The artifact's own runtime, as its accuracy gate runs it."""
-    from pipeline.gates.task_model import TaskRuntime
-
-    return TaskRuntime(
-        name=fmt.runtime_name(build_dir), device=fmt.accuracy_device(build_dir, gpu_layers),
-        window_logits=lambda windows: fmt.window_logits(build_dir, windows, threads, gpu_layers),
-        generate=lambda prompts, max_tokens, stop_ids: fmt.generate(build_dir, prompts, max_tokens, stop_ids,
-                                                                    threads, gpu_layers))
-
-
-def base_runtime(source_dir: Path, dtype: str, threads: int):
+def base_session(source_dir: Path, dtype: str, threads: int):
     """The unquantized model in transformers, in `dtype`, where the reference runs it."""
     import torch
 
-    from pipeline.gates.task_model import TaskRuntime
     from pipeline.runtimes import transformers as hf
 
     torch.set_num_threads(threads)
     model = hf.load_causal_lm(source_dir, dtype=getattr(torch, dtype)).to(hf.torch_device()).eval()
-    return TaskRuntime(
-        name=f"transformers {hf.version()} ({dtype}, the unquantized model)", device=hf.device(),
-        window_logits=lambda windows: hf.model_window_logits(model, windows),
-        generate=lambda prompts, max_tokens, stop_ids: hf.model_generate(model, prompts, max_tokens=max_tokens,
-                                                                         stop_ids=stop_ids))
+    return hf.ModelSession(model, runtime=f"transformers {hf.version()} ({dtype}, the unquantized model)",
+                           device=hf.device())

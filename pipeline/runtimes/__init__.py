@@ -2,8 +2,9 @@
 
 A runtime module imports nothing from formats, gates or the stages; a format module picks
 its runtime and hands it the artifact's path. Every runtime has the functions of
-``Runtime``; one that can time generation (llama_cpp, vllm, tensorrt_llm) also has
-``SpeedRuntime``'s. A test checks each module against them (``contract_problems``).
+``Runtime``; ``open_session`` loads the artifact once and returns a ``Session``, which a gate scores
+its accuracy windows, task requests and speed through before closing it. A test checks each
+module against ``Runtime`` (``contract_problems``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,40 @@ RUNTIMES = ("llama_cpp", "transformers", "vllm", "tensorrt_llm", "checkpoint_emu
 SPEED_RUNTIMES = ("llama_cpp", "vllm", "tensorrt_llm")
 
 
+class Session:
+    """One artifact loaded by a runtime (a model, or an engine), open until ``close``; a context
+    manager. ``runtime`` is what a gate result's ``runtime`` field says, ``device`` where it
+    runs: "cpu", "gpu", or "gpu+cpu" (a partial offload)."""
+
+    runtime: str = ""
+    device: str = "cpu"
+
+    def window_logits(self, windows) -> Iterator:
+        """[len(window), V] float32 logits of each token window (id sequences of any lengths),
+        each from an empty context."""
+        raise NotImplementedError
+
+    def generate(self, prompts, *, max_tokens: int, stop_ids: list[int]) -> Iterator[list[int]]:
+        """Greedy continuation ids of each prompt, up to ``max_tokens`` or the first of
+        ``stop_ids``, which is kept."""
+        raise NotImplementedError
+
+    def measure_speed(self, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
+                      concurrency: int) -> dict[str, Any]:
+        """Batch-1 prefill / decode / TTFT / ITL (``measure.summarize_runs``'s keys, or
+        llama-bench's), and ``device``; only the runtimes in ``SPEED_RUNTIMES`` time generation."""
+        raise NotImplementedError(f"{self.runtime} has no speed gate")
+
+    def close(self) -> None:
+        """Release the model or engine (and its GPU memory)."""
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class Runtime(Protocol):
     def version(self) -> str | None:
         """The installed version of the package it runs on, or None."""
@@ -27,20 +62,9 @@ class Runtime(Protocol):
     def unavailable_reason(self) -> str | None:
         """Why it cannot run on this host, or None. Never raises."""
 
-    def window_logits(self, model: Path, windows, *, threads: int,
-                      tokenizer_dir: Path | None = None) -> Iterator:
-        """[len(window), V] float32 logits of each token window (id sequences of any lengths),
-        each from an empty context."""
-
-    def generate(self, model: Path, prompts, *, max_tokens: int, stop_ids: list[int], threads: int,
-                 tokenizer_dir: Path | None = None) -> Iterator[list[int]]:
-        """Greedy continuation ids of each prompt, up to ``max_tokens`` or the first of ``stop_ids``."""
-
-
-class SpeedRuntime(Runtime, Protocol):
-    def measure_speed(self, model: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                      threads: int, concurrency: int, tokenizer_dir: Path | None = None) -> dict[str, Any]:
-        """Batch-1 prefill / decode / TTFT / ITL (``measure.summarize_runs``'s keys, or llama-bench's)."""
+    def open_session(self, model: Path, *, threads: int, tokenizer_dir: Path | None = None) -> Session:
+        """The artifact at ``model`` loaded once (``tokenizer_dir``: the checkpoint an engine
+        was built from, where the runtime needs it)."""
 
 
 def _signature(function) -> tuple[int, tuple[str, ...]]:

@@ -214,18 +214,23 @@ def fake_quantize_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 class EmulatedLinear(torch.nn.Module):
-    """y = quantize(x * smoothing) @ dequantize(W).T (+ bias) in fp32, rounded to the model's dtype."""
+    """y = quantize(x * smoothing) @ dequantize(codes, scale).T (+ bias) in fp32, rounded to the
+    model's dtype. It holds the stored codes (1 byte a weight) and their scales, and
+    dequantizes one layer's weight at a time, inside its forward: an fp32 copy of every weight
+    would be four times the checkpoint (32 GB for an 8B model)."""
 
-    def __init__(self, weight: torch.Tensor, *, input_format: str | None, input_scale: torch.Tensor | None,
-                 smoothing: torch.Tensor | None, out_dtype: torch.dtype, bias: torch.Tensor | None = None):
+    def __init__(self, codes: torch.Tensor, weight_scale: torch.Tensor, *, input_format: str | None,
+                 input_scale: torch.Tensor | None, smoothing: torch.Tensor | None, out_dtype: torch.dtype,
+                 bias: torch.Tensor | None = None):
         super().__init__()
-        self.register_buffer("weight", weight, persistent=False)  # dequantized, fp32
+        self.register_buffer("codes", codes, persistent=False)  # fp8 e4m3 or int8, as stored
+        self.register_buffer("weight_scale", weight_scale, persistent=False)
         self.register_buffer("input_scale", input_scale, persistent=False)
         self.register_buffer("smoothing", smoothing, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
         self.input_format = input_format
         self.out_dtype = out_dtype
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = codes.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -235,7 +240,8 @@ class EmulatedLinear(torch.nn.Module):
             x = fake_quantize_fp8(x, self.input_scale)
         elif self.input_format == "int8":
             x = fake_quantize_int8(x, self.input_scale)
-        return torch.nn.functional.linear(x, self.weight, self.bias).to(self.out_dtype)
+        weight = dequantize(self.codes, self.weight_scale)
+        return torch.nn.functional.linear(x, weight, self.bias).to(self.out_dtype)
 
 
 INPUT_FORMAT = {"FP8": "fp8", "W8A8_SQ_PER_CHANNEL": "int8", "W8A16": None}
@@ -255,7 +261,7 @@ def linear_from_tensors(tensors: dict[str, Any], quant_algo: str | None, out_dty
                                     where="quantization", fix="re-export the checkpoint")
     input_format = INPUT_FORMAT[quant_algo]
     return EmulatedLinear(
-        dequantize(weight, tensors["weight_scale"]),
+        weight, tensors["weight_scale"],
         input_format=input_format,
         input_scale=tensors["input_scale"] if input_format else None,
         smoothing=tensors.get("smoothing"),
@@ -467,17 +473,9 @@ def device() -> str:
     return transformers_device()
 
 
-def window_logits(checkpoint_dir: Path, windows, *, threads: int,
-                  tokenizer_dir: Path | None = None) -> Iterator[np.ndarray]:
-    from pipeline.runtimes.transformers import model_window_logits
+def open_session(checkpoint_dir: Path, *, threads: int, tokenizer_dir: Path | None = None):
+    """The emulated model, scored as transformers' (its generate casts the KV cache to the
+    checkpoint's KV dtype as its logits do)."""
+    from pipeline.runtimes.transformers import ModelSession
 
-    yield from model_window_logits(load(checkpoint_dir, threads), windows)
-
-
-def generate(checkpoint_dir: Path, prompts, *, max_tokens: int, stop_ids: list[int], threads: int,
-             tokenizer_dir: Path | None = None) -> Iterator[list[int]]:
-    """Greedy continuations through the emulated model (transformers' generate, with the KV
-    cache cast to the checkpoint's KV dtype as in ``window_logits``)."""
-    from pipeline.runtimes.transformers import model_generate
-
-    yield from model_generate(load(checkpoint_dir, threads), prompts, max_tokens=max_tokens, stop_ids=stop_ids)
+    return ModelSession(load(checkpoint_dir, threads), runtime=describe(checkpoint_dir), device=device())

@@ -33,6 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline.errors import HostLacks, QpipeError, ToolFailed
+from pipeline.runtimes import Session
 
 
 def version() -> str | None:
@@ -106,7 +107,8 @@ def read_header(path: Path) -> Header:
     """The GGUF key/values and tensor table, without touching tensor data.
 
     gguf.GGUFReader builds a numpy view of every vocabulary string (about 2 s for a 49k
-    vocabulary); this skips arrays and reads only what the build and gates need.
+    vocabulary); this steps over arrays, strings by their lengths without decoding them, and
+    reads only what the build and gates need.
     """
     import mmap
 
@@ -132,6 +134,11 @@ def read_header(path: Path) -> Header:
             at += 12
             if item in _SCALARS:
                 return None, at + count * struct.calcsize(_SCALARS[item])
+            if item == 8:  # the vocabulary: 49k-262k strings, stepped over by their lengths only
+                unpack_length = struct.Struct("<Q").unpack_from
+                for _ in range(count):
+                    at += 8 + unpack_length(data, at)[0]
+                return None, at
             for _ in range(count):
                 _, at = skip_or_read(item, at)
             return None, at
@@ -224,30 +231,45 @@ def open_model(path: Path, *, n_ctx: int, logits_all: bool, threads: int, n_gpu_
         )
 
 
-def window_logits(path: Path, windows, *, threads: int,
-                  tokenizer_dir: Path | None = None, n_gpu_layers: int = 0) -> Iterator[np.ndarray]:
-    """Yield the [len(window), n_vocab] float32 logits of each window (a sequence of token id
-    sequences, of any lengths), each evaluated from an empty context. A yielded array is
-    overwritten by the next window's."""
-    model = open_model(path, n_ctx=max(len(window) for window in windows), logits_all=True, threads=threads,
-                       n_gpu_layers=n_gpu_layers)
-    try:
+def open_session(path: Path, *, threads: int, tokenizer_dir: Path | None = None, n_gpu_layers: int = 0) -> "LlamaCppSession":
+    """The GGUF at `path` for a gate: one llama.cpp model with `n_gpu_layers` offloaded (a GGUF
+    carries its tokenizer)."""
+    return LlamaCppSession(Path(path), threads=threads, n_gpu_layers=n_gpu_layers)
+
+
+class LlamaCppSession(Session):
+    """One llama.cpp model and context, opened on the first request, sized to the longest
+    request so far: a longer one reopens it once with room for it (a context holds
+    n_ctx x vocabulary float32 logits, so it is not made larger than the requests need)."""
+
+    def __init__(self, path: Path, *, threads: int, n_gpu_layers: int):
+        self.path, self.threads, self.n_gpu_layers = path, threads, n_gpu_layers
+        self.runtime = name()
+        self.device = offload(path, n_gpu_layers)["device"]
+        self._model = None
+        self._n_ctx = 0
+
+    def _context(self, tokens: int):
+        if self._model is None or tokens > self._n_ctx:
+            self.close()
+            self._model = open_model(self.path, n_ctx=tokens, logits_all=True, threads=self.threads,
+                                     n_gpu_layers=self.n_gpu_layers)
+            self._n_ctx = tokens
+        return self._model
+
+    def window_logits(self, windows) -> Iterator[np.ndarray]:
+        """Each window evaluated from an empty context. A yielded array is overwritten by the
+        next window's."""
+        model = self._context(max(len(window) for window in windows))
         for window in windows:
             model.reset()
             model.eval([int(t) for t in window])
             yield model.scores[:len(window)]
-    finally:
-        model.close()
 
-
-def generate(path: Path, prompts, *, max_tokens: int, stop_ids: list[int], threads: int,
-             tokenizer_dir: Path | None = None, n_gpu_layers: int = 0) -> Iterator[list[int]]:
-    """Greedy continuation ids of each prompt (temperature 0: llama.cpp's greedy sampler, no
-    repeat penalty), each from an empty context, up to `max_tokens` ids or the first of
-    `stop_ids`, which is kept."""
-    model = open_model(path, n_ctx=max(len(prompt) for prompt in prompts) + max_tokens, logits_all=False,
-                       threads=threads, n_gpu_layers=n_gpu_layers)
-    try:
+    def generate(self, prompts, *, max_tokens: int, stop_ids: list[int]) -> Iterator[list[int]]:
+        """Temperature 0 (llama.cpp's greedy sampler, no repeat penalty), each prompt from an
+        empty context."""
+        model = self._context(max(len(prompt) for prompt in prompts) + max_tokens)
         for prompt in prompts:
             model.reset()
             produced: list[int] = []
@@ -256,8 +278,19 @@ def generate(path: Path, prompts, *, max_tokens: int, stop_ids: list[int], threa
                 if token in stop_ids or len(produced) >= max_tokens:
                     break
             yield produced
-    finally:
-        model.close()
+
+    def measure_speed(self, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
+                      concurrency: int) -> dict[str, Any]:
+        """The scoring context is closed first: llama-bench is llama.cpp's own process and maps
+        the file itself, and the latency run needs a context without every position's logits."""
+        self.close()
+        return measure_speed(self.path, prompt, gen_tokens=gen_tokens, repeats=repeats, warmup=warmup,
+                             threads=self.threads, n_gpu_layers=self.n_gpu_layers)
+
+    def close(self) -> None:
+        if self._model is not None:
+            self._model.close()
+            self._model, self._n_ctx = None, 0
 
 
 def tokenize(path: Path, text: str) -> list[int]:
@@ -277,11 +310,10 @@ def tokenize(path: Path, text: str) -> list[int]:
 
 
 def measure_speed(path: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                  threads: int, concurrency: int = 1, tokenizer_dir: Path | None = None,
-                  n_gpu_layers: int = 0) -> dict[str, Any]:
+                  threads: int, n_gpu_layers: int = 0) -> dict[str, Any]:
     """Prefill and decode from llama-bench (`repeats` runs), TTFT and ITL from one run of the
     Python API after `warmup` (module docstring). Batch 1 only: llama-cpp-python serves one
-    sequence at a time, so `concurrency` is unused; a GGUF carries its tokenizer."""
+    sequence at a time."""
     bench = llama_bench(path, prompt_tokens=len(prompt), gen_tokens=gen_tokens, repeats=repeats,
                         threads=threads, n_gpu_layers=n_gpu_layers)
     api = api_latency(path, prompt, gen_tokens=gen_tokens, warmup=warmup, threads=threads,

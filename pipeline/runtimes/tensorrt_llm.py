@@ -37,6 +37,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pipeline.runtimes import Session
+
 # the engine path (trtllm-build, TensorRT engines) exists in TensorRT-LLM below this version
 ENGINE_PATH_REMOVED_IN = (1, 3)
 KV_CACHE_MEMORY_FRACTION = 0.5
@@ -211,40 +213,6 @@ def generation_params(gen_tokens: int) -> dict[str, Any]:
             "detokenize": False}
 
 
-def window_logits(engine_dir: Path, windows, *, threads: int,
-                  tokenizer_dir: Path | None = None) -> Iterator[np.ndarray]:
-    """[T, V] context logits per window (the engine pads the vocabulary; the padding is cut)."""
-    from tensorrt_llm import SamplingParams
-
-    tokenizer_dir = _checkpoint_of(engine_dir, tokenizer_dir)
-    vocab = json.loads((Path(tokenizer_dir) / "config.json").read_text())["vocab_size"]
-    llm = _llm(engine_dir, tokenizer_dir)
-    try:
-        params = SamplingParams(**context_logits_params())
-        for window in windows:
-            output = llm.generate([int(t) for t in window], params, use_tqdm=False)
-            yield output.context_logits[:, :vocab].float().cpu().numpy()
-    finally:
-        _shutdown(llm)
-
-
-def generate(engine_dir: Path, prompts, *, max_tokens: int, stop_ids: list[int], threads: int,
-             tokenizer_dir: Path | None = None) -> Iterator[list[int]]:
-    """Greedy continuation ids of each prompt, up to `max_tokens` ids or the first of
-    `stop_ids` (``SamplingParams.stop_token_ids``, tensorrt_llm/sampling_params.py)."""
-    from tensorrt_llm import SamplingParams
-
-    llm = _llm(engine_dir, _checkpoint_of(engine_dir, tokenizer_dir))
-    try:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=list(stop_ids),
-                                detokenize=False)
-        for prompt in prompts:
-            output = llm.generate([int(t) for t in prompt], params, use_tqdm=False)
-            yield list(output.outputs[0].token_ids)
-    finally:
-        _shutdown(llm)
-
-
 async def _timed_stream(llm, prompt: list[int], params) -> dict[str, Any]:
     """One streamed request: wall-clock time to the first token and between tokens."""
     started = time.perf_counter()
@@ -258,30 +226,66 @@ async def _timed_stream(llm, prompt: list[int], params) -> dict[str, Any]:
     return {"ttft_s": stamps[0] - started, "decode_s": stamps[-1] - stamps[0], "tokens": len(stamps)}
 
 
-def measure_speed(engine_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                  threads: int, concurrency: int, tokenizer_dir: Path | None = None) -> dict[str, Any]:
-    """Batch-1 greedy generation streamed (TTFT, ITL; median of `repeats` after `warmup`),
-    then `concurrency` copies of the prompt at once for output throughput."""
-    import asyncio
+def open_session(engine_dir: Path, *, threads: int, tokenizer_dir: Path | None = None) -> "EngineSession":
+    """The engine at `engine_dir`, with the checkpoint it was built from (its tokenizer and HF
+    config) at `tokenizer_dir`."""
+    return EngineSession(Path(engine_dir), _checkpoint_of(engine_dir, tokenizer_dir))
 
-    from tensorrt_llm import SamplingParams
 
-    from pipeline.measure import batch1_run, summarize_runs
+class EngineSession(Session):
+    """One TensorRT-LLM engine, loaded when the session opens (its sequence limits were fixed
+    when it was built)."""
 
-    llm = _llm(engine_dir, _checkpoint_of(engine_dir, tokenizer_dir))
-    params = SamplingParams(**generation_params(gen_tokens))
-    runs = []
-    try:
+    def __init__(self, engine_dir: Path, checkpoint_dir: Path):
+        self.checkpoint_dir = checkpoint_dir
+        self.runtime, self.device = f"{name()} engine", device()
+        self._llm = _llm(engine_dir, checkpoint_dir)
+
+    def window_logits(self, windows) -> Iterator[np.ndarray]:
+        """[T, V] context logits per window (the engine pads the vocabulary; the padding is cut)."""
+        from tensorrt_llm import SamplingParams
+
+        vocab = json.loads((self.checkpoint_dir / "config.json").read_text())["vocab_size"]
+        params = SamplingParams(**context_logits_params())
+        for window in windows:
+            output = self._llm.generate([int(t) for t in window], params, use_tqdm=False)
+            yield output.context_logits[:, :vocab].float().cpu().numpy()
+
+    def generate(self, prompts, *, max_tokens: int, stop_ids: list[int]) -> Iterator[list[int]]:
+        """Stop ids through ``SamplingParams.stop_token_ids`` (tensorrt_llm/sampling_params.py)."""
+        from tensorrt_llm import SamplingParams
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=list(stop_ids),
+                                detokenize=False)
+        for prompt in prompts:
+            output = self._llm.generate([int(t) for t in prompt], params, use_tqdm=False)
+            yield list(output.outputs[0].token_ids)
+
+    def measure_speed(self, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
+                      concurrency: int) -> dict[str, Any]:
+        """Batch-1 greedy generation streamed (TTFT, ITL; median of `repeats` after `warmup`),
+        then `concurrency` copies of the prompt at once for output throughput."""
+        import asyncio
+
+        from tensorrt_llm import SamplingParams
+
+        from pipeline.measure import batch1_run, summarize_runs
+
+        params = SamplingParams(**generation_params(gen_tokens))
+        runs = []
         for run in range(warmup + repeats):
-            timing = asyncio.run(_timed_stream(llm, prompt, params))
+            timing = asyncio.run(_timed_stream(self._llm, prompt, params))
             if run < warmup:
                 continue
             runs.append(batch1_run(len(prompt), ttft_s=timing["ttft_s"], decode_s=timing["decode_s"],
                                    decoded=timing["tokens"], source="wall clock, streamed"))
         started = time.perf_counter()
-        outputs = llm.generate([list(prompt)] * concurrency, params, use_tqdm=False)
+        outputs = self._llm.generate([list(prompt)] * concurrency, params, use_tqdm=False)
         wall = time.perf_counter() - started
         generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-    finally:
-        _shutdown(llm)
-    return {**summarize_runs(runs, concurrency=concurrency, generated=generated, wall_s=wall), "device": device()}
+        return {**summarize_runs(runs, concurrency=concurrency, generated=generated, wall_s=wall), "device": device()}
+
+    def close(self) -> None:
+        if self._llm is not None:
+            _shutdown(self._llm)
+            self._llm = None

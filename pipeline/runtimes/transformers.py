@@ -13,6 +13,8 @@ from typing import Iterator
 
 import numpy as np
 
+from pipeline.runtimes import Session
+
 
 def version() -> str | None:
     from pipeline.host import package_version
@@ -79,9 +81,24 @@ def load(model_dir: Path, threads: int):
     return load_causal_lm(model_dir, dtype="auto").to(torch_device()).eval()
 
 
-def window_logits(model_dir: Path, windows, *, threads: int,
-                  tokenizer_dir: Path | None = None) -> Iterator[np.ndarray]:
-    yield from model_window_logits(load(model_dir, threads), windows)
+def open_session(model_dir: Path, *, threads: int, tokenizer_dir: Path | None = None) -> "ModelSession":
+    return ModelSession(load(model_dir, threads), runtime=name(), device=device())
+
+
+class ModelSession(Session):
+    """A loaded PyTorch model (transformers', or the checkpoint emulation's) scored in place."""
+
+    def __init__(self, model, *, runtime: str, device: str):
+        self.model, self.runtime, self.device = model, runtime, device
+
+    def window_logits(self, windows) -> Iterator[np.ndarray]:
+        yield from model_window_logits(self.model, windows)
+
+    def generate(self, prompts, *, max_tokens: int, stop_ids: list[int]) -> Iterator[list[int]]:
+        yield from model_generate(self.model, prompts, max_tokens=max_tokens, stop_ids=stop_ids)
+
+    def close(self) -> None:
+        self.model = None
 
 
 def model_window_logits(model, windows) -> Iterator[np.ndarray]:
@@ -92,11 +109,6 @@ def model_window_logits(model, windows) -> Iterator[np.ndarray]:
         for window in windows:
             ids = torch.as_tensor(np.asarray(window), dtype=torch.long, device=model.device)[None]
             yield model(ids).logits[0].float().cpu().numpy()
-
-
-def generate(model_dir: Path, prompts, *, max_tokens: int, stop_ids: list[int], threads: int,
-             tokenizer_dir: Path | None = None) -> Iterator[list[int]]:
-    yield from model_generate(load(model_dir, threads), prompts, max_tokens=max_tokens, stop_ids=stop_ids)
 
 
 def model_generate(model, prompts, *, max_tokens: int, stop_ids: list[int]) -> Iterator[list[int]]:

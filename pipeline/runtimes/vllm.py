@@ -27,10 +27,13 @@ vLLM's own ``choose_mp_linear_kernel`` for every layer shape first, with the con
 compressed-tensors' ``CompressedTensorsWNA16.create_weights`` builds.
 
 Memory: the engine's weights and KV cache live in its core process (vLLM's default
-``VLLM_ENABLE_V1_MULTIPROCESSING=1``). The function that owns an ``LLM`` shuts that process
-down (``engine_core.shutdown()``, v1/engine/core_client.py), drops its own last reference and
-then runs vLLM's ``cleanup_dist_env_and_memory`` (vllm/distributed/parallel_state.py), as
-vLLM's test fixtures do, so a second engine in the same process finds its memory free.
+``VLLM_ENABLE_V1_MULTIPROCESSING=1``). A gate starts one engine (``VllmSession``) for its
+accuracy windows, task requests and speed. ``max_model_len`` is fixed when an engine starts,
+so a request longer than it stops that engine and starts one with room for it. The session
+that owns an ``LLM`` shuts its process down (``engine_core.shutdown()``,
+v1/engine/core_client.py), drops its own last reference and then runs vLLM's
+``cleanup_dist_env_and_memory`` (vllm/distributed/parallel_state.py), as vLLM's test
+fixtures do, so a second engine in the same process finds its memory free.
 
 Checked against vLLM 0.33.0 (the version the ``vllm`` extra pins).
 """
@@ -43,6 +46,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from pipeline.runtimes import Session
 
 # top log-probs requested per prompt position (and the engine's max_logprobs)
 TOP_N = 128
@@ -126,12 +131,6 @@ def _vocab_size(model_dir: Path) -> int:
     return int(config.get("vocab_size") or config["text_config"]["vocab_size"])
 
 
-def _engine(model_dir: Path, max_model_len: int):
-    from vllm import LLM
-
-    return LLM(**engine_kwargs(model_dir, max_model_len=max_model_len))
-
-
 def _shut_down(llm) -> None:
     """Stop the engine's core process, which holds its GPU memory."""
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
@@ -174,45 +173,6 @@ def kernel_problems(layers: dict[str, tuple[int, int]], *, bits: int, group_size
     return problems
 
 
-def window_logits(model_dir: Path, windows, *, threads: int,
-                  tokenizer_dir: Path | None = None) -> Iterator[np.ndarray]:
-    """Dense log-probs (``dense_logprobs``) of each window (token id sequences of any lengths),
-    all windows submitted at once."""
-    from vllm import SamplingParams
-
-    llm = _engine(model_dir, max_model_len=max(len(window) for window in windows) + 8)
-    try:
-        outputs = llm.generate([{"prompt_token_ids": [int(t) for t in w]} for w in windows],
-                               SamplingParams(**prompt_logprob_params()), use_tqdm=False)
-    finally:
-        _shut_down(llm)
-        del llm  # this frame owns the engine: its last reference goes before the clean-up
-        _free_memory()
-    vocab = _vocab_size(model_dir)
-    for output in outputs:
-        yield dense_logprobs(output.prompt_logprobs, vocab)
-
-
-def generate(model_dir: Path, prompts, *, max_tokens: int, stop_ids: list[int], threads: int,
-             tokenizer_dir: Path | None = None) -> Iterator[list[int]]:
-    """Greedy continuation ids of each prompt (all submitted at once), up to `max_tokens` ids or
-    the first of `stop_ids` (``SamplingParams.stop_token_ids``; vllm/sampling_params.py)."""
-    from vllm import SamplingParams
-
-    prompts = [[int(t) for t in prompt] for prompt in prompts]
-    llm = _engine(model_dir, max_model_len=max(len(prompt) for prompt in prompts) + max_tokens)
-    try:
-        outputs = llm.generate([{"prompt_token_ids": prompt} for prompt in prompts],
-                               SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=list(stop_ids),
-                                              detokenize=False), use_tqdm=False)
-    finally:
-        _shut_down(llm)
-        del llm  # this frame owns the engine: its last reference goes before the clean-up
-        _free_memory()
-    for output in outputs:
-        yield list(output.outputs[0].token_ids)
-
-
 def request_timings(output, wall_s: float, first_token_wall_s: float) -> dict[str, Any]:
     """TTFT and decode time of one request: its engine metrics where filled, else wall time
     (TTFT then is the wall time of a one-token request with the same prompt)."""
@@ -223,20 +183,65 @@ def request_timings(output, wall_s: float, first_token_wall_s: float) -> dict[st
     return {"ttft_s": first_token_wall_s, "decode_s": wall_s - first_token_wall_s, "source": "wall clock"}
 
 
-def measure_speed(model_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                  threads: int, concurrency: int, tokenizer_dir: Path | None = None) -> dict[str, Any]:
-    """Batch-1 greedy generation (median of `repeats` runs after `warmup`), then `concurrency`
-    copies of the prompt at once for output throughput."""
-    from vllm import SamplingParams
+def open_session(model_dir: Path, *, threads: int, tokenizer_dir: Path | None = None) -> "VllmSession":
+    return VllmSession(Path(model_dir))
 
-    from pipeline.measure import batch1_run, summarize_runs
 
-    llm = _engine(model_dir, max_model_len=len(prompt) + gen_tokens + 8)
-    params = SamplingParams(**generation_params(gen_tokens))
-    first_token = SamplingParams(**generation_params(1))
-    request = {"prompt_token_ids": list(prompt)}
-    runs = []
-    try:
+class VllmSession(Session):
+    """One vLLM engine, started on the first request with room for the longest request so far."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
+        self.runtime, self.device = name(), device()
+        self._llm = None
+        self._max_model_len = 0
+
+    def _engine(self, tokens: int):
+        if self._llm is None or tokens > self._max_model_len:
+            from vllm import LLM
+
+            self.close()
+            self._llm = LLM(**engine_kwargs(self.model_dir, max_model_len=tokens))
+            self._max_model_len = tokens
+        return self._llm
+
+    def window_logits(self, windows) -> Iterator[np.ndarray]:
+        """Dense log-probs (``dense_logprobs``) of each window, all windows submitted at once."""
+        from vllm import SamplingParams
+
+        llm = self._engine(max(len(window) for window in windows) + 8)
+        outputs = llm.generate([{"prompt_token_ids": [int(t) for t in w]} for w in windows],
+                               SamplingParams(**prompt_logprob_params()), use_tqdm=False)
+        vocab = _vocab_size(self.model_dir)
+        for output in outputs:
+            yield dense_logprobs(output.prompt_logprobs, vocab)
+
+    def generate(self, prompts, *, max_tokens: int, stop_ids: list[int]) -> Iterator[list[int]]:
+        """All prompts submitted at once; stop ids through ``SamplingParams.stop_token_ids``
+        (vllm/sampling_params.py)."""
+        from vllm import SamplingParams
+
+        prompts = [[int(t) for t in prompt] for prompt in prompts]
+        llm = self._engine(max(len(prompt) for prompt in prompts) + max_tokens)
+        outputs = llm.generate([{"prompt_token_ids": prompt} for prompt in prompts],
+                               SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=list(stop_ids),
+                                              detokenize=False), use_tqdm=False)
+        for output in outputs:
+            yield list(output.outputs[0].token_ids)
+
+    def measure_speed(self, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
+                      concurrency: int) -> dict[str, Any]:
+        """Batch-1 greedy generation (median of `repeats` runs after `warmup`), then
+        `concurrency` copies of the prompt at once for output throughput."""
+        from vllm import SamplingParams
+
+        from pipeline.measure import batch1_run, summarize_runs
+
+        llm = self._engine(len(prompt) + gen_tokens + 8)
+        params = SamplingParams(**generation_params(gen_tokens))
+        first_token = SamplingParams(**generation_params(1))
+        request = {"prompt_token_ids": list(prompt)}
+        runs = []
         for run in range(warmup + repeats):
             started = time.perf_counter()
             llm.generate([request], first_token, use_tqdm=False)
@@ -253,8 +258,11 @@ def measure_speed(model_dir: Path, prompt: list[int], *, gen_tokens: int, repeat
         outputs = llm.generate([request] * concurrency, params, use_tqdm=False)
         wall = time.perf_counter() - started
         generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-    finally:
-        _shut_down(llm)
-        del llm
+        return {**summarize_runs(runs, concurrency=concurrency, generated=generated, wall_s=wall), "device": device()}
+
+    def close(self) -> None:
+        if self._llm is None:
+            return
+        _shut_down(self._llm)
+        self._llm = None  # the session held the last reference: it goes before the clean-up
         _free_memory()
-    return {**summarize_runs(runs, concurrency=concurrency, generated=generated, wall_s=wall), "device": device()}

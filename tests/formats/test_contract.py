@@ -35,8 +35,8 @@ def test_the_check_names_what_a_module_lacks_or_defines_differently():
     broken = types.ModuleType("broken")
     broken.__dict__.update({name: getattr(gguf, name) for name in dir(gguf) if not name.startswith("_")})
     del broken.tokenize
-    broken.window_logits = lambda build_dir, windows: iter(())
+    broken.open_session = lambda build_dir, threads: None
     broken.INFO = None
     problems = contract.contract_problems(broken)
     assert "tokenize() is missing" in problems and "INFO is not a FormatInfo" in problems
-    assert any(p.startswith("window_logits('build_dir', 'windows') should take") for p in problems)
+    assert any(p.startswith("open_session('build_dir', 'threads') should take") for p in problems)

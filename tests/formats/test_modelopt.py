@@ -127,6 +127,40 @@ def test_exported_files_agree_with_the_fake_quant_model(fp8_build):
         assert export["emulated_ppl"] == pytest.approx(check["fake_quant_ppl"], rel=check["limit"])
 
 
+def test_the_build_loads_the_source_in_its_stored_dtype(fp8_build, tiny_llama):
+    _, facts = fp8_build
+    assert json.loads((tiny_llama / "config.json").read_text())["dtype"] == "bfloat16"
+    assert facts["calibration_dtype"] == "bfloat16"  # never widened to fp32
+
+
+def test_undoing_the_exporters_side_effects_gives_the_checkpoints_of_a_copy_byte_for_byte(tiny_llama, tmp_path):
+    """The old build handed the TensorRT-LLM exporter a deep copy of the model; undoing that
+    export's changes to the model must give the same HF checkpoint."""
+    import copy
+
+    import torch
+    from transformers import AutoTokenizer
+
+    fp8 = recipe(config="FP8_DEFAULT_CFG", kv_cache="fp8", calibration_samples=2, calibration_seq_len=32)
+    calibration, _ = modelopt.split_calibration_text(AutoTokenizer.from_pretrained(tiny_llama),
+                                                     tiny_llama.parent / "calibration.txt", fp8, 2)
+    model = modelopt._calibrate(modelopt.load_calibration_model(tiny_llama, "cpu"), modelopt.quant_config(fp8),
+                                calibration)
+    model.config.dtype = torch.bfloat16
+    twin = copy.deepcopy(model)
+    modelopt.export_trtllm(copy.deepcopy(twin), "llama", torch.bfloat16, tmp_path / "copy-trtllm", tiny_llama)
+    modelopt.export_hf(twin, torch.bfloat16, tmp_path / "copy-hf", tiny_llama)
+    amax = {name: buffer.clone() for name, buffer in model.named_buffers() if name.endswith("_amax")}
+    with modelopt.export_side_effects_undone(model):
+        modelopt.export_trtllm(model, "llama", torch.bfloat16, tmp_path / "kept-trtllm", tiny_llama)
+        unified = [name for name, buffer in model.named_buffers() if name in amax and not torch.equal(buffer, amax[name])]
+    assert unified, "the exporter no longer unifies fused scales in place: the guard may go"
+    modelopt.export_hf(model, torch.bfloat16, tmp_path / "kept-hf", tiny_llama)
+    for layout in ("trtllm", "hf"):
+        for written in sorted((tmp_path / f"copy-{layout}").iterdir()):
+            assert (tmp_path / f"kept-{layout}" / written.name).read_bytes() == written.read_bytes(), written.name
+
+
 def test_gates_score_the_checkpoint_through_the_emulation_here(fp8_build):
     import numpy as np
 
@@ -134,8 +168,10 @@ def test_gates_score_the_checkpoint_through_the_emulation_here(fp8_build):
     assert modelopt.accuracy_unavailable_reason(out) is None
     assert modelopt.runtime_name(out).startswith("emulated:trtllm checkpoint FP8 + fp8 e4m3 KV cache")
     assert "TensorRT-LLM is not installed" in modelopt.speed_unavailable_reason(out)
-    (logits,) = modelopt.window_logits(out, np.array([[1, 2, 3, 4, 5]]), 1, -1)
-    assert modelopt.accuracy_device(out, -1) == "cpu"  # no CUDA here
+    with modelopt.open_session(out, 1, -1) as session:
+        (logits,) = session.window_logits(np.array([[1, 2, 3, 4, 5]]))
+        assert session.device == "cpu"  # no CUDA here
+        assert session.runtime == modelopt.runtime_name(out)
     assert logits.shape == (5, 130) and np.isfinite(logits).all()
     assert 0 < modelopt.bits_per_weight(out) < 16
     kv = modelopt.decode_bytes_per_token(out, 100)["kv_cache"]
@@ -144,11 +180,12 @@ def test_gates_score_the_checkpoint_through_the_emulation_here(fp8_build):
 
 def test_generation_through_the_emulation_with_its_fp8_kv_cache_follows_the_argmax_of_its_logits(fp8_build):
     out, _ = fp8_build
-    (produced,) = modelopt.generate(out, [[1, 2, 3]], 5, [], 1, -1)
+    session = modelopt.open_session(out, 1, -1)
+    (produced,) = session.generate([[1, 2, 3]], max_tokens=5, stop_ids=[])
     assert len(produced) == 5
     sequence = [1, 2, 3]
     for token in produced:
-        (logits,) = modelopt.window_logits(out, [sequence], 1, -1)
+        (logits,) = session.window_logits([sequence])
         assert token == int(logits[-1].argmax())  # a KV cache cast as the whole window's is
         sequence.append(token)
 

@@ -117,6 +117,17 @@ def test_score_gives_llama_cpp_statistics_second_half_and_per_window_figures():
     assert summary["per_window"]["mean_kld"] == pytest.approx([w["kld"].mean() for w in per_window], rel=1e-5)
 
 
+def test_scoring_runs_on_the_device_asked_and_a_gpu_chunk_grows_with_its_free_memory():
+    states, weight, _, art_logits, tokens = random_case(8, windows=2, length=20)
+    on_cpu = accuracy.score(iter(art_logits), fake_reference(states, weight, tokens), device="cpu")
+    assert on_cpu["scoring_device"] == "cpu" == accuracy.scoring_device()  # no CUDA here
+    assert on_cpu == accuracy.score(iter(art_logits), fake_reference(states, weight, tokens))
+    assert accuracy.positions_per_chunk("cpu", 128256) == accuracy.POSITIONS_PER_CHUNK
+    # a quarter of 80 GB free at six float32 copies of a 128k-vocabulary chunk
+    assert accuracy.positions_per_chunk("cuda", 128256, free_bytes=80 * 10**9) == 80 * 10**9 // 4 // (24 * 128256)
+    assert accuracy.positions_per_chunk("cuda", 262144, free_bytes=10**8) == accuracy.POSITIONS_PER_CHUNK
+
+
 def test_bootstrap_intervals_hold_the_point_value_and_are_reproducible():
     states, weight, ref_logits, art_logits, tokens = random_case(9, windows=12, length=16)
     first = accuracy.score(iter(art_logits), fake_reference(states, weight, tokens))

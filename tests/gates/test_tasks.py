@@ -33,19 +33,19 @@ def embedded_project(tmp_path_factory):
 
 
 class Counting:
-    """The unquantized model's runtime, counting what the adapter asks of it."""
+    """The unquantized model's session, counting what the adapter asks of it."""
 
-    def __init__(self, runtime):
-        self.runtime, self.windows, self.prompts = runtime, [], []
-        self.name, self.device = runtime.name, runtime.device
+    def __init__(self, session):
+        self.session, self.windows, self.prompts = session, [], []
+        self.runtime, self.device = session.runtime, session.device
 
     def window_logits(self, windows):
         self.windows += windows
-        return self.runtime.window_logits(windows)
+        return self.session.window_logits(windows)
 
-    def generate(self, prompts, max_tokens, stop_ids):
+    def generate(self, prompts, *, max_tokens, stop_ids):
         self.prompts += prompts
-        return self.runtime.generate(prompts, max_tokens, stop_ids)
+        return self.session.generate(prompts, max_tokens=max_tokens, stop_ids=stop_ids)
 
 
 @pytest.mark.integration
@@ -55,7 +55,6 @@ def test_the_base_scores_match_the_model_scored_directly_and_every_request_goes_
     from transformers import AutoTokenizer
 
     from pipeline.config import Params
-    from pipeline.gates.task_model import TaskRuntime
 
     monkeypatch.chdir(embedded_project)
     params = Params.model_validate({"tasks": [spec.model_dump() for spec in SPECS]})
@@ -70,7 +69,7 @@ def test_the_base_scores_match_the_model_scored_directly_and_every_request_goes_
 
     # multiple choice scored by hand: the choice whose continuation " <choice>" is most likely
     tokenizer = AutoTokenizer.from_pretrained("artifacts/source")
-    model = tasks.base_runtime(tasks.layout.SOURCE_DIR, "float32", 2)
+    model = tasks.base_session(tasks.layout.SOURCE_DIR, "float32", 2)
     right = 0
     for question, choices, answer in MULTIPLE_CHOICE:
         context = tokenizer.encode(f"Question: {question}\nAnswer:")
@@ -87,8 +86,7 @@ def test_the_base_scores_match_the_model_scored_directly_and_every_request_goes_
     assert 0 < record["tasks"][1]["score"] <= 1  # 3-shot, the model answers some of the questions
 
     counting = Counting(model)
-    entries = tasks.score(TaskRuntime(counting.name, counting.device, counting.window_logits, counting.generate),
-                          tasks.prepare(SPECS), log=lambda message: None)
+    entries = tasks.score(counting, tasks.prepare(SPECS), log=lambda message: None)
     assert [e["score"] for e in entries] == [e["score"] for e in record["tasks"]]
     assert len(counting.windows) == sum(len(choices) for _, choices, _ in MULTIPLE_CHOICE)
     assert len(counting.prompts) == 12
@@ -128,20 +126,14 @@ def test_an_unknown_task_and_a_sampling_task_are_bad_input(project, offline_env)
     assert "Traceback" not in result.stderr
 
 
-class NoFormat:
-    """A format whose accuracy gate can run; the section must stop before it is asked for more."""
-
-    @staticmethod
-    def accuracy_unavailable_reason(build_dir):
-        return None
-
-
-def test_the_section_is_not_run_without_tasks_or_without_the_base_scores_params_name(tmp_path, monkeypatch):
+def test_the_plan_is_not_run_without_tasks_without_a_runtime_or_without_the_base_scores_params_name(
+        tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert tasks.section(NoFormat, tmp_path, [], threads=1, gpu_layers=0) == tasks.not_named()
+    assert tasks.plan([], None) == tasks.not_named()
+    assert tasks.plan(SPECS, "llama.cpp is missing") == {"status": "not_run", "reason": "llama.cpp is missing"}
     write(tmp_path / "artifacts/tasks/base.json", json.dumps({"tasks": [
         {"name": "qpipe_mc", "spec": {**SPECS[0].model_dump(), "limit": 5}, "score": 0.5}]}))
-    section = tasks.section(NoFormat, tmp_path, SPECS, threads=1, gpu_layers=0)
+    section = tasks.plan(SPECS, None)
     assert section["status"] == "not_run"
     assert "no base score for qpipe_mc, qpipe_gen" in section["reason"] and "qpipe task-base" in section["reason"]
 

@@ -35,8 +35,8 @@ def test_int8_input_quantization_rounds_half_to_even_and_clamps():
 
 
 def test_smoothquant_linear_multiplies_by_the_smoothing_vector_before_quantizing():
-    weight = torch.tensor([[1.0, 1.0]])
-    linear = emulation.EmulatedLinear(weight, input_format="int8", input_scale=torch.tensor([1.0]),
+    codes = torch.tensor([[1, 1]], dtype=torch.int8)
+    linear = emulation.EmulatedLinear(codes, torch.tensor([1.0]), input_format="int8", input_scale=torch.tensor([1.0]),
                                       smoothing=torch.tensor([2.0, 0.5]), out_dtype=torch.float32)
     # x * s = [3.0, 1.0] -> int8 codes [3, 1] -> 4.0; without smoothing it would be 1.5 + 2 -> 2 + 2
     assert linear(torch.tensor([[1.5, 2.0]])).tolist() == [[4.0]]

@@ -12,10 +12,20 @@ def model_path():
     return embedded_gguf("smollm2-135m")
 
 
+def scored(path, windows) -> list[np.ndarray]:
+    with llama_cpp.open_session(path, threads=2) as session:
+        return [logits.copy() for logits in session.window_logits(windows)]
+
+
+def generated(path, prompts, max_tokens: int, stop_ids: list[int]) -> list[list[int]]:
+    with llama_cpp.open_session(path, threads=2) as session:
+        return list(session.generate(prompts, max_tokens=max_tokens, stop_ids=stop_ids))
+
+
 def test_window_logits_shape_and_determinism(model_path):
     tokens = np.array(llama_cpp.tokenize(model_path, "def add(a, b):\n    return a + b\n" * 3)[:24])
     windows = np.stack([tokens, tokens])
-    first, second = [w.copy() for w in llama_cpp.window_logits(model_path, windows, threads=2)]
+    first, second = scored(model_path, windows)
     assert first.shape == (24, 49152)
     assert np.isfinite(first).all()
     np.testing.assert_allclose(first, second, rtol=1e-4, atol=1e-4)
@@ -72,14 +82,14 @@ def test_each_offload_branch_passes_its_layers_to_llama_bench_and_the_api(model_
     monkeypatch.setattr(llama_cpp, "open_model", lambda *a, **k: opened.append(k["n_gpu_layers"]) or
                         (_ for _ in ()).throw(RuntimeError("stop")))
     monkeypatch.setattr(gguf, "artifact_path", lambda build_dir: model_path)
-    measured = gguf.measure_speed(None, [1, 2, 3], gen_tokens=4, repeats=1, warmup=0, threads=2, concurrency=1,
-                                  gpu_layers=-1)
-    assert all(command[command.index("-ngl") + 1] == str(expected) for command in commands) and len(commands) == 2
-    assert measured["device"] == ("gpu" if offloads else "cpu") and opened == [expected]
-    with pytest.raises(RuntimeError, match="stop"):
-        list(gguf.window_logits(None, np.zeros((1, 4), dtype=np.int32), 2, -1))
-    assert opened == [expected, expected]
-    assert gguf.accuracy_device(None, -1) == measured["device"]
+    with gguf.open_session(None, 2, -1) as session:
+        measured = session.measure_speed([1, 2, 3], gen_tokens=4, repeats=1, warmup=0, concurrency=1)
+        assert all(command[command.index("-ngl") + 1] == str(expected) for command in commands) and len(commands) == 2
+        assert measured["device"] == ("gpu" if offloads else "cpu") and opened == [expected]
+        with pytest.raises(RuntimeError, match="stop"):
+            list(session.window_logits(np.zeros((1, 4), dtype=np.int32)))
+        assert opened == [expected, expected]
+        assert session.device == measured["device"]
 
 
 def test_llama_bench_records_are_its_own_json(model_path):
@@ -107,22 +117,42 @@ def test_unavailable_reason_is_none_here():
 def test_windows_of_different_lengths_are_each_scored_whole(model_path):
     tokens = llama_cpp.tokenize(model_path, "def add(a, b):\n    return a + b\n" * 2)
     short, long = tokens[:7], tokens[:19]
-    scored = [w.copy() for w in llama_cpp.window_logits(model_path, [long, short], threads=2)]
-    assert [s.shape[0] for s in scored] == [19, 7]
-    np.testing.assert_allclose(scored[1], scored[0][:7], rtol=1e-3, atol=1e-3)  # causal: a prefix scores alike
+    logits = scored(model_path, [long, short])
+    assert [s.shape[0] for s in logits] == [19, 7]
+    np.testing.assert_allclose(logits[1], logits[0][:7], rtol=1e-3, atol=1e-3)  # causal: a prefix scores alike
 
 
 def test_greedy_generation_follows_the_argmax_of_its_own_logits(model_path):
     prompt = llama_cpp.tokenize(model_path, "def add(a, b):\n    return")
-    produced = next(llama_cpp.generate(model_path, [prompt], max_tokens=6, stop_ids=[], threads=2))
+    (produced,) = generated(model_path, [prompt], 6, [])
     assert len(produced) == 6
     sequence = list(prompt)
     for token in produced:
-        logits = next(llama_cpp.window_logits(model_path, [sequence], threads=2))
+        (logits,) = scored(model_path, [sequence])
         assert token == int(logits[-1].argmax())
         sequence.append(token)
     first = produced[0]
-    assert next(llama_cpp.generate(model_path, [prompt], max_tokens=6, stop_ids=[first], threads=2)) == [first]
+    assert generated(model_path, [prompt], 6, [first]) == [[first]]
+
+
+def test_one_session_loads_the_model_once_for_windows_and_generation_and_again_only_for_a_longer_request(
+        model_path, monkeypatch):
+    loads = []
+    real_open = llama_cpp.open_model
+    monkeypatch.setattr(llama_cpp, "open_model", lambda path, **kwargs: loads.append(kwargs["n_ctx"]) or
+                        real_open(path, **kwargs))
+    tokens = llama_cpp.tokenize(model_path, "def add(a, b):\n    return a + b\n" * 4)
+    with llama_cpp.open_session(model_path, threads=2) as session:
+        assert loads == []  # opened on the first request
+        whole = [logits.copy() for logits in session.window_logits([tokens[:32], tokens[:16]])]
+        (produced,) = session.generate([tokens[:8]], max_tokens=4, stop_ids=[])
+        assert loads == [32]  # 8 + 4 tokens fit the context the windows opened
+        (again,) = session.window_logits([tokens[:32]])
+        np.testing.assert_array_equal(again, whole[0])
+        session.generate([tokens[:40]], max_tokens=4, stop_ids=[]).__next__()
+        assert loads == [32, 44]  # a longer request reopens it once, with room for it
+    assert session._model is None
+    assert produced == generated(model_path, [tokens[:8]], 4, [])[0]
 
 
 def test_header_reader_agrees_with_gguf_reader(model_path):

@@ -147,7 +147,9 @@ def test_context_logits_lose_the_engines_vocabulary_padding(fake_engine):
 
     llm, tokenizer_dir = fake_engine
     windows = np.array([[1, 2, 3], [4, 5, 6]])
-    logits = list(tensorrt_llm.window_logits("engine", windows, threads=1, tokenizer_dir=tokenizer_dir))
+    with tensorrt_llm.open_session("engine", threads=1, tokenizer_dir=tokenizer_dir) as session:
+        logits = list(session.window_logits(windows))
+        assert session.runtime.endswith(" engine") and not llm.shut_down
     assert [item.shape for item in logits] == [(3, 10), (3, 10)]
     assert logits[0].dtype == np.float32 and logits[0][1, 0] == 16.0  # row 1 starts after 16 padded columns
     assert llm.shut_down
@@ -155,8 +157,8 @@ def test_context_logits_lose_the_engines_vocabulary_padding(fake_engine):
 
 def test_speed_streams_batch_1_and_measures_concurrent_output(fake_engine):
     llm, tokenizer_dir = fake_engine
-    result = tensorrt_llm.measure_speed("engine", list(range(32)), tokenizer_dir=tokenizer_dir, gen_tokens=8,
-                                        repeats=3, warmup=1, threads=1, concurrency=4)
+    with tensorrt_llm.open_session("engine", threads=1, tokenizer_dir=tokenizer_dir) as session:
+        result = session.measure_speed(list(range(32)), gen_tokens=8, repeats=3, warmup=1, concurrency=4)
     assert len(result["runs"]) == 3 and result["concurrency"] == 4
     assert all(run["timing_source"] == "wall clock, streamed" for run in result["runs"])
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_ms", "output_tok_s"):

@@ -147,7 +147,8 @@ def test_kernel_problems_ask_vllms_own_kernel_choice_for_each_distinct_shape(mon
         asked[-1].weight_type == "uint4b8" and asked[-1].zero_points is False
 
 
-def test_the_function_that_owns_the_engine_drops_its_last_reference_before_the_clean_up(monkeypatch, tmp_path):
+def test_a_session_keeps_one_engine_until_a_longer_request_and_drops_its_last_reference_before_the_clean_up(
+        monkeypatch, tmp_path):
     import json
     import weakref
 
@@ -166,10 +167,17 @@ def test_the_function_that_owns_the_engine_drops_its_last_reference_before_the_c
 
         def generate(self, requests, params, use_tqdm=False):
             logprobs = [None] + [{1: type("Logprob", (), {"logprob": -0.1})()}] * 3
-            return [type("Output", (), {"prompt_logprobs": logprobs})() for _ in requests]
+            return [type("Output", (), {"prompt_logprobs": logprobs, "outputs": [type("Completion", (), {
+                "token_ids": [1]})()]})() for _ in requests]
 
     fake_vllm(monkeypatch, cleanup=lambda shutdown_ray: at_cleanup.append(engines[-1]() is None), llm_class=LLM)
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 8}))
-    rows = list(vllm.window_logits(tmp_path, np.zeros((2, 4), dtype=np.int32), threads=1))
+    session = vllm.open_session(tmp_path, threads=1)
+    rows = list(session.window_logits(np.zeros((2, 4), dtype=np.int32)))
+    list(session.generate([[1, 2]], max_tokens=2, stop_ids=[]))
     assert len(rows) == 2 and rows[0].shape == (4, 8)
-    assert Core.stopped and at_cleanup == [True]
+    assert len(engines) == 1 and not Core.stopped  # one engine for both: 2 + 2 tokens fit the windows' 4 + 8
+    list(session.window_logits(np.zeros((1, 16), dtype=np.int32)))
+    assert len(engines) == 2 and Core.stopped and at_cleanup == [True]  # a longer window: the first engine went
+    session.close()
+    assert at_cleanup == [True, True] and session._llm is None

@@ -1,0 +1,97 @@
+"""The gate stage's orchestration: one session per gate for accuracy, tasks and speed."""
+
+import json
+import types
+
+import numpy as np
+
+from pipeline import layout
+from pipeline.config import Params, TaskSpec
+from pipeline.runtimes import Session
+from tests.conftest import write
+
+VOCAB, HIDDEN, WINDOW = 12, 4, 8
+
+
+class CountingSession(Session):
+    runtime, device = "counting runtime", "cpu"
+    opened: list["CountingSession"] = []
+
+    def __init__(self):
+        self.closed, self.asked = False, []
+        CountingSession.opened.append(self)
+
+    def window_logits(self, windows):
+        self.asked.append("window_logits")
+        return iter(np.zeros((len(windows), WINDOW, VOCAB), dtype=np.float32))
+
+    def measure_speed(self, prompt, *, gen_tokens, repeats, warmup, concurrency):
+        self.asked.append("measure_speed")
+        return {"prefill_tok_s": 100.0, "decode_tok_s": 10.0, "ttft_ms": 1.0, "itl_ms": 1.0, "runs": [],
+                "device": "cpu"}
+
+    def close(self):
+        self.closed = True
+
+
+def fake_format(speed_reason=None):
+    from pipeline.formats import gguf
+
+    return types.SimpleNamespace(
+        INFO=gguf.INFO, Recipe=gguf.Recipe, artifact_path=lambda build_dir: build_dir / "model.gguf", bits_per_weight=lambda d: 8.5,
+        accuracy_unavailable_reason=lambda d: None, speed_unavailable_reason=lambda d: speed_reason,
+        open_session=lambda build_dir, threads, gpu_layers: CountingSession(),
+        tokenize=lambda build_dir, text: [1, 2, 3],
+        decode_bytes_per_token=lambda d, context: {"weights": 1.0, "kv_cache": 0.0, "total": 1.0})
+
+
+def gate_project(monkeypatch, fmt):
+    import torch
+
+    from pipeline import formats, gates, reference
+    from pipeline.reference import OutputLayer
+
+    write(layout.build_dir("gguf-q8_0") / "build.json", json.dumps({"artifact": {"bytes": 1, "sha256": "x"}}))
+    write(layout.HOST_FILE, json.dumps({"cpu": {"model": "test", "physical_cores": 1}, "gpus": [],
+                                        "bandwidth": {"gb_s": 1.0, "method": "test"}, "fingerprint": "x"}))
+    write(layout.EVALUATION_TEXT, "text")
+    ref = types.SimpleNamespace(
+        tokens=np.ones((2, WINDOW), dtype=np.int32), hidden=np.ones((2, WINDOW - 1, HIDDEN), dtype=np.float32),
+        text_tokens=np.arange(1, 600), meta={"vocabulary": VOCAB, "hidden_size": HIDDEN},
+        output_layer=lambda: OutputLayer(weight=torch.ones(VOCAB, HIDDEN), bias=None))
+    monkeypatch.setattr(reference, "load", lambda directory: ref)
+    monkeypatch.setattr(formats, "module", lambda name: fmt)
+    monkeypatch.setattr("pipeline.files.verify_artifact", lambda build_dir, build: None)
+    monkeypatch.setattr(gates, "check_gate_memory", lambda *args: {})
+    CountingSession.opened = []
+
+
+def test_a_gate_opens_its_artifact_once_for_accuracy_tasks_and_speed_after_preparing_its_tasks(
+        project, monkeypatch):
+    from pipeline import gates
+    from pipeline.gates import tasks
+
+    gate_project(monkeypatch, fake_format())
+    events = []
+    monkeypatch.setattr(tasks, "plan", lambda specs, reason: events.append(("plan", len(CountingSession.opened)))
+                        or tasks.TaskPlan(prepared=(None, []), base={"tasks": []}))
+    monkeypatch.setattr(tasks, "section", lambda plan, session, log: events.append(("section", session))
+                        or {"status": "ok", "runtime": session.runtime})
+    params = Params(recipes=["gguf-q8_0"], tasks=[TaskSpec(name="qpipe_mc")])
+    result = gates.run_gate("gguf-q8_0", params=params, log=lambda _: None)
+    (session,) = CountingSession.opened
+    assert events == [("plan", 0), ("section", session)]  # tasks prepared before the model loads
+    assert session.asked == ["window_logits", "measure_speed"] and session.closed
+    assert result["accuracy"]["runtime"] == result["speed"]["runtime"] == "counting runtime"
+    assert result["accuracy"]["status"] == result["speed"]["status"] == "ok"
+
+
+def test_a_gate_with_nothing_to_run_opens_nothing(project, monkeypatch):
+    from pipeline import gates
+
+    fmt = fake_format(speed_reason="needs llama.cpp")
+    fmt.accuracy_unavailable_reason = lambda d: "needs llama.cpp"
+    gate_project(monkeypatch, fmt)
+    result = gates.run_gate("gguf-q8_0", params=Params(recipes=["gguf-q8_0"]), log=lambda _: None)
+    assert CountingSession.opened == []
+    assert result["accuracy"] == result["speed"] == {"status": "not_run", "reason": "needs llama.cpp"}
