@@ -339,8 +339,6 @@ def checkpoint_lines(checkpoint: Path, params) -> list[str]:
     meta-device model) against what this host has: the reference, then each recipe's build
     and gate. A GGUF gate maps its artifact, counted here at the checkpoint's 16-bit size (no
     GGUF is larger), so its estimate is an upper bound until the build exists."""
-    import json
-
     from pipeline import formats, memory, reference
     from pipeline.builds import build_memory_need
     from pipeline.errors import BadInput
@@ -350,8 +348,6 @@ def checkpoint_lines(checkpoint: Path, params) -> list[str]:
     if not (checkpoint / "config.json").is_file():
         raise BadInput("no config.json in the checkpoint", where=str(checkpoint),
                        fix="give a Hugging Face checkpoint directory (config.json and safetensors)")
-    config = json.loads((checkpoint / "config.json").read_text())
-    hidden_size = int(config.get("hidden_size") or config["text_config"]["hidden_size"])
     size = memory.ModelSize.of(checkpoint)
     device = torch_device()
     needs = [(f"reference ({params.reference.dtype})", reference.memory_need(params.reference, checkpoint, device),
@@ -360,9 +356,8 @@ def checkpoint_lines(checkpoint: Path, params) -> list[str]:
         recipe = formats.load_recipe(name)
         info = formats.module(recipe.format).INFO
         needs.append((f"build {name}", *build_memory_need(info, recipe, checkpoint)))
-        needs.append((f"gate {name}", gate_memory_need(
-            info, size, window_tokens=params.reference.window_tokens, vocabulary=size.vocabulary,
-            hidden_size=hidden_size, artifact_bytes=2 * size.parameters), "cpu"))
+        needs.append((f"gate {name}", gate_memory_need(info, size, window_tokens=params.reference.window_tokens,
+                                                        artifact_bytes=2 * size.parameters), "cpu"))
     lines = [f"checkpoint {checkpoint}: {size.parameters / 1e9:.2f}B parameters, vocabulary {size.vocabulary}"]
     for stage, need, where in needs:
         have = memory.available_bytes(where)

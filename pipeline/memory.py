@@ -7,10 +7,11 @@ killed by the kernel halfway (an 8B reference in fp32 needs about 34 GB).
 An estimate on the CPU is a fixed process overhead (Python, torch, transformers and the tool)
 plus bytes per model parameter plus bytes per logit of one window (window_tokens x vocabulary),
 with ``Factors`` per stage: ``REFERENCE`` here, each format's build and gate factors in its
-``INFO``. The factors come from peak RSS measured by
-``benchmarks/memory_estimate.py`` on two model sizes and are rounded up, so an estimate should
-sit above the measured peak; the benchmark prints both side by side. On a GPU only a floor is
-checked (the weights and one window's logits), until GPU peaks are measured.
+``INFO``, plus what a stage holds whole besides (the artifact a gate maps, the output layer in
+float32). The factors are fitted to peak RSS measured at four sizes, 135M to 1.9B parameters
+(``benchmarks/memory_estimate.py`` and ``benchmarks/scale.py``, docs/methodology.md "Memory"),
+so that every estimate sits above every measured peak. On a GPU only a floor is checked (the
+weights and one window's logits), until GPU peaks are measured.
 
 What the host has is MemAvailable, capped by the cgroup's memory.max where a container sets
 one (CI runners), or the free memory of GPU 0 for a stage that runs there. The check can be
@@ -36,10 +37,10 @@ class Factors(NamedTuple):
     """How a stage's peak memory on the CPU grows: a fixed overhead, bytes per model parameter
     per byte of the stage's dtype, and bytes per logit of one window (window_tokens x vocabulary).
 
-    Fitted to the peak RSS that benchmarks/memory_estimate.py measured on a 1.7M- and a
-    134.5M-parameter model (docs/methodology.md, "Memory"): the per-parameter slope between the
-    two, rounded up by a fifth or more; the overhead about 1.5x the small model's whole peak.
-    Each format's build and gate factors are in its ``INFO``."""
+    Fitted to the peak RSS measured on SmolLM2-135M, and on synthetic checkpoints of
+    Llama-3.2-1B's shape and Llama-3.1-8B's at 2 and 4 layers (docs/methodology.md, "Memory"):
+    the least overhead and slope that keep every estimate above every measured peak. Each
+    format's build and gate factors are in its ``INFO``."""
 
     overhead: float
     per_parameter: float
@@ -54,13 +55,19 @@ REFERENCE = Factors(0.75 * GIB, 1.0, 12.0)
 class ModelSize:
     parameters: int
     vocabulary: int
+    hidden_size: int = 0
 
     @classmethod
     def of(cls, checkpoint_dir: Path) -> "ModelSize":
         """The size of a checkpoint; the source stage's count from source.json where it has one."""
         info = Path(checkpoint_dir) / "source.json"
         counted = json.loads(info.read_text()).get("parameters") if info.is_file() else None
-        return cls(counted or parameter_count(checkpoint_dir), vocabulary_size(checkpoint_dir))
+        return cls(counted or parameter_count(checkpoint_dir), *text_config_sizes(checkpoint_dir))
+
+    @property
+    def output_layer_bytes(self) -> int:
+        """The output layer in float32, as the reference keeps it and a gate recomputes with it."""
+        return 4 * self.vocabulary * self.hidden_size
 
 
 def parameter_count(checkpoint_dir: Path) -> int:
@@ -71,9 +78,12 @@ def parameter_count(checkpoint_dir: Path) -> int:
     return sum(p.numel() for p in meta_model(checkpoint_dir).parameters())
 
 
-def vocabulary_size(checkpoint_dir: Path) -> int:
+def text_config_sizes(checkpoint_dir: Path) -> tuple[int, int]:
+    """(vocabulary, hidden size) from config.json, or its text_config (multimodal checkpoints)."""
     config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
-    return int(config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size") or 0)
+    text = config.get("text_config") or {}
+    return (int(config.get("vocab_size") or text.get("vocab_size") or 0),
+            int(config.get("hidden_size") or text.get("hidden_size") or 0))
 
 
 def estimate(factors: Factors, size: ModelSize, *, window_tokens: int, dtype: str = "bfloat16",

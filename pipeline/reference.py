@@ -218,11 +218,13 @@ def check_reproduced(output_layer: OutputLayer, hidden: np.ndarray, model_logits
 
 
 def memory_need(params: ReferenceParams, source_dir: Path, device: str) -> int:
-    """Bytes the reference stage needs for the checkpoint at `source_dir` (``memory.estimate``)."""
+    """Bytes the reference stage needs for the checkpoint at `source_dir` (``memory.estimate``):
+    the model, and the float32 copy of its output layer it keeps."""
     from pipeline import memory
 
-    return memory.estimate(memory.REFERENCE, memory.ModelSize.of(source_dir), window_tokens=params.window_tokens,
-                           dtype=params.dtype, device=device)
+    size = memory.ModelSize.of(source_dir)
+    return memory.estimate(memory.REFERENCE, size, window_tokens=params.window_tokens, dtype=params.dtype,
+                           device=device, mapped_bytes=size.output_layer_bytes)
 
 
 def run(params: ReferenceParams, source_dir: Path, evaluation_text: Path, out_dir: Path, log=print) -> dict[str, Any]:

@@ -35,7 +35,7 @@ def test_an_8b_fp32_reference_needs_about_34_gb_and_bf16_about_half(llama_8b):
 def test_the_source_stage_count_is_used_where_there_is_one(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 151936}))
     (tmp_path / "source.json").write_text(json.dumps({"parameters": 494_032_768}))
-    assert memory.ModelSize.of(tmp_path) == memory.ModelSize(494_032_768, 151936)
+    assert memory.ModelSize.of(tmp_path) == memory.ModelSize(494_032_768, 151936, 0)
 
 
 def test_a_stage_that_does_not_fit_refuses_with_its_estimate_and_the_fix(llama_8b, monkeypatch):
@@ -83,4 +83,4 @@ def test_the_reference_refuses_before_loading_and_writes_nothing(tiny_llama, tmp
 def test_on_a_gpu_only_the_weights_and_a_window_of_logits_are_required(llama_8b):
     gpu = memory.estimate(modelopt.INFO.build_memory, llama_8b, window_tokens=512, dtype="bfloat16", device="cuda")
     assert gpu == 2 * llama_8b.parameters + 8 * 512 * llama_8b.vocabulary  # 16.6 GB: an 80 GB GPU holds it
-    assert memory.estimate(modelopt.INFO.build_memory, llama_8b, window_tokens=512) > 5 * gpu
+    assert memory.estimate(modelopt.INFO.build_memory, llama_8b, window_tokens=512) > 1.5 * gpu  # host copies

@@ -1,6 +1,7 @@
 """The gate stage's orchestration: one session per gate for accuracy, tasks and speed."""
 
 import json
+import time
 import types
 
 import numpy as np
@@ -84,6 +85,19 @@ def test_a_gate_opens_its_artifact_once_for_accuracy_tasks_and_speed_after_prepa
     assert session.asked == ["window_logits", "measure_speed"] and session.closed
     assert result["accuracy"]["runtime"] == result["speed"]["runtime"] == "counting runtime"
     assert result["accuracy"]["status"] == result["speed"]["status"] == "ok"
+    assert 0 <= result["accuracy"]["runtime_seconds"] <= result["accuracy"]["seconds"]
+
+
+def test_timed_adds_the_seconds_spent_producing_each_item():
+    from pipeline.gates import timed
+
+    def slow():
+        for item in range(3):
+            time.sleep(0.01)
+            yield item
+
+    total = [0.0]
+    assert list(timed(slow(), total)) == [0, 1, 2] and total[0] >= 0.03
 
 
 def test_a_gate_with_nothing_to_run_opens_nothing(project, monkeypatch):
