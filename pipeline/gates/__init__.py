@@ -19,6 +19,7 @@ def run_gate(name: str, *, params, log=print) -> dict[str, Any]:
     from pipeline.config import effective_limits
     from pipeline.errors import BadInput
     from pipeline.files import read_json, verify_artifact, write_json
+    from pipeline.gates import tasks as task_gate
     from pipeline.gates import verdict
     from pipeline.gates.speed import host_and_threads
 
@@ -46,7 +47,7 @@ def run_gate(name: str, *, params, log=print) -> dict[str, Any]:
     memory_record = check_gate_memory(fmt.INFO, artifact["bytes"], ref, host_info)
     accuracy_reason = fmt.accuracy_unavailable_reason(build_dir)
     speed_reason = fmt.speed_unavailable_reason(build_dir)
-    task_plan = tasks_plan(params.tasks, accuracy_reason)  # before the model loads: a bad task stops here
+    task_plan = task_gate.plan(params.tasks, accuracy_reason)  # before the model loads: a bad task stops here
     if accuracy_reason and speed_reason:
         accuracy, speed, tasks = ({"status": "not_run", "reason": accuracy_reason},
                                   {"status": "not_run", "reason": speed_reason}, task_plan)
@@ -54,8 +55,7 @@ def run_gate(name: str, *, params, log=print) -> dict[str, Any]:
         with fmt.open_session(build_dir, threads, speed_params.n_gpu_layers) as session:
             accuracy = run_accuracy(session, fmt, build_dir, ref, accuracy_reason)
             tasks = run_tasks(session, task_plan, log)
-            speed = run_speed(session, fmt, recipe.format, build_dir, ref, speed_params, host_info, threads,
-                              speed_reason, log)
+            speed = run_speed(session, fmt, build_dir, ref, speed_params, host_info, threads, speed_reason, log)
     sections = {"accuracy": accuracy, "speed": speed, "tasks": tasks}
     checks = verdict.evaluate(limits, sections, set_in)
     outcome, reasons = verdict.overall(limits.require, sections, checks)
@@ -140,13 +140,6 @@ def check_task_limits(limits, params, set_in: dict[str, str]) -> None:
                        where=set_in["min_task_recovery"], fix=f"use one of: {', '.join(named) or '(no tasks named)'}")
 
 
-def tasks_plan(specs, accuracy_reason: str | None):
-    """The tasks to score through the artifact's runtime, or the section that says why none are."""
-    from pipeline.gates import tasks
-
-    return tasks.plan(specs, accuracy_reason)
-
-
 def run_tasks(session, task_plan, log) -> dict[str, Any]:
     from pipeline.gates import speed, tasks
 
@@ -178,20 +171,18 @@ def run_accuracy(session, fmt, build_dir, ref, reason: str | None) -> dict[str, 
 def timed(items, total: list[float]):
     """`items`, adding the seconds spent producing each one to total[0] (a gate's time in its
     runtime, loading included, apart from its own scoring)."""
-    iterator = iter(items)
+    iterator, end = iter(items), object()
     while True:
         started = time.perf_counter()
-        try:
-            item = next(iterator)
-        except StopIteration:
-            total[0] += time.perf_counter() - started
-            return
+        item = next(iterator, end)
         total[0] += time.perf_counter() - started
+        if item is end:
+            return
         yield item
 
 
-def run_speed(session, fmt, format_name: str, build_dir, ref, speed_params, host_info, threads: int,
-              reason: str | None, log) -> dict[str, Any]:
+def run_speed(session, fmt, build_dir, ref, speed_params, host_info, threads: int, reason: str | None,
+              log) -> dict[str, Any]:
     from pipeline.gates import speed
 
     if reason:
@@ -208,7 +199,7 @@ def run_speed(session, fmt, format_name: str, build_dir, ref, speed_params, host
                             gen_tokens=speed_params.gen_tokens, threads=threads,
                             bandwidth=speed.roofline_bandwidth(host_info, measured.get("device", "cpu")),
                             bytes_per_token=bytes_per_token)
-    section = speed.with_speedup(section, _baseline(format_name))
+    section = speed.with_speedup(section, _baseline(fmt.INFO.name))
     return speed.contended(section, held.record(), cpu_runtime=not host_info.get("gpus"))
 
 
