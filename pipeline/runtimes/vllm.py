@@ -28,8 +28,9 @@ compressed-tensors' ``CompressedTensorsWNA16.create_weights`` builds.
 
 Memory: the engine's weights and KV cache live in its core process (vLLM's default
 ``VLLM_ENABLE_V1_MULTIPROCESSING=1``). A gate starts one engine (``VllmSession``) for its
-accuracy windows, task requests and speed. ``max_model_len`` is fixed when an engine starts,
-so a request longer than it stops that engine and starts one with room for it. The session
+accuracy windows, task requests and speed. ``max_model_len`` is fixed when an engine starts:
+the first starts with ``FIRST_MAX_MODEL_LEN`` (at most the model's own positions), which every
+request of a gate fits, and a longer request stops it and starts one with room for it. The session
 that owns an ``LLM`` shuts its process down (``engine_core.shutdown()``,
 v1/engine/core_client.py), drops its own last reference and then runs vLLM's
 ``cleanup_dist_env_and_memory`` (vllm/distributed/parallel_state.py), as vLLM's test
@@ -51,6 +52,10 @@ from pipeline.runtimes import Session
 
 # top log-probs requested per prompt position (and the engine's max_logprobs)
 TOP_N = 128
+# the least max_model_len an engine starts with (at most the model's own): a gate's windows,
+# task requests and speed prompt all fit, so one engine serves the gate. vLLM sizes its KV
+# cache by gpu_memory_utilization whatever this is; it only has to hold one such sequence.
+FIRST_MAX_MODEL_LEN = 4096
 GPU_MEMORY_UTILIZATION = 0.85
 
 
@@ -124,11 +129,20 @@ def dense_logprobs(prompt_logprobs: list, vocab_size: int) -> np.ndarray:
     return rows
 
 
-def _vocab_size(model_dir: Path) -> int:
+def _config_value(model_dir: Path, key: str):
+    """config.json's `key`, or its text_config's (multimodal checkpoints); None where neither has it."""
     import json
 
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    return int(config.get("vocab_size") or config["text_config"]["vocab_size"])
+    return config.get(key) or (config.get("text_config") or {}).get(key)
+
+
+def _vocab_size(model_dir: Path) -> int:
+    return int(_config_value(model_dir, "vocab_size"))
+
+
+def _max_positions(model_dir: Path) -> int | None:
+    return _config_value(model_dir, "max_position_embeddings")
 
 
 def _shut_down(llm) -> None:
@@ -201,8 +215,9 @@ class VllmSession(Session):
             from vllm import LLM
 
             self.close()
-            self._llm = LLM(**engine_kwargs(self.model_dir, max_model_len=tokens))
-            self._max_model_len = tokens
+            length = max(tokens, min(FIRST_MAX_MODEL_LEN, _max_positions(self.model_dir) or FIRST_MAX_MODEL_LEN))
+            self._llm = LLM(**engine_kwargs(self.model_dir, max_model_len=length))
+            self._max_model_len = length
         return self._llm
 
     def window_logits(self, windows) -> Iterator[np.ndarray]:

@@ -152,7 +152,7 @@ def test_a_session_keeps_one_engine_until_a_longer_request_and_drops_its_last_re
     import json
     import weakref
 
-    engines, at_cleanup = [], []
+    engines, at_cleanup, lengths = [], [], []
 
     class Core:
         stopped = False
@@ -164,6 +164,7 @@ def test_a_session_keeps_one_engine_until_a_longer_request_and_drops_its_last_re
         def __init__(self, **kwargs):
             self.llm_engine = type("Engine", (), {"engine_core": Core()})()
             engines.append(weakref.ref(self))
+            lengths.append(kwargs["max_model_len"])
 
         def generate(self, requests, params, use_tqdm=False):
             logprobs = [None] + [{1: type("Logprob", (), {"logprob": -0.1})()}] * 3
@@ -171,13 +172,16 @@ def test_a_session_keeps_one_engine_until_a_longer_request_and_drops_its_last_re
                 "token_ids": [1]})()]})() for _ in requests]
 
     fake_vllm(monkeypatch, cleanup=lambda shutdown_ray: at_cleanup.append(engines[-1]() is None), llm_class=LLM)
-    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 8}))
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 8, "max_position_embeddings": 64}))
     session = vllm.open_session(tmp_path, threads=1)
     rows = list(session.window_logits(np.zeros((2, 4), dtype=np.int32)))
     list(session.generate([[1, 2]], max_tokens=2, stop_ids=[]))
+    list(session.generate([[1] * 40], max_tokens=20, stop_ids=[]))
     assert len(rows) == 2 and rows[0].shape == (4, 8)
-    assert len(engines) == 1 and not Core.stopped  # one engine for both: 2 + 2 tokens fit the windows' 4 + 8
-    list(session.window_logits(np.zeros((1, 16), dtype=np.int32)))
+    # one engine for all three: it starts with the model's 64 positions (FIRST_MAX_MODEL_LEN or fewer)
+    assert len(engines) == 1 and not Core.stopped and lengths == [64]
+    list(session.window_logits(np.zeros((1, 80), dtype=np.int32)))
     assert len(engines) == 2 and Core.stopped and at_cleanup == [True]  # a longer window: the first engine went
+    assert lengths == [64, 88]
     session.close()
     assert at_cleanup == [True, True] and session._llm is None
