@@ -20,6 +20,7 @@ skipped with QPIPE_SKIP_MEMORY_CHECK=1 for a host where the estimate is known to
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -70,9 +71,11 @@ class ModelSize:
         return 4 * self.vocabulary * self.hidden_size
 
 
+@functools.lru_cache(maxsize=8)
 def parameter_count(checkpoint_dir: Path) -> int:
     """Parameters of the checkpoint's model, built from its config on the meta device (no
-    weights are read; tied embeddings count once)."""
+    weights are read; tied embeddings count once). Counted once per checkpoint and process:
+    `qpipe doctor --checkpoint` sizes every stage of every recipe from it."""
     from pipeline.runtimes.transformers import meta_model
 
     return sum(p.numel() for p in meta_model(checkpoint_dir).parameters())
