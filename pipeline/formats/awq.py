@@ -429,7 +429,8 @@ def vllm_unavailable_reason(build_dir: Path | None) -> str | None:
         return reason
     (group,) = _quantization_config(build_dir)["config_groups"].values()
     weights = group["weights"]
-    dtype = json.loads((artifact_path(build_dir) / "config.json").read_text()).get("dtype") or "bfloat16"
+    config = json.loads((artifact_path(build_dir) / "config.json").read_text())
+    dtype = vllm.serving_dtype(config.get("dtype") or config.get("torch_dtype"))
     problems = vllm.kernel_problems(vllm_layers(build_dir), bits=weights["num_bits"], group_size=weights["group_size"],
                                     symmetric=weights["symmetric"], dtype=dtype)
     if problems:

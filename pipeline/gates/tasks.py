@@ -153,7 +153,8 @@ def score(session, prepared: tuple[Any, list], log) -> list[dict[str, Any]]:
     from pipeline.gates.task_model import RuntimeLM
 
     tokenizer, max_length, stop_ids = source_text_facts(layout.SOURCE_DIR)
-    model = RuntimeLM(session, tokenizer, max_length=max_length, stop_ids=stop_ids)
+    model = RuntimeLM(session, tokenizer, max_length=min(max_length, session.max_sequence_tokens or max_length),
+                      stop_ids=stop_ids)
     manager, loaded = prepared
     entries = []
     for index, (spec, task) in enumerate(loaded):

@@ -21,10 +21,14 @@ SPEED_RUNTIMES = ("llama_cpp", "vllm", "tensorrt_llm")
 class Session:
     """One artifact loaded by a runtime (a model, or an engine), open until ``close``; a context
     manager. ``runtime`` is what a gate result's ``runtime`` field says, ``device`` where it
-    runs: "cpu", "gpu", or "gpu+cpu" (a partial offload)."""
+    runs: "cpu", "gpu", or "gpu+cpu" (a partial offload). The task gate cuts its requests to
+    ``max_sequence_tokens`` where a runtime fixes one (vLLM's derived length, an engine's
+    max_seq_len)."""
 
     runtime: str = ""
     device: str = "cpu"
+    # the longest sequence (prompt and generated tokens) it runs; None: bounded by the model only
+    max_sequence_tokens: int | None = None
 
     def window_logits(self, windows) -> Iterator:
         """[len(window), V] float32 logits of each token window (id sequences of any lengths),

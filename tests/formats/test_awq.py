@@ -222,9 +222,19 @@ def test_a_checkpoint_no_vllm_kernel_takes_is_scored_through_transformers_and_it
     assert "has no mixed-precision kernel for 1 layer shape(s) of this asymmetric 4-bit group-32" in reason
     assert "qkv_proj (64 -> 128)" in reason
     assert (asked["bits"], asked["group_size"], asked["symmetric"]) == (4, 32, False)
+    assert asked["dtype"] == json.loads((awq.artifact_path(out) / "config.json").read_text())["dtype"]
     fused = asked["layers"]
     assert "model.layers.0.self_attn.qkv_proj" in fused and "model.layers.0.mlp.gate_up_proj" in fused
     assert not {name.rsplit(".", 1)[-1] for name in fused} & {"q_proj", "k_proj", "v_proj", "lm_head"}  # fused; ignored
     assert awq.runtime_name(out).startswith("transformers") and awq.accuracy_unavailable_reason(out) is None
     monkeypatch.setattr(vllm, "kernel_problems", lambda layers, **scheme: [])
     assert awq.speed_unavailable_reason(out) is None and awq.runtime_name(out).startswith("vLLM")
+
+    # a float32 config, under transformers 4's key: vLLM's dtype="auto" serves it in bfloat16
+    config_path = awq.artifact_path(out) / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("dtype", None)
+    config_path.write_text(json.dumps({**config, "torch_dtype": "float32"}))
+    monkeypatch.setattr(vllm, "kernel_problems", problems)
+    awq.speed_unavailable_reason(out)
+    assert asked["dtype"] == "bfloat16"

@@ -33,11 +33,13 @@ def embedded_project(tmp_path_factory):
 
 
 class Counting:
-    """The unquantized model's session, counting what the adapter asks of it."""
+    """The unquantized model's session, counting what the adapter asks of it; with
+    `max_sequence_tokens`, a runtime that fixes its longest sequence (vLLM, an engine)."""
 
-    def __init__(self, session):
-        self.session, self.windows, self.prompts = session, [], []
+    def __init__(self, session, max_sequence_tokens=None):
+        self.session, self.windows, self.prompts, self.max_tokens = session, [], [], []
         self.runtime, self.device = session.runtime, session.device
+        self.max_sequence_tokens = max_sequence_tokens
 
     def window_logits(self, windows):
         self.windows += windows
@@ -45,6 +47,7 @@ class Counting:
 
     def generate(self, prompts, *, max_tokens, stop_ids):
         self.prompts += prompts
+        self.max_tokens += [max_tokens] * len(prompts)
         return self.session.generate(prompts, max_tokens=max_tokens, stop_ids=stop_ids)
 
 
@@ -90,6 +93,15 @@ def test_the_base_scores_match_the_model_scored_directly_and_every_request_goes_
     assert [e["score"] for e in entries] == [e["score"] for e in record["tasks"]]
     assert len(counting.windows) == sum(len(choices) for _, choices, _ in MULTIPLE_CHOICE)
     assert len(counting.prompts) == 12
+
+    # a runtime with a shorter longest sequence gets every request cut to it, as lm-eval cuts
+    # contexts from the left
+    longest = max(len(window) for window in counting.windows + counting.prompts)
+    bounded = Counting(model, max_sequence_tokens=longest // 2)
+    tasks.score(bounded, tasks.prepare(SPECS), log=lambda message: None)
+    assert max(len(window) for window in bounded.windows) <= longest // 2
+    assert all(len(prompt) + tokens <= longest // 2 for prompt, tokens in zip(bounded.prompts, bounded.max_tokens))
+    assert len(bounded.prompts) == 12
 
 
 def run_cli(project, env, *args):

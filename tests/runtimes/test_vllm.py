@@ -2,7 +2,7 @@
 source defines (vllm/logprobs.py: Logprob, create_prompt_logprobs; vllm/v1/metrics/stats.py:
 RequestStateStats). vLLM itself cannot be installed here: it needs CUDA and its own torch."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -28,6 +28,29 @@ class RequestStateStats:  # vllm/v1/metrics/stats.py
     last_token_ts: float = 0.0
     first_token_latency: float = 0.0
     is_corrupted: bool = False
+
+
+@dataclass
+class MPLinearLayerConfig:  # vllm/model_executor/kernels/linear/mixed_precision/MPLinearKernel.py, 0.33.0
+    full_weight_shape: tuple[int, int]
+    partition_weight_shape: tuple[int, int]
+    weight_type: object
+    act_type: object
+    group_size: int
+    zero_points: bool
+    out_type: object = None
+
+
+@dataclass
+class MPLinearLayerConfigWithGIdx:  # the releases before and after 0.33 require has_g_idx
+    full_weight_shape: tuple[int, int]
+    partition_weight_shape: tuple[int, int]
+    weight_type: object
+    act_type: object
+    group_size: int
+    zero_points: bool
+    has_g_idx: bool
+    out_type: object = None
 
 
 def log_softmax(logits):
@@ -102,7 +125,7 @@ def test_absence_is_reported_not_raised():
         assert (vllm.unavailable_reason() is None) == torch.cuda.is_available()
 
 
-def fake_vllm(monkeypatch, chooser=None, cleanup=None, llm_class=None):
+def fake_vllm(monkeypatch, chooser=None, cleanup=None, llm_class=None, config_class=MPLinearLayerConfig):
     """A stand-in vllm package with the names our module imports, where vLLM is absent."""
     import sys
     import types
@@ -112,8 +135,7 @@ def fake_vllm(monkeypatch, chooser=None, cleanup=None, llm_class=None):
         "vllm.model_executor.kernels.linear", "vllm.model_executor.kernels.linear.mixed_precision")}
     modules["vllm.scalar_type"].scalar_types = types.SimpleNamespace(uint4="uint4", uint4b8="uint4b8",
                                                                      uint8="uint8", uint8b128="uint8b128")
-    modules["vllm.model_executor.kernels.linear.mixed_precision"].MPLinearLayerConfig = \
-        lambda **fields: types.SimpleNamespace(**fields)
+    modules["vllm.model_executor.kernels.linear.mixed_precision"].MPLinearLayerConfig = config_class
     modules["vllm.model_executor.kernels.linear"].choose_mp_linear_kernel = chooser
     modules["vllm.distributed"].cleanup_dist_env_and_memory = cleanup
     modules["vllm"].LLM = llm_class
@@ -147,10 +169,75 @@ def test_kernel_problems_ask_vllms_own_kernel_choice_for_each_distinct_shape(mon
         asked[-1].weight_type == "uint4b8" and asked[-1].zero_points is False
 
 
+def test_kernel_problems_fill_has_g_idx_where_the_installed_config_requires_it_and_name_an_api_they_do_not_know(
+        monkeypatch):
+    asked = []
+    layers = {"model.layers.0.mlp.down_proj": (1536, 576)}
+    fake_vllm(monkeypatch, chooser=asked.append, config_class=MPLinearLayerConfigWithGIdx)
+    assert vllm.kernel_problems(layers, bits=4, group_size=64, symmetric=True, dtype="bfloat16") == []
+    assert asked[0].has_g_idx is False
+
+    @dataclass
+    class Renamed:  # a release whose config has a required field qpipe does not know
+        full_weight_shape: tuple
+        partition_weight_shape: tuple
+        weight_type: object
+        activation_type: object
+        group_size: int
+        zero_points: bool
+
+    fake_vllm(monkeypatch, chooser=asked.append, config_class=Renamed)
+    (problem,) = vllm.kernel_problems(layers, bits=4, group_size=64, symmetric=True, dtype="bfloat16")
+    assert "MPLinearLayerConfig takes other fields than qpipe passes" in problem and "act_type" in problem
+
+
+def test_a_confident_position_gives_a_finite_kld_not_one_of_1e25():
+    """vLLM's float32 log-softmax at a position whose top token holds all but 1e-12 of the
+    mass: the returned exponentials sum to 1 or more, and the unreturned tokens used to get
+    float32's minimum as their log-prob."""
+    import torch
+
+    vocab, top_n = 50_000, 128
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, vocab)).astype(np.float32)
+    logits[:, 7] = 40.0
+    logprobs = torch.log_softmax(torch.from_numpy(logits), dim=-1).numpy()  # float32, as vLLM computes them
+    tokens = np.array([7, 7, 7])
+    returned = prompt_logprobs(logprobs, tokens, top_n=top_n)
+    assert any(sum(np.exp(np.float64(lp.logprob)) for lp in entry.values()) >= 1.0 for entry in returned[1:])
+    rows = vllm.dense_logprobs(returned, vocab)
+    assert np.isfinite(rows).all()
+    scores = accuracy.window_scores(rows, tokens, lambda start, stop: logprobs[start:stop])
+    assert np.all(scores["kld"] < 1e-5), scores["kld"]
+    np.testing.assert_allclose(np.exp(rows[:2].astype(np.float64)).sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_the_engine_length_is_the_one_vllm_derives_from_the_config(tmp_path):
+    import json
+
+    def derived(**config):
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        return vllm.derived_max_model_len(tmp_path)
+
+    assert derived(max_position_embeddings=8192) == 8192
+    assert derived(max_position_embeddings=8192, seq_length=4096) == 4096  # the least of the keys
+    assert derived(vocab_size=8) == 2048
+    assert derived(max_position_embeddings=4096, rope_scaling={"rope_type": "linear", "factor": 2.0}) == 8192
+    assert derived(max_position_embeddings=131072, rope_scaling={"rope_type": "llama3", "factor": 8.0}) == 131072
+    assert derived(text_config={"max_position_embeddings": 32768}) == 32768
+
+
+def test_a_float32_checkpoint_is_checked_in_the_dtype_vllm_serves_it_in():
+    assert vllm.serving_dtype("float16") == "float16" and vllm.serving_dtype("bfloat16") == "bfloat16"
+    assert vllm.serving_dtype("float32") == "bfloat16" and vllm.serving_dtype(None) == "bfloat16"
+
+
 def test_a_session_keeps_one_engine_until_a_longer_request_and_drops_its_last_reference_before_the_clean_up(
         monkeypatch, tmp_path):
     import json
     import weakref
+
+    from pipeline.errors import BadInput
 
     engines, at_cleanup, lengths = [], [], []
 
@@ -172,16 +259,24 @@ def test_a_session_keeps_one_engine_until_a_longer_request_and_drops_its_last_re
                 "token_ids": [1]})()]})() for _ in requests]
 
     fake_vllm(monkeypatch, cleanup=lambda shutdown_ray: at_cleanup.append(engines[-1]() is None), llm_class=LLM)
-    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 8, "max_position_embeddings": 64}))
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 8, "max_position_embeddings": 8192}))
     session = vllm.open_session(tmp_path, threads=1)
+    assert session.max_sequence_tokens == 8192
     rows = list(session.window_logits(np.zeros((2, 4), dtype=np.int32)))
     list(session.generate([[1, 2]], max_tokens=2, stop_ids=[]))
-    list(session.generate([[1] * 40], max_tokens=20, stop_ids=[]))
+    list(session.generate([[1] * 4000], max_tokens=96, stop_ids=[]))
     assert len(rows) == 2 and rows[0].shape == (4, 8)
-    # one engine for all three: it starts with the model's 64 positions (FIRST_MAX_MODEL_LEN or fewer)
-    assert len(engines) == 1 and not Core.stopped and lengths == [64]
-    list(session.window_logits(np.zeros((1, 80), dtype=np.int32)))
+    # one engine for all three: it starts with FIRST_MAX_MODEL_LEN
+    assert len(engines) == 1 and not Core.stopped and lengths == [vllm.FIRST_MAX_MODEL_LEN]
+    list(session.window_logits(np.zeros((1, 5000), dtype=np.int32)))
     assert len(engines) == 2 and Core.stopped and at_cleanup == [True]  # a longer window: the first engine went
-    assert lengths == [64, 88]
+    assert lengths == [vllm.FIRST_MAX_MODEL_LEN, 5001]
+    with pytest.raises(BadInput, match="longer than the 8192 vLLM serves"):  # LLM() would raise
+        list(session.window_logits(np.zeros((1, 8192), dtype=np.int32)))
+    assert len(engines) == 2
     session.close()
     assert at_cleanup == [True, True] and session._llm is None
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 8, "max_position_embeddings": 64}))
+    short = vllm.open_session(tmp_path, threads=1)
+    list(short.generate([[1, 2]], max_tokens=2, stop_ids=[]))
+    assert lengths[-1] == 64  # never more than the model's own
