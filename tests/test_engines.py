@@ -22,10 +22,22 @@ def test_other_formats_get_a_not_applicable_record(project):
 def test_without_tensorrt_llm_the_engine_is_not_run_and_says_why(project, monkeypatch):
     monkeypatch.setattr(tensorrt_llm, "version", lambda: None)
     write_host([{"name": "NVIDIA H100"}])
-    record = engines.run_engine("trtllm-fp8", log=lambda _: None)
-    assert record == {"recipe": "trtllm-fp8", "format": "modelopt", "status": "not_run",
-                      "reason": tensorrt_llm.unavailable_reason()}
-    assert sorted(p.name for p in layout.engine_dir("trtllm-fp8").iterdir()) == ["engine.json"]
+    record = engines.run_engine("trtllm-int8-sq", log=lambda _: None)
+    assert record == {"recipe": "trtllm-int8-sq", "format": "modelopt", "status": "not_run",
+                      "reason": tensorrt_llm.engine_unavailable_reason()}
+    assert sorted(p.name for p in layout.engine_dir("trtllm-int8-sq").iterdir()) == ["engine.json"]
+
+
+def test_a_unified_checkpoint_recipe_needs_no_engine_and_cannot_require_one(project, qpipe_env, monkeypatch):
+    monkeypatch.setattr(tensorrt_llm, "version", lambda: "1.2.1")
+    write_host([{"name": "NVIDIA H100"}])
+    reason = engines.run_engine("trtllm-fp8", log=lambda _: None)["reason"]
+    assert reason.startswith("no engine: FP8_DEFAULT_CFG ships the unified checkpoint (hf_checkpoint/)")
+    assert "TensorRT-LLM PyTorch backend" in reason
+    recipe = project / "recipes/trtllm-fp8.yaml"
+    recipe.write_text(recipe.read_text() + "engine:\n  build: required\n")
+    result = subprocess.run(["qpipe", "engine", "trtllm-fp8"], capture_output=True, text=True, env=qpipe_env)
+    assert result.returncode == 2 and "an engine was required, but no engine" in result.stderr
 
 
 def test_without_a_gpu_the_engine_is_not_run(project, monkeypatch):
@@ -35,14 +47,14 @@ def test_without_a_gpu_the_engine_is_not_run(project, monkeypatch):
 
 
 def test_a_required_engine_on_a_host_without_one_exits_3_and_writes_nothing(project, qpipe_env):
-    recipe = project / "recipes/trtllm-fp8.yaml"
+    recipe = project / "recipes/trtllm-int8-sq.yaml"
     recipe.write_text(recipe.read_text().replace("build: auto", "build: required"))
     write_host([])
-    result = subprocess.run(["qpipe", "engine", "trtllm-fp8"], capture_output=True, text=True, env=qpipe_env)
+    result = subprocess.run(["qpipe", "engine", "trtllm-int8-sq"], capture_output=True, text=True, env=qpipe_env)
     assert result.returncode == HostLacks.exit_code == 3
-    assert "an engine was required, but" in result.stderr and "trtllm-fp8.yaml: engine.build" in result.stderr
+    assert "an engine was required, but" in result.stderr and "trtllm-int8-sq.yaml: engine.build" in result.stderr
     assert "engine.build: auto" in result.stderr
-    assert not layout.engine_dir("trtllm-fp8").exists()
+    assert not layout.engine_dir("trtllm-int8-sq").exists()
 
 
 def test_never_skips_the_engine(project):
@@ -56,8 +68,8 @@ def test_unknown_engine_build_value_is_bad_input(project, value):
     from pipeline.formats import load_recipe
     from pipeline.errors import BadInput
 
-    recipe = project / "recipes/trtllm-fp8.yaml"
+    recipe = project / "recipes/trtllm-int8-sq.yaml"
     recipe.write_text(recipe.read_text().replace("build: auto", f"build: {value}"))
     with pytest.raises(BadInput) as info:
-        load_recipe("trtllm-fp8")
+        load_recipe("trtllm-int8-sq")
     assert info.value.where.endswith("engine.build")

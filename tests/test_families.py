@@ -103,7 +103,8 @@ MODELOPT = {"calibration_samples": 2, "calibration_seq_len": 128, "crosscheck_wi
             "crosscheck_seq_len": 128, "max_crosscheck_ppl_gap": 0.05}
 
 
-@pytest.mark.parametrize("config", ["FP8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG", "INT8_WEIGHT_ONLY_CFG"])
+@pytest.mark.parametrize("config", ["FP8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG",
+                                    "INT8_WEIGHT_ONLY_CFG"])
 def test_modelopt_exports_and_the_files_match_the_fake_quant_model(checkpoint, tmp_path, config):
     from pipeline.errors import RecipeNotApplicable
     from pipeline.formats import modelopt
@@ -123,10 +124,9 @@ def test_modelopt_exports_and_the_files_match_the_fake_quant_model(checkpoint, t
         assert not any(tmp_path.iterdir())  # refused before any weight was loaded
         return
     facts = build()
-    expected = ({"trtllm"} if family in LEGACY else set()) | (
-        {"hf"} if config == "FP8_DEFAULT_CFG" or family not in LEGACY and config == "INT8_WEIGHT_ONLY_CFG" else set())
-    assert set(facts["exports"]) == expected
-    assert facts["modelopt"]["scored"] == ("trtllm_checkpoint" if family in LEGACY else "hf_checkpoint")
+    legacy = family in LEGACY and config in ("INT8_SMOOTHQUANT_CFG", "INT8_WEIGHT_ONLY_CFG")
+    assert set(facts["exports"]) == ({"trtllm"} if legacy else {"hf"})
+    assert facts["modelopt"]["scored"] == ("trtllm_checkpoint" if legacy else "hf_checkpoint")
     for export in facts["crosscheck"]["exports"].values():
         assert export["gap"] <= recipe.max_crosscheck_ppl_gap
     assert math.isfinite(modelopt.bits_per_weight(tmp_path))

@@ -199,30 +199,41 @@ def test_awq_artifact_is_scored_as_written(repo):
 def test_modelopt_checkpoints_are_scored_as_written(repo):
     from safetensors import safe_open
 
+    from pipeline.runtimes import tensorrt_llm
+
     root, _, _, _ = repo
-    for name, quant_algo in (("trtllm-fp8", "FP8"), ("trtllm-int8-sq", "W8A8_SQ_PER_CHANNEL")):
+    # FP8 ships the unified checkpoint (TensorRT-LLM's PyTorch backend), INT8 SmoothQuant the legacy
+    # one (its engine backend)
+    for name, quant_algo, layout in (("trtllm-fp8", "FP8", "hf"), ("trtllm-int8-sq", "W8A8_SQ_PER_CHANNEL", "trtllm")):
         build_dir = root / "artifacts" / "builds" / name
         build = json.loads((build_dir / "build.json").read_text())
         assert build["calibration"]["tokens"] == 2 * 128 and build["tools"]["nvidia-modelopt"]
-        config = json.loads((build_dir / "trtllm_checkpoint" / "config.json").read_text())
-        assert config["quantization"]["quant_algo"] == quant_algo
-        assert config["rotary_base"] == 100000.0  # SmolLM2's RoPE base, not TensorRT-LLM's default 10000
-        with safe_open(build_dir / "trtllm_checkpoint" / "rank0.safetensors", "pt") as handle:
-            weight = handle.get_slice("transformer.layers.0.attention.qkv.weight")
-            assert weight.get_shape() == [(9 + 3 + 3) * 64, 576]
-            assert weight.get_dtype() == ("F8_E4M3" if quant_algo == "FP8" else "I8")
+        assert set(build["exports"]) == {layout}
+        if layout == "trtllm":
+            config = json.loads((build_dir / "trtllm_checkpoint" / "config.json").read_text())
+            assert config["quantization"]["quant_algo"] == quant_algo
+            assert config["rotary_base"] == 100000.0  # SmolLM2's RoPE base, not TensorRT-LLM's default 10000
+            with safe_open(build_dir / "trtllm_checkpoint" / "rank0.safetensors", "pt") as handle:
+                weight = handle.get_slice("transformer.layers.0.attention.qkv.weight")
+                assert weight.get_shape() == [(9 + 3 + 3) * 64, 576] and weight.get_dtype() == "I8"
+        else:
+            quant = json.loads((build_dir / "hf_checkpoint" / "hf_quant_config.json").read_text())["quantization"]
+            assert quant["quant_algo"] == quant_algo
+            with safe_open(build_dir / "hf_checkpoint" / "model.safetensors", "pt") as handle:
+                weight = handle.get_slice("model.layers.0.self_attn.q_proj.weight")
+                assert weight.get_shape() == [9 * 64, 576] and weight.get_dtype() == "F8_E4M3"
         check = build["crosscheck"]
         for export in check["exports"].values():
             assert export["gap"] <= check["limit"] == 0.01
         engine = json.loads((root / "artifacts" / "engines" / name / "engine.json").read_text())
-        assert engine["status"] == "not_run" and "TensorRT-LLM" in engine["reason"]
+        assert engine["status"] == "not_run"
+        assert ("ships the unified checkpoint" if layout == "hf" else "TensorRT-LLM") in engine["reason"]
         result = gate(root, name)
         assert result["accuracy"]["status"] == "ok"
-        assert result["accuracy"]["runtime"].startswith(f"emulated:trtllm checkpoint {quant_algo}")
-        assert result["speed"] == {"status": "not_run", "reason": engine["reason"]}
+        assert result["accuracy"]["runtime"].startswith(f"emulated:{layout} checkpoint {quant_algo}")
+        speed_reason = engine["reason"] if layout == "trtllm" else tensorrt_llm.unavailable_reason()
+        assert result["speed"] == {"status": "not_run", "reason": speed_reason}
         assert result["verdict"] == "pass"
-    assert set(json.loads((root / "artifacts/builds/trtllm-fp8/build.json").read_text())["exports"]) == {"trtllm", "hf"}
-    assert not (root / "artifacts/builds/trtllm-int8-sq/hf_checkpoint").exists()
     fp8, sq = gate(root, "trtllm-fp8")["accuracy"], gate(root, "trtllm-int8-sq")["accuracy"]
     assert fp8["eval_tokens"] == sq["eval_tokens"] == 3 * 127
     assert fp8["mean_kld"] < sq["mean_kld"]  # per-tensor int8 activations cost this model more than fp8
@@ -263,7 +274,8 @@ def test_every_artifact_is_scored_on_the_tasks_through_its_own_runtime_against_t
 
 def test_the_emulation_sees_a_wrong_scale_in_the_file(repo, tmp_path):
     """The failure the cross-check exists for: ModelOpt's second export from a reused model
-    wrote up_proj codes under the fused gate/up scale. One such scale, x1.6, moves the ppl."""
+    wrote up_proj codes under the fused gate/up scale. One such scale per layer, x1.6, moves the
+    ppl."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -271,14 +283,13 @@ def test_the_emulation_sees_a_wrong_scale_in_the_file(repo, tmp_path):
     from pipeline.formats import modelopt
 
     root, _, _, _ = repo
-    good = root / "artifacts/builds/trtllm-fp8/trtllm_checkpoint"
-    broken = tmp_path / "trtllm_checkpoint"
+    good = root / "artifacts/builds/trtllm-fp8/hf_checkpoint"
+    broken = tmp_path / "hf_checkpoint"
     shutil.copytree(good, broken)
-    shutil.copy2(good.parent / "source_config.json", tmp_path)  # the HF config the emulation reads
-    tensors = load_file(broken / "rank0.safetensors")
+    tensors = load_file(broken / "model.safetensors")
     for layer in range(30):
-        tensors[f"transformer.layers.{layer}.mlp.gate.weights_scaling_factor"] *= 1.6
-    save_file(tensors, broken / "rank0.safetensors")
+        tensors[f"model.layers.{layer}.mlp.up_proj.weight_scale"] *= 1.6
+    save_file(tensors, broken / "model.safetensors")
     from pipeline import reference
 
     window = [reference.load(root / "artifacts/reference").tokens[0].tolist()]
@@ -388,10 +399,10 @@ def test_publish_what_passed_to_a_directory_registry_and_again(repo, tmp_path):
     assert "`embedded:pydoc` evaluation text (sha256" in card
     second = run(["qpipe", "publish", "--to", f"dir://{registry}"], env)
     fp8 = registry / "SmolLM2-135M-Instruct" / "trtllm-fp8" / lines[3][1]
-    assert {"trtllm_checkpoint/rank0.safetensors", "hf_checkpoint/hf_quant_config.json",
+    assert {"hf_checkpoint/model.safetensors", "hf_checkpoint/hf_quant_config.json",
             "hf_checkpoint/tokenizer.json", "build.json"} <= {str(p.relative_to(fp8)) for p in fp8.rglob("*")}
     fp8_card = (fp8 / "README.md").read_text()
-    assert "emulated:trtllm checkpoint FP8" in fp8_card and "library_name: modelopt" in fp8_card
+    assert "emulated:hf checkpoint FP8" in fp8_card and "library_name: modelopt" in fp8_card
     second = run(["qpipe", "publish", "--to", f"dir://{registry}"], env)
     assert [line.split("\t")[2] for line in second.stdout.splitlines()] == ["unchanged"] * 5
 

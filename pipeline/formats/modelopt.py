@@ -1,11 +1,13 @@
-"""FP8 and INT8 for TensorRT-LLM: NVIDIA ModelOpt post-training quantization -> checkpoints.
+"""FP8, NVFP4 and INT8 for TensorRT-LLM: NVIDIA ModelOpt post-training quantization -> checkpoints.
 
-The build calibrates with ``modelopt.torch.quantization.quantize``, exports the legacy
-TensorRT-LLM checkpoint (and the unified HF checkpoint where a runtime loads it), and fails
-unless the exported files, read back by ``runtimes.checkpoint_emulation``, agree with ModelOpt's
-fake-quant model. The engine hook builds a TensorRT engine where TensorRT-LLM 1.2.x and a CUDA
-GPU are present. The gates run through that engine, else accuracy through the emulation and
-speed ``not_run``. Which export for which family, what the build guards against and why:
+The build calibrates with ``modelopt.torch.quantization.quantize`` and exports the unified HF
+checkpoint (FP8, NVFP4: what TensorRT-LLM's PyTorch backend and vLLM load), or for INT8 the
+legacy TensorRT-LLM checkpoint that its engine backend builds from, and fails unless the
+exported files, read back by ``runtimes.checkpoint_emulation``, agree with ModelOpt's fake-quant
+model. The gates run a unified checkpoint through TensorRT-LLM's PyTorch backend, and an INT8
+one through the engine the engine hook builds where TensorRT-LLM 1.2.x (its last release line
+with engines) and a CUDA GPU are present; elsewhere accuracy through the emulation and speed
+``not_run``. Which export for which family, what the build guards against and why:
 docs/formats/modelopt.md.
 """
 
@@ -33,14 +35,21 @@ from pipeline.memory import GIB, Factors
 # ModelOpt configs this format builds, exports and emulates -> the quant_algo they export as
 CONFIGS = {
     "FP8_DEFAULT_CFG": "FP8",
+    "NVFP4_DEFAULT_CFG": "NVFP4",
     "INT8_SMOOTHQUANT_CFG": "W8A8_SQ_PER_CHANNEL",
     "INT8_WEIGHT_ONLY_CFG": "W8A16",
 }
 # ModelOpt 0.47 configs qpipe does not build, by name prefix, and why
 NOT_BUILT = {
-    "NVFP4": "NVFP4 quantizers need a CUDA GPU (or triton) in ModelOpt 0.47, and the emulation does not read NVFP4",
-    "W4A16_NVFP4": "NVFP4 quantizers need a CUDA GPU in ModelOpt 0.47, and the emulation does not read NVFP4",
-    "W4A8_NVFP4": "NVFP4 quantizers need a CUDA GPU in ModelOpt 0.47, and the emulation does not read NVFP4",
+    "NVFP4_AWQ": "only NVFP4_DEFAULT_CFG (max calibration) is built; its AWQ variants are not yet",
+    "NVFP4_SVDQUANT": "only NVFP4_DEFAULT_CFG is built; SVDQuant adds low-rank branches the emulation does not read",
+    "NVFP4_FOUR_OVER_SIX": "only NVFP4_DEFAULT_CFG is built; the other scale rules are not emulated",
+    "NVFP4_W4A4_WEIGHT": "only NVFP4_DEFAULT_CFG is built; its weight-scale searches are not yet",
+    "NVFP4_MLP": "only NVFP4_DEFAULT_CFG (every Linear) is built; partial NVFP4 presets are not yet",
+    "NVFP4_OMLP": "only NVFP4_DEFAULT_CFG (every Linear) is built; partial NVFP4 presets are not yet",
+    "NVFP4_EXPERTS": "Mixture-of-experts presets do not apply to the dense models qpipe exports",
+    "W4A16_NVFP4": "only NVFP4_DEFAULT_CFG (fp4 weights and activations) is built; weight-only NVFP4 is not yet",
+    "W4A8_NVFP4": "only NVFP4_DEFAULT_CFG (fp4 weights and activations) is built; W4A8 NVFP4 is not yet",
     "MXFP": "MX formats need a CUDA GPU (or triton) in ModelOpt 0.47, and the emulation does not read them",
     "MXINT8": "MX formats need a CUDA GPU (or triton) in ModelOpt 0.47, and the emulation does not read them",
     "W4A8_MXFP4": "MX formats need a CUDA GPU (or triton) in ModelOpt 0.47, and the emulation does not read them",
@@ -52,12 +61,15 @@ NOT_BUILT = {
     "FP8_2D_BLOCKWISE": "only FP8_DEFAULT_CFG (per-tensor scales) is emulated; blockwise FP8 is not yet",
     "INT8_DEFAULT": "per-channel INT8 without SmoothQuant has no TensorRT-LLM legacy export path here",
 }
-# configs whose unified HF checkpoint is written for every model (beside the legacy one)
-UNIFIED_EXPORT_CONFIGS = ("FP8_DEFAULT_CFG",)
+# configs shipped as the unified HF checkpoint for every model, served by TensorRT-LLM's
+# PyTorch backend (no engine); the others ship the legacy checkpoint for its engine backend
+UNIFIED_EXPORT_CONFIGS = ("FP8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG")
 # what loads each config's unified HF checkpoint (TensorRT-LLM's PyTorch backend
 # `_torch/modules/linear.py` quant methods, vLLM's `modelopt.py` QUANT_ALGOS)
 UNIFIED_RUNTIMES = {
     "FP8_DEFAULT_CFG": "TensorRT-LLM PyTorch backend, vLLM, SGLang",
+    "NVFP4_DEFAULT_CFG": "TensorRT-LLM PyTorch backend (Blackwell GPUs), vLLM (modelopt_fp4; weight-only "
+                         "through Marlin before Blackwell), SGLang",
     "INT8_WEIGHT_ONLY_CFG": "TensorRT-LLM PyTorch backend (WeightOnlyQuantLinearMethod)",
 }
 UNIFIED_NOT_LOADED = {
@@ -74,7 +86,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 class EngineKnobs(Strict):
-    """trtllm-build settings for the engine@R stage (TensorRT-LLM 1.2.x)."""
+    """trtllm-build settings for the engine@R stage (TensorRT-LLM 1.2.x's legacy engine backend:
+    the INT8 recipes; a unified checkpoint needs no engine)."""
 
     build: Literal["auto", "required", "never"] = Field("auto", description="auto: build where a CUDA GPU and "
                                                         "TensorRT-LLM < 1.3 are present, else not_run; required: "
@@ -89,7 +102,7 @@ class EngineKnobs(Strict):
 class Recipe(RecipeBase):
     format: Literal["modelopt"]
     config: str = Field("FP8_DEFAULT_CFG", description="ModelOpt PTQ config (modelopt.torch.quantization.<NAME>): "
-                        "FP8_DEFAULT_CFG, INT8_SMOOTHQUANT_CFG or INT8_WEIGHT_ONLY_CFG")
+                        "FP8_DEFAULT_CFG, NVFP4_DEFAULT_CFG, INT8_SMOOTHQUANT_CFG or INT8_WEIGHT_ONLY_CFG")
     kv_cache: Literal["fp8", "none"] = Field("none", description="fp8: ModelOpt's FP8_KV_CFG appended to the "
                                              "config; none: a bf16/fp16 KV cache")
     dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="the exported dtype: the model "
@@ -104,7 +117,7 @@ class Recipe(RecipeBase):
     max_crosscheck_ppl_gap: float = Field(0.01, gt=0, description="largest relative perplexity gap allowed "
                                           "between the exported files (emulated) and the fake-quant model")
     engine: EngineKnobs = Field(default_factory=EngineKnobs, description="the engine@R stage's trtllm-build "
-                                "settings (TensorRT-LLM 1.2.x)")
+                                "settings (TensorRT-LLM 1.2.x's legacy engine backend: the INT8 recipes)")
 
     @field_validator("config")
     @classmethod
@@ -171,14 +184,17 @@ def decoder_type(architecture: str, where: str) -> str:
 
 
 def export_plan(recipe: Recipe, architecture: str, where: str) -> dict[str, Any]:
-    """Which checkpoints the build writes for this model, and which one the gates score, decided
-    before any weight is loaded. ModelOpt 0.47 writes the legacy TensorRT-LLM checkpoint only for
-    the decoders in ``LEGACY_EXPORT_DECODERS`` (it raises NotImplementedError for Gemma 2/3 and
-    Phi-3, pointing to the unified checkpoint); the unified HF checkpoint is written for every
-    model where a runtime loads it for this config. A config with neither is refused here."""
+    """Which checkpoint the build writes for this model, which the gates score, decided before any
+    weight is loaded. FP8 and NVFP4 ship the unified HF checkpoint, which TensorRT-LLM's PyTorch
+    backend loads directly. INT8 ships the legacy TensorRT-LLM checkpoint for the engine backend
+    (the PyTorch backend has no INT8 SmoothQuant and no INT8 weight-only path, TensorRT-LLM issue
+    #3701), which ModelOpt 0.47 writes only for the decoders in ``LEGACY_EXPORT_DECODERS`` (it
+    raises NotImplementedError for Gemma 2/3 and Phi-3); for another decoder INT8 weight-only
+    falls back to its unified checkpoint. A config with neither is refused here."""
     decoder = decoder_type(architecture, where)
-    legacy = decoder in LEGACY_EXPORT_DECODERS
-    unified = recipe.config in UNIFIED_EXPORT_CONFIGS or (not legacy and recipe.config in UNIFIED_RUNTIMES)
+    unified_only = recipe.config in UNIFIED_EXPORT_CONFIGS
+    legacy = decoder in LEGACY_EXPORT_DECODERS and not unified_only
+    unified = unified_only or (not legacy and recipe.config in UNIFIED_RUNTIMES)
     if not legacy and not unified:
         raise RecipeNotApplicable(
             f"{recipe.config} cannot ship for {architecture}: ModelOpt writes no TensorRT-LLM checkpoint for "
@@ -218,29 +234,31 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     if model.dtype != dtype:
         model = model.to(dtype)
     model.config.dtype = dtype  # the exporters read the dtype from the config
-    started = time.perf_counter()
-    fake_quant_ppl = windows_ppl(_model_logits(model, held_out), held_out)
-    timings["fake_quant_eval_s"] = time.perf_counter() - started
+    fp4_on_cpu = recipe.config in FP4_CONFIGS and device == "cpu"
+    with nvfp4_fake_quant_on_cpu(model) if fp4_on_cpu else contextlib.nullcontext():
+        started = time.perf_counter()
+        fake_quant_ppl = windows_ppl(_model_logits(model, held_out), held_out)
+        timings["fake_quant_eval_s"] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    exports = {}
-    if plan["trtllm"]:
-        from pipeline.runtimes.checkpoint_emulation import SOURCE_CONFIG
+        started = time.perf_counter()
+        exports = {}
+        if plan["trtllm"]:
+            from pipeline.runtimes.checkpoint_emulation import SOURCE_CONFIG
 
-        shutil.copy2(Path(source_dir) / "config.json", out_dir / SOURCE_CONFIG)  # the emulation's HF model
-        with export_side_effects_undone(model):
+            shutil.copy2(Path(source_dir) / "config.json", out_dir / SOURCE_CONFIG)  # the emulation's HF model
             exports["trtllm"] = export_trtllm(model, plan["decoder"], dtype, out_dir / TRTLLM_DIR, source_dir)
-    if plan["hf"]:
-        exports["hf"] = export_hf(model, dtype, out_dir / HF_DIR, source_dir)
-        exports["hf"]["runs_on"] = UNIFIED_RUNTIMES[recipe.config]
-    timings["export_s"] = time.perf_counter() - started
+        if plan["hf"]:
+            exports["hf"] = export_hf(model, dtype, out_dir / HF_DIR, source_dir)
+            exports["hf"]["runs_on"] = UNIFIED_RUNTIMES[recipe.config]
+        timings["export_s"] = time.perf_counter() - started
     del model
     log(f"exported {', '.join(exports)} checkpoint(s); fake-quant ppl {fake_quant_ppl:.4f} on "
         f"{len(held_out)} held-out windows")
 
     started = time.perf_counter()
     crosscheck = {"windows": len(held_out), "window_tokens": recipe.crosscheck_seq_len,
-                  "fake_quant_ppl": fake_quant_ppl, "limit": recipe.max_crosscheck_ppl_gap, "exports": {}}
+                  "fake_quant_ppl": fake_quant_ppl, "limit": recipe.max_crosscheck_ppl_gap, "exports": {},
+                  "fake_quant": FP4_CPU_FAKE_QUANT if fp4_on_cpu else "ModelOpt's quantizers"}
     for layout, facts in exports.items():
         emulated = emulated_ppl(out_dir / facts["dir"], held_out, threads)
         gap = abs(emulated / fake_quant_ppl - 1)
@@ -305,6 +323,48 @@ def _calibrate(model, config: dict[str, Any], windows: list[list[int]]):
     return mtq.quantize(model, config, forward_loop)
 
 
+# ModelOpt 0.47 fake-quantizes NVFP4 only on a CUDA GPU (its triton kernel or CUDA extension);
+# on a CPU host its quantizers run ModelOpt's own NVFP4 tensor arithmetic, which the export writes
+FP4_CONFIGS = ("NVFP4_DEFAULT_CFG",)
+NVFP4_BLOCK = 16
+CPU_FP4_BACKEND = "qpipe_nvfp4_cpu"
+FP4_CPU_FAKE_QUANT = ("ModelOpt's quantizers with its NVFP4QTensor quantize/dequantize on the CPU (its "
+                      "NVFP4 fake-quant kernel needs a CUDA GPU)")
+
+
+def nvfp4_fake_quantize(inputs, quantizer):
+    """ModelOpt's NVFP4 quantize-dequantize of `inputs` through its ``NVFP4QTensor`` (fp4 e2m1
+    in blocks of 16, fp8 block scales, the quantizer's amax / (6 x 448) as the global scale),
+    as a quantizer backend (``register_quant_backend``)."""
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    global_scale = NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer(quantizer)
+    packed, block_scale, global_scale = NVFP4QTensor.quantize(inputs, NVFP4_BLOCK,
+                                                              weights_scaling_factor_2=global_scale)
+    return packed.dequantize(dtype=inputs.dtype, scale=block_scale, double_scale=global_scale,
+                             block_sizes={-1: NVFP4_BLOCK})
+
+
+@contextlib.contextmanager
+def nvfp4_fake_quant_on_cpu(model) -> Iterator[None]:
+    """Every enabled fp4 quantizer of the model runs ``nvfp4_fake_quantize`` inside the block."""
+    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (register_quant_backend,
+                                                                         unregister_quant_backend)
+
+    quantizers = [module for name, module in model.named_modules()
+                  if name.endswith("_quantizer") and getattr(module, "num_bits", None) == (2, 1)
+                  and getattr(module, "is_enabled", False)]
+    register_quant_backend(CPU_FP4_BACKEND, nvfp4_fake_quantize)
+    for quantizer in quantizers:
+        quantizer.backend = CPU_FP4_BACKEND
+    try:
+        yield
+    finally:
+        for quantizer in quantizers:
+            quantizer.backend = None
+        unregister_quant_backend(CPU_FP4_BACKEND)
+
+
 def _model_logits(model, windows: list[list[int]]) -> Iterator[np.ndarray]:
     import torch
 
@@ -328,31 +388,6 @@ def emulated_ppl(checkpoint_dir: Path, windows: list[list[int]], threads: int) -
 
     with checkpoint_emulation.open_session(checkpoint_dir, threads=threads) as session:
         return windows_ppl(session.window_logits(np.asarray(windows)), windows)
-
-
-@contextlib.contextmanager
-def export_side_effects_undone(model) -> Iterator[None]:
-    """The model's config and every quantizer's buffers (amax, smoothing scales) as they were
-    before the block.
-
-    ModelOpt 0.47's TensorRT-LLM exporter sets the weight amax of the layers it fuses (q/k/v,
-    gate/up under FP8) to their maximum in the model it is given, and adds keys to its config
-    (as ``export_trtllm`` does rope_theta); an HF export made after it would inherit both.
-    Measured on SmolLM2-135M: FP8 changes 90 weight amaxes and no other tensor, INT8
-    SmoothQuant and weight-only none. Keeping these small objects replaces a copy of the whole
-    model (a test shows the HF checkpoint is byte for byte the one exported beside a copy)."""
-    quantizers = {name: module for name, module in model.named_modules() if name.endswith("_quantizer")}
-    kept = {name: {key: buffer.clone() for key, buffer in module.named_buffers(recurse=False)}
-            for name, module in quantizers.items()}
-    config = copy.deepcopy(model.config.__dict__)
-    try:
-        yield
-    finally:
-        for name, buffers in kept.items():
-            for key, buffer in buffers.items():
-                setattr(quantizers[name], key, buffer)
-        model.config.__dict__.clear()  # in place: the model's submodules hold the same config
-        model.config.__dict__.update(config)
 
 
 def export_trtllm(model, decoder: str, dtype, export_dir: Path, source_dir: Path) -> dict[str, Any]:
@@ -428,7 +463,8 @@ def artifact_path(build_dir: Path) -> Path:
 
 
 # scale tensors of both layouts (TensorRT-LLM's *_scaling_factor; the unified checkpoint's)
-_SCALE_SUFFIXES = ("scaling_factor", "weight_scale", "input_scale", "k_scale", "v_scale", "pre_quant_scale")
+_SCALE_SUFFIXES = ("scaling_factor", "weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale",
+                   "pre_quant_scale")
 _EMBEDDINGS = ("transformer.vocab_embedding.weight", "model.embed_tokens.weight")
 
 
@@ -437,7 +473,10 @@ def bits_per_weight(build_dir: Path) -> float:
     from pipeline.files import safetensors_table
 
     table = safetensors_table(artifact_path(build_dir))
-    weights = sum(math.prod(shape) for name, shape, _ in table if not name.endswith(_SCALE_SUFFIXES))
+    # an NVFP4 weight (the one with a weight_scale_2) packs two fp4 codes a byte
+    packed = {name.removesuffix("_scale_2") for name, _, _ in table if name.endswith(".weight_scale_2")}
+    weights = sum(math.prod(shape) * (2 if name in packed else 1) for name, shape, _ in table
+                  if not name.endswith(_SCALE_SUFFIXES))
     return 8 * sum(size for _, _, size in table) / weights
 
 
@@ -468,16 +507,24 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
 
 
 def build_engine(recipe: Recipe, build_dir: Path, out_dir: Path, log) -> dict[str, Any]:
-    """A TensorRT engine of the build's TensorRT-LLM checkpoint, in ``out_dir/<sm>-trt<version>/``
-    with the tokenizer beside it; or ``not_run`` and why (exit 3 instead with ``engine.build:
-    required``)."""
+    """A TensorRT engine of the build's legacy TensorRT-LLM checkpoint (the INT8 recipes), in
+    ``out_dir/<sm>-trt<version>/`` with the tokenizer beside it; or ``not_run`` and why (exit 3
+    instead with ``engine.build: required``). A unified checkpoint needs no engine: TensorRT-LLM's
+    PyTorch backend loads it."""
     from pipeline.errors import HostLacks
     from pipeline.files import artifact_bytes, read_json, verify_artifact
     from pipeline.runtimes import tensorrt_llm
 
     if recipe.engine.build == "never":
         return {"status": "not_run", "reason": "the recipe says engine.build: never"}
-    reason = tensorrt_llm.unavailable_reason()
+    if recipe.config in UNIFIED_EXPORT_CONFIGS:
+        reason = (f"no engine: {recipe.config} ships the unified checkpoint ({HF_DIR}/), which "
+                  f"{UNIFIED_RUNTIMES[recipe.config]} load directly")
+        if recipe.engine.build == "required":
+            raise BadInput(f"an engine was required, but {reason}", where=recipe.where("engine.build"),
+                           fix="set engine.build: auto (or never) for this recipe")
+        return {"status": "not_run", "reason": reason}
+    reason = tensorrt_llm.engine_unavailable_reason()
     if reason:
         if recipe.engine.build == "required":
             raise HostLacks(f"an engine was required, but {reason}", where=recipe.where("engine.build"),
@@ -593,43 +640,57 @@ def _engine(build_dir: Path | None) -> dict[str, Any] | None:
     return record if record and record.get("status") == "ok" else None
 
 
-def _native(build_dir: Path | None) -> bool:
-    """TensorRT-LLM can run this build's engine here."""
+def _unified(build_dir: Path) -> bool:
+    return artifact_path(build_dir).name == HF_DIR
+
+
+def _quant_algo(checkpoint_dir: Path) -> str | None:
+    return json.loads((checkpoint_dir / "hf_quant_config.json").read_text())["quantization"].get("quant_algo")
+
+
+def backend_unavailable_reason(build_dir: Path | None) -> str | None:
+    """Why TensorRT-LLM cannot serve this build here: its PyTorch backend for a unified checkpoint
+    (and a Blackwell GPU for NVFP4), its engine backend and a built engine for a legacy one."""
     from pipeline.runtimes import tensorrt_llm
 
-    return _engine(build_dir) is not None and tensorrt_llm.unavailable_reason() is None
+    if build_dir is None or _unified(build_dir):
+        reason = tensorrt_llm.unavailable_reason()
+        if reason is None and build_dir is not None and _quant_algo(artifact_path(build_dir)) == "NVFP4":
+            reason = tensorrt_llm.nvfp4_unavailable_reason()
+        return reason
+    reason = tensorrt_llm.engine_unavailable_reason()
+    if reason:
+        return reason
+    record = _engine_record(build_dir)
+    if record is None:
+        return "no engine record: run `qpipe engine <recipe>` (the engine@R stage) first"
+    return None if record.get("status") == "ok" else record.get("reason")
 
 
 def runtime_name(build_dir: Path | None = None) -> str:
     from pipeline.runtimes import checkpoint_emulation, tensorrt_llm
 
-    if _native(build_dir):
-        return f"{tensorrt_llm.name()} engine"
+    if backend_unavailable_reason(build_dir) is None:
+        return tensorrt_llm.name() if build_dir is None or _unified(build_dir) else tensorrt_llm.engine_name()
     if build_dir is None:
         return checkpoint_emulation.name()
     return checkpoint_emulation.describe(artifact_path(build_dir))
 
 
-def _scoring_runtime(build_dir: Path):
-    """(runtime, what it loads, its tokenizer_dir) for this build here: the TensorRT-LLM engine
-    where one was built and TensorRT-LLM runs, else the checkpoint emulation of the files."""
+def open_session(build_dir: Path, threads: int, gpu_layers: int):
+    """TensorRT-LLM where it serves this build here (the PyTorch backend on the unified
+    checkpoint, else the engine, with the source checkpoint's tokenizer and config), else the
+    checkpoint emulation of the files; `gpu_layers` is llama.cpp's."""
+    from pipeline import layout
     from pipeline.runtimes import checkpoint_emulation, tensorrt_llm
 
-    if _native(build_dir):
-        return tensorrt_llm, _engine_path(build_dir), artifact_path(build_dir)
-    return checkpoint_emulation, artifact_path(build_dir), None
-
-
-def open_session(build_dir: Path, threads: int, gpu_layers: int):
-    """The engine or the emulation places the whole model on one device: `gpu_layers` is llama.cpp's."""
-    runtime, model, tokenizer_dir = _scoring_runtime(build_dir)
-    return runtime.open_session(model, threads=threads, tokenizer_dir=tokenizer_dir)
-
-
-def _engine_path(build_dir: Path) -> Path:
-    from pipeline import layout
-
-    return layout.engine_dir(Path(build_dir).name) / _engine(build_dir)["path"]
+    checkpoint = artifact_path(build_dir)
+    if backend_unavailable_reason(build_dir) is not None:
+        return checkpoint_emulation.open_session(checkpoint, threads=threads)
+    if _unified(build_dir):
+        return tensorrt_llm.open_session(checkpoint, threads=threads)
+    engine_dir = layout.engine_dir(Path(build_dir).name) / _engine(build_dir)["path"]
+    return tensorrt_llm.open_engine_session(engine_dir, threads=threads, tokenizer_dir=layout.SOURCE_DIR)
 
 
 def tokenize(build_dir: Path, text: str) -> list[int]:
@@ -640,40 +701,18 @@ def tokenize(build_dir: Path, text: str) -> list[int]:
 
 def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
                    threads: int, concurrency: int, gpu_layers: int) -> dict[str, Any]:
-    """The unquantized checkpoint as a TensorRT engine, built the same way as the quantized ones:
-    ModelOpt's exporter writes the unquantized (bf16) TensorRT-LLM checkpoint, with the same
-    RoPE-base fix as the quantized builds, and trtllm-build builds it."""
-    import tempfile
-
-    import torch
-
+    """The unquantized checkpoint served by TensorRT-LLM's PyTorch backend, which loads it as it
+    is, with the same prompt and settings as the quantized ones."""
     from pipeline.runtimes import tensorrt_llm
-    from pipeline.runtimes.transformers import load_causal_lm
 
-    with tempfile.TemporaryDirectory() as scratch:
-        model = load_causal_lm(Path(source_dir), dtype=torch.bfloat16)
-        checkpoint = Path(scratch) / "checkpoint"
-        export_trtllm(model, decoder_type(type(model).__name__, str(source_dir)), torch.bfloat16, checkpoint,
-                      source_dir)
-        del model
-        engine_dir = Path(scratch) / "engine"
-        _trtllm_build(checkpoint, engine_dir, EngineKnobs(), log=lambda _: None)
-        with tensorrt_llm.open_session(engine_dir, threads=threads, tokenizer_dir=Path(source_dir)) as session:
-            measured = session.measure_speed(prompt, gen_tokens=gen_tokens, repeats=repeats, warmup=warmup,
-                                             concurrency=concurrency)
-    return {"artifact": "unquantized checkpoint (TensorRT-LLM engine, bf16)", **measured}
+    with tensorrt_llm.open_session(Path(source_dir), threads=threads) as session:
+        measured = session.measure_speed(prompt, gen_tokens=gen_tokens, repeats=repeats, warmup=warmup,
+                                         concurrency=concurrency)
+    return {"artifact": "unquantized checkpoint (TensorRT-LLM PyTorch backend)", **measured}
 
 
 def speed_unavailable_reason(build_dir: Path | None = None) -> str | None:
-    from pipeline.runtimes import tensorrt_llm
-
-    reason = tensorrt_llm.unavailable_reason()
-    if reason or build_dir is None:
-        return reason
-    record = _engine_record(build_dir)
-    if record is None:
-        return "no engine record: run `qpipe engine <recipe>` (the engine@R stage) first"
-    return None if record.get("status") == "ok" else record.get("reason")
+    return backend_unavailable_reason(build_dir)
 
 
 def accuracy_unavailable_reason(build_dir: Path | None = None) -> str | None:

@@ -32,6 +32,15 @@ The arithmetic, per ``quant_algo`` (scales are dequantization scales, real = cod
   int8 codes x per-output-channel ``weights_scaling_factor``.
 - ``W8A16`` (weight-only): weight = int8 codes x per-output-channel scale; the input is not
   quantized.
+- ``NVFP4`` (the unified checkpoint only): the weight is stored as fp4 e2m1 codes, two a byte
+  (the even element in the low nibble; bit 3 of a code is its sign), with an fp8 e4m3 scale per
+  block of 16 input values (``weight_scale``) and an fp32 per-tensor ``weight_scale_2``:
+  weight = e2m1(code) x weight_scale[block] x weight_scale_2 (ModelOpt's
+  ``NVFP4QTensor.dequantize``). The input is quantized the same way per block of 16 along the
+  hidden dimension, with the per-tensor ``input_scale`` as its global scale and each block's
+  scale computed from the block (TensorRT-LLM's fp4_quantize): s = e4m3(min(amax / (6 x
+  input_scale), 448)), x = e2m1(x / (s x input_scale)) x s x input_scale, rounding to the
+  nearest e2m1 value, ties to the even code, saturating at 6.
 - ``kv_cache_quant_algo: FP8``: keys (after RoPE) and values are quantized to e4m3 with the
   layer's ``kv_cache_scaling_factor`` before attention, as a cache would store them.
 
@@ -54,11 +63,20 @@ import torch
 from pipeline.errors import BadInput
 
 FP8_E4M3_MAX = 448.0
+E2M1_MAX = 6.0
+NVFP4_BLOCK = 16
+# the fp4 e2m1 value of each 4-bit code (bit 3: the sign)
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+# magnitudes between two e2m1 values; a tie goes to the even code, which is the upper value at
+# 0.75, 1.75 and 3.5
+E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+E2M1_TIES_UP = (False, True, False, True, False, True, False)
 # quant_algo -> what the emulation does with it; None is an unquantized checkpoint
 QUANT_ALGOS = {
     "FP8": "fp8 e4m3 weights and activations, per-tensor scales",
     "W8A8_SQ_PER_CHANNEL": "SmoothQuant int8 weights per channel, int8 activations per tensor",
     "W8A16": "int8 weights per channel, bf16 activations",
+    "NVFP4": "fp4 e2m1 weights and activations, fp8 e4m3 scales per block of 16 and a per-tensor scale",
 }
 KV_CACHE_ALGOS = {None: "bf16 KV cache", "FP8": "fp8 e4m3 KV cache"}
 # ModelOpt decoder types whose legacy TensorRT-LLM tensor names this module maps back to HF modules
@@ -213,6 +231,39 @@ def fake_quantize_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale).round().clamp(-128, 127) * scale
 
 
+def dequantize_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """[out, in] fp32 weight from [out, in/2] packed e2m1 codes, [out, in/16] e4m3 block scales
+    and the per-tensor scale."""
+    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1).long()
+    values = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=packed.device)[codes]
+    scales = block_scale.float() * global_scale.float().reshape(())
+    return (values.reshape(*scales.shape, NVFP4_BLOCK) * scales.unsqueeze(-1)).reshape(values.shape)
+
+
+def round_to_e2m1(magnitude: torch.Tensor) -> torch.Tensor:
+    """Non-negative values rounded to the nearest e2m1 magnitude (ties to the even code), at most 6."""
+    bounds = torch.tensor(E2M1_BOUNDS, dtype=magnitude.dtype, device=magnitude.device)
+    index = torch.bucketize(magnitude, bounds)  # a value on a bound goes to the lower side
+    for position, (bound, up) in enumerate(zip(E2M1_BOUNDS, E2M1_TIES_UP)):
+        if up:
+            index = index + ((magnitude == bound) & (index == position)).long()
+    return torch.tensor(E2M1_VALUES[:8], dtype=magnitude.dtype, device=magnitude.device)[index]
+
+
+def fake_quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """Quantize to e2m1 in blocks of 16 along the last dimension, each block's e4m3 scale from
+    its own amax over the per-tensor ``global_scale``, and back, in fp32."""
+    shape = x.shape
+    global_scale = global_scale.float().reshape(())
+    blocks = x.float().reshape(*shape[:-1], shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
+    block_amax = blocks.abs().amax(dim=-1, keepdim=True)
+    block_scale = (block_amax / (E2M1_MAX * global_scale)).clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    scale = block_scale.float() * global_scale
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    quantized = torch.sign(blocks) * round_to_e2m1(blocks.abs() / safe) * scale
+    return quantized.reshape(shape)
+
+
 class EmulatedLinear(torch.nn.Module):
     """y = quantize(x * smoothing) @ dequantize(codes, scale).T (+ bias) in fp32, rounded to the
     model's dtype. It holds the stored codes (1 byte a weight) and their scales, and
@@ -221,16 +272,18 @@ class EmulatedLinear(torch.nn.Module):
 
     def __init__(self, codes: torch.Tensor, weight_scale: torch.Tensor, *, input_format: str | None,
                  input_scale: torch.Tensor | None, smoothing: torch.Tensor | None, out_dtype: torch.dtype,
-                 bias: torch.Tensor | None = None):
+                 bias: torch.Tensor | None = None, weight_scale_2: torch.Tensor | None = None):
         super().__init__()
-        self.register_buffer("codes", codes, persistent=False)  # fp8 e4m3 or int8, as stored
+        self.register_buffer("codes", codes, persistent=False)  # fp8 e4m3, int8 or packed e2m1, as stored
         self.register_buffer("weight_scale", weight_scale, persistent=False)
         self.register_buffer("input_scale", input_scale, persistent=False)
         self.register_buffer("smoothing", smoothing, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
+        self.register_buffer("weight_scale_2", weight_scale_2, persistent=False)
         self.input_format = input_format
         self.out_dtype = out_dtype
-        self.out_features, self.in_features = codes.shape
+        self.out_features = codes.shape[0]
+        self.in_features = codes.shape[1] * (2 if input_format == "nvfp4" else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -240,23 +293,31 @@ class EmulatedLinear(torch.nn.Module):
             x = fake_quantize_fp8(x, self.input_scale)
         elif self.input_format == "int8":
             x = fake_quantize_int8(x, self.input_scale)
-        weight = dequantize(self.codes, self.weight_scale)
+        elif self.input_format == "nvfp4":
+            x = fake_quantize_nvfp4(x, self.input_scale)
+        if self.input_format == "nvfp4":
+            weight = dequantize_nvfp4(self.codes, self.weight_scale, self.weight_scale_2)
+        else:
+            weight = dequantize(self.codes, self.weight_scale)
         return torch.nn.functional.linear(x, weight, self.bias).to(self.out_dtype)
 
 
-INPUT_FORMAT = {"FP8": "fp8", "W8A8_SQ_PER_CHANNEL": "int8", "W8A16": None}
+INPUT_FORMAT = {"FP8": "fp8", "W8A8_SQ_PER_CHANNEL": "int8", "W8A16": None, "NVFP4": "nvfp4"}
+# the stored dtype of each quant_algo's weight codes
+CODE_DTYPES = {"FP8": torch.float8_e4m3fn, "W8A8_SQ_PER_CHANNEL": torch.int8, "W8A16": torch.int8,
+               "NVFP4": torch.uint8}
 
 
 def linear_from_tensors(tensors: dict[str, Any], quant_algo: str | None, out_dtype: torch.dtype) -> torch.nn.Module:
     """One Linear from its stored tensors (weight, bias, weight_scale, input_scale, smoothing)."""
     weight, bias = tensors["weight"], tensors.get("bias")
-    if weight.dtype not in (torch.float8_e4m3fn, torch.int8):
+    if weight.dtype not in set(CODE_DTYPES.values()):
         linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
         linear.weight.data = weight
         if bias is not None:
             linear.bias.data = bias.to(weight.dtype)
         return linear
-    if quant_algo not in QUANT_ALGOS:
+    if quant_algo not in QUANT_ALGOS or weight.dtype != CODE_DTYPES[quant_algo]:
         raise UnsupportedCheckpoint(f"a {weight.dtype} weight in a checkpoint whose quant_algo is {quant_algo!r}",
                                     where="quantization", fix="re-export the checkpoint")
     input_format = INPUT_FORMAT[quant_algo]
@@ -267,6 +328,7 @@ def linear_from_tensors(tensors: dict[str, Any], quant_algo: str | None, out_dty
         smoothing=tensors.get("smoothing"),
         out_dtype=out_dtype,
         bias=bias,
+        weight_scale_2=tensors.get("weight_scale_2"),
     )
 
 
@@ -286,7 +348,7 @@ TRTLLM_SUFFIXES = {"weight": "weight", "bias": "bias", "weights_scaling_factor":
 KV_SCALE_NAMES = {"attention.kv_cache_scaling_factor": "kv", "attention.k_cache_scaling_factor": "k",
                   "attention.v_cache_scaling_factor": "v"}
 HF_SUFFIXES = {"weight": "weight", "bias": "bias", "weight_scale": "weight_scale", "input_scale": "input_scale",
-               "pre_quant_scale": "smoothing"}
+               "weight_scale_2": "weight_scale_2", "pre_quant_scale": "smoothing"}
 
 
 def _load_tensors(checkpoint_dir: Path) -> dict[str, Any]:

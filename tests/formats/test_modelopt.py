@@ -18,10 +18,10 @@ def test_unknown_config_lists_the_valid_ones(project):
     write(project / "recipes/bad.yaml", "format: modelopt\nconfig: FP8_FAST_CFG\n")
     with pytest.raises(BadInput, match="unknown ModelOpt config 'FP8_FAST_CFG'") as info:
         load_recipe("bad")
-    assert "use one of FP8_DEFAULT_CFG, INT8_SMOOTHQUANT_CFG, INT8_WEIGHT_ONLY_CFG" in info.value.what
+    assert "use one of FP8_DEFAULT_CFG, NVFP4_DEFAULT_CFG, INT8_SMOOTHQUANT_CFG, INT8_WEIGHT_ONLY_CFG" in info.value.what
     assert info.value.where == "recipes/bad.yaml: config"
-    write(project / "recipes/bad.yaml", "format: modelopt\nconfig: NVFP4_DEFAULT_CFG\n")
-    with pytest.raises(BadInput, match="NVFP4_DEFAULT_CFG is not built by qpipe: NVFP4 quantizers need a CUDA GPU"):
+    write(project / "recipes/bad.yaml", "format: modelopt\nconfig: W4A16_NVFP4_CFG\n")
+    with pytest.raises(BadInput, match="W4A16_NVFP4_CFG is not built by qpipe: only NVFP4_DEFAULT_CFG"):
         load_recipe("bad")
     write(project / "recipes/bad.yaml", "format: modelopt\nconfig: INT4_AWQ_CFG\n")
     with pytest.raises(BadInput, match="INT4_AWQ_CFG is not built by qpipe: its W4A16_AWQ export has no emulation"):
@@ -73,7 +73,10 @@ def test_the_export_plan_follows_what_modelopt_writes_for_the_family():
     from pipeline.errors import RecipeNotApplicable
 
     assert modelopt.export_plan(recipe(config="FP8_DEFAULT_CFG"), "Qwen2ForCausalLM", "c") == {
-        "decoder": "qwen", "trtllm": True, "hf": True, "scored": "trtllm_checkpoint"}
+        "decoder": "qwen", "trtllm": False, "hf": True, "scored": "hf_checkpoint"}
+    assert modelopt.export_plan(recipe(config="NVFP4_DEFAULT_CFG"), "Phi3ForCausalLM", "c")["scored"] == "hf_checkpoint"
+    assert modelopt.export_plan(recipe(config="INT8_SMOOTHQUANT_CFG"), "LlamaForCausalLM", "c") == {
+        "decoder": "llama", "trtllm": True, "hf": False, "scored": "trtllm_checkpoint"}
     assert modelopt.export_plan(recipe(config="INT8_WEIGHT_ONLY_CFG"), "LlamaForCausalLM", "c")["hf"] is False
     assert modelopt.export_plan(recipe(config="INT8_WEIGHT_ONLY_CFG"), "Gemma2ForCausalLM", "c") == {
         "decoder": "gemma2", "trtllm": False, "hf": True, "scored": "hf_checkpoint"}
@@ -92,31 +95,25 @@ def fp8_build(tiny_llama, tmp_path_factory):
     return out, facts
 
 
-def test_fp8_build_writes_both_checkpoints_as_documented(fp8_build):
+def test_fp8_build_writes_the_unified_checkpoint_as_documented(fp8_build):
     from safetensors import safe_open
 
     out, facts = fp8_build
-    trtllm = json.loads((out / "trtllm_checkpoint/config.json").read_text())
-    assert trtllm["quantization"]["quant_algo"] == "FP8"
-    assert trtllm["quantization"]["kv_cache_quant_algo"] == "FP8"
-    assert trtllm["rotary_base"] == 10000.0  # the tiny model's RoPE base, carried over explicitly
-    assert trtllm["dtype"] == "bfloat16"
-    with safe_open(out / "trtllm_checkpoint/rank0.safetensors", "pt") as handle:
-        dtypes = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}
-        shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}
-    assert dtypes["transformer.layers.0.attention.qkv.weight"] == "F8_E4M3"
-    assert shapes["transformer.layers.0.attention.qkv.weight"] == [64 + 2 * 32, 64]  # q + k + v rows
-    assert dtypes["transformer.layers.1.mlp.proj.weights_scaling_factor"] == "F32"
-    assert dtypes["transformer.vocab_embedding.weight"] == "BF16"
-    assert "transformer.layers.1.attention.kv_cache_scaling_factor" in dtypes
+    assert not (out / "trtllm_checkpoint").exists()  # FP8 ships for TensorRT-LLM's PyTorch backend
     hf = json.loads((out / "hf_checkpoint/config.json").read_text())
     assert hf["quantization_config"]["quant_method"] == "modelopt"
-    assert json.loads((out / "hf_checkpoint/hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "FP8"
-    for directory in ("trtllm_checkpoint", "hf_checkpoint"):
-        assert (out / directory / "tokenizer.json").is_file()
+    quant = json.loads((out / "hf_checkpoint/hf_quant_config.json").read_text())["quantization"]
+    assert (quant["quant_algo"], quant["kv_cache_quant_algo"]) == ("FP8", "FP8")
+    with safe_open(out / "hf_checkpoint/model.safetensors", "pt") as handle:
+        dtypes = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}
+    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == "F8_E4M3"
+    assert dtypes["model.layers.1.mlp.down_proj.weight_scale"] == "F32"
+    assert "model.layers.1.self_attn.k_proj.k_scale" in dtypes
+    assert dtypes["model.embed_tokens.weight"] == "BF16"
+    assert (out / "hf_checkpoint/tokenizer.json").is_file()
     assert facts["calibration"] == {"samples": 2, "seq_len": 32, "tokens": 64, "device": "cpu",
                                     "text": str(facts["calibration"]["text"])}
-    assert set(facts["exports"]) == {"trtllm", "hf"}
+    assert set(facts["exports"]) == {"hf"} and facts["crosscheck"]["fake_quant"] == "ModelOpt's quantizers"
 
 
 def test_exported_files_agree_with_the_fake_quant_model(fp8_build):
@@ -133,40 +130,12 @@ def test_the_build_loads_the_source_in_its_stored_dtype(fp8_build, tiny_llama):
     assert facts["calibration_dtype"] == "bfloat16"  # never widened to fp32
 
 
-def test_undoing_the_exporters_side_effects_gives_the_checkpoints_of_a_copy_byte_for_byte(tiny_llama, tmp_path):
-    """The old build handed the TensorRT-LLM exporter a deep copy of the model; undoing that
-    export's changes to the model must give the same HF checkpoint."""
-    import copy
-
-    import torch
-    from transformers import AutoTokenizer
-
-    fp8 = recipe(config="FP8_DEFAULT_CFG", kv_cache="fp8", calibration_samples=2, calibration_seq_len=32)
-    calibration, _ = modelopt.split_calibration_text(AutoTokenizer.from_pretrained(tiny_llama),
-                                                     tiny_llama.parent / "calibration.txt", fp8, 2)
-    model = modelopt._calibrate(modelopt.load_calibration_model(tiny_llama, "cpu"), modelopt.quant_config(fp8),
-                                calibration)
-    model.config.dtype = torch.bfloat16
-    twin = copy.deepcopy(model)
-    modelopt.export_trtllm(copy.deepcopy(twin), "llama", torch.bfloat16, tmp_path / "copy-trtllm", tiny_llama)
-    modelopt.export_hf(twin, torch.bfloat16, tmp_path / "copy-hf", tiny_llama)
-    amax = {name: buffer.clone() for name, buffer in model.named_buffers() if name.endswith("_amax")}
-    with modelopt.export_side_effects_undone(model):
-        modelopt.export_trtllm(model, "llama", torch.bfloat16, tmp_path / "kept-trtllm", tiny_llama)
-        unified = [name for name, buffer in model.named_buffers() if name in amax and not torch.equal(buffer, amax[name])]
-    assert unified, "the exporter no longer unifies fused scales in place: the guard may go"
-    modelopt.export_hf(model, torch.bfloat16, tmp_path / "kept-hf", tiny_llama)
-    for layout in ("trtllm", "hf"):
-        for written in sorted((tmp_path / f"copy-{layout}").iterdir()):
-            assert (tmp_path / f"kept-{layout}" / written.name).read_bytes() == written.read_bytes(), written.name
-
-
 def test_gates_score_the_checkpoint_through_the_emulation_here(fp8_build):
     import numpy as np
 
     out, _ = fp8_build
     assert modelopt.accuracy_unavailable_reason(out) is None
-    assert modelopt.runtime_name(out).startswith("emulated:trtllm checkpoint FP8 + fp8 e4m3 KV cache")
+    assert modelopt.runtime_name(out).startswith("emulated:hf checkpoint FP8 + fp8 e4m3 KV cache")
     assert "TensorRT-LLM is not installed" in modelopt.speed_unavailable_reason(out)
     with modelopt.open_session(out, 1, -1) as session:
         (logits,) = session.window_logits(np.array([[1, 2, 3, 4, 5]]))
@@ -274,3 +243,112 @@ def test_the_w8a16_handover_keeps_the_checkpoints_codes_in_tensorrt_llms_layout(
     assert torch.equal(converted["transformer.ln_f.weight"], torch.ones(32, dtype=torch.bfloat16))
     assert facts["layers"] == 1 and facts["scale_dtype"] == "bfloat16"
     assert 0 < facts["largest_scale_rounding"] <= 2 ** -8  # bf16 keeps 8 significant bits
+
+
+NVFP4_RECIPE = {"config": "NVFP4_DEFAULT_CFG", "kv_cache": "fp8", "calibration_samples": 2, "calibration_seq_len": 32,
+                "crosscheck_windows": 2, "max_crosscheck_ppl_gap": 0.05}
+
+
+@pytest.fixture(scope="module")
+def nvfp4_build(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nvfp4") / "build"
+    out.mkdir()
+    facts = modelopt.build(recipe(**NVFP4_RECIPE), source_dir=tiny_llama,
+                           calibration_text=tiny_llama.parent / "calibration.txt", out_dir=out, threads=1,
+                           log=lambda _: None)
+    return out, facts
+
+
+def test_nvfp4_builds_on_the_cpu_and_its_files_agree_with_modelopts_fake_quant(nvfp4_build):
+    from safetensors import safe_open
+
+    out, facts = nvfp4_build
+    quant = json.loads((out / "hf_checkpoint/hf_quant_config.json").read_text())["quantization"]
+    assert (quant["quant_algo"], quant["kv_cache_quant_algo"], quant["group_size"]) == ("NVFP4", "FP8", 16)
+    with safe_open(out / "hf_checkpoint/model.safetensors", "pt") as handle:
+        table = {name: (handle.get_slice(name).get_dtype(), handle.get_slice(name).get_shape()) for name in handle.keys()}
+    assert table["model.layers.0.mlp.down_proj.weight"] == ("U8", [64, 96])  # [out, in / 2]: two codes a byte
+    assert table["model.layers.0.mlp.down_proj.weight_scale"] == ("F8_E4M3", [64, 12])  # a scale per 16 inputs
+    assert table["model.layers.0.mlp.down_proj.weight_scale_2"][0] == "F32"
+    assert facts["crosscheck"]["fake_quant"] == modelopt.FP4_CPU_FAKE_QUANT
+    assert facts["crosscheck"]["exports"]["hf"]["gap"] <= facts["crosscheck"]["limit"]
+    assert not (out / "trtllm_checkpoint").exists()
+    assert modelopt.runtime_name(out).startswith("emulated:hf checkpoint NVFP4 + fp8 e4m3 KV cache")
+
+
+def test_the_emulation_reads_nvfp4_weights_as_modelopt_dequantizes_them(nvfp4_build):
+    import torch
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+    from safetensors.torch import load_file
+
+    from pipeline.runtimes import checkpoint_emulation
+
+    out, _ = nvfp4_build
+    tensors = load_file(out / "hf_checkpoint/model.safetensors")
+    packed = [name for name, tensor in tensors.items() if tensor.dtype == torch.uint8]
+    assert len(packed) == 2 * 7  # every Linear of both layers; lm_head is left in bf16
+    for name in packed:
+        prefix = name.removesuffix(".weight")
+        codes, block, per_tensor = tensors[name], tensors[prefix + ".weight_scale"], tensors[prefix + ".weight_scale_2"]
+        shape = torch.Size([codes.shape[0], 2 * codes.shape[1]])
+        theirs = NVFP4QTensor(shape, torch.float32, codes).dequantize(dtype=torch.float32, scale=block,
+                                                                      double_scale=per_tensor, block_sizes={-1: 16})
+        assert torch.equal(checkpoint_emulation.dequantize_nvfp4(codes, block, per_tensor), theirs), name
+
+
+def test_the_emulations_fp4_activations_round_as_modelopts_nvfp4_tensor():
+    import torch
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    from pipeline.runtimes import checkpoint_emulation
+
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0])
+    assert checkpoint_emulation.round_to_e2m1(ties).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 64, generator=generator) * torch.logspace(-2, 1, 64)
+    global_scale = x.abs().amax() / (6 * 448)
+    packed, block, per_tensor = NVFP4QTensor.quantize(x, 16, weights_scaling_factor_2=global_scale)
+    theirs = packed.dequantize(dtype=torch.float32, scale=block, double_scale=per_tensor, block_sizes={-1: 16})
+    assert torch.equal(checkpoint_emulation.fake_quantize_nvfp4(x, global_scale), theirs)
+
+
+def test_a_wrong_stored_nvfp4_scale_fails_the_build(tiny_llama, tmp_path, monkeypatch):
+    """The cross-check reads the files as written: a per-tensor scale stored 10x too large (the
+    fake-quant model keeps the right one) fails the build."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.errors import QpipeError
+
+    export_hf = modelopt.export_hf
+
+    def export_with_a_wrong_scale(model, dtype, export_dir, source_dir):
+        facts = export_hf(model, dtype, export_dir, source_dir)
+        path = export_dir / "model.safetensors"
+        tensors = load_file(path)
+        tensors = {name: tensor * 10 if name.endswith("weight_scale_2") else tensor for name, tensor in tensors.items()}
+        save_file(tensors, path, metadata={"format": "pt"})
+        return facts
+
+    # the tiny model's random weights scaled up, so that its next-token distributions are far
+    # from uniform and a wrong scale moves its perplexity
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    sharp = tmp_path / "sharp"
+    shutil.copytree(tiny_llama, sharp)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                parameter.mul_(4)
+    model.save_pretrained(sharp)
+    calibration = tiny_llama.parent / "calibration.txt"
+    right = modelopt.build(recipe(**NVFP4_RECIPE), source_dir=sharp, calibration_text=calibration,
+                           out_dir=tmp_path / "right", threads=1, log=lambda _: None)["crosscheck"]
+    assert right["exports"]["hf"]["gap"] <= right["limit"]
+    monkeypatch.setattr(modelopt, "export_hf", export_with_a_wrong_scale)
+    with pytest.raises(QpipeError, match="does not compute what ModelOpt calibrated"):
+        modelopt.build(recipe(**NVFP4_RECIPE), source_dir=sharp, calibration_text=calibration,
+                       out_dir=tmp_path / "wrong", threads=1, log=lambda _: None)
