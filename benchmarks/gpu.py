@@ -1,10 +1,14 @@
-"""GGUF on a GPU host: the default recipes gated with offload, and a production-shaped model
-placed against the GPU's bandwidth roofline.
+"""The GPU paths on a lent GPU host: the default recipes built and gated there, and a
+production-shaped model placed against the GPU's bandwidth roofline.
 
-1. `dvc repro` builds and gates the GGUF recipes of params.yaml. llama.cpp puts params
-   `speed.n_gpu_layers` layers on the GPU (-1 = all) where its build offloads. Each gate
-   result gives the device, the offloaded layers, decode tok/s, the roofline fraction from the
-   GPU's measured copy bandwidth, and the mean KLD.
+1. `dvc repro` builds and gates every recipe of params.yaml (`--formats` narrows it). llama.cpp
+   puts params `speed.n_gpu_layers` layers on the GPU (-1 = all) where its build offloads; AWQ
+   runs on vLLM and FP8 / NVFP4 on TensorRT-LLM's PyTorch backend where they are installed (and
+   NVFP4 on a Blackwell GPU), INT8 on a TensorRT-LLM 1.2.x engine; elsewhere the gate scores the
+   files through transformers or the checkpoint emulation, on the GPU, and says why its speed is
+   not_run. Each row gives the runtime, the device, decode tok/s, the roofline fraction from the
+   GPU's measured copy bandwidth, the mean KLD and where it was scored (`scoring_device`: the
+   GPU path of the accuracy gate).
 2. A synthetic model with Llama-3-8B's dimensions (hidden 4096, 32 layers, 32 heads / 8 KV
    heads, FFN 14336, vocabulary 128256):
    - random weights are made on this machine and written as an f16 GGUF with gguf-py;
@@ -16,7 +20,7 @@ placed against the GPU's bandwidth roofline.
 Run it from the project root, with llama-cpp-python built for CUDA (README: "GGUF gates on a
 GPU"):
 
-    python benchmarks/gpu.py [--skip-pipeline] [--dims llama3-8b|tiny] [--allow-cpu]
+    python benchmarks/gpu.py [--skip-pipeline] [--formats gguf awq modelopt] [--dims llama3-8b|tiny] [--allow-cpu]
 
 `--dims tiny --allow-cpu` checks the script itself on a CPU host; it writes no results file.
 """
@@ -107,21 +111,31 @@ def write_synthetic_gguf(path: Path, dims: dict, label: str) -> None:
     writer.close()
 
 
-def pipeline_rows(log) -> list[dict]:
-    """Build and gate every GGUF recipe of params.yaml with `dvc repro`; one row per gate result."""
-    recipes = [name for name in load_params().recipes if formats.load_recipe(name).format == "gguf"]
-    log(f"dvc repro of {len(recipes)} GGUF recipes: {', '.join(recipes)}")
-    subprocess.run(["dvc", "repro", *(f"gate@{name}" for name in recipes)], check=True)
+def pipeline_rows(format_names: list[str], log) -> list[dict]:
+    """Build and gate the recipes of params.yaml in `format_names` with `dvc repro` (--keep-going:
+    a recipe whose runtime fails is a row saying so); one row per gate result."""
+    recipes = [name for name in load_params().recipes if formats.load_recipe(name).format in format_names]
+    log(f"dvc repro of {len(recipes)} recipes: {', '.join(recipes)}")
+    subprocess.run(["dvc", "repro", "--keep-going", *(f"gate@{name}" for name in recipes)], check=False)
     rows = []
     for name in recipes:
+        if not layout.gate_file(name).is_file():
+            rows.append({"model": "the project's model", "artifact": name, "runtime": "-", "device": None,
+                         "offloaded": "-", "decode_tok_s": None, "roofline_tok_s": None, "roofline_fraction": None,
+                         "prefill_tok_s": None, "mean_kld": None, "note": "no gate result: see dvc repro's log"})
+            continue
         result = json.loads(layout.gate_file(name).read_text())
-        section = result["speed"]
-        rows.append({"model": "the project's model", "artifact": name, "device": section.get("device"),
-                     "offloaded": f"{section.get('offloaded_layers')}/{section.get('layers')}",
+        section, accuracy = result["speed"], result.get("accuracy") or {}
+        note = result["verdict"] + (f"; scored on {accuracy['scoring_device']}" if accuracy.get("scoring_device") else "")
+        if section.get("status") == "not_run":
+            note += f"; speed not run: {section.get('reason')}"
+        rows.append({"model": "the project's model", "artifact": name,
+                     "runtime": section.get("runtime") or accuracy.get("runtime") or "-",
+                     "device": section.get("device") or accuracy.get("device"),
+                     "offloaded": f"{section.get('offloaded_layers', '-')}/{section.get('layers', '-')}",
                      "decode_tok_s": section.get("decode_tok_s"), "roofline_tok_s": section.get("roofline_tok_s"),
                      "roofline_fraction": section.get("roofline_fraction"),
-                     "prefill_tok_s": section.get("prefill_tok_s"),
-                     "mean_kld": (result.get("accuracy") or {}).get("mean_kld"), "note": result["verdict"]})
+                     "prefill_tok_s": section.get("prefill_tok_s"), "mean_kld": accuracy.get("mean_kld"), "note": note})
     return rows
 
 
@@ -150,7 +164,7 @@ def synthetic_rows(dims_name: str, host_info: dict, speed_params, threads: int, 
             section = speed_gate.section(measured, runtime=llama_cpp.name(), prompt_tokens=len(prompt),
                                          gen_tokens=speed_params.gen_tokens, threads=threads, bandwidth=bandwidth,
                                          bytes_per_token=gguf.decode_bytes_per_token(build_dir, context))
-            rows.append({"model": label, "artifact": qtype, "device": section["device"],
+            rows.append({"model": label, "artifact": qtype, "runtime": llama_cpp.name(), "device": section["device"],
                          "offloaded": f"{section['offloaded_layers']}/{section['layers']}",
                          "decode_tok_s": section["decode_tok_s"], "roofline_tok_s": section["roofline_tok_s"],
                          "roofline_fraction": section["roofline_fraction"],
@@ -164,10 +178,11 @@ def figure(value, template: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | artifact | device | layers on GPU | decode tok/s | roofline tok/s | of roofline "
-             "| prefill tok/s | mean KLD | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | artifact | runtime | device | layers on GPU | decode tok/s | roofline tok/s | of roofline "
+             "| prefill tok/s | mean KLD | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(" | ".join(["", row["model"], row["artifact"], row["device"] or "-", row["offloaded"],
+        lines.append(" | ".join(["", row["model"], row["artifact"], row["runtime"], row["device"] or "-",
+                                 row["offloaded"],
                                  figure(row["decode_tok_s"], "{:.1f}"), figure(row["roofline_tok_s"], "{:.0f}"),
                                  figure(row["roofline_fraction"], "{:.0%}"), figure(row["prefill_tok_s"], "{:.0f}"),
                                  figure(row["mean_kld"], "{:.4f}"), row["note"], ""]).strip())
@@ -177,6 +192,8 @@ def table(rows: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-pipeline", action="store_true", help="only the synthetic model")
+    parser.add_argument("--formats", nargs="+", default=["gguf", "awq", "modelopt"],
+                        help="the formats whose recipes of params.yaml are built and gated")
     parser.add_argument("--dims", choices=sorted(DIMS), default="llama3-8b")
     parser.add_argument("--allow-cpu", action="store_true", help="run without GPU offload (checks the script)")
     args = parser.parse_args()
@@ -191,17 +208,17 @@ def main() -> int:
     host_info = host.probe()
     speed_params = load_params().speed
     threads = host.worker_threads(speed_params.threads, host_info["cpu"])
-    rows = [] if args.skip_pipeline else pipeline_rows(log)
+    rows = [] if args.skip_pipeline else pipeline_rows(args.formats, log)
     rows += synthetic_rows(args.dims, host_info, speed_params, threads, log)
     gpu = host_info["gpus"][0] if host_info["gpus"] else None
     device = gpu["name"] if gpu else host_info["cpu"]["model"]
     bandwidth = host_info["bandwidth"]
-    header = [f"# GGUF on {device}, {date.today().isoformat()}", "",
+    header = [f"# The GPU paths on {device}, {date.today().isoformat()}", "",
               f"- host: {device}" + (f", {gpu['memory_gb']} GB, CC {gpu['compute_capability']}, driver "
                                      f"{gpu['driver']}, CUDA {gpu.get('cuda')}" if gpu else " (no GPU)"),
               f"- bandwidth: GPU {bandwidth.get('gpu_gb_s')} GB/s ({bandwidth.get('gpu_method')}); "
               f"CPU {bandwidth['gb_s']} GB/s ({bandwidth['method']})",
-              f"- runtime: {llama_cpp.name()}; speed params: {speed_params.prompt_tokens}-token prompt, "
+              f"- llama.cpp: {llama_cpp.name()}; speed params: {speed_params.prompt_tokens}-token prompt, "
               f"{speed_params.gen_tokens} generated, {speed_params.repeats} repeats, n_gpu_layers "
               f"{speed_params.n_gpu_layers}",
               f"- command: python benchmarks/gpu.py {' '.join(sys.argv[1:])}".rstrip(), ""]
