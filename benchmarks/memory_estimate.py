@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 from typing import Iterator
 
 import scratch_project
@@ -71,21 +73,30 @@ def main() -> None:
     parser.add_argument("--model", default="embedded:smollm2-135m", help="params model.source")
     parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES)
     parser.add_argument("--windows", type=int, default=8, help="reference.windows (x 512 tokens)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch project (default: deleted at the end)")
     args = parser.parse_args()
 
     root = scratch_project.create({"model": {"source": args.model}, "recipes": args.recipes,
                                    "reference": {"windows": args.windows}})
+    try:
+        print_rows(args.model, args.recipes, root)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+            print(f"(deleted the scratch project, {root}; --keep keeps it)")
+
+
+def print_rows(model: str, recipes: list[str], root: Path) -> None:
     env = scratch_project.env()
     for stage in (["host"], ["source"], ["corpus"]):
         measured(["qpipe", *stage], root, env)
     source = json.loads((root / "artifacts/source/source.json").read_text())
-    print(f"model: {args.model} ({source['architectures']}, {source['parameters'] / 1e6:.1f}M parameters)")
+    print(f"model: {model} ({source['architectures']}, {source['parameters'] / 1e6:.1f}M parameters)")
     print(f"{'stage':<26} {'estimate GB':>11} {'peak RSS GB':>11} {'estimate/peak':>13} {'seconds':>8}")
-    for label, estimate_gb, peak_gb, seconds in stage_rows(root, args.recipes, env):
+    for label, estimate_gb, peak_gb, seconds in stage_rows(root, recipes, env):
         if estimate_gb is not None:
             print(f"{label:<26} {estimate_gb:11.2f} {peak_gb:11.2f} {estimate_gb / peak_gb:13.2f} {seconds:8.1f}",
                   flush=True)
-    print(f"(scratch project: {root})")
 
 
 if __name__ == "__main__":

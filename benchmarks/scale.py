@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -163,7 +165,9 @@ def main() -> None:
     parser.add_argument("model", choices=sorted(PUBLISHED))
     parser.add_argument("--layers", type=int, help="keep the first N layers (default: all)")
     parser.add_argument("--recipes", nargs="+", help="default: the recipes in params.yaml")
-    parser.add_argument("--workdir", type=Path, help="where the checkpoint and project go (default: a temp dir)")
+    parser.add_argument("--workdir", type=Path, help="where the checkpoint and project go and stay (default: a temp "
+                        "dir, deleted at the end unless --keep)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (10-40 GB at an 8B model's shape)")
     parser.add_argument("--config-only", type=Path, metavar="DIR",
                         help="only write the model's config.json to DIR (for `qpipe doctor --checkpoint DIR`)")
     args = parser.parse_args()
@@ -174,10 +178,21 @@ def main() -> None:
         return
 
     recipes = args.recipes or yaml.safe_load((scratch_project.REPO / "params.yaml").read_text())["recipes"]
-    root = scratch_project.create({"recipes": recipes, **PARAMS}, args.workdir and args.workdir / "project")
-    checkpoint = root.parent / f"{args.model}-synthetic" if args.workdir is None else args.workdir / "checkpoint"
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="qpipe-scale-"))
+    try:
+        measure(args.model, args.layers, recipes, workdir)
+    finally:
+        if args.workdir is None and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+            print(f"(deleted the scratch checkpoint and project, {workdir}; --keep keeps them)")
+
+
+def measure(model: str, keep_layers: int | None, recipes: list[str], workdir: Path) -> None:
+    """The synthetic checkpoint and a scratch project in `workdir`, every stage run and printed."""
+    root = scratch_project.create({"recipes": recipes, **PARAMS}, workdir / "project")
+    checkpoint = workdir / "checkpoint"
     started = time.perf_counter()
-    fields = write_checkpoint(args.model, checkpoint, args.layers)
+    fields = write_checkpoint(model, checkpoint, keep_layers)
     layers = fields["num_hidden_layers"]
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["model"]["source"] = str(checkpoint)
@@ -189,8 +204,8 @@ def main() -> None:
     for stage in (["host"], ["source"], ["corpus"]):
         memory_estimate.measured(["qpipe", *stage], root, env)
     source = json.loads((root / "artifacts/source/source.json").read_text())
-    depth = f"{layers} of {PUBLISHED[args.model]['num_hidden_layers']} layers"
-    print(f"{args.model}, synthetic (random bf16 weights: accuracy figures mean nothing), {depth}, "
+    depth = f"{layers} of {PUBLISHED[model]['num_hidden_layers']} layers"
+    print(f"{model}, synthetic (random bf16 weights: accuracy figures mean nothing), {depth}, "
           f"{source['parameters'] / 1e9:.2f}B parameters; checkpoint written in {time.perf_counter() - started:.0f} s")
     print(f"windows {PARAMS['reference']['windows']} x {PARAMS['reference']['window_tokens']}, reference in "
           f"{PARAMS['reference']['dtype']}; calibration {RECIPE_CHANGES}")
