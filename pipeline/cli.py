@@ -202,31 +202,28 @@ def report_command():
 
 @app.command("check")
 @stage
-def check_command():
-    """Exit 1 naming every recipe whose verdict is not pass (fail, or a required gate not run)."""
+def check_command(allow_not_judged: bool = typer.Option(
+        False, "--allow-not-judged", help="exit 0 although a relative limit could not be judged (its recipe is "
+                                          "still listed `not judged`, never `pass`)")):
+    """Exit 1 naming every recipe whose verdict is not pass (fail, a required gate not run, a
+    relative limit not judged), judged from the gate results themselves."""
     from pipeline import layout
-    from pipeline.errors import BadInput, GateFailed
-    from pipeline.files import read_json
+    from pipeline.errors import GateFailed
+    from pipeline.gates import load_results
 
     params = _params()
-    path = layout.REPORT_DIR / "tradeoff.json"
-    if not path.is_file():
-        raise BadInput("no report", where=str(path), fix="run `qpipe report` (or `dvc repro`) first")
-    rows = {r["recipe"]: r for r in read_json(path)["rows"]}
-    missing = [name for name in params.recipes if name not in rows]
-    if missing:
-        raise BadInput(f"the report lacks recipes {', '.join(missing)}", where=str(path), fix="run `dvc repro`")
     failed = []
-    for name in params.recipes:
-        r = rows[name]
-        if r["verdict"] == "pass":
+    for result in load_results(params.recipes):
+        name = result["recipe"]
+        if result["verdict"] == "pass":
             log(f"pass  {name}")
-        else:
+            continue
+        if not (allow_not_judged and result["verdict"] == "not_judged"):
             failed.append(name)
-            log(f"{r['verdict'].upper():<5} {name}: {'; '.join(r['reasons'])}")
+        log(f"{result['verdict'].upper().replace('_', ' '):<5} {name}: {'; '.join(result['reasons'])}")
     if failed:
         raise GateFailed(f"{len(failed)} of {len(params.recipes)} artifacts did not pass: {', '.join(failed)}",
-                         where=str(path), fix="see the reasons above; raise a limit only with a reason")
+                         where=str(layout.GATES_DIR), fix="see the reasons above; raise a limit only with a reason")
 
 
 @app.command("compare")

@@ -247,7 +247,54 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
             raise BadInput(f"limits are set for recipe {name!r}, which `recipes` does not list",
                            where=f"{path}: limits.{name}",
                            fix=f"use one of: {', '.join(params.recipes) or '(no recipes listed)'}")
+    refuse_relative_cycle(params, path)
     return params
+
+
+def refuse_relative_cycle(params: Params, path: Path = PARAMS_FILE) -> None:
+    """Exit 2 naming every key of a cycle of relative limits (a recipe relative to one that is,
+    through any chain, relative to it): no limit of the cycle could ever be judged. Each
+    recipe's relative limits are its file's (recipes/ beside params.yaml) with params `limits`
+    applied; a recipe file that is missing or does not validate is left to the recipe stage."""
+    anchors = {name: _relative_anchors(name, params, path) for name in params.recipes}
+    state: dict[str, str] = {}  # name -> "open" while on the path, "done" after
+
+    def visit(name: str, trail: list[tuple[str, str, str]]) -> None:
+        state[name] = "open"
+        for key, (target, where) in sorted(anchors.get(name, {}).items()):
+            step = trail + [(name, key, where)]
+            if state.get(target) == "open":
+                cycle = step[next(i for i, (recipe, _, _) in enumerate(step) if recipe == target):]
+                chain = " -> ".join(f"{recipe} {key_}" for recipe, key_, _ in cycle) + f" -> {target}"
+                raise BadInput(f"relative limits form a cycle ({chain}): none of them can be judged",
+                               where=" and ".join(where_ for _, _, where_ in cycle),
+                               fix="make one limit of the cycle a number, or relative to a recipe outside it")
+            if state.get(target) is None and target in anchors:
+                visit(target, step)
+        state[name] = "done"
+
+    for name in params.recipes:
+        if name not in state:
+            visit(name, [])
+
+
+def _relative_anchors(name: str, params: Params, path: Path) -> dict[str, tuple[str, str]]:
+    """limit key -> (the recipe it is relative to, where it is set) for recipe `name`."""
+    recipe_file = Path(path).parent / RECIPES_DIR / f"{name}.yaml"
+    anchors: dict[str, tuple[str, str]] = {}
+    try:
+        gates = GateLimits.model_validate(read_yaml_mapping(recipe_file).get("gates") or {}) \
+            if recipe_file.is_file() else GateLimits()
+    except (BadInput, ValidationError):
+        gates = GateLimits()
+    override = params.limits.get(name)
+    given = {key: getattr(override, key) for key in override.model_fields_set} if override else {}
+    for key in LIMIT_KEYS:
+        limit = given[key] if key in given else getattr(gates, key)
+        if isinstance(limit, RelativeLimit):
+            where = f"{path}: limits.{name}.{key}" if key in given else f"{recipe_file}: gates.{key}"
+            anchors[key] = (limit.relative_to, where)
+    return anchors
 
 
 # ---------------------------------------------------------------- helpers

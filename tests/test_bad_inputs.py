@@ -55,7 +55,7 @@ def garbage_bin(ckpt):
 
 
 CASES = {
-    # name: (set-up(tmp_path, project root), command, exit code, text the line must hold)
+    # name: (set-up(tmp_path, project root), command, exit code, text (or texts) the line must hold)
     "unknown recipe key": (lambda t, r: write(r / "recipes/broken.yaml", "format: gguf\ntype: Q4_K_M\nbits: 4\n"),
                            ["build", "broken"], 2, "broken.yaml: bits"),
     "unknown format": (lambda t, r: write(r / "recipes/broken.yaml", "format: onnx\n"),
@@ -70,6 +70,11 @@ CASES = {
         lambda t, r: write(r / "params.yaml", "recipes: [gguf-q8_0]\nlimits:\n  gguf-q8_0:\n"
                                               "    max_mean_kld: {relative_to: gguf-q4_0}\n"),
         ["corpus"], 2, "limits.gguf-q8_0.max_mean_kld"),
+    "relative limits in a cycle": (
+        lambda t, r: write(r / "params.yaml", "recipes: [gguf-q8_0, gguf-q4_0]\nlimits:\n"
+                                              "  gguf-q8_0: {max_mean_kld: {relative_to: gguf-q4_0, factor: 2}}\n"
+                                              "  gguf-q4_0: {max_mean_kld: {relative_to: gguf-q8_0, factor: 2}}\n"),
+        ["gate", "gguf-q4_0"], 2, ("limits.gguf-q8_0.max_mean_kld", "limits.gguf-q4_0.max_mean_kld")),
     "no checkpoint directory": (lambda t, r: params_with_source(r, t / "nowhere"), ["source"], 2, "model.source"),
     "no config.json": (lambda t, r: source_case(t, r, lambda c: (c / "config.json").unlink()),
                        ["source"], 2, "ckpt"),
@@ -99,7 +104,7 @@ def test_bad_input_gets_one_line_its_exit_code_and_leaves_nothing(name, project,
     lines = result.output.strip().splitlines()
     assert result.exit_code == code, result.output
     assert "Traceback" not in result.output and lines[-1].startswith("error: ")
-    assert names in lines[-1]
+    assert all(text in lines[-1] for text in ((names,) if isinstance(names, str) else names)), lines[-1]
     after = {p for p in (project / "artifacts").rglob("*")} if (project / "artifacts").exists() else set()
     assert not [p for p in after - before if ".partial-" in p.name or p.suffix == ".tmp"]
     assert not [p for p in after - before if p.name in ("source.json", "build.json", "reference.json")]
