@@ -300,9 +300,33 @@ def _relative_anchors(name: str, params: Params, path: Path) -> dict[str, tuple[
 # ---------------------------------------------------------------- helpers
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def read_text(path: Path, named_by: str | None = None) -> str:
+    """A text file the user gives (params, a recipe, the corpus, task data, a checkpoint's
+    config) as UTF-8, a leading byte-order mark dropped. Anything else is exit 2 naming the file,
+    what names it (`named_by`, e.g. ``params.yaml: corpus.evaluation_file``), and the byte offset
+    and line of the first byte that does not decode: no other encoding is guessed, since a wrong
+    guess would quietly change the text."""
+    data = Path(path).read_bytes()
+    skipped = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
+    try:
+        return data[skipped:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = skipped + exc.start
+        line = data[:offset].count(b"\n") + 1
+        binary = b"\x00" in data[:8192]
+        raise BadInput(f"{'a binary file, ' if binary else ''}not UTF-8 text: byte 0x{data[offset]:02x} at byte offset "
+                       f"{offset} (line {line}) does not decode ({exc.reason})",
+                       where=f"{path}" + (f" ({named_by})" if named_by else ""),
+                       fix="point it at a text file" if binary else
+                           "convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(read_text(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

@@ -25,6 +25,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import read_text
 from pipeline.errors import BadInput, HostLacks
 from pipeline.files import atomic_dir, sha256_tree
 
@@ -182,7 +183,7 @@ def validate_checkpoint(path: Path) -> None:
         raise BadInput("no config.json in the checkpoint directory", where=str(path),
                        fix="point model.source at a Hugging Face checkpoint (save_pretrained output)")
     try:
-        json.loads(config.read_text())
+        json.loads(read_text(config))
     except json.JSONDecodeError as exc:
         raise BadInput(f"config.json is not valid JSON ({exc.msg})", where=str(config),
                        fix="restore the file from the original checkpoint") from None
@@ -194,8 +195,14 @@ def validate_checkpoint(path: Path) -> None:
         check_safetensors(shard)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        missing = {v for v in json.loads(index.read_text()).get("weight_map", {}).values()
-                   if not (path / v).is_file()}
+        try:
+            weight_map = json.loads(read_text(index))["weight_map"]
+            shard_names = {str(v) for v in weight_map.values()}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise BadInput(f"the safetensors index is not a JSON object with a weight_map of tensor -> shard "
+                           f"({type(exc).__name__})", where=str(index),
+                           fix="restore the file from the original checkpoint") from None
+        missing = {v for v in shard_names if not (path / v).is_file()}
         if missing:
             raise BadInput(f"shards named in the index are missing: {', '.join(sorted(missing))}",
                            where=str(index), fix="copy every shard of the checkpoint")

@@ -54,6 +54,28 @@ def garbage_bin(ckpt):
     (ckpt / "pytorch_model.bin").write_bytes(b"\x80\x02garbage" * 10)
 
 
+def corpus_files(root, tmp_path, evaluation: bytes, suffix=".txt"):
+    write(tmp_path / "cal.txt", "calibration text\n")
+    (tmp_path / f"eval{suffix}").write_bytes(evaluation)
+    text = (root / "params.yaml").read_text().replace(
+        "source: embedded:pydoc", f"source: files\n  calibration_file: {tmp_path / 'cal.txt'}\n"
+                                  f"  evaluation_file: {tmp_path / f'eval{suffix}'}", 1)
+    (root / "params.yaml").write_text(text)
+
+
+def latin1_config(ckpt):
+    text = (ckpt / "config.json").read_text()
+    (ckpt / "config.json").write_bytes(text.replace('"llama"}', '"llama", "_name_or_path": "caf\xe9"}').encode("latin-1"))
+
+
+def task_data_not_utf8(root):
+    from tests.lm_eval_tasks import PARAMS, write_tasks
+
+    tasks = write_tasks(root)
+    (tasks / "gen.jsonl").write_bytes((tasks / "gen.jsonl").read_bytes().replace(b"Paris", b"P\xe2ris"))
+    (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("tasks: []\n", PARAMS))
+
+
 CASES = {
     # name: (set-up(tmp_path, project root), command, exit code, text (or texts) the line must hold)
     "unknown recipe key": (lambda t, r: write(r / "recipes/broken.yaml", "format: gguf\ntype: Q4_K_M\nbits: 4\n"),
@@ -75,6 +97,18 @@ CASES = {
                                               "  gguf-q8_0: {max_mean_kld: {relative_to: gguf-q4_0, factor: 2}}\n"
                                               "  gguf-q4_0: {max_mean_kld: {relative_to: gguf-q8_0, factor: 2}}\n"),
         ["gate", "gguf-q4_0"], 2, ("limits.gguf-q8_0.max_mean_kld", "limits.gguf-q4_0.max_mean_kld")),
+    "evaluation text not UTF-8": (lambda t, r: corpus_files(r, t, b"\xf9\x00\x01binary" * 8), ["corpus"], 2,
+                                  ("eval.txt", "params.yaml: corpus.evaluation_file", "byte 0xf9 at byte offset 0")),
+    "a JSONL text field that is null": (lambda t, r: corpus_files(r, t, b'{"text": "fine"}\n{"text": null}\n',
+                                                                  ".jsonl"), ["corpus"], 2, ("eval.jsonl:2", "null")),
+    "params not UTF-8": (lambda t, r: (r / "params.yaml").write_bytes(b"recipes: []\n# caf\xe9\n"), ["corpus"], 2,
+                         ("params.yaml", "byte 0xe9")),
+    "config.json not UTF-8": (lambda t, r: source_case(t, r, latin1_config), ["source"], 2, "config.json"),
+    "safetensors index not JSON": (
+        lambda t, r: source_case(t, r, lambda c: write(c / "model.safetensors.index.json", "{weight_map")),
+        ["source"], 2, "model.safetensors.index.json"),
+    "task data not UTF-8": (lambda t, r: task_data_not_utf8(r), ["task-base"], 2,
+                            ("tasks/gen.jsonl", "task qpipe_gen", "tasks[1].name", "byte 0xe2")),
     "no checkpoint directory": (lambda t, r: params_with_source(r, t / "nowhere"), ["source"], 2, "model.source"),
     "no config.json": (lambda t, r: source_case(t, r, lambda c: (c / "config.json").unlink()),
                        ["source"], 2, "ckpt"),

@@ -247,3 +247,31 @@ def test_a_chain_of_relative_limits_and_one_to_an_unlisted_recipe_load(tmp_path)
                                     "  b: {max_mean_kld: {relative_to: c, factor: 2}}\n"
                                     "  c: {max_mean_kld: {relative_to: z, factor: 2}}\n")
     assert load_params(tmp_path / "params.yaml").recipes == ["a", "b", "c"]
+
+
+def test_a_text_file_is_utf8_with_an_optional_byte_order_mark(tmp_path):
+    from pipeline.config import read_text
+
+    assert read_text(write(tmp_path / "a.txt", "café\n")) == "café\n"
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfcaf\xc3\xa9")
+    assert read_text(tmp_path / "bom.txt") == "café"
+
+
+def test_text_in_another_encoding_names_the_file_the_byte_offset_and_line(tmp_path):
+    from pipeline.config import read_text
+
+    (tmp_path / "latin1.txt").write_bytes("line one\ncafé\n".encode("latin-1"))
+    error = error_of(lambda: read_text(tmp_path / "latin1.txt", "params.yaml: corpus.evaluation_file"))
+    assert "not UTF-8 text: byte 0xe9 at byte offset 12 (line 2)" in error.what
+    assert error.where == f"{tmp_path / 'latin1.txt'} (params.yaml: corpus.evaluation_file)" and "iconv" in error.fix
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfab\xf9")  # the offset counts the byte-order mark
+    assert "byte 0xf9 at byte offset 5" in error_of(lambda: read_text(tmp_path / "bom.txt")).what
+    (tmp_path / "model.bin").write_bytes(b"\xf9\x00\x01\x02")
+    error = error_of(lambda: read_text(tmp_path / "model.bin"))
+    assert error.what.startswith("a binary file, not UTF-8 text: byte 0xf9 at byte offset 0")
+
+
+def test_params_in_another_encoding_are_bad_input_naming_the_file(tmp_path):
+    (tmp_path / "params.yaml").write_bytes("recipes: []\n# café\n".encode("latin-1"))
+    error = error_of(lambda: load_params(tmp_path / "params.yaml"))
+    assert "not UTF-8" in error.what and error.where == str(tmp_path / "params.yaml")

@@ -90,6 +90,25 @@ def test_index_naming_a_missing_shard(tmp_path):
     refused(tmp_path, root, "model-2.safetensors")
 
 
+@pytest.mark.parametrize("index, message", [
+    ("not json", "the safetensors index is not a JSON object with a weight_map"),
+    ('{"metadata": {}}', r"with a weight_map of tensor -> shard \(KeyError\)"),
+    ('{"weight_map": ["model.safetensors"]}', r"\(AttributeError\)"),
+])
+def test_an_index_that_is_not_a_weight_map_is_refused(tmp_path, index, message):
+    error = refused(tmp_path, checkpoint(tmp_path, **{"model.safetensors.index.json": index}), message)
+    assert error.where.endswith("model.safetensors.index.json")
+
+
+def test_a_config_that_is_not_utf8_names_the_file_and_byte(tmp_path):
+    root = checkpoint(tmp_path)
+    text = (root / "config.json").read_text()
+    (root / "config.json").write_bytes(text.replace('"llama"}', '"llama", "_name_or_path": "caf\xe9"}')
+                                       .encode("latin-1"))
+    error = refused(tmp_path, root, "not UTF-8 text: byte 0xe9 at byte offset")
+    assert error.where.endswith("config.json")
+
+
 def test_an_architecture_transformers_does_not_know_is_refused(tmp_path):
     error = refused(tmp_path, checkpoint(tmp_path, model_type="nolm"), "does not know model_type 'nolm'")
     assert error.where.endswith("config.json: model_type") and "transformers" in error.fix
