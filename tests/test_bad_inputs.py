@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from pipeline import layout
 from pipeline.cli import app
 from tests.conftest import write
-from tests.test_source import checkpoint, safetensors_file
+from tests.test_source import checkpoint, latin1_config, safetensors_file
 
 runner = CliRunner()
 
@@ -63,9 +63,9 @@ def corpus_files(root, tmp_path, evaluation: bytes, suffix=".txt"):
     (root / "params.yaml").write_text(text)
 
 
-def latin1_config(ckpt):
-    text = (ckpt / "config.json").read_text()
-    (ckpt / "config.json").write_bytes(text.replace('"llama"}', '"llama", "_name_or_path": "caf\xe9"}').encode("latin-1"))
+def double_intermediate_size(ckpt):
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
 
 
 def task_data_not_utf8(root):
@@ -103,6 +103,9 @@ CASES = {
                                                                   ".jsonl"), ["corpus"], 2, ("eval.jsonl:2", "null")),
     "params not UTF-8": (lambda t, r: (r / "params.yaml").write_bytes(b"recipes: []\n# caf\xe9\n"), ["corpus"], 2,
                          ("params.yaml", "byte 0xe9")),
+    "a config that disagrees with its weights": (
+        lambda t, r: source_case(t, r, double_intermediate_size), ["source"], 2,
+        ("mlp.down_proj.weight", "config.json: intermediate_size", "in the weights, but config.json makes it")),
     "config.json not UTF-8": (lambda t, r: source_case(t, r, latin1_config), ["source"], 2, "config.json"),
     "safetensors index not JSON": (
         lambda t, r: source_case(t, r, lambda c: write(c / "model.safetensors.index.json", "{weight_map")),
