@@ -1,6 +1,7 @@
 """The bad-input corpus: every case a user has hit or could hit, through the qpipe command.
 
-Each case asserts the exit code (2 bad input, 3 the host lacks something, 4 a tool failed),
+Each case asserts the exit code (1 `check` refusing a result it cannot call a pass, 2 bad
+input, 3 the host lacks something, 4 a tool failed),
 one line without a traceback, that the line names the file or key, and that nothing
 half-written is left under artifacts/. The host cases sit beside the code they exercise: a
 stage that does not fit in memory (tests/test_memory.py), a full disk and a tool's unforeseen
@@ -76,6 +77,20 @@ def task_data_not_utf8(root):
     (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("tasks: []\n", PARAMS))
 
 
+def gated(root, params, *results):
+    """params.yaml, then gate results judged against it (tests/test_cli.py's gate_result: (recipe, limits))."""
+    from pipeline.config import GateLimits
+    from tests.test_cli import gate_result, write_gate_results
+
+    write(root / "params.yaml", params)
+    write_gate_results(*(gate_result(recipe, GateLimits(**limits)) for recipe, limits in results))
+
+
+def limits_edited_after_the_gate(root):
+    gated(root, "recipes: [gguf-q8_0]\n", ("gguf-q8_0", {"max_mean_kld": 0.1}))
+    write(root / "params.yaml", "recipes: [gguf-q8_0]\nlimits:\n  gguf-q8_0: {max_mean_kld: 0.001}\n")
+
+
 CASES = {
     # name: (set-up(tmp_path, project root), command, exit code, text (or texts) the line must hold)
     "unknown recipe key": (lambda t, r: write(r / "recipes/broken.yaml", "format: gguf\ntype: Q4_K_M\nbits: 4\n"),
@@ -112,6 +127,12 @@ CASES = {
         ["source"], 2, "model.safetensors.index.json"),
     "task data not UTF-8": (lambda t, r: task_data_not_utf8(r), ["task-base"], 2,
                             ("tasks/gen.jsonl", "task qpipe_gen", "tasks[1].name", "byte 0xe2")),
+    "check after a limits edit without dvc repro": (lambda t, r: limits_edited_after_the_gate(r), ["check"], 1,
+                                                    ("1 stale", "gguf-q8_0", "dvc repro")),
+    "a relative limit whose recipe is not in the run": (
+        lambda t, r: gated(r, "recipes: [gguf-q4_0]\n",
+                           ("gguf-q4_0", {"max_mean_kld": {"relative_to": "gguf-q8_0", "factor": 2}})),
+        ["check"], 1, "did not pass: gguf-q4_0"),
     "no checkpoint directory": (lambda t, r: params_with_source(r, t / "nowhere"), ["source"], 2, "model.source"),
     "no config.json": (lambda t, r: source_case(t, r, lambda c: (c / "config.json").unlink()),
                        ["source"], 2, "ckpt"),

@@ -1,7 +1,9 @@
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
+from pipeline import layout
 from pipeline.cli import app
 from tests.conftest import write
 
@@ -82,21 +84,25 @@ def test_reference_without_source_exits_2(project):
 
 
 def gate_result(recipe, limits, accuracy_kld=0.04, speed_ran=True):
-    """A gate result as the gate stage writes its checks and verdict (gates.verdict)."""
-    from pipeline.gates import verdict
+    """A gate result as the gate stage writes its checks, verdict and what it was judged against
+    (gates.verdict, gates.stale), its limits written as recipes/RECIPE.yaml; params.yaml first."""
+    import yaml
 
+    from pipeline.config import load_params
+    from pipeline.gates import stale, verdict
+
+    gates = limits.model_dump(mode="json", exclude_none=True)
+    write(Path("recipes") / f"{recipe}.yaml", yaml.safe_dump({"format": "gguf", "type": "Q8_0", "gates": gates}))
     sections = {"accuracy": {"status": "ok", "mean_kld": accuracy_kld, "ppl_ratio": 1.05},
                 "speed": {"status": "ok", "decode_tok_s": 90.0} if speed_ran else {"status": "not_run",
                                                                                    "reason": "no GPU"}}
     checks = verdict.evaluate(limits, sections)
     outcome, reasons = verdict.overall(limits.require, sections, checks)
     return {"recipe": recipe, "checks": checks, "require": limits.require, "verdict": outcome, "reasons": reasons,
-            **sections}
+            "judged_against": stale.current(recipe, load_params()), **sections}
 
 
 def write_gate_results(*results):
-    from pipeline import layout
-
     for result in results:
         write(layout.gate_file(result["recipe"]), json.dumps(result))
 
@@ -146,6 +152,29 @@ def test_check_judges_relative_limits_and_one_not_judged_fails_unless_allowed(pr
     alone = runner.invoke(app, ["check"])
     assert alone.exit_code == 1 and "NOT JUDGED q4: max_mean_kld: relative to q8, which has no gate result" in alone.output
     assert runner.invoke(app, ["check", "--allow-not-judged"]).exit_code == 0
+
+
+def test_check_names_a_result_judged_against_other_limits_or_params_as_stale(project):
+    from pipeline.config import GateLimits
+
+    write(project / "params.yaml", "recipes: [a, b]\n")
+    write_gate_results(gate_result("a", GateLimits(max_mean_kld=0.1)), gate_result("b", GateLimits(max_mean_kld=0.1)))
+    assert runner.invoke(app, ["check"]).exit_code == 0
+    write(project / "params.yaml", "recipes: [a, b]\nlimits:\n  a: {max_mean_kld: 0.01}\n")  # no dvc repro after
+    result = runner.invoke(app, ["check"])
+    assert result.exit_code == 1
+    assert "STALE a (verdict pass under what it was judged against): it was judged against other limits " \
+           "(recipes/a.yaml gates, params.yaml limits.a) than now" in result.output
+    assert "pass  b" in result.output
+    assert "1 of 2 artifacts did not pass (1 stale): a" in result.output and "fix: run `dvc repro`" in result.output
+    write(project / "params.yaml", "recipes: [a, b]\nspeed: {repeats: 5}\n")
+    assert "judged against other params.yaml `speed` than now" in runner.invoke(app, ["check"]).output
+    write(project / "params.yaml", "recipes: [a, b]\n")
+    old = json.loads(layout.gate_file("b").read_text())
+    del old["judged_against"]  # a result from before results recorded it
+    write(layout.gate_file("b"), json.dumps(old))
+    result = runner.invoke(app, ["check"])
+    assert result.exit_code == 1 and "STALE b" in result.output and "written by an older qpipe" in result.output
 
 
 def test_check_without_gate_results_names_the_missing_one(project):
