@@ -148,8 +148,12 @@ def against(revision: str, output: str, log=print) -> str:
     """The whole `qpipe compare --against REV` output."""
     from pipeline.compare import workspace_results
 
-    head = judged(workspace_results(), log)
+    from pipeline.compare import stale_workspace
+
+    head_entries = workspace_results()
+    head = judged(head_entries, log)
     if not head:
         raise BadInput("no gate results in the workspace", where=str(layout.GATES_DIR), fix="run `dvc repro` first")
+    stale_workspace(head_entries, log)
     base = judged(results_at(revision), log)
     return render(changes(base, head), revision, output)

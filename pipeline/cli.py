@@ -196,37 +196,43 @@ def report_command():
     from pipeline import layout, report
 
     params = _params()
-    rows = report.run(params.recipes, layout.REPORT_DIR, log=log)
+    rows = report.run(params, layout.REPORT_DIR, log=log)
     typer.echo((layout.REPORT_DIR / "tradeoff.md").read_text() if rows else "no recipes")
 
 
 @app.command("check")
 @stage
-def check_command():
-    """Exit 1 naming every recipe whose verdict is not pass (fail, or a required gate not run)."""
+def check_command(allow_not_judged: bool = typer.Option(
+        False, "--allow-not-judged", help="exit 0 although a relative limit could not be judged (its recipe is "
+                                          "still listed `not judged`, never `pass`)")):
+    """Exit 1 naming every recipe whose verdict is not pass (fail, a required gate not run, a
+    relative limit not judged) or whose gate result is stale (judged against other params or
+    limits than now), judged from the gate results themselves."""
     from pipeline import layout
-    from pipeline.errors import BadInput, GateFailed
-    from pipeline.files import read_json
+    from pipeline.errors import GateFailed
+    from pipeline.gates import load_results
+    from pipeline.gates.stale import FIX, stale_results
 
     params = _params()
-    path = layout.REPORT_DIR / "tradeoff.json"
-    if not path.is_file():
-        raise BadInput("no report", where=str(path), fix="run `qpipe report` (or `dvc repro`) first")
-    rows = {r["recipe"]: r for r in read_json(path)["rows"]}
-    missing = [name for name in params.recipes if name not in rows]
-    if missing:
-        raise BadInput(f"the report lacks recipes {', '.join(missing)}", where=str(path), fix="run `dvc repro`")
+    results = load_results(params.recipes)
+    stale = stale_results(results, params)
     failed = []
-    for name in params.recipes:
-        r = rows[name]
-        if r["verdict"] == "pass":
+    for result in results:
+        name = result["recipe"]
+        if name in stale:
+            failed.append(name)
+            log(f"STALE {name} (verdict {result['verdict']} under what it was judged against): {stale[name]}")
+        elif result["verdict"] == "pass":
             log(f"pass  {name}")
         else:
-            failed.append(name)
-            log(f"{r['verdict'].upper():<5} {name}: {'; '.join(r['reasons'])}")
+            if not (allow_not_judged and result["verdict"] == "not_judged"):
+                failed.append(name)
+            log(f"{result['verdict'].upper().replace('_', ' '):<5} {name}: {'; '.join(result['reasons'])}")
     if failed:
-        raise GateFailed(f"{len(failed)} of {len(params.recipes)} artifacts did not pass: {', '.join(failed)}",
-                         where=str(path), fix="see the reasons above; raise a limit only with a reason")
+        raise GateFailed(f"{len(failed)} of {len(params.recipes)} artifacts did not pass"
+                         + (f" ({len(stale)} stale)" if stale else "") + f": {', '.join(failed)}",
+                         where=str(layout.GATES_DIR), fix=FIX if len(stale) == len(failed) else
+                         "see the reasons above; raise a limit only with a reason" + (f"; {FIX}" if stale else ""))
 
 
 @app.command("compare")

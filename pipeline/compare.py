@@ -76,7 +76,21 @@ def load_rows(workspace_only: bool, log=print) -> list[dict[str, Any]]:
     if not kept:
         raise BadInput("no gate results" + (" this qpipe can read" if entries else ""), where=str(layout.GATES_DIR),
                        fix="upgrade qpipe" if entries else "run `dvc repro` first")
-    return compare_rows(kept)
+    return compare_rows(kept, stale_workspace(kept, log))
+
+
+def stale_workspace(entries: list[tuple[str, dict[str, Any]]], log) -> dict[str, str]:
+    """recipe -> why the workspace's result is stale against params.yaml and the recipes now
+    (``gates.stale``), each named through `log`. Commits and experiments are what `dvc repro`
+    made of their own params; only the workspace can hold results older than its params."""
+    from pipeline.config import load_params
+    from pipeline.gates.stale import FIX, stale_results
+
+    workspace = [result for label, result in entries if label == "workspace"]
+    stale = stale_results(workspace, load_params()) if workspace else {}
+    for name, reason in stale.items():
+        log(f"workspace {name} is stale: {reason}; {FIX}")
+    return stale
 
 
 def workspace_results() -> list[tuple[str, dict[str, Any]]]:
@@ -103,9 +117,12 @@ def readable(entries: list[tuple[str, dict[str, Any]]], log) -> list[tuple[str, 
     return kept
 
 
-def compare_rows(entries: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+def compare_rows(entries: list[tuple[str, dict[str, Any]]],
+                 stale: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Rows of the report's shape plus `experiment`; an artifact whose gate result is the same
-    in several experiments is one row listing all of them."""
+    in several experiments is one row listing all of them. `stale` (recipe -> why) marks the
+    workspace's stale results; a row is `stale` only when the result is stale wherever it is."""
+    stale = stale or {}
     from pipeline.gates import verdict
 
     by_experiment: dict[str, list[dict[str, Any]]] = {}  # relative limits are judged within one experiment
@@ -115,11 +132,14 @@ def compare_rows(entries: list[tuple[str, dict[str, Any]]]) -> list[dict[str, An
     seen: dict[str, dict[str, Any]] = {}
     for label, result in ((label, result) for label, results in by_experiment.items()
                           for result in verdict.resolve(results)):
-        row = {"experiment": label, "experiments": [label], **report.row(result, None)}
+        row = {"experiment": label, "experiments": [label], **report.row(result, None),
+               "stale": stale.get(result["recipe"]) if label == "workspace" else None}
         key = _candidate_key(label, result)
         if key in seen:
             seen[key]["experiments"].append(label)
             seen[key]["measurements"].append(row)
+            if not row["stale"]:
+                seen[key]["stale"] = None
             continue
         row["measurements"] = [{**row, "speed_noise": dict(row["speed_noise"])}]  # the pooled row's own noise changes
         seen[key] = row
@@ -264,7 +284,8 @@ def recommend(rows: list[dict[str, Any]], constraints: list[Constraint], objecti
             last_excluded = (what, dropped)
         remaining = kept
 
-    exclude(lambda r: None if r["verdict"] == "pass" else f"verdict {r['verdict']}", "verdict pass")
+    exclude(lambda r: f"stale: {r['stale']}" if r.get("stale") else
+            None if r["verdict"] == "pass" else f"verdict {r['verdict']}", "verdict pass")
     for constraint in constraints:
         exclude(constraint.broken_by, constraint.describe())
     exclude(lambda r: None if r.get(column) is not None else f"{column} not measured (objective {objective})",

@@ -247,15 +247,86 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
             raise BadInput(f"limits are set for recipe {name!r}, which `recipes` does not list",
                            where=f"{path}: limits.{name}",
                            fix=f"use one of: {', '.join(params.recipes) or '(no recipes listed)'}")
+    refuse_relative_cycle(params, path)
     return params
+
+
+def refuse_relative_cycle(params: Params, path: Path = PARAMS_FILE) -> None:
+    """Exit 2 naming every key of a cycle of relative limits (a recipe relative to one that is,
+    through any chain, relative to it): no limit of the cycle could ever be judged. Each
+    recipe's relative limits are its file's (recipes/ beside params.yaml) with params `limits`
+    applied; a recipe file that is missing or does not validate is left to the recipe stage."""
+    anchors = {name: _relative_anchors(name, params, path) for name in params.recipes}
+    state: dict[str, str] = {}  # name -> "open" while on the path, "done" after
+
+    def visit(name: str, trail: list[tuple[str, str, str]]) -> None:
+        state[name] = "open"
+        for key, (target, where) in sorted(anchors.get(name, {}).items()):
+            step = trail + [(name, key, where)]
+            if state.get(target) == "open":
+                cycle = step[next(i for i, (recipe, _, _) in enumerate(step) if recipe == target):]
+                chain = " -> ".join(f"{recipe} {key_}" for recipe, key_, _ in cycle) + f" -> {target}"
+                raise BadInput(f"relative limits form a cycle ({chain}): none of them can be judged",
+                               where=" and ".join(where_ for _, _, where_ in cycle),
+                               fix="make one limit of the cycle a number, or relative to a recipe outside it")
+            if state.get(target) is None and target in anchors:
+                visit(target, step)
+        state[name] = "done"
+
+    for name in params.recipes:
+        if name not in state:
+            visit(name, [])
+
+
+def _relative_anchors(name: str, params: Params, path: Path) -> dict[str, tuple[str, str]]:
+    """limit key -> (the recipe it is relative to, where it is set) for recipe `name`."""
+    recipe_file = Path(path).parent / RECIPES_DIR / f"{name}.yaml"
+    anchors: dict[str, tuple[str, str]] = {}
+    try:
+        gates = GateLimits.model_validate(read_yaml_mapping(recipe_file).get("gates") or {}) \
+            if recipe_file.is_file() else GateLimits()
+    except (BadInput, ValidationError):
+        gates = GateLimits()
+    override = params.limits.get(name)
+    given = {key: getattr(override, key) for key in override.model_fields_set} if override else {}
+    for key in LIMIT_KEYS:
+        limit = given[key] if key in given else getattr(gates, key)
+        if isinstance(limit, RelativeLimit):
+            where = f"{path}: limits.{name}.{key}" if key in given else f"{recipe_file}: gates.{key}"
+            anchors[key] = (limit.relative_to, where)
+    return anchors
 
 
 # ---------------------------------------------------------------- helpers
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def read_text(path: Path, named_by: str | None = None) -> str:
+    """A text file the user gives (params, a recipe, the corpus, task data, a checkpoint's
+    config) as UTF-8, a leading byte-order mark dropped. Anything else is exit 2 naming the file,
+    what names it (`named_by`, e.g. ``params.yaml: corpus.evaluation_file``), and the byte offset
+    and line of the first byte that does not decode: no other encoding is guessed, since a wrong
+    guess would quietly change the text."""
+    data = Path(path).read_bytes()
+    skipped = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
+    try:
+        return data[skipped:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = skipped + exc.start
+        line = data[:offset].count(b"\n") + 1
+        binary = b"\x00" in data[:8192]
+        raise BadInput(f"{'a binary file, ' if binary else ''}not UTF-8 text: byte 0x{data[offset]:02x} at byte offset "
+                       f"{offset} (line {line}) does not decode ({exc.reason})",
+                       where=f"{path}" + (f" ({named_by})" if named_by else ""),
+                       fix="point it at a text file" if binary else
+                           "convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(read_text(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import CorpusParams
+from pipeline.config import CorpusParams, read_text
 from pipeline.errors import BadInput, HostLacks
 from pipeline.files import atomic_dir, sha256_file
 
@@ -75,6 +75,8 @@ def embedded_pydoc() -> tuple[list[str], list[str], dict[str, Any]]:
 
 
 def read_documents(path_text: str | None, key: str, text_field: str) -> list[str]:
+    """The documents of a .txt file (the whole file) or a .jsonl file (one object a line, its text
+    a string under `text_field`), read as UTF-8 (``config.read_text``)."""
     if not path_text:
         raise BadInput(f"corpus.source is 'files' but {key} is not set", where=f"params.yaml: {key}",
                        fix=f"set {key} to a .txt or .jsonl file")
@@ -83,20 +85,35 @@ def read_documents(path_text: str | None, key: str, text_field: str) -> list[str
         raise BadInput("text file not found", where=f"params.yaml: {key} = {path}", fix="point it at an existing file")
     if path.suffix == ".jsonl":
         documents = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        for number, line in enumerate(read_text(path, f"params.yaml: {key}").splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-                documents.append(str(record[text_field]))
-            except (json.JSONDecodeError, KeyError, TypeError):
+                text = json.loads(line)[text_field]
+            except (json.JSONDecodeError, KeyError, TypeError, IndexError):
                 raise BadInput(f"line is not a JSON object with a {text_field!r} field",
                                where=f"{path}:{number}", fix="fix the line or set corpus.text_field") from None
+            documents.append(record_text(text, text_field, f"{path}:{number}"))
         return documents
     if path.suffix in (".txt", ".md", ""):
-        return [path.read_text()]
+        return [read_text(path, f"params.yaml: {key}")]
     raise BadInput(f"unsupported text file type {path.suffix!r}", where=f"params.yaml: {key}",
                    fix="use a .txt or .jsonl file")
+
+
+def record_text(value: Any, text_field: str, where: str) -> str:
+    """A JSONL line's or a dataset row's text: a string whose characters all encode (JSON's \\u escapes can write a
+    lone surrogate, which no file can hold); a number or null is refused, not turned into text."""
+    if not isinstance(value, str):
+        raise BadInput(f"the {text_field!r} field is {type(value).__name__ if value is not None else 'null'}, "
+                       "not a string", where=where, fix="give each line's text as a JSON string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadInput(f"the {text_field!r} field holds a lone surrogate \\u{ord(value[exc.start]):04x} at character "
+                       f"{exc.start}, which is no character", where=where,
+                       fix="write the character itself, or its surrogate pair") from None
+    return value
 
 
 def hf_dataset(params: CorpusParams) -> tuple[list[str], list[str], dict[str, Any]]:
@@ -117,7 +134,8 @@ def hf_dataset(params: CorpusParams) -> tuple[list[str], list[str], dict[str, An
         if split not in loaded:
             raise BadInput(f"dataset has no split {split!r} (has {', '.join(loaded)})",
                            where="params.yaml: corpus.hf_*_split", fix="name an existing split")
-        texts.append([str(row[params.text_field]) for row in loaded[split]])
+        texts.append([record_text(row[params.text_field], params.text_field, f"{dataset_id} split {split} row {index}")
+                      for index, row in enumerate(loaded[split])])
     return texts[0], texts[1], {"source": params.source, "config": params.hf_config}
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.files import read_json, write_json, write_text
+from pipeline.gates.stale import FIX
 
 # figure -> "min" or "max"
 DEFAULT_OBJECTIVES = {"mean_kld": "min", "decode_tok_s": "max"}
@@ -176,6 +177,8 @@ def markdown(rows: list[dict[str, Any]], reference_meta: dict[str, Any], host: d
             elif key == "decode_sd":
                 value = (r.get("speed_noise") or {}).get("decode_tok_s")
                 cells.append("" if value is None else fmt.format(value))
+            elif key == "verdict" and r.get("stale"):
+                cells.append(f"{value} (stale)")
             elif value is None:
                 cells.append("not run")
             else:
@@ -189,6 +192,8 @@ def markdown(rows: list[dict[str, Any]], reference_meta: dict[str, Any], host: d
         lines.append(f"- **{r['recipe']}**: accuracy via {r['accuracy_runtime']}; speed via {r['speed_runtime']}"
                      + (f"; bytes by tensor type: {mix}" if mix else "")
                      + (f"; tokenizer mismatch {r['tokenizer_mismatch']:.4%}" if r.get("tokenizer_mismatch") is not None else ""))
+        if r.get("stale"):
+            lines.append(f"  - stale: {r['stale']}; {FIX}")
         for reason in r.get("reasons", []):
             lines.append(f"  - {r['verdict']}: {reason}")
     lines += ["", f"Pareto front: lower mean KLD and higher decode tok/s, a difference within the measured noise "
@@ -305,13 +310,21 @@ def _finish(plt, fig, axis, path: Path, missing: list[str]) -> None:
     plt.close(fig)
 
 
-def run(recipes: list[str], out_dir: Path, log=print) -> list[dict[str, Any]]:
+def run(params, out_dir: Path, log=print) -> list[dict[str, Any]]:
+    """The report over params `recipes`; a gate result judged against other params or limits
+    than `params` and the recipe files now is marked stale (``gates.stale``) and named."""
     from pipeline import layout
     from pipeline.files import atomic_dir
     from pipeline.gates import load_results
+    from pipeline.gates.stale import stale_results
 
-    results = load_results(recipes)
+    results = load_results(params.recipes)
     rows = build_rows(results, layout.BUILDS_DIR)
+    stale = stale_results(results, params)
+    for r in rows:
+        r["stale"] = stale.get(r["recipe"])
+        if r["stale"]:
+            log(f"report: {r['recipe']} is stale: {r['stale']}; {FIX}")
     reference_meta = read_json(layout.REFERENCE_DIR / "reference.json")
     host = results[0]["host"] if results else {}
     with atomic_dir(out_dir) as staging:

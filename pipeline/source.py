@@ -11,9 +11,10 @@
 - a hub id ``org/name``, downloaded with huggingface_hub (fails with a clear message offline).
 
 Every source is validated before a later stage relies on it (exit 2 naming the file): config.json
-parses and names an architecture transformers implements as a causal LM, a tokenizer is present
-and loads, safetensors headers promise no more bytes than the files hold, and `.bin` weights load
-with ``weights_only`` (so no pickled code runs).
+parses and names an architecture transformers implements as a causal LM, the safetensors tensors
+are the names and shapes of the model the config describes (``check_shapes``), a tokenizer is
+present and loads, safetensors headers promise no more bytes than the files hold, and `.bin`
+weights load with ``weights_only`` (so no pickled code runs).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import read_text
 from pipeline.errors import BadInput, HostLacks
 from pipeline.files import atomic_dir, sha256_tree
 
@@ -182,7 +184,7 @@ def validate_checkpoint(path: Path) -> None:
         raise BadInput("no config.json in the checkpoint directory", where=str(path),
                        fix="point model.source at a Hugging Face checkpoint (save_pretrained output)")
     try:
-        json.loads(config.read_text())
+        json.loads(read_text(config))
     except json.JSONDecodeError as exc:
         raise BadInput(f"config.json is not valid JSON ({exc.msg})", where=str(config),
                        fix="restore the file from the original checkpoint") from None
@@ -194,8 +196,14 @@ def validate_checkpoint(path: Path) -> None:
         check_safetensors(shard)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        missing = {v for v in json.loads(index.read_text()).get("weight_map", {}).values()
-                   if not (path / v).is_file()}
+        try:
+            weight_map = json.loads(read_text(index))["weight_map"]
+            shard_names = {str(v) for v in weight_map.values()}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise BadInput(f"the safetensors index is not a JSON object with a weight_map of tensor -> shard "
+                           f"({type(exc).__name__})", where=str(index),
+                           fix="restore the file from the original checkpoint") from None
+        missing = {v for v in shard_names if not (path / v).is_file()}
         if missing:
             raise BadInput(f"shards named in the index are missing: {', '.join(sorted(missing))}",
                            where=str(index), fix="copy every shard of the checkpoint")
@@ -209,6 +217,7 @@ def validate_loadable(path: Path) -> None:
     an architecture it knows as a causal LM, a tokenizer that loads, and pickled `.bin`
     weights that load with ``weights_only`` (no code runs from them). Exit 2 naming the file."""
     check_architecture(path)
+    check_shapes(path)
     check_tokenizer(path)
     for weights in sorted(path.glob("pytorch_model*.bin")):
         check_pickled_weights(weights)
@@ -231,6 +240,111 @@ def check_architecture(path: Path) -> None:
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise BadInput(f"model_type {config.model_type!r} has no causal language model in transformers",
                        where=where, fix=fix)
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in the checkpoint's safetensors files, from their headers alone."""
+    shapes = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        with open(shard, "rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_len))
+        shapes.update({name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"})
+    return shapes
+
+
+def check_shapes(path: Path) -> None:
+    """The safetensors tensors against the model config.json describes, built on the meta device
+    (no weights read): every parameter and persistent buffer of that model is in the files under
+    its name (or without the base model's prefix), but a tied one; every tensor of the files has
+    a place in the model; every shape matches. transformers would refuse a mismatch only when
+    the reference loads, and llama.cpp's converter not at all: it writes the config's sizes over
+    the file's tensors. Exit 2 naming the tensor, both shapes and the config key behind the size.
+
+    Where transformers renames or merges a checkpoint's tensors on load (its conversion mapping,
+    e.g. MoE experts), only the tensors under the model's own names are compared; a quantized
+    checkpoint (``quantization_config``) holds packed tensors and is not compared; `.bin`
+    weights are not read here."""
+    import re
+
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    from pipeline.runtimes.transformers import meta_model
+
+    config = json.loads(read_text(path / "config.json"))
+    found = safetensors_shapes(path)
+    if not found or "quantization_config" in config:
+        return
+    model = meta_model(path)
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
+    placed = {}  # the model's name of each tensor in the files
+    for name in found:
+        placed[name] = name if name in expected or prefix + name not in expected else prefix + name
+    converted = [pattern for conversion in get_model_conversion_mapping(model)
+                 for pattern in _patterns(getattr(conversion, "source_patterns", None))]
+    renamed = {name for name in found if placed[name] not in expected
+               and any(re.search(pattern, name) for pattern in converted)}
+    ignored = [*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    config_file = path / "config.json"
+    for name, shape in found.items():
+        target = placed[name]
+        if target in expected and expected[target] != shape:
+            keys = _config_keys_for(path, target, expected[target], shape)
+            raise BadInput(f"tensor {name} is {list(shape)} in the weights, but config.json makes it "
+                           f"{list(expected[target])}" + (f" ({', '.join(keys)})" if keys else ""),
+                           where=f"{config_file}" + (f": {', '.join(k.split(' = ')[0] for k in keys)}" if keys else ""),
+                           fix="correct config.json to the weights' sizes, or use the weights saved with it")
+        if target not in expected and name not in renamed and not any(re.search(p, name) for p in ignored):
+            raise BadInput(f"the weights hold tensor {name} {list(shape)}, for which the model config.json "
+                           f"describes has no place ({config.get('num_hidden_layers')} layers)",
+                           where=str(config_file), fix="correct config.json (num_hidden_layers, the architecture) "
+                                                       "to the weights, or remove the stray tensor")
+    if renamed:
+        return  # the model's names of renamed tensors are known only once transformers converts them
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    ignored_missing = [*(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
+    missing = sorted(name for name in expected if name not in placed.values() and name not in tied
+                     and not any(re.search(p, name) for p in ignored_missing))
+    if missing:
+        raise BadInput(f"the weights lack tensor {missing[0]} {list(expected[missing[0]])}"
+                       + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                       + f", which the model config.json describes has ({config.get('num_hidden_layers')} layers"
+                       + f", tie_word_embeddings {config.get('tie_word_embeddings')})",
+                       where=str(config_file), fix="correct config.json (num_hidden_layers, tie_word_embeddings, "
+                                                   "the architecture) to the weights, or copy every shard")
+
+
+def _patterns(patterns) -> list[str]:
+    return [patterns] if isinstance(patterns, str) else list(patterns or [])
+
+
+def _config_keys_for(path: Path, tensor: str, expected: tuple[int, ...], found: tuple[int, ...]) -> list[str]:
+    """The config.json keys that size `tensor` where `expected` differs from `found`, as
+    `key = value`: each whole-number key is doubled in turn on a meta-device model, and a key
+    counts when that moves one of the differing sizes (a coincidence of values cannot mislead)."""
+    import copy
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    axes = [axis for axis, (want, have) in enumerate(zip(expected, found)) if want != have] \
+        if len(expected) == len(found) else list(range(len(expected)))
+    keys = []
+    for key, value in config.to_dict().items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            continue
+        trial = copy.deepcopy(config)
+        setattr(trial, key, 2 * value)
+        try:
+            with torch.device("meta"):
+                shape = tuple(AutoModelForCausalLM.from_config(trial).state_dict()[tensor].shape)
+        except Exception:  # a size the architecture refuses, or a tensor the trial model names otherwise
+            continue
+        if len(shape) != len(expected) or any(shape[axis] != expected[axis] for axis in axes):
+            keys.append(f"{key} = {value}")
+    return keys
 
 
 def check_tokenizer(path: Path) -> None:

@@ -49,6 +49,10 @@ def reproduce_base(root, dvc_yaml: str, remote=None) -> None:
         subprocess.run(["dvc", "remote", "add", "-q", "-d", "shared", str(remote)], check=True)
     (root / "dvc.yaml").write_text(dvc_yaml)
     (root / "copy.py").write_text(COPY)
+    (root / "params.yaml").write_text("recipes: [q8, q4, new]\n")  # qpipe's: the head side is judged against it
+    (root / "recipes").mkdir()
+    for name in ("q8", "q4", "new"):
+        (root / "recipes" / f"{name}.yaml").write_text("format: gguf\ntype: Q8_0\n")
     (root / "results").mkdir()
     layout.GATES_DIR.mkdir(parents=True)
     for result in base_results():
@@ -84,7 +88,10 @@ def test_each_recipe_shows_its_change_ties_within_noise_and_what_crossed_a_limit
     q4["artifact"]["sha256"] = "another"
     spread(q4, 1.0)
     head(q8, q4, gate_result("new", 0.02, None))
-    text = changes.against("HEAD", "md", log=lambda _: None)
+    said = []
+    text = changes.against("HEAD", "md", log=said.append)
+    assert said == [f"workspace {name} is stale: it records no hash of the params and limits it was judged against "
+                    "(written by an older qpipe); run `dvc repro` (it re-runs what changed)" for name in ("new", "q4", "q8")]
     lines = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert "| q8 | same artifact | 1.0 (=) |" in lines["q8"] and "101.0 (+1.0, tie)" in lines["q8"]
     assert "| q4 | rebuilt |" in lines["q4"] and "120.0 (−30.0) |" in lines["q4"]  # 30 > 2 x hypot(1, 1)

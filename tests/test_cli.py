@@ -1,7 +1,9 @@
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
+from pipeline import layout
 from pipeline.cli import app
 from tests.conftest import write
 
@@ -81,24 +83,104 @@ def test_reference_without_source_exits_2(project):
     assert result.exit_code == 2
 
 
+def gate_result(recipe, limits, accuracy_kld=0.04, speed_ran=True):
+    """A gate result as the gate stage writes its checks, verdict and what it was judged against
+    (gates.verdict, gates.stale), its limits written as recipes/RECIPE.yaml; params.yaml first."""
+    import yaml
+
+    from pipeline.config import load_params
+    from pipeline.gates import stale, verdict
+
+    gates = limits.model_dump(mode="json", exclude_none=True)
+    write(Path("recipes") / f"{recipe}.yaml", yaml.safe_dump({"format": "gguf", "type": "Q8_0", "gates": gates}))
+    sections = {"accuracy": {"status": "ok", "mean_kld": accuracy_kld, "ppl_ratio": 1.05},
+                "speed": {"status": "ok", "decode_tok_s": 90.0} if speed_ran else {"status": "not_run",
+                                                                                   "reason": "no GPU"}}
+    checks = verdict.evaluate(limits, sections)
+    outcome, reasons = verdict.overall(limits.require, sections, checks)
+    return {"recipe": recipe, "checks": checks, "require": limits.require, "verdict": outcome, "reasons": reasons,
+            "judged_against": stale.current(recipe, load_params()), **sections}
+
+
+def write_gate_results(*results):
+    for result in results:
+        write(layout.gate_file(result["recipe"]), json.dumps(result))
+
+
 def test_check_fails_naming_each_recipe_that_did_not_pass(project):
+    from pipeline.config import GateLimits
+
     write(project / "params.yaml", "recipes: [a, b, c]\n")
-    rows = [{"recipe": "a", "verdict": "pass", "reasons": []},
-            {"recipe": "b", "verdict": "fail", "reasons": ["max_mean_kld: mean_kld 0.2 vs limit 0.1"]},
-            {"recipe": "c", "verdict": "incomplete", "reasons": ["required gate speed did not run: no GPU"]}]
-    write(project / "artifacts" / "report" / "tradeoff.json", json.dumps({"rows": rows}))
+    write_gate_results(gate_result("a", GateLimits(max_mean_kld=0.1)), gate_result("b", GateLimits(max_mean_kld=0.01)),
+                       gate_result("c", GateLimits(max_mean_kld=0.1), speed_ran=False))
     result = runner.invoke(app, ["check"])
     assert result.exit_code == 1
-    assert "FAIL  b: max_mean_kld" in result.output
-    assert "INCOMPLETE c" in result.output
+    assert "pass  a" in result.output
+    assert "FAIL  b: max_mean_kld: mean_kld 0.04 > limit 0.01" in result.output
+    assert "INCOMPLETE c: required gate speed did not run: no GPU" in result.output
     assert "2 of 3 artifacts did not pass: b, c" in result.output
 
 
 def test_check_passes_when_all_pass(project):
+    from pipeline.config import GateLimits
+
     write(project / "params.yaml", "recipes: [a]\n")
-    write(project / "artifacts" / "report" / "tradeoff.json",
-          json.dumps({"rows": [{"recipe": "a", "verdict": "pass", "reasons": []}]}))
+    write_gate_results(gate_result("a", GateLimits(max_mean_kld=0.1)))
     assert runner.invoke(app, ["check"]).exit_code == 0
+
+
+def test_check_judges_relative_limits_and_one_not_judged_fails_unless_allowed(project):
+    from pipeline.config import GateLimits
+
+    write(project / "params.yaml", "recipes: [q8, q4]\n")
+    q4_limits = GateLimits(max_mean_kld={"relative_to": "q8", "factor": 2})
+    write_gate_results(gate_result("q8", GateLimits(max_mean_kld=0.001), accuracy_kld=0.004),
+                       gate_result("q4", q4_limits, accuracy_kld=0.246))
+    result = runner.invoke(app, ["check"])
+    assert result.exit_code == 1
+    assert "NOT JUDGED q4: max_mean_kld: relative to q8, whose verdict is fail" in result.output
+    assert "2 of 2 artifacts did not pass: q8, q4" in result.output
+    allowed = runner.invoke(app, ["check", "--allow-not-judged"])
+    assert allowed.exit_code == 1 and "1 of 2 artifacts did not pass: q8" in allowed.output  # q8 still fails
+    write_gate_results(gate_result("q8", GateLimits(max_mean_kld=0.01), accuracy_kld=0.004))
+    failed = runner.invoke(app, ["check"])
+    assert failed.exit_code == 1 and "FAIL  q4: max_mean_kld: mean_kld 0.246 > limit 0.008 = 2 x q8's 0.004" \
+        in failed.output
+    write_gate_results(gate_result("q4", q4_limits, accuracy_kld=0.006))
+    assert runner.invoke(app, ["check"]).exit_code == 0
+    write(project / "params.yaml", "recipes: [q4]\n")  # its anchor left out of the run
+    alone = runner.invoke(app, ["check"])
+    assert alone.exit_code == 1 and "NOT JUDGED q4: max_mean_kld: relative to q8, which has no gate result" in alone.output
+    assert runner.invoke(app, ["check", "--allow-not-judged"]).exit_code == 0
+
+
+def test_check_names_a_result_judged_against_other_limits_or_params_as_stale(project):
+    from pipeline.config import GateLimits
+
+    write(project / "params.yaml", "recipes: [a, b]\n")
+    write_gate_results(gate_result("a", GateLimits(max_mean_kld=0.1)), gate_result("b", GateLimits(max_mean_kld=0.1)))
+    assert runner.invoke(app, ["check"]).exit_code == 0
+    write(project / "params.yaml", "recipes: [a, b]\nlimits:\n  a: {max_mean_kld: 0.01}\n")  # no dvc repro after
+    result = runner.invoke(app, ["check"])
+    assert result.exit_code == 1
+    assert "STALE a (verdict pass under what it was judged against): it was judged against other limits " \
+           "(recipes/a.yaml gates, params.yaml limits.a) than now" in result.output
+    assert "pass  b" in result.output
+    assert "1 of 2 artifacts did not pass (1 stale): a" in result.output and "fix: run `dvc repro`" in result.output
+    write(project / "params.yaml", "recipes: [a, b]\nspeed: {repeats: 5}\n")
+    assert "judged against other params.yaml `speed` than now" in runner.invoke(app, ["check"]).output
+    write(project / "params.yaml", "recipes: [a, b]\n")
+    old = json.loads(layout.gate_file("b").read_text())
+    del old["judged_against"]  # a result from before results recorded it
+    write(layout.gate_file("b"), json.dumps(old))
+    result = runner.invoke(app, ["check"])
+    assert result.exit_code == 1 and "STALE b" in result.output and "written by an older qpipe" in result.output
+
+
+def test_check_without_gate_results_names_the_missing_one(project):
+    write(project / "params.yaml", "recipes: [a]\n")
+    result = runner.invoke(app, ["check"])
+    assert result.exit_code == 2 and "artifacts/gates/a.json" in result.output
 
 
 def test_an_unforeseen_tool_failure_is_one_line_with_its_message_and_exit_4(project, monkeypatch):

@@ -179,7 +179,7 @@ def test_results_of_every_schema_up_to_this_one_are_compared_and_a_newer_one_is_
     old = gate_result("old", 0.01, 50.0)  # no schema_version: written before there was one
     current = {**gate_result("current", 0.02, 60.0), "schema_version": layout.SCHEMA_VERSION}
     newer = {**gate_result("newer", 0.03, 70.0), "schema_version": layout.SCHEMA_VERSION + 1}
-    monkeypatch.setattr(compare, "dvc_exp_show", lambda: exp_show([old, current, newer]))
+    monkeypatch.setattr(compare, "dvc_exp_show", lambda: exp_show([], experiments=[("e1", [old, current, newer])]))
     said = []
     rows = compare.load_rows(workspace_only=False, log=said.append)
     assert sorted(row["recipe"] for row in rows) == ["current", "old"]
@@ -200,3 +200,28 @@ def test_recommend_with_min_recovery_drops_what_lost_the_tasks_or_never_ran_them
     reasons = {entry["row"]["recipe"]: entry["reason"] for entry in choice["lost"]}
     assert reasons["q4"] == "task_recovery 0.8594 breaks --min-recovery 0.95"
     assert reasons["iq4"] == "task_recovery not measured (--min-recovery needs it)"
+
+
+def test_a_stale_workspace_result_is_marked_and_never_recommended_unless_fresh_elsewhere():
+    fresh, old = gate_result("q8", 0.004, 100.0), gate_result("q4", 0.05, 150.0)
+    why = {"q4": "it was judged against other limits than now"}
+    rows = compare.compare_rows([("workspace", fresh), ("workspace", old)], why)
+    assert [(row["recipe"], row["stale"]) for row in rows] == [("q8", None), ("q4", why["q4"])]
+    choice = compare.recommend(rows, [], "decode")
+    assert choice["best"]["recipe"] == "q8"
+    assert choice["lost"][0]["reason"] == f"stale: {why['q4']}"
+    rows = compare.compare_rows([("workspace", old), ("e1", gate_result("q4", 0.05, 150.0))], why)
+    assert len(rows) == 1 and rows[0]["stale"] is None  # the same result is fresh in experiment e1
+
+
+def test_compare_names_each_stale_workspace_result(monkeypatch, tmp_path):
+    from pipeline import layout
+    from tests.conftest import write
+
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "params.yaml", "recipes: [q8]\n")
+    write(tmp_path / "recipes" / "q8.yaml", "format: gguf\ntype: Q8_0\n")
+    write(layout.gate_file("q8"), json.dumps(gate_result("q8", 0.004, 100.0)))  # records no judged_against
+    said = []
+    (row,) = compare.load_rows(workspace_only=True, log=said.append)
+    assert row["stale"] and said == [f"workspace q8 is stale: {row['stale']}; run `dvc repro` (it re-runs what changed)"]

@@ -216,3 +216,62 @@ def test_a_recovery_limit_for_a_task_params_does_not_name_is_refused(tmp_path):
     error = error_of(lambda: check_task_limits(limits, params, set_in))
     assert "names arc_easy" in error.what and error.where.endswith("r.yaml: gates.min_task_recovery")
     assert "arc_challenge" in error.fix
+
+
+def test_relative_limits_in_a_cycle_are_refused_when_params_are_read_naming_both_keys(tmp_path):
+    write(tmp_path / "params.yaml", "recipes: [q8, q4]\nlimits:\n"
+                                    "  q8: {max_mean_kld: {relative_to: q4, factor: 2}}\n"
+                                    "  q4: {max_mean_kld: {relative_to: q8, factor: 2}}\n")
+    error = error_of(lambda: load_params(tmp_path / "params.yaml"))
+    assert "cycle (q8 max_mean_kld -> q4 max_mean_kld -> q8)" in error.what
+    assert error.where == (f"{tmp_path / 'params.yaml'}: limits.q8.max_mean_kld and "
+                           f"{tmp_path / 'params.yaml'}: limits.q4.max_mean_kld")
+
+
+def test_a_cycle_through_a_recipe_file_and_a_self_reference_are_refused_and_an_override_breaks_a_cycle(tmp_path):
+    write(tmp_path / "recipes" / "q8.yaml", "format: gguf\ntype: Q8_0\n")
+    write(tmp_path / "recipes" / "q4.yaml",
+          "format: gguf\ntype: Q4_0\ngates:\n  min_top1_agreement: {relative_to: q8, factor: 0.9}\n")
+    params = write(tmp_path / "params.yaml", "recipes: [q8, q4]\nlimits:\n  q8: {max_mean_kld: {relative_to: q4, factor: 2}}\n")
+    error = error_of(lambda: load_params(params))
+    assert error.where.endswith(f"{tmp_path / 'recipes' / 'q4.yaml'}: gates.min_top1_agreement")
+    write(tmp_path / "params.yaml", "recipes: [q8, q4]\nlimits:\n  q4: {min_top1_agreement: 0.7}\n"
+                                    "  q8: {max_mean_kld: {relative_to: q4, factor: 2}}\n")
+    assert load_params(params).recipes == ["q8", "q4"]  # the number in params replaces the recipe's relative limit
+    write(tmp_path / "params.yaml", "recipes: [q8]\nlimits:\n  q8: {max_mean_kld: {relative_to: q8, factor: 2}}\n")
+    assert "cycle (q8 max_mean_kld -> q8)" in error_of(lambda: load_params(params)).what
+
+
+def test_a_chain_of_relative_limits_and_one_to_an_unlisted_recipe_load(tmp_path):
+    write(tmp_path / "params.yaml", "recipes: [a, b, c]\nlimits:\n  a: {max_mean_kld: {relative_to: b, factor: 2}}\n"
+                                    "  b: {max_mean_kld: {relative_to: c, factor: 2}}\n"
+                                    "  c: {max_mean_kld: {relative_to: z, factor: 2}}\n")
+    assert load_params(tmp_path / "params.yaml").recipes == ["a", "b", "c"]
+
+
+def test_a_text_file_is_utf8_with_an_optional_byte_order_mark(tmp_path):
+    from pipeline.config import read_text
+
+    assert read_text(write(tmp_path / "a.txt", "café\n")) == "café\n"
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfcaf\xc3\xa9")
+    assert read_text(tmp_path / "bom.txt") == "café"
+
+
+def test_text_in_another_encoding_names_the_file_the_byte_offset_and_line(tmp_path):
+    from pipeline.config import read_text
+
+    (tmp_path / "latin1.txt").write_bytes("line one\ncafé\n".encode("latin-1"))
+    error = error_of(lambda: read_text(tmp_path / "latin1.txt", "params.yaml: corpus.evaluation_file"))
+    assert "not UTF-8 text: byte 0xe9 at byte offset 12 (line 2)" in error.what
+    assert error.where == f"{tmp_path / 'latin1.txt'} (params.yaml: corpus.evaluation_file)" and "iconv" in error.fix
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfab\xf9")  # the offset counts the byte-order mark
+    assert "byte 0xf9 at byte offset 5" in error_of(lambda: read_text(tmp_path / "bom.txt")).what
+    (tmp_path / "model.bin").write_bytes(b"\xf9\x00\x01\x02")
+    error = error_of(lambda: read_text(tmp_path / "model.bin"))
+    assert error.what.startswith("a binary file, not UTF-8 text: byte 0xf9 at byte offset 0")
+
+
+def test_params_in_another_encoding_are_bad_input_naming_the_file(tmp_path):
+    (tmp_path / "params.yaml").write_bytes("recipes: []\n# café\n".encode("latin-1"))
+    error = error_of(lambda: load_params(tmp_path / "params.yaml"))
+    assert "not UTF-8" in error.what and error.where == str(tmp_path / "params.yaml")

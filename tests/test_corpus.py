@@ -85,3 +85,39 @@ def test_short_calibration_text_says_how_many_samples_fit(tiny_llama, tmp_path):
     assert "at most 1 samples" in info.value.fix
     windows = corpus.calibration_windows(tokenizer, text, 3, 8, "r")
     assert [len(w) for w in windows] == [8, 8, 8]
+
+
+def files_params(tmp_path, evaluation_name):
+    write(tmp_path / "cal.txt", "calibration text\n")
+    return CorpusParams(source="files", calibration_file=str(tmp_path / "cal.txt"),
+                        evaluation_file=str(tmp_path / evaluation_name))
+
+
+def refused(params, tmp_path, match):
+    with pytest.raises(BadInput, match=match) as info:
+        corpus.run(params, tmp_path / "out", log=lambda _: None)
+    assert not (tmp_path / "out").exists()
+    return info.value
+
+
+def test_an_evaluation_file_that_is_not_utf8_names_the_file_its_key_and_the_byte(tmp_path):
+    (tmp_path / "eval.txt").write_bytes(b"\xf9\x00binary\x00" * 4)
+    error = refused(files_params(tmp_path, "eval.txt"), tmp_path, "a binary file, not UTF-8 text: byte 0xf9 at byte offset 0")
+    assert error.where == f"{tmp_path / 'eval.txt'} (params.yaml: corpus.evaluation_file)"
+    before = b'{"text": "fine"}\n{"text": "caf'
+    (tmp_path / "eval.jsonl").write_bytes(before + b'\xe9"}\n')
+    error = refused(files_params(tmp_path, "eval.jsonl"), tmp_path,
+                    f"byte 0xe9 at byte offset {len(before)} \\(line 2\\)")
+    assert "eval.jsonl" in error.where
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": null}', "'text' field is null, not a string"),
+    ('{"text": 42}', "'text' field is int, not a string"),
+    ('{"text": "a \\ud800 b"}', "lone surrogate \\\\ud800 at character 2"),
+    ('["text"]', "not a JSON object with a 'text' field"),
+])
+def test_a_jsonl_text_field_must_be_a_string_of_characters(tmp_path, line, message):
+    write(tmp_path / "eval.jsonl", '{"text": "fine"}\n' + line + "\n")
+    error = refused(files_params(tmp_path, "eval.jsonl"), tmp_path, message)
+    assert error.where == f"{tmp_path / 'eval.jsonl'}:2"

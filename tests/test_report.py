@@ -88,3 +88,12 @@ def test_the_task_column_and_table_appear_only_where_a_task_gate_ran(tmp_path):
     text = report.markdown(table, {"ppl": 13.0}, {"cpu": "x"})
     assert "| task recovery |" in text and "| 0.938 |" in text
     assert "| a | arc_easy | acc,none | 100 | 0.6000 | 0.6400 (0.540-0.740) | 0.938 |" in text
+
+
+def test_a_stale_result_is_marked_in_the_table_and_says_why_and_the_fix(tmp_path):
+    rows = report.build_rows([gate_result("a", 0.01, 50.0), gate_result("b", 0.02, 40.0)], tmp_path)
+    rows[1]["stale"] = "it was judged against other params.yaml `speed` than now"
+    text = report.markdown(rows, {"ppl": 13.0, "windows": 2, "window_tokens": 64}, {"cpu": "x"})
+    table = [line for line in text.splitlines() if line.startswith("| a ") or line.startswith("| b ")]
+    assert "| pass |" in table[0] and "| pass (stale) |" in table[1]
+    assert "  - stale: it was judged against other params.yaml `speed` than now; run `dvc repro`" in text

@@ -24,16 +24,30 @@ def word_tokenizer(root):
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(root)
 
 
+TINY_LLAMA = {"vocab_size": 5, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8}
+
+
 def checkpoint(tmp_path, model_type="llama", **files):
-    """config.json, a word-level tokenizer that loads, and one small safetensors file."""
+    """A 2-layer Llama of random weights in one safetensors file (its config.json saying another
+    `model_type` where asked) and a word-level tokenizer that loads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     root = tmp_path / "ckpt"
-    root.mkdir()
-    write(root / "config.json", json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": model_type}))
-    safetensors_file(root / "model.safetensors")
+    LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).save_pretrained(root)
+    if model_type != "llama":
+        write(root / "config.json", json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": model_type}))
     word_tokenizer(root)
     for name, text in files.items():
         write(root / name, text)
     return root
+
+
+def latin1_config(root):
+    """config.json with a non-ASCII value, written in Latin-1."""
+    config = json.loads((root / "config.json").read_text())
+    (root / "config.json").write_bytes(json.dumps({**config, "_name_or_path": "café"}, ensure_ascii=False)
+                                       .encode("latin-1"))
 
 
 def run(tmp_path, path):
@@ -51,7 +65,8 @@ def refused(tmp_path, path, match):
 def test_local_checkpoint_is_copied_with_hashes(tmp_path):
     info = run(tmp_path, checkpoint(tmp_path))
     assert info["origin"]["kind"] == "local"
-    assert set(info["files"]) == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    assert set(info["files"]) == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                                  "tokenizer_config.json"}
     assert json.loads((tmp_path / "out" / "source.json").read_text())["files"] == info["files"]
 
 
@@ -88,6 +103,23 @@ def test_corrupt_safetensors_header(tmp_path):
 def test_index_naming_a_missing_shard(tmp_path):
     root = checkpoint(tmp_path, **{"model.safetensors.index.json": json.dumps({"weight_map": {"w": "model-2.safetensors"}})})
     refused(tmp_path, root, "model-2.safetensors")
+
+
+@pytest.mark.parametrize("index, message", [
+    ("not json", "the safetensors index is not a JSON object with a weight_map"),
+    ('{"metadata": {}}', r"with a weight_map of tensor -> shard \(KeyError\)"),
+    ('{"weight_map": ["model.safetensors"]}', r"\(AttributeError\)"),
+])
+def test_an_index_that_is_not_a_weight_map_is_refused(tmp_path, index, message):
+    error = refused(tmp_path, checkpoint(tmp_path, **{"model.safetensors.index.json": index}), message)
+    assert error.where.endswith("model.safetensors.index.json")
+
+
+def test_a_config_that_is_not_utf8_names_the_file_and_byte(tmp_path):
+    root = checkpoint(tmp_path)
+    latin1_config(root)
+    error = refused(tmp_path, root, "not UTF-8 text: byte 0xe9 at byte offset")
+    assert error.where.endswith("config.json")
 
 
 def test_an_architecture_transformers_does_not_know_is_refused(tmp_path):
@@ -183,3 +215,54 @@ def test_embedded_tokenizer_splits_text_exactly_as_llama_cpp():
     assert tokenizer(text, add_special_tokens=False).input_ids == tokenize(gguf_path, text)
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.bos_token == "<|im_start|>"
     assert "im_start" in tokenizer.chat_template
+
+
+def with_config(root, **changes):
+    config = json.loads((root / "config.json").read_text())
+    (root / "config.json").write_text(json.dumps({**config, **changes}))
+    return root
+
+
+def test_a_config_whose_sizes_disagree_with_the_weights_names_the_tensor_both_shapes_and_the_key(tmp_path):
+    size = TINY_LLAMA["intermediate_size"]
+    error = refused(tmp_path, with_config(checkpoint(tmp_path), intermediate_size=2 * size),
+                    rf"is \[{TINY_LLAMA['hidden_size']}, {size}\] in the weights, but config.json makes it "
+                    rf"\[{TINY_LLAMA['hidden_size']}, {2 * size}\] \(intermediate_size = {2 * size}\)")
+    assert "mlp.down_proj.weight" in error.what and error.where.endswith("config.json: intermediate_size")
+
+
+def test_the_key_behind_a_size_is_found_by_what_moves_it_not_by_an_equal_value(tmp_path):
+    heads = TINY_LLAMA["num_attention_heads"]  # q_proj's rows are heads x head_dim = 16 = hidden_size here
+    error = refused(tmp_path, with_config(checkpoint(tmp_path), num_attention_heads=2 * heads), "makes it")
+    assert error.where.endswith("config.json: num_attention_heads, head_dim"), error.where
+    assert "hidden_size" not in error.where
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"num_hidden_layers": TINY_LLAMA["num_hidden_layers"] + 1}, "the weights lack tensor model.layers.2."),
+    ({"num_hidden_layers": TINY_LLAMA["num_hidden_layers"] - 1}, "the weights hold tensor model.layers.1."),
+])
+def test_layers_the_config_counts_otherwise_than_the_weights_are_refused(tmp_path, changes, message):
+    error = refused(tmp_path, with_config(checkpoint(tmp_path), **changes), message)
+    assert error.where.endswith("config.json") and "num_hidden_layers" in error.fix
+
+
+def rewrite_weights(root, rename=lambda name: name, drop=()):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(root / "model.safetensors")
+    save_file({rename(name): tensor for name, tensor in tensors.items() if name not in drop},
+              root / "model.safetensors", metadata={"format": "pt"})
+    return root
+
+
+def test_a_tied_output_layer_and_tensors_without_the_base_models_prefix_are_accepted(tmp_path):
+    root = rewrite_weights(with_config(checkpoint(tmp_path), tie_word_embeddings=True), drop={"lm_head.weight"},
+                           rename=lambda name: name.removeprefix("model."))
+    assert run(tmp_path, root)["model_type"] == "llama"
+
+
+def test_an_untied_output_layer_missing_from_the_weights_is_refused(tmp_path):
+    root = rewrite_weights(checkpoint(tmp_path), drop={"lm_head.weight"})
+    refused(tmp_path, root, rf"the weights lack tensor lm_head.weight \[{TINY_LLAMA['vocab_size']}, "
+                            rf"{TINY_LLAMA['hidden_size']}\].*tie_word_embeddings False")

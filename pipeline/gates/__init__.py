@@ -1,7 +1,8 @@
 """The gate@R stage: score the artifact as written to disk, measure its speed, check limits.
 
 Writes artifacts/gates/R.json (a DVC metrics file) with the schema in docs/design.md:
-schema_version, recipe, format, artifact, accuracy, speed, tasks, checks, verdict, host.
+schema_version, recipe, format, artifact, accuracy, speed, tasks, checks, verdict, judged_against
+(``gates.stale``), host.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ def run_gate(name: str, *, params, log=print) -> dict[str, Any]:
     from pipeline.gates import tasks as task_gate
     from pipeline.gates import verdict
     from pipeline.gates.speed import host_and_threads
+    from pipeline.gates.stale import judged_against
 
     recipe = formats.load_recipe(name)
     limits, set_in = effective_limits(recipe, name, params)
+    against = judged_against(recipe, limits, params)
     check_task_limits(limits, params, set_in)
     speed_params = params.speed
     fmt = formats.module(recipe.format)
@@ -34,7 +37,7 @@ def run_gate(name: str, *, params, log=print) -> dict[str, Any]:
     build = read_json(build_dir / "build.json")
     host_info, threads = host_and_threads(speed_params)
     if build.get("status") == "refused":
-        return _write_refused(name, recipe.format, limits.require, build, host_info, log)
+        return _write_refused(name, recipe.format, limits.require, build, host_info, against, log)
     verify_artifact(build_dir, build)
     ref = reference.load(layout.REFERENCE_DIR)
 
@@ -71,6 +74,7 @@ def run_gate(name: str, *, params, log=print) -> dict[str, Any]:
         "require": limits.require,
         "verdict": outcome,
         "reasons": reasons,
+        "judged_against": against,
         "host": host.summary(host_info),
         "memory": memory_record,
     }
@@ -80,7 +84,7 @@ def run_gate(name: str, *, params, log=print) -> dict[str, Any]:
 
 
 def _write_refused(name: str, format_name: str, require: list[str], build: dict[str, Any],
-                   host_info: dict[str, Any], log) -> dict[str, Any]:
+                   host_info: dict[str, Any], against: dict[str, str], log) -> dict[str, Any]:
     """The gate result of a build refused for this model: nothing ran, verdict ``refused``."""
     from pipeline import host
     from pipeline.files import write_json
@@ -98,6 +102,7 @@ def _write_refused(name: str, format_name: str, require: list[str], build: dict[
         "require": require,
         "verdict": "refused",
         "reasons": [reason],
+        "judged_against": against,
         "host": host.summary(host_info),
     }
     write_json(layout.gate_file(name), result)

@@ -32,6 +32,7 @@ from pipeline.errors import BadInput, HostLacks
 MAX_REQUEST_TOKENS = 4096
 # lm-eval's builders for local files (datasets' packaged modules): anything else is a Hub dataset
 LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}
+TEXT_BUILDERS = {"json", "csv", "text"}  # of those, the ones whose files are text
 Z95 = 1.959964
 
 
@@ -132,9 +133,11 @@ def prepare(specs: list) -> tuple[Any, list]:
     if _lm_eval_version() is None:
         raise HostLacks("lm-eval is not installed, and params.yaml names tasks", where="params.yaml: tasks",
                         fix="pip install 'qpipe[tasks]' (make setup does), or set tasks: []")
+    check_task_yamls()
     manager = task_manager([spec.name for spec in specs])
     loaded = []
     for index, spec in enumerate(specs):
+        check_local_data(manager, spec, index)
         task = load_task(manager, spec, index)
         if task.config.output_type == "generate_until" and (task.config.generation_kwargs or {}).get("do_sample"):
             raise BadInput(f"task {spec.name} samples (do_sample: true); the task gate decodes greedily, so that "
@@ -229,6 +232,41 @@ def load_task(manager, spec, index: int):
         raise BadInput(f"{spec.name} is a group of {len(loaded)} lm-eval tasks", where=where,
                        fix=f"name its tasks one by one: {', '.join(sorted(loaded))}")
     return next(iter(loaded.values()))
+
+
+def check_task_yamls() -> None:
+    """Every lm-eval YAML under tasks/ is UTF-8 text: lm-eval skips one it cannot decode, and the
+    task it defines then reads as unknown."""
+    from pipeline.config import read_text
+
+    if layout.TASK_CONFIGS_DIR.is_dir():
+        for path in sorted(layout.TASK_CONFIGS_DIR.rglob("*.yaml")):
+            read_text(path, "an lm-eval task YAML, which lm-eval would skip")
+
+
+def check_local_data(manager, spec, index: int) -> None:
+    """A task's local data files of a text builder (json, csv, text) are UTF-8: lm-eval's loader
+    fails on another encoding with a message that names no file."""
+    from pipeline.config import read_text
+
+    entry = manager.task_index.get(spec.name)
+    config = (getattr(entry, "cfg", None) or {}) if entry else {}
+    if config.get("dataset_path") not in TEXT_BUILDERS:
+        return
+    for path in _data_file_paths((config.get("dataset_kwargs") or {}).get("data_files")):
+        if Path(path).is_file():
+            read_text(Path(path), f"data_files of task {spec.name}, params.yaml: tasks[{index}].name")
+
+
+def _data_file_paths(data_files: Any) -> list[str]:
+    """The paths of a datasets `data_files` value: a path, a list of them, or split -> either."""
+    if isinstance(data_files, str):
+        return [data_files]
+    if isinstance(data_files, dict):
+        return [path for value in data_files.values() for path in _data_file_paths(value)]
+    if isinstance(data_files, (list, tuple)):
+        return [path for value in data_files for path in _data_file_paths(value)]
+    return []
 
 
 def _dataset_path(manager, name: str) -> str | None:

@@ -3,8 +3,11 @@
 A check whose figure was not measured is `not_run`, never a pass. The verdict is
 - `fail` if any check failed;
 - `incomplete` if a gate named in `require` did not run, or one of its checks is `not_run`;
-- `pending` if a relative limit (``config.RelativeLimit``) still waits for the recipe it is
-  relative to; ``resolve`` settles it once every gate result of the run is at hand;
+- `not_judged` if a relative limit (``config.RelativeLimit``) could not be judged: the recipe it
+  is relative to has no result, did not pass, did not measure the figure, or the limits form a
+  cycle. The user set that limit, so it never drops out of the verdict, whatever `require` says;
+- `pending` if a relative limit still waits for the recipe it is relative to; ``resolve``
+  settles it once every gate result of the run is at hand;
 - `pass` otherwise.
 A build refused for the model (``errors.RecipeNotApplicable``) gets `refused` from the gate
 stage without any check (``gates._write_refused``); like `fail` and `incomplete`, `check` fails on it.
@@ -110,8 +113,11 @@ def overall(require: list[str], sections: dict[str, dict[str, Any]], checks: lis
             missing.append(f"required gate {gate} did not run: {section.get('reason', 'no result')}")
     missing += [f"{c['name']}: {c['reason']}" for c in checks
                 if c["verdict"] == "not_run" and c["gate"] in require]
+    unjudged = [f"{c['name']}: {c['reason']}" for c in checks if c["verdict"] == "not_judged"]
     if missing:
-        return "incomplete", missing
+        return "incomplete", missing + unjudged
+    if unjudged:
+        return "not_judged", unjudged
     pending = [f"{c['name']}: {c['factor']:g} x {c['relative_to']}'s {c['figure']}, "
                "judged once every recipe is gated" for c in checks if c["verdict"] == "pending"]
     if pending:
@@ -131,16 +137,18 @@ def _failure(check: dict[str, Any]) -> str:
 def resolve(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Gate results of one run with every relative limit judged against the recipe it names.
 
-    A relative check passes or fails once that recipe has passed; it is `not_run` when that
+    A relative check passes or fails once that recipe has passed; it is `not_judged` when that
     recipe has no result here, did not pass, did not measure the figure, or when relative
-    limits form a cycle. Results without relative limits come back unchanged (as copies).
+    limits form a cycle (``config.load_params`` refuses a cycle in params and recipes; one
+    here comes from results gated under other params). Results without relative limits come
+    back unchanged (as copies).
     """
     resolved = {r["recipe"]: copy.deepcopy(r) for r in results}
     progress = True
     while progress:
         progress = False
         for result in resolved.values():
-            if result["verdict"] != "pending":
+            if not _unsettled(result):
                 continue
             waiting = False
             for check in result["checks"]:
@@ -150,29 +158,35 @@ def resolve(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 _recompute(result)
                 progress = True
     for result in resolved.values():
-        if result["verdict"] == "pending":
+        if _unsettled(result):
             for check in result["checks"]:
                 if check["verdict"] == "pending":
-                    check.update(verdict="not_run", reason=f"relative limits form a cycle through {check['relative_to']}")
+                    check.update(verdict="not_judged",
+                                 reason=f"relative limits form a cycle through {check['relative_to']}")
             _recompute(result)
     return [resolved[r["recipe"]] for r in results]
 
 
+def _unsettled(result: dict[str, Any]) -> bool:
+    """Whether a result still has a relative check to judge (its verdict may yet change)."""
+    return any(check["verdict"] == "pending" for check in result.get("checks", []))
+
+
 def _judge_relative(check: dict[str, Any], anchor: dict[str, Any] | None) -> bool:
-    """Settle one pending check against its anchor's result; False while the anchor is pending."""
+    """Settle one pending check against its anchor's result; False while the anchor is unsettled."""
     name = check["relative_to"]
     if anchor is None:
-        check.update(verdict="not_run", reason=f"relative to {name}, which has no gate result in this run "
-                                              f"(add it to params.yaml recipes)")
+        check.update(verdict="not_judged", reason=f"relative to {name}, which has no gate result in this run "
+                                                 f"(add it to params.yaml recipes)")
         return True
-    if anchor["verdict"] == "pending":
+    if _unsettled(anchor):
         return False
     if anchor["verdict"] != "pass":
-        check.update(verdict="not_run", reason=f"relative to {name}, whose verdict is {anchor['verdict']}")
+        check.update(verdict="not_judged", reason=f"relative to {name}, whose verdict is {anchor['verdict']}")
         return True
     anchor_value = figure_value(anchor.get(check["gate"]) or {}, check["figure"])
     if anchor_value is None:
-        check.update(verdict="not_run", reason=f"relative to {name}, which did not measure {check['figure']}")
+        check.update(verdict="not_judged", reason=f"relative to {name}, which did not measure {check['figure']}")
         return True
     limit = check["factor"] * anchor_value
     check.update(limit=limit, anchor_value=anchor_value,

@@ -109,3 +109,17 @@ def test_a_gate_with_nothing_to_run_opens_nothing(project, monkeypatch):
     result = gates.run_gate("gguf-q8_0", params=Params(recipes=["gguf-q8_0"]), log=lambda _: None)
     assert CountingSession.opened == []
     assert result["accuracy"] == result["speed"] == {"status": "not_run", "reason": "needs llama.cpp"}
+
+
+def test_a_gate_records_what_it_was_judged_against_and_is_fresh_until_params_change(project, monkeypatch):
+    from pipeline import gates
+    from pipeline.gates import stale
+
+    fmt = fake_format(speed_reason="needs llama.cpp")
+    fmt.accuracy_unavailable_reason = lambda d: "needs llama.cpp"
+    gate_project(monkeypatch, fmt)
+    params = Params(recipes=["gguf-q8_0"])
+    result = gates.run_gate("gguf-q8_0", params=params, log=lambda _: None)
+    assert result["judged_against"] == stale.current("gguf-q8_0", params)
+    assert stale.stale_reason(result, params) is None
+    assert "params.yaml `speed`" in stale.stale_reason(result, Params(recipes=["gguf-q8_0"], speed={"repeats": 9}))

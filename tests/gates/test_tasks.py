@@ -169,3 +169,19 @@ def test_named_tasks_on_a_host_without_lm_eval_name_the_extra(monkeypatch):
     with pytest.raises(HostLacks) as error:
         tasks.prepare(SPECS)
     assert "lm-eval is not installed" in error.value.what and "qpipe[tasks]" in error.value.fix
+
+
+def test_task_data_and_task_yamls_that_are_not_utf8_name_the_file_and_byte(project, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    write_tasks(project)
+    data = (project / "tasks" / "mc.jsonl").read_bytes()
+    (project / "tasks" / "mc.jsonl").write_bytes(data.replace(b"Python?", b"Pyth\xf6n?", 1))
+    with pytest.raises(BadInput) as info:
+        tasks.prepare(SPECS)
+    assert f"byte 0xf6 at byte offset {data.index(b'Python?') + 4} (line 1)" in info.value.what
+    assert info.value.where == "tasks/mc.jsonl (data_files of task qpipe_mc, params.yaml: tasks[0].name)"
+    (project / "tasks" / "mc.jsonl").write_bytes(data)
+    (project / "tasks" / "qpipe_gen.yaml").write_bytes(GEN_YAML.replace("Q: ", "Q\xa0: ").encode("latin-1"))
+    with pytest.raises(BadInput) as info:  # lm-eval would skip the file and call qpipe_gen unknown
+        tasks.prepare(SPECS)
+    assert "byte 0xa0" in info.value.what and info.value.where.startswith("tasks/qpipe_gen.yaml")

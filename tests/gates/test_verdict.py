@@ -105,7 +105,7 @@ def test_a_relative_limit_fails_and_names_the_recipe_it_is_relative_to():
     ("failing", "whose verdict is fail"),
     ("unmeasured", "did not measure mean_kld"),
 ])
-def test_a_relative_limit_is_not_run_when_its_recipe_cannot_vouch(anchor, reason):
+def test_a_relative_limit_is_not_judged_when_its_recipe_cannot_vouch(anchor, reason):
     q4 = result("q4", GateLimits(max_mean_kld=RELATIVE))
     others = {
         None: [],
@@ -113,11 +113,27 @@ def test_a_relative_limit_is_not_run_when_its_recipe_cannot_vouch(anchor, reason
         "unmeasured": [result("q8", GateLimits(require=["speed"]), accuracy=NOT_RUN)],
     }[anchor]
     (judged, *_) = verdict.resolve([q4, *others])
-    assert judged["checks"][0]["verdict"] == "not_run" and reason in judged["checks"][0]["reason"]
+    assert judged["checks"][0]["verdict"] == "not_judged" and reason in judged["checks"][0]["reason"]
+    assert judged["verdict"] == "not_judged"
+    assert judged["reasons"] == [f"max_mean_kld: {judged['checks'][0]['reason']}"]
+
+
+def test_a_relative_limit_not_judged_counts_even_on_a_gate_require_leaves_out():
+    q4 = result("q4", GateLimits(min_roofline_fraction={"relative_to": "q8", "factor": 0.5}, require=["accuracy"]))
+    (judged,) = verdict.resolve([q4])
+    assert judged["verdict"] == "not_judged"
+
+
+def test_a_required_gate_not_run_is_incomplete_and_names_the_unjudged_limit_too():
+    q4 = result("q4", GateLimits(max_mean_kld=RELATIVE), speed=NOT_RUN)
+    assert q4["verdict"] == "incomplete"
+    (judged,) = verdict.resolve([q4])
     assert judged["verdict"] == "incomplete"
+    assert any("speed did not run" in r for r in judged["reasons"])
+    assert any(r.startswith("max_mean_kld: relative to q8") for r in judged["reasons"])
 
 
-def test_relative_limits_chain_and_a_cycle_is_not_run():
+def test_relative_limits_chain_and_a_cycle_is_not_judged():
     a = result("a", GateLimits(max_mean_kld={"relative_to": "b", "factor": 10}))
     b = result("b", GateLimits(max_mean_kld={"relative_to": "c", "factor": 10}), accuracy=Q8_ACCURACY)
     c = result("c", GateLimits(max_mean_kld=0.01), accuracy={**OK_ACCURACY, "mean_kld": 0.001})
@@ -125,7 +141,7 @@ def test_relative_limits_chain_and_a_cycle_is_not_run():
     x = result("x", GateLimits(max_mean_kld={"relative_to": "y", "factor": 10}))
     y = result("y", GateLimits(max_mean_kld={"relative_to": "x", "factor": 10}))
     judged = verdict.resolve([x, y])
-    assert [r["verdict"] for r in judged] == ["incomplete", "incomplete"]
+    assert [r["verdict"] for r in judged] == ["not_judged", "not_judged"]
     assert "cycle" in judged[0]["checks"][0]["reason"]
 
 
@@ -185,3 +201,10 @@ def test_a_task_gate_that_did_not_run_is_never_a_pass():
                                         tasks=not_run)
     assert outcome == "incomplete"  # ... until require names them
     assert "required gate tasks did not run: params.yaml names no task (tasks: [])" in reasons
+
+
+def test_a_relative_limit_broken_by_a_result_with_a_gate_missing_fails_it():
+    q4 = result("q4", GateLimits(max_mean_kld={"relative_to": "q8", "factor": 4}), speed=NOT_RUN)
+    q8 = result("q8", GateLimits(), accuracy=Q8_ACCURACY)
+    (judged, _) = verdict.resolve([q4, q8])
+    assert judged["checks"][0]["verdict"] == "fail" and judged["verdict"] == "fail"
