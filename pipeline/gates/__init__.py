@@ -7,6 +7,7 @@ schema_version, recipe, format, artifact, accuracy, speed, tasks, checks, verdic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any
@@ -22,6 +23,7 @@ def run_gate(name: str, *, params, log=print) -> dict[str, Any]:
     from pipeline.files import read_json, verify_artifact, write_json
     from pipeline.gates import tasks as task_gate
     from pipeline.gates import verdict
+    from pipeline.gates import speed as speed_gate
     from pipeline.gates.speed import host_and_threads
     from pipeline.gates.stale import judged_against
 
@@ -38,27 +40,29 @@ def run_gate(name: str, *, params, log=print) -> dict[str, Any]:
     host_info, threads = host_and_threads(speed_params)
     if build.get("status") == "refused":
         return _write_refused(name, recipe.format, limits.require, build, host_info, against, log)
-    verify_artifact(build_dir, build)
-    ref = reference.load(layout.REFERENCE_DIR)
-
-    artifact = {
-        "path": str(fmt.artifact_path(build_dir)),
-        "bytes": build["artifact"]["bytes"],
-        "sha256": build["artifact"]["sha256"],
-        "bits_per_weight": fmt.bits_per_weight(build_dir),
-    }
-    memory_record = check_gate_memory(fmt.INFO, artifact["bytes"], ref, host_info)
-    accuracy_reason = fmt.accuracy_unavailable_reason(build_dir)
-    speed_reason = fmt.speed_unavailable_reason(build_dir)
-    task_plan = task_gate.plan(params.tasks, accuracy_reason)  # before the model loads: a bad task stops here
-    if accuracy_reason and speed_reason:
-        accuracy, speed, tasks = ({"status": "not_run", "reason": accuracy_reason},
-                                  {"status": "not_run", "reason": speed_reason}, task_plan)
-    else:
-        with fmt.open_session(build_dir, threads, speed_params.n_gpu_layers) as session:
+    # everything up to the speed measurement is heavy work (hashing the artifact, loading the
+    # model, lm-eval's task index, scoring): it holds the host lock shared, so another process's
+    # speed figure is never taken meanwhile; the speed measurement then holds it alone
+    with contextlib.ExitStack() as session_scope:
+        with speed_gate.heavy_work():
+            verify_artifact(build_dir, build)
+            ref = reference.load(layout.REFERENCE_DIR)
+            artifact = {
+                "path": str(fmt.artifact_path(build_dir)),
+                "bytes": build["artifact"]["bytes"],
+                "sha256": build["artifact"]["sha256"],
+                "bits_per_weight": fmt.bits_per_weight(build_dir),
+            }
+            memory_record = check_gate_memory(fmt.INFO, artifact["bytes"], ref, host_info)
+            accuracy_reason = fmt.accuracy_unavailable_reason(build_dir)
+            speed_reason = fmt.speed_unavailable_reason(build_dir)
+            task_plan = task_gate.plan(params.tasks, accuracy_reason)  # before the model loads: a bad task stops here
+            session = None
+            if not (accuracy_reason and speed_reason):
+                session = session_scope.enter_context(fmt.open_session(build_dir, threads, speed_params.n_gpu_layers))
             accuracy = run_accuracy(session, fmt, build_dir, ref, accuracy_reason)
             tasks = run_tasks(session, task_plan, log)
-            speed = run_speed(session, fmt, build_dir, ref, speed_params, host_info, threads, speed_reason, log)
+        speed = run_speed(session, fmt, build_dir, ref, speed_params, host_info, threads, speed_reason, log)
     sections = {"accuracy": accuracy, "speed": speed, "tasks": tasks}
     checks = verdict.evaluate(limits, sections, set_in)
     outcome, reasons = verdict.overall(limits.require, sections, checks)
@@ -146,24 +150,24 @@ def check_task_limits(limits, params, set_in: dict[str, str]) -> None:
 
 
 def run_tasks(session, task_plan, log) -> dict[str, Any]:
-    from pipeline.gates import speed, tasks
+    """The task section (inside the gate's heavy work)."""
+    from pipeline.gates import tasks
 
     if isinstance(task_plan, dict):  # not_run, with its reason
         return task_plan
-    with speed.heavy_work():
-        return tasks.section(task_plan, session, log=log)
+    return tasks.section(task_plan, session, log=log)
 
 
 def run_accuracy(session, fmt, build_dir, ref, reason: str | None) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from pipeline.gates import accuracy, speed
+    from pipeline.gates import accuracy
 
     if reason:
         return {"status": "not_run", "reason": reason}
     started = time.perf_counter()
     in_runtime = [0.0]
-    with speed.heavy_work(), tqdm(total=len(ref.tokens), desc="accuracy windows", unit="win", leave=False) as bar:
+    with tqdm(total=len(ref.tokens), desc="accuracy windows", unit="win", leave=False) as bar:
         figures = accuracy.score(timed(session.window_logits(ref.tokens), in_runtime), ref,
                                  progress=lambda n: bar.update(1))
     tokenizer = accuracy.tokenizer_mismatch(ref.text_tokens.tolist(),

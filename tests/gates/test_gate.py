@@ -123,3 +123,55 @@ def test_a_gate_records_what_it_was_judged_against_and_is_fresh_until_params_cha
     assert result["judged_against"] == stale.current("gguf-q8_0", params)
     assert stale.stale_reason(result, params) is None
     assert "params.yaml `speed`" in stale.stale_reason(result, Params(recipes=["gguf-q8_0"], speed={"repeats": 9}))
+
+
+def lock_probe() -> dict[str, bool]:
+    """Whether another holder could take the host lock now, shared and alone (a new open file:
+    flock locks of separate opens conflict even within one process)."""
+    import fcntl
+
+    from pipeline.gates import speed
+
+    speed.lock_path().parent.mkdir(parents=True, exist_ok=True)
+    free = {}
+    for mode in ("LOCK_SH", "LOCK_EX"):
+        with open(speed.lock_path(), "a") as handle:
+            try:
+                fcntl.flock(handle, getattr(fcntl, mode) | fcntl.LOCK_NB)
+                free[mode] = True
+            except BlockingIOError:
+                free[mode] = False
+    return free
+
+
+def test_a_gate_holds_the_host_lock_shared_from_its_first_heavy_step_and_alone_for_its_speed(
+        project, monkeypatch, tmp_path):
+    """Two queued experiments on one host: the other's speed figure must never be taken while
+    this gate hashes, loads, indexes lm-eval's tasks or scores."""
+    from pipeline import gates
+    from pipeline.gates import tasks
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    seen = {}
+    fmt = fake_format()
+
+    class ProbingSession(CountingSession):
+        def measure_speed(self, prompt, **settings):
+            seen["speed"] = lock_probe()
+            return super().measure_speed(prompt, **settings)
+
+    def open_session(build_dir, threads, gpu_layers):
+        seen["open_session"] = lock_probe()
+        return ProbingSession()
+
+    fmt.open_session = open_session
+    gate_project(monkeypatch, fmt)
+    monkeypatch.setattr("pipeline.files.verify_artifact", lambda build_dir, build: seen.update(verify=lock_probe()))
+    monkeypatch.setattr(tasks, "plan", lambda specs, reason: seen.update(plan=lock_probe())
+                        or tasks.TaskPlan(prepared=(None, []), base={"tasks": []}))
+    monkeypatch.setattr(tasks, "section", lambda plan, session, log: {"status": "ok", "runtime": session.runtime})
+    gates.run_gate("gguf-q8_0", params=Params(recipes=["gguf-q8_0"], tasks=[TaskSpec(name="qpipe_mc")]),
+                   log=lambda _: None)
+    shared = {"LOCK_SH": True, "LOCK_EX": False}
+    assert seen == {"verify": shared, "plan": shared, "open_session": shared,
+                    "speed": {"LOCK_SH": False, "LOCK_EX": False}}
