@@ -326,7 +326,6 @@ def _calibrate(model, config: dict[str, Any], windows: list[list[int]]):
 # ModelOpt 0.47 fake-quantizes NVFP4 only on a CUDA GPU (its triton kernel or CUDA extension);
 # on a CPU host its quantizers run ModelOpt's own NVFP4 tensor arithmetic, which the export writes
 FP4_CONFIGS = ("NVFP4_DEFAULT_CFG",)
-NVFP4_BLOCK = 16
 CPU_FP4_BACKEND = "qpipe_nvfp4_cpu"
 FP4_CPU_FAKE_QUANT = ("ModelOpt's quantizers with its NVFP4QTensor quantize/dequantize on the CPU (its "
                       "NVFP4 fake-quant kernel needs a CUDA GPU)")
@@ -337,6 +336,8 @@ def nvfp4_fake_quantize(inputs, quantizer):
     in blocks of 16, fp8 block scales, the quantizer's amax / (6 x 448) as the global scale),
     as a quantizer backend (``register_quant_backend``)."""
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    from pipeline.runtimes.checkpoint_emulation import NVFP4_BLOCK
 
     global_scale = NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer(quantizer)
     packed, block_scale, global_scale = NVFP4QTensor.quantize(inputs, NVFP4_BLOCK,

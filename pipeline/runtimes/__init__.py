@@ -56,6 +56,15 @@ class Session:
         self.close()
 
 
+def hf_text_config(model_dir: Path) -> dict[str, Any]:
+    """A Hugging Face config.json, its text_config's keys over the top level's where it has one
+    (multimodal checkpoints): what vLLM and TensorRT-LLM size a model's text decoder from."""
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return {**config, **(config.get("text_config") or {})}
+
+
 class Runtime(Protocol):
     def version(self) -> str | None:
         """The installed version of the package it runs on, or None."""

@@ -65,7 +65,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline.runtimes import Session
+from pipeline.runtimes import Session, hf_text_config
 
 # the last release line with both the PyTorch backend and the legacy engine backend
 LAST_ENGINE_RELEASE = "1.2.1"
@@ -176,12 +176,6 @@ def nvfp4_unavailable_reason() -> str | None:
 
 
 # ---------------------------------------------------------------- shared LLM-API session code
-
-
-def hf_config(checkpoint_dir: Path) -> dict[str, Any]:
-    """A Hugging Face config.json, with its text_config's keys where it has one (multimodal checkpoints)."""
-    config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
-    return {**config, **(config.get("text_config") or {})}
 
 
 def _sliding_layers(config: dict[str, Any], layers: int) -> list[bool]:
@@ -389,7 +383,7 @@ class CheckpointSession(LlmApiSession):
     def __init__(self, model_dir: Path, *, tokenizer_dir: Path | None = None, max_seq_len: int | None = None,
                  max_batch_size: int | None = None):
         self.model_dir, self.tokenizer_dir = model_dir, tokenizer_dir
-        config = hf_config(model_dir)
+        config = hf_text_config(model_dir)
         self.vocab_size = int(config["vocab_size"])
         length = int(max_seq_len or default_max_seq_len(config))
         self._set_limits(length, max(DEFAULT_MAX_NUM_TOKENS, length))
@@ -584,7 +578,7 @@ class EngineSession(LlmApiSession):
         limits = engine_build_config(engine_dir)
         self._set_limits(limits.get("max_seq_len"), limits.get("max_num_tokens"))
         self.max_batch_size = limits.get("max_batch_size")
-        config = hf_config(checkpoint_dir)
+        config = hf_text_config(checkpoint_dir)
         self.vocab_size = int(config["vocab_size"])
         self.attention_windows = attention_windows(config, self.max_seq_len) if self.max_seq_len else None
         self._llm = _engine_llm(engine_dir, checkpoint_dir, self.attention_windows)

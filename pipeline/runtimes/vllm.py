@@ -53,7 +53,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline.runtimes import Session
+from pipeline.runtimes import Session, hf_text_config
 
 # top log-probs requested per prompt position (and the engine's max_logprobs)
 TOP_N = 128
@@ -148,16 +148,8 @@ def dense_logprobs(prompt_logprobs: list, vocab_size: int) -> np.ndarray:
     return rows
 
 
-def _config(model_dir: Path) -> dict[str, Any]:
-    """config.json, with its text_config's keys where it has one (multimodal checkpoints)."""
-    import json
-
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    return {**config, **(config.get("text_config") or {})}
-
-
 def _vocab_size(model_dir: Path) -> int:
-    return int(_config(model_dir)["vocab_size"])
+    return int(hf_text_config(model_dir)["vocab_size"])
 
 
 # config keys vLLM derives a model's length from, the least of those present
@@ -171,7 +163,7 @@ UNSCALED_ROPE_TYPES = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "dee
 def derived_max_model_len(model_dir: Path) -> int:
     """The longest sequence vLLM serves this model with unless VLLM_ALLOW_LONG_MAX_MODEL_LEN is
     set: a larger ``max_model_len`` makes ``LLM()`` raise (``_get_and_verify_max_len``)."""
-    config = _config(model_dir)
+    config = hf_text_config(model_dir)
     lengths = [int(config[key]) for key in LENGTH_KEYS if isinstance(config.get(key), int)]
     derived = min(lengths) if lengths else 2048
     rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
