@@ -74,9 +74,14 @@ def second_half_logits(path: Path, windows: np.ndarray, threads: int) -> list[np
 
 
 def qpipe_statistics(logits: list[np.ndarray], base: list[np.ndarray], windows: np.ndarray) -> dict[str, float]:
+    """The gate's figures of the quant's logits against the base's, stored as the reference
+    stage stores its own (float16 log-probs, exact NLL and top-1)."""
+    import torch
+
     half = windows.shape[1] // 2
     # position p of window[half:] predicts token p+1: the second-half logits row for row
-    parts = [accuracy.window_scores(q, window[half:], lambda a, b, p=p: p[a:b])
+    parts = [accuracy.window_scores(q, window[half:], *reference_stage.stored_form(torch.from_numpy(p),
+                                                                                window[half + 1:]))
              for q, p, window in zip(logits, base, windows)]
     return comparable(accuracy.summarize({key: np.concatenate([part[key] for part in parts])
                                           for key in accuracy.FIGURES}))

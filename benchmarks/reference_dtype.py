@@ -4,7 +4,8 @@ Scores the workspace's evaluation windows with the unquantized model twice, in f
 default `reference.dtype`) and in the other dtype, then scores each given GGUF against both
 references. Prints each artifact's mean KLD, ppl ratio and top-1 agreement against either,
 and the KLD of the low-precision reference itself from the fp32 one: the floor below which a
-KLD measured against it means nothing. Reads artifacts/ only; run after `dvc repro`.
+KLD measured against it means nothing. Reads artifacts/ only; run after `dvc repro`. Both
+references' log-probs go to a temp dir, deleted at the end (2 GB each for 40 windows of SmolLM2).
 
     python benchmarks/reference_dtype.py [--dtype bfloat16] [--windows 40] [--recipes gguf-q8_0 gguf-q6_k]
 """
@@ -12,9 +13,9 @@ KLD measured against it means nothing. Reads artifacts/ only; run after `dvc rep
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -24,8 +25,9 @@ from pipeline.gates import accuracy
 from pipeline.runtimes import llama_cpp
 
 
-def scored_reference(windows: np.ndarray, dtype: str, threads: int) -> tuple[SimpleNamespace, float]:
-    """A reference of `dtype` as the reference stage makes it: NLL, the output layer's inputs, the layer."""
+def scored_reference(windows: np.ndarray, dtype: str, threads: int, directory: Path
+                     ) -> tuple[reference_stage.Reference, float]:
+    """A reference of `dtype` as the reference stage makes it, written into `directory`."""
     import torch
 
     from pipeline.runtimes.transformers import load_causal_lm
@@ -33,10 +35,9 @@ def scored_reference(windows: np.ndarray, dtype: str, threads: int) -> tuple[Sim
     torch.set_num_threads(threads)
     model = load_causal_lm(layout.SOURCE_DIR, dtype=getattr(torch, dtype)).eval()
     started = time.perf_counter()
-    nll, hidden, _ = reference_stage.score_windows(model, windows, "cpu")
-    seconds = time.perf_counter() - started
-    layer = reference_stage.OutputLayer.of(model)
-    return SimpleNamespace(tokens=windows, nll=nll, hidden=hidden, output_layer=lambda: layer), seconds
+    directory.mkdir()
+    scored = reference_stage.write_scores(directory, model, windows, [], "cpu")
+    return scored, time.perf_counter() - started
 
 
 def full_logits(windows: np.ndarray, dtype: str) -> list[np.ndarray]:
@@ -61,9 +62,14 @@ def main() -> None:
     stored = reference_stage.load(layout.REFERENCE_DIR)
     windows = stored.tokens[: args.windows]
     threads = host.worker_threads(0)
+    with tempfile.TemporaryDirectory(prefix="qpipe-reference-dtype-") as scratch:
+        compare(windows, args, threads, Path(scratch))
+
+
+def compare(windows: np.ndarray, args, threads: int, scratch: Path) -> None:
     references = {}
     for dtype in ("float32", args.dtype):
-        references[dtype], seconds = scored_reference(windows, dtype, threads)
+        references[dtype], seconds = scored_reference(windows, dtype, threads, scratch / dtype)
         print(f"reference {dtype}: ppl {np.exp(references[dtype].nll.mean()):.4f}, scored in {seconds:.1f} s", flush=True)
 
     low = accuracy.score(full_logits(windows, args.dtype), references["float32"])

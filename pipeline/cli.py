@@ -345,7 +345,7 @@ def checkpoint_lines(checkpoint: Path, params) -> list[str]:
     meta-device model) against what this host has: the reference, then each recipe's build
     and gate. A GGUF gate maps its artifact, counted here at the checkpoint's 16-bit size (no
     GGUF is larger), so its estimate is an upper bound until the build exists."""
-    from pipeline import formats, memory, reference
+    from pipeline import formats, layout, memory, reference
     from pipeline.builds import build_memory_need
     from pipeline.errors import BadInput
     from pipeline.gates import gate_memory_need
@@ -370,6 +370,10 @@ def checkpoint_lines(checkpoint: Path, params) -> list[str]:
         verdict = "fits" if have is None or need <= have else "does not fit"
         lines.append(f"{stage:<28} needs ~{need / 1e9:6.1f} GB of {'GPU 0' if where == 'cuda' else 'memory'}, "
                      f"{'unknown' if have is None else f'{have / 1e9:.1f} GB'} free: {verdict}")
+    disk = reference.disk_need(params.reference, checkpoint)
+    free = reference.free_disk_bytes(layout.REFERENCE_DIR)
+    lines.append(f"{'reference log-probs':<28} needs  {disk / 1e9:6.1f} GB of disk, {free / 1e9:.1f} GB free: "
+                 f"{'fits' if disk <= free else 'does not fit'}")
     return lines
 
 

@@ -7,8 +7,8 @@ killed by the kernel halfway (an 8B reference in fp32 needs about 34 GB).
 An estimate on the CPU is a fixed process overhead (Python, torch, transformers and the tool)
 plus bytes per model parameter plus bytes per logit of one window (window_tokens x vocabulary),
 with ``Factors`` per stage: ``REFERENCE`` here, each format's build and gate factors in its
-``INFO``, plus what a stage holds whole besides (the artifact a gate maps, the output layer in
-float32). The factors are fitted to peak RSS measured at four sizes, 135M to 1.9B parameters
+``INFO``, plus what a stage holds whole besides (the artifact a gate maps, a window of the
+reference's log-probs). The factors are fitted to peak RSS measured at four sizes, 135M to 1.9B parameters
 (``benchmarks/memory_estimate.py`` and ``benchmarks/scale.py``, docs/methodology.md "Memory"),
 so that every estimate sits above every measured peak. On a GPU only a floor is checked (the
 weights and one window's logits), until GPU peaks are measured.
@@ -56,19 +56,13 @@ REFERENCE = Factors(0.75 * GIB, 1.0, 12.0)
 class ModelSize:
     parameters: int
     vocabulary: int
-    hidden_size: int = 0
 
     @classmethod
     def of(cls, checkpoint_dir: Path) -> "ModelSize":
         """The size of a checkpoint; the source stage's count from source.json where it has one."""
         info = Path(checkpoint_dir) / "source.json"
         counted = json.loads(info.read_text()).get("parameters") if info.is_file() else None
-        return cls(counted or parameter_count(checkpoint_dir), *text_config_sizes(checkpoint_dir))
-
-    @property
-    def output_layer_bytes(self) -> int:
-        """The output layer in float32, as the reference keeps it and a gate recomputes with it."""
-        return 4 * self.vocabulary * self.hidden_size
+        return cls(counted or parameter_count(checkpoint_dir), text_vocabulary(checkpoint_dir))
 
 
 @functools.lru_cache(maxsize=8)
@@ -81,19 +75,17 @@ def parameter_count(checkpoint_dir: Path) -> int:
     return sum(p.numel() for p in meta_model(checkpoint_dir).parameters())
 
 
-def text_config_sizes(checkpoint_dir: Path) -> tuple[int, int]:
-    """(vocabulary, hidden size) from config.json, or its text_config (multimodal checkpoints)."""
+def text_vocabulary(checkpoint_dir: Path) -> int:
+    """The vocabulary from config.json, or its text_config (multimodal checkpoints)."""
     config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
-    text = config.get("text_config") or {}
-    return (int(config.get("vocab_size") or text.get("vocab_size") or 0),
-            int(config.get("hidden_size") or text.get("hidden_size") or 0))
+    return int(config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size") or 0)
 
 
 def estimate(factors: Factors, size: ModelSize, *, window_tokens: int, dtype: str = "bfloat16",
              mapped_bytes: int = 0, device: str = "cpu") -> int:
     """Peak bytes of a stage growing by `factors` on a model of `size`; `mapped_bytes`
-    is what the stage holds whole besides (a GGUF artifact it maps, the reference's output
-    layer in float32). On CUDA it is the least the stage needs
+    is what the stage holds whole besides (a GGUF artifact it maps, a window of the
+    reference's log-probs). On CUDA it is the least the stage needs
     on the GPU, the weights in `dtype` and one window's logits twice: GPU peaks have not been
     measured, and the CPU factors count host copies that never reach the GPU."""
     if device == "cuda":

@@ -3,139 +3,135 @@
 The evaluation text is tokenised once with the source checkpoint's tokenizer (no special
 tokens) and cut into `reference.windows` consecutive windows of `reference.window_tokens`
 ids. The unquantized model scores them in transformers, in `reference.dtype` (fp32 by default,
-on a CUDA GPU where there is one, else the CPU). Its peak memory is estimated before it loads
-(``memory``). Every gate feeds these same ids to its artifact, so ppl ratio, KLD and top-1
-agreement compare across formats.
+on a CUDA GPU where there is one, else the CPU). Its peak memory and the disk its log-probs
+take are checked before it loads (``memory``). Every gate feeds these same ids to its
+artifact, so ppl ratio, KLD and top-1 agreement compare across formats.
 
 The gates need the reference's full next-token distribution at every position (the KL
-divergence over the whole vocabulary, as llama-perplexity computes it). Stored as log-probs
-that would be positions x vocabulary: 2 GB for the default 20k positions of a 49k vocabulary,
-10 GB at 262k. So the reference keeps what the distribution is computed from: the input of
-the model's output layer at every position (positions x hidden size: 47 MB here, 335 MB for
-an 8B model) and the output layer itself (``OutputLayer``: weight, bias, final logit
-soft-capping or scale). A gate recomputes each chunk of reference logits with one matmul.
-The reference stage checks on its first window that this reproduces the model's own logits,
-and refuses an architecture whose output it cannot reproduce.
+divergence over the whole vocabulary, as llama-perplexity computes it). The reference stores
+it once, as its log-probs in float16 at every position of every window ([W, T-1, V], 2 bytes a
+logit: 2.0 GB for the default 40 x 512 tokens of a 49k vocabulary, 5.3 GB at 128k), so that no
+gate recomputes it: recomputing it from the output layer cost a gate about one output layer's
+matmul a window, 1.5 s at Llama-3.2-1B's shape on 2 cores, as much as half the runtime's own
+forward pass. llama-perplexity's --kl-divergence-base file stores the same thing, as uint16
+over a 16-nat range below each position's maximum; float16 log-probs keep the tail and are
+finer where the probability is (a spacing of at most 2^-11 nats above -1). The gate
+renormalizes them over the ids it compares, so rounding adds no first-order error to the KLD.
+The next token's exact NLL and the exact top-1 id are kept in float32 and int32 beside them.
 
-Files: reference.npz (tokens [W,T]; nll [W,T-1] from the model's own logits; hidden
-[W,T-1,d] float32; text_tokens: the ids of the whole evaluation text), output_layer.safetensors
-and reference.json (figures, settings).
+Files: reference.npz (tokens [W,T]; nll [W,T-1] from the model's own float32 log-softmax; top1
+[W,T-1] its argmax; text_tokens: the ids of the whole evaluation text), logprobs.npy (float16
+[W,T-1,V], written and read one window at a time) and reference.json (figures, settings).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from pipeline.config import ReferenceParams
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, HostLacks
 from pipeline.files import atomic_dir, sha256_file
 
 NPZ = "reference.npz"
-OUTPUT_LAYER_FILE = "output_layer.safetensors"
+LOG_PROBS_FILE = "logprobs.npy"
 META = "reference.json"
+LOG_PROB_DTYPE = np.dtype("<f2")
 # positions whose log-softmax is held at once, here and in the accuracy gate: scratch memory is
-# this many x vocabulary floats however large the vocabulary (0.13 GB a float32 copy at 262k);
-# 128 is the fastest of 64-512 for the gate's reference matmul on 2 cores
+# this many x vocabulary floats however large the vocabulary (0.13 GB a float32 copy at 262k)
 POSITIONS_PER_CHUNK = 128
-# largest |log-prob| difference between the model's own logits and the recomputed ones that is
-# rounding (the model's head in its dtype vs. float32 here), not a missing transform
-REPRODUCTION_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.25}
 
 
-@dataclass
-class OutputLayer:
-    """logits = softcap(scale * (hidden @ weight.T + bias)), as the model's forward computes them:
-    ``softcap`` is Gemma 2/3's final_logit_softcapping (cap * tanh(x / cap)); ``scale`` is
-    Cohere's logit_scale or 1 / Granite's logits_scaling."""
+def log_probs_bytes(windows: int, window_tokens: int, vocabulary: int) -> int:
+    """Bytes of logprobs.npy's data: every scored position's log-probs in float16."""
+    return windows * (window_tokens - 1) * vocabulary * LOG_PROB_DTYPE.itemsize
 
-    weight: Any  # torch.Tensor [V, d], float32
-    bias: Any | None
-    softcap: float | None = None
-    scale: float = 1.0
 
-    @classmethod
-    def of(cls, model) -> "OutputLayer":
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        head = model.get_output_embeddings()
-        scale = float(getattr(config, "logit_scale", None) or 1.0)
-        if getattr(config, "logits_scaling", None):
-            scale /= float(config.logits_scaling)
-        return cls(weight=head.weight.detach().float().cpu(),
-                   bias=None if getattr(head, "bias", None) is None else head.bias.detach().float().cpu(),
-                   softcap=getattr(config, "final_logit_softcapping", None) or None, scale=scale)
+class LogProbsWriter:
+    """logprobs.npy written one window after another, so that neither the stage nor the page
+    cache holds more than a window of it; its shape is set by the first window's logits."""
 
-    def logits(self, hidden):
-        import torch
+    def __init__(self, path: Path, windows: int):
+        self.path, self.windows, self.handle = path, windows, None
 
-        logits = torch.nn.functional.linear(hidden.float(), self.weight, self.bias)
-        if self.scale != 1.0:
-            logits = logits * self.scale
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+    def write(self, log_probs: np.ndarray) -> None:
+        if self.handle is None:
+            self.handle = open(self.path, "wb")
+            header = {"descr": np.lib.format.dtype_to_descr(LOG_PROB_DTYPE), "fortran_order": False,
+                      "shape": (self.windows, *log_probs.shape)}
+            np.lib.format.write_array_header_1_0(self.handle, header)
+        self.handle.write(np.ascontiguousarray(log_probs, dtype=LOG_PROB_DTYPE).tobytes())
 
-    def to(self, device: str) -> "OutputLayer":
-        """The same layer on `device` (the GPU, where the gate scores there)."""
-        return OutputLayer(weight=self.weight.to(device), bias=None if self.bias is None else self.bias.to(device),
-                           softcap=self.softcap, scale=self.scale)
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+
+class LogProbsReader:
+    """One window of logprobs.npy at a time, read into the gate's own buffer (a memory map would
+    keep every page it touched in the gate's resident memory)."""
+
+    def __init__(self, path: Path):
+        self.handle = open(path, "rb")
+        version = np.lib.format.read_magic(self.handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        self.shape, _, dtype = read_header(self.handle)
+        if dtype != LOG_PROB_DTYPE:
+            raise BadInput(f"{path.name} holds {dtype}, not float16 log-probs", where=str(path),
+                           fix="re-run the reference stage (`dvc repro reference`)")
+        self.data_offset = self.handle.tell()
 
     @property
     def vocabulary(self) -> int:
-        return int(self.weight.shape[0])
+        return int(self.shape[2])
 
-    def save(self, path: Path) -> None:
-        """The weight in bfloat16 when that holds it exactly (a bf16 checkpoint: half the disk)."""
-        import torch
-        from safetensors.torch import save_file
+    def window(self, index: int) -> np.ndarray:
+        positions, vocabulary = self.shape[1], self.shape[2]
+        log_probs = np.empty((positions, vocabulary), dtype=LOG_PROB_DTYPE)
+        self.handle.seek(self.data_offset + index * log_probs.nbytes)
+        if self.handle.readinto(memoryview(log_probs).cast("B")) != log_probs.nbytes:
+            raise BadInput(f"{LOG_PROBS_FILE} ends before window {index}", where=self.handle.name,
+                           fix="re-run the reference stage (`dvc repro reference`)")
+        return log_probs
 
-        weight = self.weight
-        if torch.equal(weight.to(torch.bfloat16).float(), weight):
-            weight = weight.to(torch.bfloat16)
-        tensors = {"weight": weight.contiguous()}
-        if self.bias is not None:
-            tensors["bias"] = self.bias.contiguous()
-        # one metadata key: safetensors writes several in a different order from run to run, and
-        # a re-run must write the same bytes
-        transform = json.dumps({"scale": self.scale, "softcap": self.softcap}, sort_keys=True)
-        save_file(tensors, str(path), metadata={"transform": transform})
+    def close(self) -> None:
+        self.handle.close()
 
-    @classmethod
-    def load(cls, path: Path) -> "OutputLayer":
-        from safetensors import safe_open
+    def __enter__(self) -> "LogProbsReader":
+        return self
 
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata()
-            bias = handle.get_tensor("bias").float() if "bias" in handle.keys() else None
-            transform = json.loads(metadata["transform"])
-            return cls(weight=handle.get_tensor("weight").float(), bias=bias,
-                       softcap=transform["softcap"], scale=transform["scale"])
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @dataclass
 class Reference:
     tokens: np.ndarray
     nll: np.ndarray
-    hidden: np.ndarray
+    top1: np.ndarray
     text_tokens: np.ndarray
     meta: dict[str, Any]
     directory: Path | None = None
 
-    def output_layer(self) -> OutputLayer:
-        return OutputLayer.load(self.directory / OUTPUT_LAYER_FILE)
+    def log_probs(self) -> LogProbsReader:
+        return LogProbsReader(self.directory / LOG_PROBS_FILE)
 
 
 def load(directory: Path) -> Reference:
     directory = Path(directory)
-    if not (directory / NPZ).is_file() or not (directory / OUTPUT_LAYER_FILE).is_file():
+    if not (directory / NPZ).is_file() or not (directory / LOG_PROBS_FILE).is_file():
         raise BadInput("no reference scores", where=str(directory), fix="run `qpipe reference` (or `dvc repro`) first")
     arrays = np.load(directory / NPZ)
-    return Reference(tokens=arrays["tokens"], nll=arrays["nll"], hidden=arrays["hidden"],
+    if "top1" not in arrays:
+        raise BadInput("the reference was written by an older qpipe (no stored log-probs)", where=str(directory),
+                       fix="re-run the reference stage (`dvc repro reference`)")
+    return Reference(tokens=arrays["tokens"], nll=arrays["nll"], top1=arrays["top1"],
                      text_tokens=arrays["text_tokens"], meta=json.loads((directory / META).read_text()),
                      directory=directory)
 
@@ -168,63 +164,90 @@ def windows_per_batch(device: str, window_tokens: int, vocabulary: int, free_byt
     return max(1, int(free_bytes // 4 // per_window))
 
 
-def score_windows(model, windows: np.ndarray, device: str, progress=None, batch: int = 1):
-    """Per-position NLL of the next token from the model's own logits, and the input of its
-    output layer at every position ([W, T-1] and [W, T-1, d] float32); `batch` windows at once."""
+def stored_form(logits, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the reference keeps of positions' logits ([n, V], torch) and next tokens ([n]): the
+    log-probs in float16, the next token's NLL in float32 and the top-1 id."""
     import torch
 
-    captured = {}
-    hook = model.get_output_embeddings().register_forward_hook(
-        lambda module, inputs, output: captured.__setitem__("hidden", inputs[0]))
-    nll, hidden, logits_of_first = [], [], None
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    nll = -log_probs.gather(1, torch.as_tensor(targets, dtype=torch.long, device=log_probs.device)[:, None])[:, 0]
+    top1 = logits.argmax(dim=-1).to(torch.int32)
+    # float16's lowest instead of -inf: exp() of it is 0, and 0 x it stays 0 in the KLD
+    log_probs = log_probs.clamp_(min=float(np.finfo(LOG_PROB_DTYPE).min)).half()
+    return log_probs.cpu().numpy(), nll.cpu().numpy(), top1.cpu().numpy()
+
+
+def score_windows(model, windows: np.ndarray, device: str, write_log_probs: Callable[[np.ndarray], None],
+                  progress=None, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Per-position NLL of the next token and the top-1 id from the model's own logits ([W, T-1]
+    float32 and int32); each window's log-probs ([T-1, V] float16) go to `write_log_probs` in
+    window order. `batch` windows at once."""
+    import torch
+
+    nll, top1 = [], []
+    with torch.inference_mode():
+        for first in range(0, len(windows), batch):
+            ids = torch.as_tensor(np.asarray(windows[first:first + batch]), dtype=torch.long, device=device)
+            batch_logits = model(ids).logits[:, :-1]
+            for row in range(ids.shape[0]):
+                logits, targets = batch_logits[row], ids[row, 1:]
+                chunks = [stored_form(logits[start:start + POSITIONS_PER_CHUNK], targets[start:start + POSITIONS_PER_CHUNK])
+                          for start in range(0, logits.shape[0], POSITIONS_PER_CHUNK)]
+                write_log_probs(np.concatenate([chunk[0] for chunk in chunks]))
+                nll.append(np.concatenate([chunk[1] for chunk in chunks]))
+                top1.append(np.concatenate([chunk[2] for chunk in chunks]))
+                if progress:
+                    progress(first + row + 1)
+            del batch_logits
+    return np.stack(nll), np.stack(top1)
+
+
+def write_scores(directory: Path, model, windows: np.ndarray, text_ids: list[int], device: str,
+                 progress=None) -> Reference:
+    """Score `windows` with `model` into `directory` (reference.npz and logprobs.npy), and
+    return them as a ``Reference`` without its meta."""
+    writer = LogProbsWriter(directory / LOG_PROBS_FILE, len(windows))
     try:
-        with torch.inference_mode():
-            for first in range(0, len(windows), batch):
-                ids = torch.as_tensor(np.asarray(windows[first:first + batch]), dtype=torch.long, device=device)
-                batch_logits = model(ids).logits[:, :-1]
-                batch_hidden = captured.pop("hidden")
-                for row in range(ids.shape[0]):
-                    logits, targets = batch_logits[row], ids[row, 1:]
-                    window_nll = []
-                    for start in range(0, logits.shape[0], POSITIONS_PER_CHUNK):
-                        logprobs = torch.log_softmax(logits[start:start + POSITIONS_PER_CHUNK].float(), dim=-1)
-                        window_nll.append(-logprobs.gather(1, targets[start:start + POSITIONS_PER_CHUNK, None])[:, 0])
-                    nll.append(torch.cat(window_nll).cpu().numpy())
-                    hidden.append(batch_hidden[row, :-1].float().cpu().numpy())
-                    if first + row == 0:
-                        logits_of_first = logits[:POSITIONS_PER_CHUNK].float().cpu()
-                    if progress:
-                        progress(first + row + 1)
-                del batch_logits, batch_hidden
+        batch = windows_per_batch(device, windows.shape[1], model.config.get_text_config().vocab_size)
+        nll, top1 = score_windows(model, windows, device, writer.write, progress=progress, batch=batch)
     finally:
-        hook.remove()
-    return np.stack(nll), np.stack(hidden), logits_of_first
-
-
-def check_reproduced(output_layer: OutputLayer, hidden: np.ndarray, model_logits, dtype: str, architecture: str) -> float:
-    """The largest log-prob difference between the model's logits and the output layer's
-    recomputation on the same positions; refuses (exit 2) a difference that is not rounding."""
-    import torch
-
-    recomputed = torch.log_softmax(output_layer.logits(torch.from_numpy(hidden[:len(model_logits)])), dim=-1)
-    error = float((recomputed - torch.log_softmax(model_logits, dim=-1)).abs().max())
-    if not error <= REPRODUCTION_TOLERANCE[dtype]:
-        raise BadInput(f"the reference cannot recompute {architecture}'s logits from its output layer "
-                       f"(log-probs differ by up to {error:.3g}): the model transforms its logits in a way "
-                       "qpipe does not know", where="source checkpoint: config.json architectures",
-                       fix="qpipe knows final_logit_softcapping, logit_scale and logits_scaling; report "
-                           "the architecture, or gate another checkpoint")
-    return error
+        writer.close()
+    text_tokens = np.asarray(text_ids, dtype=np.int32)
+    np.savez(directory / NPZ, tokens=windows, nll=nll.astype(np.float32), top1=top1.astype(np.int32),
+             text_tokens=text_tokens)
+    return Reference(tokens=windows, nll=nll, top1=top1, text_tokens=text_tokens, meta={}, directory=directory)
 
 
 def memory_need(params: ReferenceParams, source_dir: Path, device: str) -> int:
-    """Bytes the reference stage needs for the checkpoint at `source_dir` (``memory.estimate``):
-    the model, and the float32 copy of its output layer it keeps."""
+    """Bytes the reference stage needs for the checkpoint at `source_dir` (``memory.estimate``)."""
     from pipeline import memory
 
     size = memory.ModelSize.of(source_dir)
     return memory.estimate(memory.REFERENCE, size, window_tokens=params.window_tokens, dtype=params.dtype,
-                           device=device, mapped_bytes=size.output_layer_bytes)
+                           device=device)
+
+
+def disk_need(params: ReferenceParams, source_dir: Path) -> int:
+    """Bytes of disk the reference's log-probs take (``log_probs_bytes``)."""
+    from pipeline import memory
+
+    return log_probs_bytes(params.windows, params.window_tokens, memory.ModelSize.of(source_dir).vocabulary)
+
+
+def free_disk_bytes(out_dir: Path) -> int:
+    """Free bytes on the disk that `out_dir` is (or will be) on."""
+    existing = next(parent for parent in [Path(out_dir), *Path(out_dir).absolute().parents] if parent.exists())
+    return shutil.disk_usage(existing).free
+
+
+def ensure_disk(need_bytes: int, out_dir: Path) -> None:
+    """Refuse (exit 3) before loading when the disk under `out_dir` cannot hold the log-probs."""
+    free = free_disk_bytes(out_dir)
+    if need_bytes > free:
+        raise HostLacks(f"the reference's log-probs need {need_bytes / 1e9:.1f} GB of disk and {out_dir} has "
+                        f"{free / 1e9:.1f} GB free", where="params.yaml: reference.windows / reference.window_tokens",
+                        fix="free disk space, or lower reference.windows or reference.window_tokens (the file is "
+                            "windows x (window_tokens - 1) x vocabulary x 2 bytes)")
 
 
 def run(params: ReferenceParams, source_dir: Path, evaluation_text: Path, out_dir: Path, log=print) -> dict[str, Any]:
@@ -251,34 +274,26 @@ def run(params: ReferenceParams, source_dir: Path, evaluation_text: Path, out_di
     fix = ("set reference.dtype: bfloat16 in params.yaml (half the weights' memory), or run on a host "
            "with more memory or a GPU") if params.dtype == "float32" else "run on a host with more memory or a GPU"
     memory_record = memory.ensure_fits(need, stage=f"the reference in {params.dtype}", fix=fix, device=device)
+    ensure_disk(disk_need(params, source_dir), out_dir)
     model = load_causal_lm(source_dir, dtype=dtype).to(device).eval()
     log(f"reference: scoring {params.windows} x {params.window_tokens} tokens with the unquantized "
         f"model ({str(dtype).removeprefix('torch.')}, {device})")
-    started = time.perf_counter()
     from tqdm import tqdm
 
-    with tqdm(total=len(windows), desc="reference windows", unit="win", leave=False) as bar:
-        batch = windows_per_batch(device, params.window_tokens, model.config.get_text_config().vocab_size)
-        nll, hidden, logits_of_first = score_windows(model, windows, device, progress=lambda n: bar.update(1),
-                                                     batch=batch)
-    elapsed = time.perf_counter() - started
-    output_layer = OutputLayer.of(model)
-    architecture = (model.config.architectures or [type(model).__name__])[0]
-    del model
-    reproduction_error = check_reproduced(output_layer, hidden[0], logits_of_first, params.dtype, architecture)
-
     with atomic_dir(out_dir) as staging:
-        np.savez(staging / NPZ, tokens=windows, nll=nll.astype(np.float32), hidden=hidden.astype(np.float32),
-                 text_tokens=np.asarray(text_ids, dtype=np.int32))
-        output_layer.save(staging / OUTPUT_LAYER_FILE)
+        started = time.perf_counter()
+        with tqdm(total=len(windows), desc="reference windows", unit="win", leave=False) as bar:
+            scores = write_scores(staging, model, windows, text_ids, device, progress=lambda n: bar.update(1))
+        elapsed = time.perf_counter() - started
+        del model
+        with scores.log_probs() as stored:
+            nll, vocabulary = scores.nll, stored.vocabulary
         meta = {
             "windows": params.windows,
             "window_tokens": params.window_tokens,
-            "hidden_size": int(hidden.shape[-1]),
-            "vocabulary": output_layer.vocabulary,
-            "output_layer": {"softcap": output_layer.softcap, "scale": output_layer.scale,
-                             "bias": output_layer.bias is not None,
-                             "max_logprob_error": reproduction_error},
+            "vocabulary": vocabulary,
+            "log_probs": {"file": LOG_PROBS_FILE, "dtype": "float16",
+                          "bytes": log_probs_bytes(params.windows, params.window_tokens, vocabulary)},
             "eval_tokens": int(nll.size),
             "ppl": float(np.exp(nll.astype(np.float64).mean())),
             "mean_nll": float(nll.astype(np.float64).mean()),

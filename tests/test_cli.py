@@ -43,7 +43,7 @@ def test_gate_without_build_exits_2(project):
 
 
 def test_doctor_says_which_stages_a_checkpoint_fits_before_anything_loads(project, tiny_llama, monkeypatch):
-    from pipeline import memory
+    from pipeline import memory, reference
 
     write(project / "params.yaml", (project / "params.yaml").read_text().replace(
         "  - gguf-q6_k\n", "").replace("  - trtllm-int8-sq ", "  # "))
@@ -55,6 +55,12 @@ def test_doctor_says_which_stages_a_checkpoint_fits_before_anything_loads(projec
     stages = [line.split()[:2] for line in lines[2:]]
     assert ["build", "gguf-q8_0"] in stages and ["gate", "trtllm-fp8"] in stages
     assert ["build", "gguf-q6_k"] not in stages and ["gate", "trtllm-int8-sq"] not in stages  # params' recipes only
+    # the default 40 x 512 windows of its 130-token vocabulary, 2 bytes a log-prob
+    assert lines[-1].startswith(f"reference log-probs          needs     0.0 GB of disk") and lines[-1].endswith(": fits")
+    monkeypatch.setattr(reference, "free_disk_bytes", lambda out_dir: 40 * 511 * 130 * 2 - 1)
+    result = runner.invoke(app, ["doctor", "--checkpoint", str(tiny_llama)])
+    assert result.exit_code == 3 and result.output.splitlines()[-1].endswith("does not fit")
+    monkeypatch.undo()
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 600 * 2**20)  # 0.6 GB: only the smallest fit
     result = runner.invoke(app, ["doctor", "--checkpoint", str(tiny_llama)])
     assert result.exit_code == 3

@@ -35,7 +35,7 @@ def test_an_8b_fp32_reference_needs_about_34_gb_and_bf16_about_half(llama_8b):
 def test_the_source_stage_count_is_used_where_there_is_one(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 151936}))
     (tmp_path / "source.json").write_text(json.dumps({"parameters": 494_032_768}))
-    assert memory.ModelSize.of(tmp_path) == memory.ModelSize(494_032_768, 151936, 0)
+    assert memory.ModelSize.of(tmp_path) == memory.ModelSize(494_032_768, 151936)
 
 
 def test_a_stage_that_does_not_fit_refuses_with_its_estimate_and_the_fix(llama_8b, monkeypatch):

@@ -42,31 +42,39 @@ def family_model(request):
     return request.param, model.eval()
 
 
-def test_the_output_layer_recomputes_every_family_s_logits(family_model, tmp_path):
-    from pipeline.reference import OutputLayer, check_reproduced, score_windows
+def scored(model, windows, batch=1):
+    from pipeline.reference import score_windows
+
+    written = []
+    nll, top1 = score_windows(model, windows, "cpu", written.append, batch=batch)
+    return nll, top1, np.stack(written)
+
+
+def test_the_stored_log_probs_are_every_family_s_own_distribution(family_model):
+    import torch
 
     family, model = family_model
     windows = np.random.default_rng(0).integers(3, 1000, size=(2, 24)).astype(np.int32)
-    nll, hidden, logits = score_windows(model, windows, "cpu")
-    assert nll.shape == (2, 23) and hidden.shape == (2, 23, model.config.hidden_size)
-    layer = OutputLayer.of(model)
-    assert layer.softcap == (30.0 if family == "gemma2" else None)
-    assert check_reproduced(layer, hidden[0], logits, "float32", family) < 1e-4
-    layer.save(tmp_path / "head.safetensors")
-    loaded = OutputLayer.load(tmp_path / "head.safetensors")
-    assert check_reproduced(loaded, hidden[0], logits, "float32", family) < 1e-4
+    nll, top1, log_probs = scored(model, windows)
+    assert nll.shape == top1.shape == (2, 23) and log_probs.shape == (2, 23, model.config.vocab_size)
+    assert log_probs.dtype == np.float16 and top1.dtype == np.int32
+    with torch.no_grad():  # the model's final logits, Gemma 2's soft-capping included
+        logits = model(torch.as_tensor(windows, dtype=torch.long)).logits[:, :-1].float()
+    exact = torch.log_softmax(logits, dim=-1)
+    np.testing.assert_allclose(log_probs.astype(np.float32), exact.numpy(), rtol=2**-10, atol=1e-6)
+    np.testing.assert_allclose(nll, -exact.gather(2, torch.as_tensor(windows[:, 1:, None], dtype=torch.long))[..., 0],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(top1, logits.argmax(dim=-1).numpy())
 
 
 def test_windows_scored_in_a_batch_give_the_figures_of_windows_scored_one_by_one(family_model):
-    from pipeline.reference import score_windows
-
     _, model = family_model
     windows = np.random.default_rng(1).integers(3, 1000, size=(3, 24)).astype(np.int32)
-    one_by_one = score_windows(model, windows, "cpu")
-    batched = score_windows(model, windows, "cpu", batch=2)  # what a GPU host does, here on the CPU
-    for single, together in zip(one_by_one[:2], batched[:2]):
-        np.testing.assert_allclose(single, together, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(one_by_one[2].numpy(), batched[2].numpy(), rtol=1e-4, atol=1e-5)
+    one_by_one = scored(model, windows)
+    batched = scored(model, windows, batch=2)  # what a GPU host does, here on the CPU
+    np.testing.assert_allclose(one_by_one[0], batched[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(one_by_one[1], batched[1])
+    np.testing.assert_allclose(one_by_one[2].astype(np.float32), batched[2].astype(np.float32), rtol=2**-9, atol=1e-4)
 
 
 def test_the_batch_is_one_window_on_the_cpu_and_fits_a_quarter_of_the_gpus_free_memory():
@@ -78,16 +86,39 @@ def test_the_batch_is_one_window_on_the_cpu_and_fits_a_quarter_of_the_gpus_free_
     assert windows_per_batch("cuda", 512, 128256, free_bytes=per_window) == 1
 
 
-def test_a_logit_transform_the_reference_does_not_know_is_refused(family_model):
-    from pipeline.reference import OutputLayer, check_reproduced, score_windows
+def test_log_probs_are_written_and_read_one_window_at_a_time_as_a_numpy_file(tmp_path):
+    from pipeline.reference import LogProbsReader, LogProbsWriter, log_probs_bytes
 
-    family, model = family_model
-    if family != "gemma2":
-        pytest.skip("needs a family that transforms its logits")
-    windows = np.random.default_rng(0).integers(3, 1000, size=(1, 24)).astype(np.int32)
-    _, hidden, logits = score_windows(model, windows, "cpu")
-    layer = OutputLayer.of(model)
-    layer.softcap = None
-    with pytest.raises(BadInput, match="cannot recompute") as info:
-        check_reproduced(layer, hidden[0], logits, "float32", "Gemma2ForCausalLM")
-    assert "config.json" in info.value.where
+    windows = np.random.default_rng(2).normal(size=(3, 5, 7)).astype(np.float16)
+    writer = LogProbsWriter(tmp_path / "logprobs.npy", 3)
+    for window in windows:
+        writer.write(window)
+    writer.close()
+    np.testing.assert_array_equal(np.load(tmp_path / "logprobs.npy"), windows)
+    assert (tmp_path / "logprobs.npy").stat().st_size - log_probs_bytes(3, 6, 7) <= 128  # the .npy header
+    with LogProbsReader(tmp_path / "logprobs.npy") as reader:
+        assert reader.vocabulary == 7
+        np.testing.assert_array_equal(reader.window(2), windows[2])
+        np.testing.assert_array_equal(reader.window(0), windows[0])
+        with pytest.raises(BadInput, match="ends before window 3"):
+            reader.window(3)
+
+
+def test_a_disk_that_cannot_hold_the_log_probs_is_refused_before_loading(tmp_path):
+    from pipeline.errors import HostLacks
+    from pipeline.reference import ensure_disk
+
+    ensure_disk(10**6, tmp_path / "not" / "yet" / "there")
+    with pytest.raises(HostLacks, match="need 1000000000.0 GB of disk") as info:
+        ensure_disk(10**18, tmp_path / "out")
+    assert "reference.windows" in info.value.where
+
+
+def test_a_reference_from_before_stored_log_probs_is_refused_with_the_fix(tmp_path):
+    from pipeline import reference
+
+    np.savez(tmp_path / reference.NPZ, tokens=np.zeros((1, 4)), nll=np.zeros((1, 3)), text_tokens=np.zeros(4))
+    (tmp_path / reference.LOG_PROBS_FILE).write_bytes(b"")
+    with pytest.raises(BadInput, match="older qpipe") as info:
+        reference.load(tmp_path)
+    assert "dvc repro reference" in info.value.fix

@@ -129,11 +129,12 @@ def check_gate_memory(info, artifact_bytes: int, ref, host_info: dict[str, Any])
 
 def gate_memory_need(info, size, *, window_tokens: int, artifact_bytes: int) -> int:
     """Bytes a gate of format `info` needs on the CPU: its factors, the artifact where its
-    runtime maps it whole, and the reference's output layer in float32."""
-    from pipeline import memory
+    runtime maps it whole, and one window of the reference's log-probs."""
+    from pipeline import memory, reference
 
     return memory.estimate(info.gate_memory, size, window_tokens=window_tokens,
-                           mapped_bytes=(artifact_bytes if info.gate_maps_artifact else 0) + size.output_layer_bytes)
+                           mapped_bytes=(artifact_bytes if info.gate_maps_artifact else 0)
+                           + reference.log_probs_bytes(1, window_tokens, size.vocabulary))
 
 
 def check_task_limits(limits, params, set_in: dict[str, str]) -> None:

@@ -2,13 +2,15 @@
 
 For every window the artifact is fed the reference's token ids; position p predicts token
 p+1. With Q the artifact's next-token distribution and P the reference's, both over the
-whole vocabulary (the reference's logits recomputed from its output layer, ``reference``):
+whole vocabulary (the reference's stored float16 log-probs, renormalized over the ids both
+have, ``reference``):
 
 - NLL_p = -log Q(t_{p+1}); ppl = exp(mean NLL); ppl_ratio = ppl / reference ppl, the
-  reference's NLL taken from the same recomputed logits;
-- KLD_p = sum_i P_i (log P_i - log Q_i), the exact KL divergence;
+  reference's NLL its exact float32 one;
+- KLD_p = sum_i P_i (log P_i - log Q_i), the KL divergence over the whole vocabulary;
 - Δp_p = Q(t_{p+1}) - P(t_{p+1}), the change in the probability of the actual next token;
-- top1_agreement (llama.cpp's "same top p") = share of positions where argmax Q = argmax P.
+- top1_agreement (llama.cpp's "same top p") = share of positions where argmax Q = argmax P,
+  the reference's argmax its exact one.
 
 These are llama-perplexity's `--kl-divergence` figures. ``llama_cpp`` holds them under its
 labels and in its units (Δp and same top p in percent), its percentiles by the same linear
@@ -39,45 +41,53 @@ KLD_PERCENTILES = {"99.9%": 0.999, "99.0%": 0.99, "95.0%": 0.95, "90.0%": 0.90}
 FIGURES = ("nll", "reference_nll", "kld", "delta_p", "top1")
 
 
-def position_scores(logits, reference_logits, targets) -> dict[str, np.ndarray]:
-    """NLL, reference NLL, KLD, Δp and top-1 agreement of positions whose artifact logits,
-    reference logits ([n, V] each) and next tokens ([n]) are given. A vocabulary padded on one
-    side only is compared over the ids both have. It computes where the reference logits are
-    (the GPU on a GPU host) and returns numpy arrays."""
+def position_scores(logits, reference_log_probs, reference_nll, reference_top1, targets) -> dict[str, np.ndarray]:
+    """NLL, reference NLL, KLD, Δp and top-1 agreement of positions whose artifact logits and
+    reference log-probs ([n, V] each), the reference's exact NLL and top-1 ids, and next tokens
+    ([n] each) are given. A vocabulary padded on one side only is compared over the ids both
+    have. It computes where the reference log-probs are (the GPU on a GPU host) and returns
+    numpy arrays."""
     import torch
 
-    reference_logits = torch.as_tensor(reference_logits, dtype=torch.float32)
-    device = reference_logits.device
+    log_p = torch.as_tensor(reference_log_probs).to(torch.float32, copy=True)
+    device = log_p.device
     logits = torch.as_tensor(np.asarray(logits, dtype=np.float32)).to(device)
-    vocabulary = min(logits.shape[1], reference_logits.shape[1])
-    # float32 throughout: Q8_0's mean KLD is then 1.2e-5 (relative) from an all-float64
-    # computation, at 60 % of its cost
+    vocabulary = min(logits.shape[1], log_p.shape[1])
+    reference_nll = torch.as_tensor(np.asarray(reference_nll, dtype=np.float64), device=device)
+    reference_top1 = torch.as_tensor(np.asarray(reference_top1, dtype=np.int64), device=device)
+    p = torch.exp(log_p)
+    if vocabulary < log_p.shape[1]:
+        # P restricted to the shared ids: the next token's NLL falls by what the cut-off ids held
+        reference_nll = reference_nll - torch.log(p.sum(dim=-1) / p[:, :vocabulary].sum(dim=-1)).double()
+        reference_top1 = torch.where(reference_top1 < vocabulary, reference_top1, p[:, :vocabulary].argmax(dim=-1))
+        log_p, p = log_p[:, :vocabulary], p[:, :vocabulary]
     log_q = torch.log_softmax(logits[:, :vocabulary], dim=-1)
-    log_p = torch.log_softmax(reference_logits[:, :vocabulary], dim=-1)
-    kld = torch.nn.functional.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1).double()
+    # KL(P/Z || Q) with Z = sum(P): renormalized, so float16 rounding moves it only to second order
+    total = p.sum(dim=-1)
+    kld = (log_p.sub_(log_q).mul_(p).sum(dim=-1) / total - torch.log(total)).double()
     targets = torch.as_tensor(np.asarray(targets, dtype=np.int64), device=device)[:, None]
     nll = -log_q.gather(1, targets)[:, 0].double()
-    reference_nll = -log_p.gather(1, targets)[:, 0].double()
     return {
         "nll": nll.cpu().numpy(),
         "reference_nll": reference_nll.cpu().numpy(),
         "kld": kld.cpu().numpy(),
         "delta_p": (torch.exp(-nll) - torch.exp(-reference_nll)).cpu().numpy(),
-        "top1": (log_q.argmax(dim=-1) == log_p.argmax(dim=-1)).cpu().numpy(),
+        "top1": (log_q.argmax(dim=-1) == reference_top1).cpu().numpy(),
     }
 
 
-def window_scores(logits: np.ndarray, tokens: np.ndarray, reference_logits_of, chunk: int | None = None
-                  ) -> dict[str, np.ndarray]:
-    """Per-position figures of one window: logits [T, V] from the artifact, tokens [T], and
-    ``reference_logits_of(start, stop)`` giving the reference's logits of those positions.
+def window_scores(logits: np.ndarray, tokens: np.ndarray, reference_log_probs, reference_nll: np.ndarray,
+                  reference_top1: np.ndarray, chunk: int | None = None) -> dict[str, np.ndarray]:
+    """Per-position figures of one window: logits [T, V] from the artifact, tokens [T], the
+    reference's log-probs [T-1, V] (a numpy or torch array), exact NLL and top-1 ids [T-1].
     Positions are scored `chunk` at a time, so the scratch memory is chunk x V floats."""
     chunk = chunk or POSITIONS_PER_CHUNK
     positions = len(tokens) - 1  # the last position predicts nothing inside the window
     parts = []
     for start in range(0, positions, chunk):
         stop = min(start + chunk, positions)
-        parts.append(position_scores(logits[start:stop], reference_logits_of(start, stop), tokens[start + 1:stop + 1]))
+        parts.append(position_scores(logits[start:stop], reference_log_probs[start:stop], reference_nll[start:stop],
+                                     reference_top1[start:stop], tokens[start + 1:stop + 1]))
     return {key: np.concatenate([part[key] for part in parts]) for key in FIGURES}
 
 
@@ -143,8 +153,8 @@ def bootstrap_ci95(per_window: dict[str, np.ndarray]) -> dict[str, dict[str, flo
 
 
 def scoring_device() -> str:
-    """Where the reference logits and the statistics are computed: a CUDA GPU where there is
-    one (one window's matmul and log-softmax at an 8B model's shapes take seconds on a CPU)."""
+    """Where the statistics are computed: a CUDA GPU where there is one (a window's log-softmax
+    and KLD at a 128k vocabulary take a large share of a small model's forward on a CPU)."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -153,7 +163,7 @@ def scoring_device() -> str:
 def positions_per_chunk(device: str, vocabulary: int, free_bytes: int | None = None) -> int:
     """Positions scored at once: ``POSITIONS_PER_CHUNK`` on the CPU (the fastest there); on a
     GPU as many as a quarter of its free memory holds at six float32 copies of a chunk's
-    logits (both logits, both log-softmaxes, the KL terms and their scratch), at least that."""
+    logits (the artifact's logits, both log-probs, the KL terms and their scratch), at least that."""
     if device != "cuda":
         return POSITIONS_PER_CHUNK
     if free_bytes is None:
@@ -166,21 +176,23 @@ def positions_per_chunk(device: str, vocabulary: int, free_bytes: int | None = N
 def score(window_logits: Iterable[np.ndarray], reference, progress=None, device: str | None = None
           ) -> dict[str, Any]:
     """Score every reference window; `window_logits` yields [T, V] logits in window order. The
-    reference's output layer and the statistics run on `device` (``scoring_device()`` by default)."""
+    statistics run on `device` (``scoring_device()`` by default), each window's reference
+    log-probs read from disk as it comes."""
     import torch
 
     device = device or scoring_device()
-    output_layer = reference.output_layer().to(device)
-    chunk = positions_per_chunk(device, output_layer.vocabulary)
     windows = []
-    for index, logits in enumerate(window_logits):
-        if index >= len(reference.tokens):
-            raise RuntimeError(f"runtime returned more windows than the {len(reference.tokens)} of the reference")
-        hidden = torch.from_numpy(reference.hidden[index]).to(device)
-        windows.append(window_scores(logits, reference.tokens[index],
-                                     lambda start, stop: output_layer.logits(hidden[start:stop]), chunk=chunk))
-        if progress:
-            progress(index + 1)
+    with reference.log_probs() as stored:
+        vocabulary = stored.vocabulary
+        chunk = positions_per_chunk(device, vocabulary)
+        for index, logits in enumerate(window_logits):
+            if index >= len(reference.tokens):
+                raise RuntimeError(f"runtime returned more windows than the {len(reference.tokens)} of the reference")
+            log_probs = torch.from_numpy(stored.window(index)).to(device)
+            windows.append(window_scores(logits, reference.tokens[index], log_probs, reference.nll[index],
+                                         reference.top1[index], chunk=chunk))
+            if progress:
+                progress(index + 1)
     if len(windows) != len(reference.tokens):
         raise RuntimeError(f"runtime returned {len(windows)} windows, expected {len(reference.tokens)}")
     stacked = {key: np.stack([window[key] for window in windows]) for key in FIGURES}  # [W, T-1]
@@ -194,7 +206,7 @@ def score(window_logits: Iterable[np.ndarray], reference, progress=None, device:
                         **summarize({key: values[:, half:].reshape(-1) for key, values in stacked.items()})},
         "per_window": {"mean_nll": per_window["nll"].tolist(), "mean_reference_nll": per_window["reference_nll"].tolist(),
                        "mean_kld": per_window["kld"].tolist(), "top1_agreement": per_window["top1"].tolist()},
-        "vocabulary": output_layer.vocabulary,
+        "vocabulary": vocabulary,
         "scoring_device": device,
     }
 

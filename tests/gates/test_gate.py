@@ -10,8 +10,9 @@ from pipeline import layout
 from pipeline.config import Params, TaskSpec
 from pipeline.runtimes import Session
 from tests.conftest import write
+from tests.gates import StoredLogProbs
 
-VOCAB, HIDDEN, WINDOW = 12, 4, 8
+VOCAB, WINDOW = 12, 8
 
 
 class CountingSession(Session):
@@ -47,19 +48,16 @@ def fake_format(speed_reason=None):
 
 
 def gate_project(monkeypatch, fmt):
-    import torch
-
     from pipeline import formats, gates, reference
-    from pipeline.reference import OutputLayer
 
     write(layout.build_dir("gguf-q8_0") / "build.json", json.dumps({"artifact": {"bytes": 1, "sha256": "x"}}))
     write(layout.HOST_FILE, json.dumps({"cpu": {"model": "test", "physical_cores": 1}, "gpus": [],
                                         "bandwidth": {"gb_s": 1.0, "method": "test"}, "fingerprint": "x"}))
     write(layout.EVALUATION_TEXT, "text")
     ref = types.SimpleNamespace(
-        tokens=np.ones((2, WINDOW), dtype=np.int32), hidden=np.ones((2, WINDOW - 1, HIDDEN), dtype=np.float32),
-        text_tokens=np.arange(1, 600), meta={"vocabulary": VOCAB, "hidden_size": HIDDEN},
-        output_layer=lambda: OutputLayer(weight=torch.ones(VOCAB, HIDDEN), bias=None))
+        tokens=np.ones((2, WINDOW), dtype=np.int32), nll=np.ones((2, WINDOW - 1), dtype=np.float32),
+        top1=np.zeros((2, WINDOW - 1), dtype=np.int32), text_tokens=np.arange(1, 600), meta={"vocabulary": VOCAB},
+        log_probs=lambda: StoredLogProbs(np.full((2, WINDOW - 1, VOCAB), -np.log(VOCAB), dtype=np.float16)))
     monkeypatch.setattr(reference, "load", lambda directory: ref)
     monkeypatch.setattr(formats, "module", lambda name: fmt)
     monkeypatch.setattr("pipeline.files.verify_artifact", lambda build_dir, build: None)

@@ -88,17 +88,17 @@ def test_dense_rows_give_exact_nll_and_top1_and_exact_kld_only_with_every_token(
     artifact = log_softmax(rng.normal(size=(length, vocab)) * 3)
     reference = log_softmax(np.log(np.exp(artifact) + 0.01 * rng.random((length, vocab))))
     tokens = rng.integers(0, vocab, size=length)
-    reference_of = lambda start, stop: reference[start:stop]  # noqa: E731
-    exact = accuracy.window_scores(artifact, tokens, reference_of)
+    stored = (reference[:-1], -reference[np.arange(length - 1), tokens[1:]], reference[:-1].argmax(axis=-1))
+    exact = accuracy.window_scores(artifact, tokens, *stored)
     rows = vllm.dense_logprobs(prompt_logprobs(artifact, tokens, top_n=16), vocab)
     assert rows.shape == (length, vocab)
-    approx = accuracy.window_scores(rows, tokens, reference_of)
+    approx = accuracy.window_scores(rows, tokens, *stored)
     np.testing.assert_allclose(approx["nll"], exact["nll"], atol=1e-5)
     np.testing.assert_array_equal(approx["top1"], exact["top1"])
     assert not np.allclose(approx["kld"], exact["kld"], rtol=0.05), "top-16 of 300 spreads the rest evenly"
     # every token returned: nothing is approximated
     full = vllm.dense_logprobs(prompt_logprobs(artifact, tokens, top_n=vocab), vocab)
-    np.testing.assert_allclose(accuracy.window_scores(full, tokens, reference_of)["kld"], exact["kld"], atol=1e-5)
+    np.testing.assert_allclose(accuracy.window_scores(full, tokens, *stored)["kld"], exact["kld"], atol=1e-5)
 
 
 def test_timings_from_request_metrics_and_from_wall_clock():
@@ -207,7 +207,8 @@ def test_a_confident_position_gives_a_finite_kld_not_one_of_1e25():
     assert any(sum(np.exp(np.float64(lp.logprob)) for lp in entry.values()) >= 1.0 for entry in returned[1:])
     rows = vllm.dense_logprobs(returned, vocab)
     assert np.isfinite(rows).all()
-    scores = accuracy.window_scores(rows, tokens, lambda start, stop: logprobs[start:stop])
+    stored = (logprobs[:-1], -logprobs[np.arange(2), tokens[1:]], logprobs[:-1].argmax(axis=-1))
+    scores = accuracy.window_scores(rows, tokens, *stored)
     assert np.all(scores["kld"] < 1e-5), scores["kld"]
     np.testing.assert_allclose(np.exp(rows[:2].astype(np.float64)).sum(axis=1), 1.0, atol=1e-5)
 
