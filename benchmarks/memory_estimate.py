@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,17 +27,27 @@ import scratch_project
 DEFAULT_RECIPES = ["gguf-q8_0", "gguf-iq4_xs", "awq-w4a16", "trtllm-fp8", "trtllm-int8-wo"]
 
 
+# Linux starts a new process's peak RSS at the RSS of the process it was forked from (exec
+# keeps the pre-exec high-water mark), so a stage started from this benchmark, which holds
+# gigabytes after writing a checkpoint, would report at least that. A small launcher process
+# starts the stage instead and reports the stage's own peak (with its children's).
+LAUNCHER = ("import os, subprocess, sys; process = subprocess.Popen(sys.argv[2:]); "
+            "_, status, usage = os.wait4(process.pid, 0); open(sys.argv[1], 'w').write(str(usage.ru_maxrss)); "
+            "sys.exit(os.waitstatus_to_exitcode(status))")
+
+
 def measured(args: list[str], cwd, env) -> tuple[float, float]:
     """(peak RSS in GB of the command and its children, seconds)."""
     started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as log:  # a pipe would fill up and stall the stage
-        process = subprocess.Popen(args, cwd=cwd, env=env, stdout=log, stderr=log, text=True)
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryFile("w+") as log, tempfile.NamedTemporaryFile("r") as peak_kib:
+        # a file, not a pipe: a pipe would fill up and stall the stage
+        process = subprocess.run([sys.executable, "-c", LAUNCHER, peak_kib.name, *args], cwd=cwd, env=env,
+                                 stdout=log, stderr=log, text=True)
         if process.returncode != 0:
             log.seek(0)
             raise SystemExit(f"{' '.join(args)} failed:\n{log.read()[-2000:]}")
-    return usage.ru_maxrss * 1024 / 1e9, time.perf_counter() - started
+        peak = int(peak_kib.read())
+    return peak * 1024 / 1e9, time.perf_counter() - started
 
 
 def stage_rows(root, recipes: list[str], env) -> Iterator[tuple[str, float | None, float, float]]:
