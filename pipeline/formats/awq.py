@@ -128,7 +128,8 @@ def check_group_size(widths: dict[str, int], group_size: int, ignore: list[str],
 
 
 def check_awq_mapping(model, where: str) -> dict[str, Any]:
-    """Name the AWQ mapping llm-compressor will use, or refuse an architecture it has none for."""
+    """Name the AWQ mapping llm-compressor will use, or refuse an architecture it has none for
+    (names and classes only: the meta-device model will do)."""
     from compressed_tensors.utils import match_named_modules
     from llmcompressor.modifiers.transform.awq.dynamic_mappings import AWQ_DYNAMIC_MAPPING_REGISTRY
     from llmcompressor.modifiers.transform.awq.mappings import AWQ_MAPPING_REGISTRY, default_mappings
@@ -217,18 +218,19 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     import torch
     from transformers import AutoTokenizer
 
-    from pipeline.runtimes.transformers import load_causal_lm
+    from pipeline.runtimes.transformers import load_causal_lm, meta_model
 
     tools = tool_versions()
     require_installed(INFO, recipe.where("format"))
     device, samples = calibration_plan(recipe, threads)
     check_group_size(linear_widths(source_dir), recipe.group_size, recipe.ignore, recipe.where("group_size"))
+    mapping = (check_awq_mapping(meta_model(source_dir), recipe.where("algorithm"))
+               if recipe.algorithm == "awq" else None)
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     windows = calibration_windows(tokenizer, calibration_text, samples, recipe.calibration_seq_len,
                                   recipe.where("calibration_samples / calibration_seq_len"))
     dtype = getattr(torch, recipe.dtype)
     model = load_causal_lm(source_dir, dtype=dtype)
-    mapping = check_awq_mapping(model, recipe.where("algorithm")) if recipe.algorithm == "awq" else None
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     timings: dict[str, float] = {}

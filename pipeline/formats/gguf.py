@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from pipeline.config import RecipeBase
-from pipeline.errors import BadInput, HostLacks, QpipeError
+from pipeline.errors import BadInput, HostLacks, QpipeError, RecipeNotApplicable
 from pipeline.formats.contract import FormatInfo
 from pipeline.memory import GIB, Factors
 from pipeline.runtimes.llama_cpp import llama_tool
@@ -264,10 +264,6 @@ GEMMA3_SLIDING_ROPE_THETA = 10000.0
 def check_llama_cpp_computes(source_dir: Path, where: str) -> None:
     """Refuse (RecipeNotApplicable) a checkpoint that llama.cpp would load but compute
     differently from its config, before converting anything."""
-    import json
-
-    from pipeline.errors import RecipeNotApplicable
-
     config_file = Path(source_dir) / "config.json"
     config = json.loads(config_file.read_text())
     text = config.get("text_config") or config
@@ -301,9 +297,10 @@ def convert(source_dir: Path, outfile: Path, outtype: str, script: str) -> None:
     if result.returncode == 0 and outfile.is_file():
         return
     output = result.stdout + result.stderr
+    # the converter looks its model class up before it reads a tensor: a refusal, not a crash
     unsupported = re.search(r"Model (\S+) is not supported", output)
     if unsupported:
-        raise BadInput(
+        raise RecipeNotApplicable(
             f"llama.cpp's converter does not support architecture {unsupported.group(1)}",
             where=f"{source_dir}/config.json: architectures",
             fix="use a model llama.cpp supports, or drop the gguf recipes for it",

@@ -178,8 +178,8 @@ def decoder_type(architecture: str, where: str) -> str:
 
     found = next((kind for key, kind in MODEL_NAME_TO_TYPE.items() if key.lower() in architecture.lower()), None)
     if found is None:
-        raise BadInput(f"ModelOpt cannot export architecture {architecture}",
-                       where=where, fix="use a GGUF or AWQ recipe for this model")
+        raise RecipeNotApplicable(f"ModelOpt cannot export architecture {architecture}",
+                                  where=where, fix="use a GGUF or AWQ recipe for this model")
     return found
 
 

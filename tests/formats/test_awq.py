@@ -3,7 +3,7 @@ import json
 import pytest
 
 from pipeline.formats import load_recipe
-from pipeline.errors import BadInput, HostLacks
+from pipeline.errors import BadInput, HostLacks, RecipeNotApplicable
 from pipeline.formats import awq
 from tests.conftest import write
 
@@ -107,17 +107,16 @@ def test_architecture_without_an_awq_mapping_is_refused():
             super().__init__()
             self.fc1 = torch.nn.Linear(8, 8)
 
-    with pytest.raises(BadInput, match="no AWQ mapping for architecture Toy") as info:
+    with pytest.raises(RecipeNotApplicable, match="no AWQ mapping for architecture Toy") as info:
         awq.check_awq_mapping(Toy(), "r")
     assert "algorithm: rtn" in info.value.fix
 
 
-def test_llama_has_a_registered_mapping(tiny_checkpoint):
-    from transformers import AutoModelForCausalLM
+def test_llama_has_a_registered_mapping_found_without_reading_weights(tiny_checkpoint):
+    from pipeline.runtimes.transformers import meta_model
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
-    assert awq.check_awq_mapping(model, "r") == {"architecture": "LlamaForCausalLM",
-                                                  "mapping": "llm-compressor registry"}
+    assert awq.check_awq_mapping(meta_model(tiny_checkpoint), "r") == {
+        "architecture": "LlamaForCausalLM", "mapping": "llm-compressor registry"}
 
 
 def test_samples_that_fit():

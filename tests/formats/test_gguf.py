@@ -71,14 +71,14 @@ def test_llama_imatrix_tool_is_installed_and_runs():
     assert "imatrix" in (result.stdout + result.stderr)
 
 
-def test_architecture_the_converter_does_not_support_is_bad_input(tmp_path):
+def test_architecture_the_converter_does_not_support_is_refused(tmp_path):
     import json
 
-    from pipeline.errors import BadInput
+    from pipeline.errors import RecipeNotApplicable
 
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NotARealModelForCausalLM"],
                                                       "model_type": "not_real"}))
-    with pytest.raises(BadInput, match="does not support architecture NotARealModelForCausalLM") as info:
+    with pytest.raises(RecipeNotApplicable, match="does not support architecture NotARealModelForCausalLM") as info:
         fmt.convert(tmp_path, tmp_path / "out.gguf", "f16", fmt.converter_info()["path"])
     assert info.value.where.endswith("config.json: architectures")
 
