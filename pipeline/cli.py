@@ -273,12 +273,9 @@ def recommend_command(
     """The best passing artifact under the constraints, and why each other one lost."""
     from pipeline import compare
 
-    given = [("--max-size", "bytes", compare.parse_size(max_size) if max_size else None, True),
-             ("--max-kld", "mean_kld", max_kld, True), ("--max-ppl-ratio", "ppl_ratio", max_ppl_ratio, True),
-             ("--min-top1", "top1_agreement", min_top1, False), ("--min-decode", "decode_tok_s", min_decode, False),
-             ("--min-recovery", "task_recovery", min_recovery, False)]
-    constraints = [compare.Constraint(flag, column, limit, at_most, text=max_size if flag == "--max-size" else "")
-                   for flag, column, limit, at_most in given if limit is not None]
+    constraints = compare.constraints({"--max-size": max_size, "--max-kld": max_kld,
+                                       "--max-ppl-ratio": max_ppl_ratio, "--min-top1": min_top1,
+                                       "--min-decode": min_decode, "--min-recovery": min_recovery})
     choice = compare.recommend(compare.load_rows(workspace_only, log=log), constraints, objective)
     typer.echo(compare.explain(choice), nl=False)
 
