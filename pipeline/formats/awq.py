@@ -372,7 +372,7 @@ def bits_per_weight(build_dir: Path) -> float:
 def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, float]:
     """Every stored tensor once (a separate input embedding reads one row), plus a bf16/fp16 KV
     cache at the given context length."""
-    from pipeline.measure import kv_cache_bytes
+    from pipeline.geometry import Geometry
 
     table = _tensor_table(build_dir)
     weights = sum(size for _, _, size in table)
@@ -381,10 +381,7 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
         for name, shape, size in table:
             if name.endswith("embed_tokens.weight"):
                 weights -= size - size // shape[0]
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    kv_heads = config.get("num_key_value_heads") or heads
-    kv_cache = kv_cache_bytes(config["num_hidden_layers"], kv_heads, head_dim, context_tokens)
+    kv_cache = Geometry.from_hf_config(config).kv_cache_bytes(context_tokens)
     return {"weights": float(weights), "kv_cache": float(kv_cache), "total": float(weights + kv_cache)}
 
 

@@ -433,10 +433,11 @@ def bits_per_weight(build_dir: Path) -> float:
 
 
 def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, float]:
-    """Bytes a decode step must read: every weight tensor once, plus the f16 KV cache at
-    the given context length. With a separate output matrix the token embedding reads a
-    single row; with tied embeddings the whole matrix is read for the logits."""
-    from pipeline.measure import kv_cache_bytes
+    """Bytes a decode step must read: every weight tensor once, plus the f16 KV cache at the
+    given context length (``geometry.Geometry`` of the header, as llama.cpp reads it). With a
+    separate output matrix the token embedding reads a single row; with tied embeddings the
+    whole matrix is read for the logits."""
+    from pipeline.geometry import Geometry
     from pipeline.runtimes.llama_cpp import read_header
 
     header = read_header(artifact_path(build_dir))
@@ -445,13 +446,7 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
     if "output.weight" in tensors and "token_embd.weight" in tensors:
         embedding = tensors["token_embd.weight"]
         weights -= embedding.n_bytes - embedding.n_bytes // embedding.shape[-1]
-    meta = header.metadata
-    arch = meta["general.architecture"]
-    layers = int(meta[f"{arch}.block_count"])
-    heads = int(meta[f"{arch}.attention.head_count"])
-    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv") or heads)
-    head_dim = int(meta[f"{arch}.embedding_length"]) // heads
-    kv_cache = kv_cache_bytes(layers, kv_heads, head_dim, context_tokens)
+    kv_cache = Geometry.from_gguf(header.metadata).kv_cache_bytes(context_tokens)
     return {"weights": float(weights), "kv_cache": float(kv_cache), "total": float(weights + kv_cache)}
 
 

@@ -485,22 +485,21 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
     """Every stored tensor once except the input embedding (one row), plus the KV cache in its
     stored format (1 byte per value for FP8, else 2)."""
     from pipeline.files import safetensors_table
-    from pipeline.measure import kv_cache_bytes
+    from pipeline.geometry import Geometry
+    from pipeline.runtimes.checkpoint_emulation import model_config_for
 
     checkpoint = artifact_path(build_dir)
     table = safetensors_table(checkpoint)
     weights = sum(size for name, shape, size in table if name not in _EMBEDDINGS)
     weights += sum(size // shape[0] for name, shape, size in table if name in _EMBEDDINGS)
     config = json.loads((checkpoint / "config.json").read_text())
-    if "quantization" in config:  # TensorRT-LLM's names
-        kv_algo, head_dim = config["quantization"].get("kv_cache_quant_algo"), config.get("head_size")
+    if "quantization" in config:  # TensorRT-LLM's config; the HF config the build kept beside it
+        kv_algo, hf_config = config["quantization"].get("kv_cache_quant_algo"), model_config_for(checkpoint)
     else:
         kv_algo = json.loads((checkpoint / "hf_quant_config.json").read_text())["quantization"].get("kv_cache_quant_algo")
-        head_dim = config.get("head_dim")
-    heads = config["num_attention_heads"]
-    kv_cache = kv_cache_bytes(config["num_hidden_layers"], config.get("num_key_value_heads") or heads,
-                              head_dim or config["hidden_size"] // heads, context_tokens,
-                              bytes_per_value=1 if kv_algo == "FP8" else 2)
+        hf_config = config
+    kv_cache = Geometry.from_hf_config(hf_config).kv_cache_bytes(context_tokens,
+                                                                 bytes_per_value=1 if kv_algo == "FP8" else 2)
     return {"weights": float(weights), "kv_cache": float(kv_cache), "total": float(weights + kv_cache)}
 
 

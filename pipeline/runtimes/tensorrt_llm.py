@@ -178,30 +178,16 @@ def nvfp4_unavailable_reason() -> str | None:
 # ---------------------------------------------------------------- shared LLM-API session code
 
 
-def _sliding_layers(config: dict[str, Any], layers: int) -> list[bool]:
-    """Which layers attend through the sliding window, as transformers builds each model."""
-    model_type = str(config.get("model_type") or "")
-    if config.get("layer_types"):
-        return [kind == "sliding_attention" for kind in config["layer_types"]]
-    if model_type == "gemma2":  # every other layer, from the first
-        return [index % 2 == 0 for index in range(layers)]
-    if model_type.startswith("gemma3"):  # all but every sliding_window_pattern-th
-        pattern = int(config.get("sliding_window_pattern") or 6)
-        return [(index + 1) % pattern != 0 for index in range(layers)]
-    if model_type.startswith("qwen2") and config.get("max_window_layers") is not None:
-        return [index >= int(config["max_window_layers"]) for index in range(layers)]
-    return [True] * layers
-
-
 def attention_windows(config: dict[str, Any], max_seq_len: int) -> list[int] | None:
     """``KvCacheConfig.max_attention_window`` for a model with a sliding window (one entry per
     layer: the window, or max_seq_len for a full-attention layer); None where no window is
     shorter than max_seq_len, so that no window changes what a layer sees."""
-    window = config.get("sliding_window")
-    if not isinstance(window, int) or window <= 0 or config.get("use_sliding_window") is False:
+    from pipeline.geometry import sliding_attention
+
+    window, sliding_layers = sliding_attention(config)
+    if window is None:
         return None
-    layers = int(config.get("num_hidden_layers") or len(config.get("layer_types") or []) or 1)
-    windows = [min(window, max_seq_len) if sliding else max_seq_len for sliding in _sliding_layers(config, layers)]
+    windows = [min(window, max_seq_len) if sliding else max_seq_len for sliding in sliding_layers]
     return windows if any(size < max_seq_len for size in windows) else None
 
 
