@@ -79,14 +79,12 @@ def run_build(name: str, *, threads: int, log=print) -> dict:
 
 def build_memory_need(info, recipe, source_dir) -> tuple[int, str]:
     """(bytes, device) a build of `recipe` needs: a calibrating format calibrates on the GPU
-    where there is one, so that is the memory it needs."""
+    where there is a usable one, so that is the memory it needs."""
     from pipeline import memory
 
-    device = "cpu"
-    if info.calibrates:
-        import torch
+    from pipeline.host import has_usable_gpu
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if info.calibrates and has_usable_gpu() else "cpu"
     need = memory.estimate(info.build_memory, memory.ModelSize.of(source_dir),
                            window_tokens=recipe.calibration_seq_len if info.calibrates else 0,
                            dtype=recipe.weights_dtype(), device=device)

@@ -14,7 +14,7 @@ def test_write_build_spec(project):
 
 
 def test_build_spec_of_a_calibrating_format_records_the_calibration_device(project):
-    write(layout.HOST_FILE, json.dumps({"gpus": [{"name": "NVIDIA H100"}]}))
+    write(layout.HOST_FILE, json.dumps({"gpus": [{"name": "NVIDIA H100"}], "torch_cuda": True}))
     spec = builds.write_build_spec("awq-w4a16")
     assert spec["host"] == {"calibration_device": "cuda"}
     write(layout.HOST_FILE, json.dumps({"gpus": []}))
@@ -68,3 +68,15 @@ def test_a_recipe_that_cannot_apply_to_the_model_is_recorded_and_stops_nothing(p
     assert "| awq-g128 | not run |" in (project / "artifacts/report/tradeoff.md").read_text()
     check = subprocess.run(["qpipe", "check"], capture_output=True, text=True, env=qpipe_env)
     assert check.returncode == 1 and "REFUSED awq-g128" in check.stdout + check.stderr
+
+
+def test_with_a_cpu_torch_on_a_gpu_host_the_recipe_and_the_build_both_say_cpu(project, monkeypatch):
+    import torch
+
+    from pipeline.formats.contract import calibration_plan
+
+    write(layout.HOST_FILE, json.dumps({"gpus": [{"name": "NVIDIA H100"}], "torch_cuda": False}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("the host stage's answer is used"))
+    recipe = load_recipe("awq-w4a16")
+    assert builds.write_build_spec("awq-w4a16")["host"] == {"calibration_device": "cpu"}
+    assert calibration_plan(recipe, threads=1) == ("cpu", recipe.calibration_samples)

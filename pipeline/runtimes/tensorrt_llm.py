@@ -109,14 +109,13 @@ NOT_INSTALLED = ("TensorRT-LLM is not installed (install `qpipe[trtllm]` on a GP
 
 
 def unavailable_reason() -> str | None:
-    """Why the PyTorch backend cannot run here, or None (no torch import: the GPU is host.json's,
-    else nvidia-smi's)."""
-    from pipeline.host import has_cuda_gpu
+    """Why the PyTorch backend cannot run here, or None (no torch import where host.json says)."""
+    from pipeline.host import has_usable_gpu
 
     if version() is None:
         return f"needs a CUDA GPU and TensorRT-LLM: {NOT_INSTALLED}"
-    if not has_cuda_gpu():
-        return "needs a CUDA GPU for TensorRT-LLM; this host has none"
+    if not has_usable_gpu():
+        return "needs a CUDA GPU for TensorRT-LLM; this host has none that torch can use"
     return None
 
 
@@ -134,13 +133,13 @@ def has_engine_builder() -> bool:
 
 def engine_unavailable_reason() -> str | None:
     """Why the legacy engine backend (trtllm-build, TensorRT engines) cannot run here, or None."""
-    from pipeline.host import has_cuda_gpu
+    from pipeline.host import has_usable_gpu
 
     installed = version()
     if installed is None:
         return f"needs a CUDA GPU and TensorRT-LLM {LAST_ENGINE_RELEASE}: {NOT_INSTALLED}"
-    if not has_cuda_gpu():
-        return "needs a CUDA GPU for TensorRT-LLM engines; this host has none"
+    if not has_usable_gpu():
+        return "needs a CUDA GPU for TensorRT-LLM engines; this host has none that torch can use"
     if not has_engine_builder():
         return (f"TensorRT-LLM {installed} has no legacy engine backend (no trtllm-build; {LAST_ENGINE_RELEASE} is "
                 "the last release line with it): serve the unified checkpoint hf_checkpoint/ with its PyTorch "

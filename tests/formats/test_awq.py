@@ -59,7 +59,9 @@ def test_shipped_schemes_are_llm_compressor_presets():
 
 def test_calibration_device_follows_the_host():
     assert awq.host_build_knobs({"gpus": []}) == {"calibration_device": "cpu"}
-    assert awq.host_build_knobs({"gpus": [{"name": "H100"}]}) == {"calibration_device": "cuda"}
+    assert awq.host_build_knobs({"gpus": [{"name": "H100"}], "torch_cuda": True}) == {"calibration_device": "cuda"}
+    # a CPU build of torch on a GPU host calibrates on the CPU, and the recipe says so
+    assert awq.host_build_knobs({"gpus": [{"name": "H100"}], "torch_cuda": False}) == {"calibration_device": "cpu"}
 
 
 # ---------------------------------------------------------------- checks before calibrating
