@@ -307,6 +307,7 @@ def doctor_command(checkpoint: Path = typer.Option(None, "--checkpoint", help="a
                                                     "host, from its config alone (exit 3 when one does not)")):
     """What this host can build and gate: CPU, GPU, memory bandwidth, runtimes, tools."""
     from pipeline import formats, host
+    from pipeline.gates import tasks
 
     if checkpoint is not None:
         fits = checkpoint_lines(checkpoint, _params())
@@ -331,7 +332,7 @@ def doctor_command(checkpoint: Path = typer.Option(None, "--checkpoint", help="a
         typer.echo(line)
     lm_eval = host.package_version("lm-eval")
     typer.echo("tasks      " + (f"lm-eval {lm_eval}: task gates for params `tasks` (docs/tasks.md)" if lm_eval else
-                                "lm-eval is not installed: pip install 'qpipe[tasks]' for params `tasks`"))
+                                f"lm-eval is not installed: pip install 'qpipe[{tasks.EXTRA}]' for params `tasks`"))
     typer.echo("others     vllm / tensorrt_llm / modelopt / llmcompressor are listed above when installed "
                "(found by package metadata, not imported: importing them takes seconds)")
     typer.echo(f"({time.perf_counter() - started:.2f} s)")

@@ -178,7 +178,8 @@ class GateLimitOverrides(GateLimits):
 class RecipeBase(Strict):
     """Keys every recipe has; each format module subclasses this with its own knobs."""
 
-    format: str = Field(description="the format that builds it (formats.FORMATS): gguf, awq or modelopt")
+    format: str = Field(description="the format that builds it: a name registered in formats.FORMATS (each "
+                                    "format's own keys are below)")
     description: str = Field("", description="what this choice is, for the report and the model card")
     gates: GateLimits = Field(default_factory=GateLimits, description="the limits its artifact must meet; "
                               "params.yaml `limits.<recipe>` replaces keys of it")

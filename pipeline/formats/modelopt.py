@@ -625,18 +625,11 @@ def weight_only_int8_checkpoint(checkpoint_dir: Path, out_dir: Path, kernel_layo
 # ---------------------------------------------------------------- gates
 
 
-def _engine_record(build_dir: Path) -> dict[str, Any] | None:
-    """The engine@R stage's record for this build, None before that stage ran."""
-    from pipeline import layout
-    from pipeline.files import read_json
-
-    path = layout.engine_record(Path(build_dir).name)
-    return read_json(path) if path.is_file() else None
-
-
 def _engine(build_dir: Path | None) -> dict[str, Any] | None:
     """The engine@R stage's record for this build, if it built an engine."""
-    record = _engine_record(build_dir) if build_dir is not None else None
+    from pipeline.engines import read_record
+
+    record = read_record(Path(build_dir).name) if build_dir is not None else None
     return record if record and record.get("status") == "ok" else None
 
 
@@ -651,6 +644,7 @@ def _quant_algo(checkpoint_dir: Path) -> str | None:
 def backend_unavailable_reason(build_dir: Path | None) -> str | None:
     """Why TensorRT-LLM cannot serve this build here: its PyTorch backend for a unified checkpoint
     (and a Blackwell GPU for NVFP4), its engine backend and a built engine for a legacy one."""
+    from pipeline.engines import read_record
     from pipeline.runtimes import tensorrt_llm
 
     if build_dir is None or _unified(build_dir):
@@ -661,7 +655,7 @@ def backend_unavailable_reason(build_dir: Path | None) -> str | None:
     reason = tensorrt_llm.engine_unavailable_reason()
     if reason:
         return reason
-    record = _engine_record(build_dir)
+    record = read_record(Path(build_dir).name)
     if record is None:
         return "no engine record: run `qpipe engine <recipe>` (the engine@R stage) first"
     return None if record.get("status") == "ok" else record.get("reason")
