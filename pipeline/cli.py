@@ -124,7 +124,8 @@ def reference_command():
 @app.command("recipe")
 @stage
 def recipe_command(recipe: str = typer.Argument(..., help="recipe name (recipes/NAME.yaml)")):
-    """Validate one recipe -> artifacts/recipes/RECIPE.json (its build knobs only)."""
+    """Validate one recipe -> artifacts/recipes/RECIPE.json (its build knobs only) and
+    RECIPE.engine.json (its engine settings)."""
     from pipeline import builds
 
     builds.write_build_spec(recipe)

@@ -80,3 +80,26 @@ def test_with_a_cpu_torch_on_a_gpu_host_the_recipe_and_the_build_both_say_cpu(pr
     recipe = load_recipe("awq-w4a16")
     assert builds.write_build_spec("awq-w4a16")["host"] == {"calibration_device": "cpu"}
     assert calibration_plan(recipe, threads=1) == ("cpu", recipe.calibration_samples)
+
+
+def test_a_limit_edit_changes_neither_the_build_nor_the_engine_inputs(project):
+    import yaml
+
+    builds.write_build_spec("trtllm-int8-sq")
+    before = [layout.recipe_spec("trtllm-int8-sq").read_bytes(), layout.engine_spec("trtllm-int8-sq").read_bytes()]
+    assert json.loads(before[1])["engine"]["max_batch_size"] == 8
+    recipe_file = project / "recipes" / "trtllm-int8-sq.yaml"
+    raw = yaml.safe_load(recipe_file.read_text())
+    raw["gates"]["max_mean_kld"] = 0.5
+    recipe_file.write_text(yaml.safe_dump(raw))
+    builds.write_build_spec("trtllm-int8-sq")
+    assert [layout.recipe_spec("trtllm-int8-sq").read_bytes(), layout.engine_spec("trtllm-int8-sq").read_bytes()] == before
+    raw["engine"] = {"max_batch_size": 4}
+    recipe_file.write_text(yaml.safe_dump(raw))
+    builds.write_build_spec("trtllm-int8-sq")
+    assert layout.recipe_spec("trtllm-int8-sq").read_bytes() == before[0]  # an engine setting does not rebuild
+    assert layout.engine_spec("trtllm-int8-sq").read_bytes() != before[1]
+    # and no stage before the gate reads the recipe file itself
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    for name in ("build", "engine"):
+        assert not any(dep.startswith("recipes/") for dep in stages[name]["do"]["deps"]), name
