@@ -254,7 +254,8 @@ class Params(Strict):
     speed: SpeedParams = Field(default_factory=SpeedParams, description="how the speed gates measure")
     recipes: list[str] = Field(default_factory=list, description="recipes/NAME.yaml files to build and gate")
     limits: dict[str, GateLimitOverrides] = Field(default_factory=dict, description="recipe name -> gate limits "
-                                                  "that replace the recipe file's (`dvc exp run -S limits.R.key=v`)")
+                                                  "that replace the recipe file's (`dvc exp run -S '+limits.gguf-q4_k_m."
+                                                  "max_mean_kld=0.01'`: the + adds a key `limits: {}` lacks)")
     tasks: list[TaskSpec] = Field(default_factory=list, description="lm-eval tasks scored on every artifact and on "
                                   "the unquantized model (none by default: no benchmark data ships with qpipe)")
 

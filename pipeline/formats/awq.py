@@ -48,7 +48,7 @@ class Recipe(RecipeBase):
                               description="Linear layers left unquantized: exact names or `re:<regex>`")
     dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="calibrate and save in this dtype "
                                                   "(vLLM's 4-bit kernels run in fp16 or bf16)")
-    # AWQ is slow on a CPU (about a minute per 1000 tokens for the 135M model on 2 cores)
+    # AWQ is slow on a CPU (a build's seconds: its run record, artifacts/runs/build@R.json)
     calibration_samples: int = Field(8, ge=1, description="calibration windows on a CPU host")
     gpu_calibration_samples: int = Field(64, ge=1, description="calibration windows on a CUDA host")
     calibration_seq_len: int = Field(512, ge=16, description="tokens per calibration window")
