@@ -58,6 +58,7 @@ def run_baselines(speed_params, log=print) -> dict[str, Any]:
 def measure(fmt, prompt: list[int], speed_params, host_info: dict[str, Any], threads: int, log) -> dict[str, Any]:
     """One format's baseline record: measured, or not_run with the reason it could not be."""
     from pipeline.gates import speed
+    from pipeline.host import has_usable_gpu
 
     name = fmt.INFO.name
     reason = fmt.speed_unavailable_reason(None)
@@ -78,4 +79,4 @@ def measure(fmt, prompt: list[int], speed_params, host_info: dict[str, Any], thr
     result = {"format": name, "status": "ok", "runtime": fmt.runtime_name(None), "threads": threads,
               "prompt_tokens": len(prompt), "gen_tokens": speed_params.gen_tokens, **measured}
     log(f"baseline {name}: decode {measured['decode_tok_s']:.1f} tok/s, prefill {measured['prefill_tok_s']:.0f} tok/s")
-    return speed.contended(result, held.record(), cpu_runtime=not host_info.get("gpus"))
+    return speed.contended(result, held.record(), cpu_runtime=not has_usable_gpu(host_info))

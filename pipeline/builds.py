@@ -17,7 +17,8 @@ from pipeline import layout
 def write_build_spec(name: str) -> dict:
     """The recipe@R stage: validate recipes/R.yaml early and write its build knobs, plus the
     host facts a format's build depends on (``host_build_knobs``, e.g. calibrating on a GPU),
-    so that moving to another kind of host rebuilds exactly the builds it changes."""
+    so that moving to another kind of host rebuilds exactly the builds it changes; and, apart,
+    its engine settings for the engine@R stage."""
     from pipeline import formats
     from pipeline.files import read_json, write_json
 
@@ -27,6 +28,7 @@ def write_build_spec(name: str) -> dict:
     if host_build_knobs:
         spec["host"] = host_build_knobs(read_json(layout.HOST_FILE) if layout.HOST_FILE.is_file() else {})
     write_json(layout.recipe_spec(name), spec)
+    write_json(layout.engine_spec(name), formats.engine_spec(recipe))
     return spec
 
 
@@ -79,14 +81,12 @@ def run_build(name: str, *, threads: int, log=print) -> dict:
 
 def build_memory_need(info, recipe, source_dir) -> tuple[int, str]:
     """(bytes, device) a build of `recipe` needs: a calibrating format calibrates on the GPU
-    where there is one, so that is the memory it needs."""
+    where there is a usable one, so that is the memory it needs."""
     from pipeline import memory
 
-    device = "cpu"
-    if info.calibrates:
-        import torch
+    from pipeline.host import has_usable_gpu
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if info.calibrates and has_usable_gpu() else "cpu"
     need = memory.estimate(info.build_memory, memory.ModelSize.of(source_dir),
                            window_tokens=recipe.calibration_seq_len if info.calibrates else 0,
                            dtype=recipe.weights_dtype(), device=device)

@@ -124,7 +124,8 @@ def reference_command():
 @app.command("recipe")
 @stage
 def recipe_command(recipe: str = typer.Argument(..., help="recipe name (recipes/NAME.yaml)")):
-    """Validate one recipe -> artifacts/recipes/RECIPE.json (its build knobs only)."""
+    """Validate one recipe -> artifacts/recipes/RECIPE.json (its build knobs only) and
+    RECIPE.engine.json (its engine settings)."""
     from pipeline import builds
 
     builds.write_build_spec(recipe)
@@ -273,12 +274,9 @@ def recommend_command(
     """The best passing artifact under the constraints, and why each other one lost."""
     from pipeline import compare
 
-    given = [("--max-size", "bytes", compare.parse_size(max_size) if max_size else None, True),
-             ("--max-kld", "mean_kld", max_kld, True), ("--max-ppl-ratio", "ppl_ratio", max_ppl_ratio, True),
-             ("--min-top1", "top1_agreement", min_top1, False), ("--min-decode", "decode_tok_s", min_decode, False),
-             ("--min-recovery", "task_recovery", min_recovery, False)]
-    constraints = [compare.Constraint(flag, column, limit, at_most, text=max_size if flag == "--max-size" else "")
-                   for flag, column, limit, at_most in given if limit is not None]
+    constraints = compare.constraints({"--max-size": max_size, "--max-kld": max_kld,
+                                       "--max-ppl-ratio": max_ppl_ratio, "--min-top1": min_top1,
+                                       "--min-decode": min_decode, "--min-recovery": min_recovery})
     choice = compare.recommend(compare.load_rows(workspace_only, log=log), constraints, objective)
     typer.echo(compare.explain(choice), nl=False)
 
@@ -310,6 +308,7 @@ def doctor_command(checkpoint: Path = typer.Option(None, "--checkpoint", help="a
                                                     "host, from its config alone (exit 3 when one does not)")):
     """What this host can build and gate: CPU, GPU, memory bandwidth, runtimes, tools."""
     from pipeline import formats, host
+    from pipeline.gates import tasks
 
     if checkpoint is not None:
         fits = checkpoint_lines(checkpoint, _params())
@@ -334,7 +333,7 @@ def doctor_command(checkpoint: Path = typer.Option(None, "--checkpoint", help="a
         typer.echo(line)
     lm_eval = host.package_version("lm-eval")
     typer.echo("tasks      " + (f"lm-eval {lm_eval}: task gates for params `tasks` (docs/tasks.md)" if lm_eval else
-                                "lm-eval is not installed: pip install 'qpipe[tasks]' for params `tasks`"))
+                                f"lm-eval is not installed: pip install 'qpipe[{tasks.EXTRA}]' for params `tasks`"))
     typer.echo("others     vllm / tensorrt_llm / modelopt / llmcompressor are listed above when installed "
                "(found by package metadata, not imported: importing them takes seconds)")
     typer.echo(f"({time.perf_counter() - started:.2f} s)")

@@ -235,6 +235,35 @@ class Constraint:
         return None
 
 
+# `qpipe recommend`'s constraints that hold no gate limit's figure: flag -> (column, at most)
+UNGATED_CONSTRAINTS: dict[str, tuple[str, bool]] = {"--max-size": ("bytes", True),
+                                                    "--min-decode": ("decode_tok_s", False)}
+
+
+def constraint_columns() -> dict[str, tuple[str, bool]]:
+    """flag -> (column, at most) of every `qpipe recommend` constraint: the gate limits that name
+    one (``config.LIMITS``: the same figure, held the same way), and size and decode speed."""
+    from pipeline.config import LIMITS
+
+    return {**UNGATED_CONSTRAINTS, **{limit.recommend_flag: (limit.column, limit.comparison == "<=")
+                                      for limit in LIMITS if limit.recommend_flag}}
+
+
+def constraints(given: dict[str, str | float | None]) -> list[Constraint]:
+    """The constraints given (flag -> value as typed; None: not given), in the order given."""
+    columns = constraint_columns()
+    found = []
+    for flag, value in given.items():
+        if value is None:
+            continue
+        column, at_most = columns[flag]
+        if column == "bytes":
+            found.append(Constraint(flag, column, parse_size(value), at_most, text=value))
+        else:
+            found.append(Constraint(flag, column, value, at_most))
+    return found
+
+
 # objective -> (column, larger is better)
 OBJECTIVES: dict[str, tuple[str, bool]] = {
     "decode": ("decode_tok_s", True),

@@ -10,11 +10,12 @@ the format modules.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator
 
 from pipeline.errors import BadInput
 
@@ -41,51 +42,74 @@ class RelativeLimit(Strict):
     factor: float = Field(gt=0, allow_inf_nan=False, description="the limit is factor x that recipe's figure")
 
 
-# limit key -> (lowest allowed, highest allowed, whether the lowest is allowed itself)
-LIMIT_BOUNDS: dict[str, tuple[float, float | None, bool]] = {
-    "max_ppl_ratio": (0.0, None, False),
-    "max_mean_kld": (0.0, None, True),
-    "min_top1_agreement": (0.0, 1.0, True),
-    "min_decode_speedup": (0.0, None, False),
-    "min_roofline_fraction": (0.0, None, True),
-    "max_tokenizer_mismatch": (0.0, 1.0, True),
+@dataclass(frozen=True)
+class Limit:
+    """One gate limit, the one place its facts live: the recipe's `gates.<key>` (and params
+    `limits.<recipe>.<key>`), the gate figure it holds and how, the numbers it takes. The config
+    model (``GateLimits``), the verdict's checks, `qpipe recommend` and docs/recipes.md read it."""
+
+    key: str
+    gate: str                        # the gate result section that measures the figure
+    figure: str                      # the figure there; dotted: a path, e.g. ci95.mean_kld.high
+    comparison: Literal["<=", ">="]  # how the figure is held against the limit
+    low: float                       # the smallest number allowed ...
+    low_allowed: bool                # ... itself allowed, or only numbers above it
+    high: float | None
+    description: str
+    per_task: bool = False           # a number, or {task: number}: one check per task, on recovery.<task>
+    column: str | None = None        # the figure's column in `qpipe compare` / `recommend`
+    recommend_flag: str | None = None  # `qpipe recommend`'s constraint on that column
+
+    def allowed(self) -> str:
+        """The numbers allowed, as an error and docs/recipes.md say them."""
+        if self.high is not None:
+            return f"{'[' if self.low_allowed else '('}{self.low:g}, {self.high:g}]"
+        return f"{'at least' if self.low_allowed else 'above'} {self.low:g}"
+
+    def out_of_bounds(self, value: float) -> bool:
+        return value < self.low or (value == self.low and not self.low_allowed) or \
+            (self.high is not None and value > self.high)
+
+
+# in the order of the recipe keys (build.json's resolved recipe and docs/recipes.md list them so)
+LIMITS: tuple[Limit, ...] = (
+    Limit("max_ppl_ratio", "accuracy", "ppl_ratio", "<=", 0.0, False, None, "largest ppl / reference ppl",
+          column="ppl_ratio", recommend_flag="--max-ppl-ratio"),
+    Limit("max_mean_kld", "accuracy", "mean_kld", "<=", 0.0, True, None,
+          "largest mean KL divergence from the reference, over the whole vocabulary",
+          column="mean_kld", recommend_flag="--max-kld"),
+    Limit("min_top1_agreement", "accuracy", "top1_agreement", ">=", 0.0, True, 1.0,
+          "smallest share of positions whose argmax is the reference's",
+          column="top1_agreement", recommend_flag="--min-top1"),
+    Limit("min_decode_speedup", "speed", "decode_speedup", ">=", 0.0, False, None,
+          "smallest decode tok/s over the unquantized model's in the same format (baseline)",
+          column="decode_speedup"),
+    Limit("min_roofline_fraction", "speed", "roofline_fraction", ">=", 0.0, True, None,
+          "smallest decode tok/s over the host's bandwidth roofline", column="roofline_fraction"),
+    Limit("max_tokenizer_mismatch", "accuracy", "tokenizer_mismatch", "<=", 0.0, True, 1.0,
+          "largest share of reference tokens the artifact's tokenizer splits otherwise"),
     # the same limits on the bound of the figure's 95 % interval (accuracy ci95)
-    "max_ppl_ratio_upper": (0.0, None, False),
-    "max_mean_kld_upper": (0.0, None, True),
-    "min_top1_agreement_lower": (0.0, 1.0, True),
-}
-LIMIT_KEYS = tuple(LIMIT_BOUNDS)
+    Limit("max_ppl_ratio_upper", "accuracy", "ci95.ppl_ratio.high", "<=", 0.0, False, None,
+          "max_ppl_ratio on the upper bound of its 95 % interval"),
+    Limit("max_mean_kld_upper", "accuracy", "ci95.mean_kld.high", "<=", 0.0, True, None,
+          "max_mean_kld on the upper bound of its 95 % interval"),
+    Limit("min_top1_agreement_lower", "accuracy", "ci95.top1_agreement.low", ">=", 0.0, True, 1.0,
+          "min_top1_agreement on the lower bound of its 95 % interval"),
+    Limit("min_task_recovery", "tasks", "min_recovery", ">=", 0.0, False, None,
+          "smallest task recovery (score / the unquantized model's score, params `tasks`): a number for every "
+          "task, or {task: number} for the tasks named", per_task=True,
+          column="task_recovery", recommend_flag="--min-recovery"),
+)
+LIMIT_BY_KEY = {limit.key: limit for limit in LIMITS}
+# the limits a number or a RelativeLimit sets (the others are per task)
+LIMIT_KEYS = tuple(limit.key for limit in LIMITS if not limit.per_task)
+PER_TASK_LIMIT_KEYS = tuple(limit.key for limit in LIMITS if limit.per_task)
 
 
-class GateLimits(Strict):
-    """Limits a recipe's artifact must meet. Each is optional (absent = not checked), and each
-    is a number or a RelativeLimit (`{relative_to: <recipe>, factor: <x>}`)."""
+class _GateLimitChecks(Strict):
+    """The validation of ``GateLimits``, whose limit fields come from ``LIMITS``."""
 
-    max_ppl_ratio: float | RelativeLimit | None = Field(None, description="largest ppl / reference ppl")
-    max_mean_kld: float | RelativeLimit | None = Field(None, description="largest mean KL divergence from the "
-                                                       "reference, over the whole vocabulary")
-    min_top1_agreement: float | RelativeLimit | None = Field(None, description="smallest share of positions whose "
-                                                             "argmax is the reference's")
-    min_decode_speedup: float | RelativeLimit | None = Field(None, description="smallest decode tok/s over the "
-                                                             "unquantized model's in the same format (baseline)")
-    min_roofline_fraction: float | RelativeLimit | None = Field(None, description="smallest decode tok/s over "
-                                                                "the host's bandwidth roofline")
-    max_tokenizer_mismatch: float | RelativeLimit | None = Field(None, description="largest share of reference "
-                                                                 "tokens the artifact's tokenizer splits otherwise")
-    max_ppl_ratio_upper: float | RelativeLimit | None = Field(None, description="max_ppl_ratio on the upper "
-                                                              "bound of its 95 % interval")
-    max_mean_kld_upper: float | RelativeLimit | None = Field(None, description="max_mean_kld on the upper bound "
-                                                             "of its 95 % interval")
-    min_top1_agreement_lower: float | RelativeLimit | None = Field(None, description="min_top1_agreement on the "
-                                                                   "lower bound of its 95 % interval")
-    min_task_recovery: float | dict[str, float] | None = Field(
-        None, description="smallest task recovery (score / the unquantized model's score, params `tasks`): a "
-                          "number for every task, or {task: number} for the tasks named")
-    require: list[GateName] = Field(default_factory=lambda: ["accuracy", "speed"],
-                                    description="gates that must run for a pass; one that did not is not_run, "
-                                                "and the verdict incomplete")
-
-    @field_validator(*LIMIT_KEYS, mode="before")
+    @field_validator(*LIMIT_KEYS, mode="before", check_fields=False)
     @classmethod
     def _number_or_relative(cls, value: Any, info) -> Any:
         if value is None or isinstance(value, RelativeLimit):
@@ -102,20 +126,20 @@ class GateLimits(Strict):
             raise ValueError(f"must be a number or {{relative_to: <recipe>, factor: <number>}}, got {value!r}")
         if not math.isfinite(value):
             raise ValueError(f"must be finite, got {value!r}")
-        low, high, low_allowed = LIMIT_BOUNDS[info.field_name]
-        if value < low or (value == low and not low_allowed) or (high is not None and value > high):
-            span = f"{'[' if low_allowed else '('}{low:g}, {high:g}]" if high is not None else \
-                f"{'at least' if low_allowed else 'above'} {low:g}"
-            raise ValueError(f"must be {span}, got {value!r}")
+        limit = LIMIT_BY_KEY[info.field_name]
+        if limit.out_of_bounds(value):
+            raise ValueError(f"must be {limit.allowed()}, got {value!r}")
         return float(value)
 
-    @field_validator("min_task_recovery", mode="before")
+    @field_validator(*PER_TASK_LIMIT_KEYS, mode="before", check_fields=False)
     @classmethod
-    def _recovery(cls, value: Any) -> Any:
+    def _per_task(cls, value: Any, info) -> Any:
+        limit = LIMIT_BY_KEY[info.field_name]
+
         def positive(number: Any, key: str) -> float:
             if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
-                    or number <= 0:
-                raise ValueError(f"{key}must be a number above 0, got {number!r}")
+                    or limit.out_of_bounds(number):
+                raise ValueError(f"{key}must be a number {limit.allowed()}, got {number!r}")
             return float(number)
 
         if value is None:
@@ -127,6 +151,24 @@ class GateLimits(Strict):
         return positive(value, "")
 
 
+def _limit_field(limit: Limit) -> tuple[Any, Any]:
+    kind = float | dict[str, float] | None if limit.per_task else float | RelativeLimit | None
+    # the Limit rides along as metadata (pydantic ignores it) for docs/recipes.md's bounds
+    return Annotated[kind, limit], Field(None, description=limit.description)
+
+
+GateLimits = create_model(
+    "GateLimits", __base__=_GateLimitChecks, __module__=__name__,
+    __doc__="""Limits a recipe's artifact must meet. Each is optional (absent = not checked), and each
+    is a number or a RelativeLimit (`{relative_to: <recipe>, factor: <x>}`); the per-task one a
+    number or {task: number}. The fields are ``LIMITS``'s, then `require`.""",
+    **{limit.key: _limit_field(limit) for limit in LIMITS},
+    require=(list[GateName], Field(default_factory=lambda: ["accuracy", "speed"],
+                                   description="gates that must run for a pass; one that did not is not_run, "
+                                               "and the verdict incomplete")),
+)
+
+
 class GateLimitOverrides(GateLimits):
     """params.yaml `limits.<recipe>`: the keys given replace the recipe's own."""
 
@@ -136,7 +178,8 @@ class GateLimitOverrides(GateLimits):
 class RecipeBase(Strict):
     """Keys every recipe has; each format module subclasses this with its own knobs."""
 
-    format: str = Field(description="the format that builds it (formats.FORMATS): gguf, awq or modelopt")
+    format: str = Field(description="the format that builds it: a name registered in formats.FORMATS (each "
+                                    "format's own keys are below)")
     description: str = Field("", description="what this choice is, for the report and the model card")
     gates: GateLimits = Field(default_factory=GateLimits, description="the limits its artifact must meet; "
                               "params.yaml `limits.<recipe>` replaces keys of it")
@@ -211,7 +254,8 @@ class Params(Strict):
     speed: SpeedParams = Field(default_factory=SpeedParams, description="how the speed gates measure")
     recipes: list[str] = Field(default_factory=list, description="recipes/NAME.yaml files to build and gate")
     limits: dict[str, GateLimitOverrides] = Field(default_factory=dict, description="recipe name -> gate limits "
-                                                  "that replace the recipe file's (`dvc exp run -S limits.R.key=v`)")
+                                                  "that replace the recipe file's (`dvc exp run -S '+limits.gguf-q4_k_m."
+                                                  "max_mean_kld=0.01'`: the + adds a key `limits: {}` lacks)")
     tasks: list[TaskSpec] = Field(default_factory=list, description="lm-eval tasks scored on every artifact and on "
                                   "the unquantized model (none by default: no benchmark data ships with qpipe)")
 
@@ -233,7 +277,7 @@ def effective_limits(recipe: RecipeBase, name: str, params: Params) -> tuple[Gat
     limits = recipe.gates.model_copy(update=given)
     recipe_file = recipe._path or Path(RECIPES_DIR) / f"{name}.yaml"
     set_in = {key: (f"{PARAMS_FILE}: limits.{name}.{key}" if key in given else f"{recipe_file}: gates.{key}")
-              for key in (*LIMIT_KEYS, "min_task_recovery") if getattr(limits, key) is not None}
+              for key in LIMIT_BY_KEY if getattr(limits, key) is not None}
     return limits, set_in
 
 

@@ -108,16 +108,26 @@ def driver_cuda_version(smi: str) -> str | None:
     return found.group(1) if found else None
 
 
-def has_cuda_gpu() -> bool:
-    """Whether this host has a CUDA GPU: as host.json (the host stage's probe) records it, else
-    as nvidia-smi reports it now (no torch import)."""
-    import json
+def torch_sees_cuda() -> bool:
+    """Whether this environment's torch can run on a CUDA GPU (a CPU build of torch cannot)."""
+    import torch
 
+    return torch.cuda.is_available()
+
+
+def has_usable_gpu(host_info: dict[str, Any] | None = None) -> bool:
+    """The one answer to "is there a usable GPU here": a CUDA GPU that nvidia-smi reports and that
+    this environment's torch can use. A CPU build of torch on a GPU host has none, so calibration,
+    its recipe knob and the memory checks all say CPU. As host.json (the host stage's probe, or
+    `host_info` given) records it, else probed now; torch is imported only where nvidia-smi
+    found a GPU."""
     from pipeline import layout
 
-    if layout.HOST_FILE.is_file():
-        return bool(json.loads(layout.HOST_FILE.read_text()).get("gpus"))
-    return bool(gpus())
+    if host_info is None and layout.HOST_FILE.is_file():
+        host_info = json.loads(layout.HOST_FILE.read_text())
+    if host_info is not None:
+        return bool(host_info.get("gpus")) and bool(host_info.get("torch_cuda"))
+    return bool(gpus()) and torch_sees_cuda()
 
 
 def package_version(distribution: str) -> str | None:
@@ -194,6 +204,8 @@ def probe(previous: dict[str, Any] | None = None, remeasure: bool = False) -> di
         "platform": f"{platform.system()}-{platform.machine()}",
         "python": platform.python_version(),
     }
+    if identity["gpus"]:  # import torch only where nvidia-smi found a device (has_usable_gpu)
+        identity["torch_cuda"] = torch_sees_cuda()
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     # one measurement per machine and fingerprint, so that every clone on it writes the same
     # host.json and DVC's run-cache serves one clone's stages to another
@@ -208,7 +220,7 @@ def probe(previous: dict[str, Any] | None = None, remeasure: bool = False) -> di
             "method": "numpy copy of 1 GiB split over all logical cores; bytes read + written; best of 5",
             "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        if identity["gpus"]:  # import torch only where nvidia-smi found a device
+        if identity.get("torch_cuda"):
             bandwidth["gpu_gb_s"] = measure_gpu_bandwidth_gb_s()
             bandwidth["gpu_method"] = "torch device-to-device copy of 1 GiB; bytes read + written; best of 10"
     if remeasure or not stored.is_file():

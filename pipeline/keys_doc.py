@@ -42,13 +42,29 @@ def type_name(annotation: Any) -> str:
 
 
 def bounds(field) -> str:
+    from pipeline.config import Limit
+
     found = []
     for constraint in field.metadata:
+        if isinstance(constraint, Limit):  # a gate limit: its bounds are the table's (config.LIMITS)
+            found.append(constraint.allowed())
+            continue
         for attribute, sign in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"), ("min_length", "length ≥")):
             value = getattr(constraint, attribute, None)
             if value is not None:
                 found.append(f"{sign} {value}")
     return ", ".join(found)
+
+
+def checked_as(field) -> str:
+    """For a gate limit, the check the verdict makes with it (config.LIMITS)."""
+    from pipeline.config import Limit
+
+    limit = next((item for item in field.metadata if isinstance(item, Limit)), None)
+    if limit is None:
+        return ""
+    figure = f"`{limit.figure}`" + (" (per task: `recovery.<task>`)" if limit.per_task else "")
+    return f"; checks {limit.gate} {figure} {limit.comparison.replace('<=', '≤').replace('>=', '≥')} limit"
 
 
 def default_of(field) -> str:
@@ -71,7 +87,7 @@ def rows(fields: dict[str, Any], prefix: str = "") -> list[str]:
     for name, field in fields.items():
         key = f"{prefix}{name}"
         lines.append(f"| `{key}` | {type_name(field.annotation)} | {default_of(field)} | {bounds(field)} | "
-                     f"{field.description or ''} |")
+                     f"{field.description or ''}{checked_as(field)} |")
         if _is_model(field.annotation):
             nested.append((f"{key}.", field.annotation))
         elif typing.get_origin(field.annotation) is list and _is_model(typing.get_args(field.annotation)[0]):

@@ -30,7 +30,13 @@ EVALUATION_TEXT = CORPUS_DIR / "evaluation.txt"
 
 
 def recipe_spec(recipe: str) -> Path:
+    """The recipe's build knobs (and the host facts its build depends on): build@R's input."""
     return RECIPES_DIR / f"{recipe}.json"
+
+
+def engine_spec(recipe: str) -> Path:
+    """The recipe's engine settings: engine@R's input, so that a limit edit does not re-run it."""
+    return RECIPES_DIR / f"{recipe}.engine.json"
 
 
 def build_dir(recipe: str) -> Path:

@@ -17,12 +17,6 @@ def window_nll(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     return lse - logits[np.arange(len(targets)), targets].astype(np.float64)
 
 
-def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, context_tokens: float,
-                   bytes_per_value: int = 2) -> float:
-    """Bytes of K and V a decode step reads at the given context length (f16/bf16 cache)."""
-    return layers * 2 * kv_heads * head_dim * bytes_per_value * context_tokens
-
-
 def batch1_run(prompt_tokens: int, *, ttft_s: float, decode_s: float, decoded: int, source: str) -> dict:
     """One batch-1 generation's figures: prefill from the time to the first token, decode and
     ITL from the time between the first and the last of `decoded` tokens."""

@@ -15,9 +15,15 @@ import subprocess
 from typing import Any
 
 
+def tag_pattern(recipe: str) -> str:
+    """The version tags of `recipe` that GTO writes and this module reads (a git ref glob)."""
+    return f"{recipe}@v*"
+
+
 def tagged(recipe: str) -> dict[str, str]:
     """Each existing tag of `recipe` -> its message."""
-    listed = subprocess.run(["git", "for-each-ref", f"refs/tags/{recipe}@v*", "--format=%(refname:short)%00%(contents)%00"],
+    listed = subprocess.run(["git", "for-each-ref", f"refs/tags/{tag_pattern(recipe)}",
+                             "--format=%(refname:short)%00%(contents)%00"],
                             capture_output=True, text=True, check=True).stdout
     fields = listed.split("\0")
     return {name.strip(): message for name, message in zip(fields[0::2], fields[1::2]) if name.strip()}

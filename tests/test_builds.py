@@ -14,7 +14,7 @@ def test_write_build_spec(project):
 
 
 def test_build_spec_of_a_calibrating_format_records_the_calibration_device(project):
-    write(layout.HOST_FILE, json.dumps({"gpus": [{"name": "NVIDIA H100"}]}))
+    write(layout.HOST_FILE, json.dumps({"gpus": [{"name": "NVIDIA H100"}], "torch_cuda": True}))
     spec = builds.write_build_spec("awq-w4a16")
     assert spec["host"] == {"calibration_device": "cuda"}
     write(layout.HOST_FILE, json.dumps({"gpus": []}))
@@ -68,3 +68,38 @@ def test_a_recipe_that_cannot_apply_to_the_model_is_recorded_and_stops_nothing(p
     assert "| awq-g128 | not run |" in (project / "artifacts/report/tradeoff.md").read_text()
     check = subprocess.run(["qpipe", "check"], capture_output=True, text=True, env=qpipe_env)
     assert check.returncode == 1 and "REFUSED awq-g128" in check.stdout + check.stderr
+
+
+def test_with_a_cpu_torch_on_a_gpu_host_the_recipe_and_the_build_both_say_cpu(project, monkeypatch):
+    import torch
+
+    from pipeline.formats.contract import calibration_plan
+
+    write(layout.HOST_FILE, json.dumps({"gpus": [{"name": "NVIDIA H100"}], "torch_cuda": False}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("the host stage's answer is used"))
+    recipe = load_recipe("awq-w4a16")
+    assert builds.write_build_spec("awq-w4a16")["host"] == {"calibration_device": "cpu"}
+    assert calibration_plan(recipe, threads=1) == ("cpu", recipe.calibration_samples)
+
+
+def test_a_limit_edit_changes_neither_the_build_nor_the_engine_inputs(project):
+    import yaml
+
+    builds.write_build_spec("trtllm-int8-sq")
+    before = [layout.recipe_spec("trtllm-int8-sq").read_bytes(), layout.engine_spec("trtllm-int8-sq").read_bytes()]
+    assert json.loads(before[1])["engine"]["max_batch_size"] == 8
+    recipe_file = project / "recipes" / "trtllm-int8-sq.yaml"
+    raw = yaml.safe_load(recipe_file.read_text())
+    raw["gates"]["max_mean_kld"] = 0.5
+    recipe_file.write_text(yaml.safe_dump(raw))
+    builds.write_build_spec("trtllm-int8-sq")
+    assert [layout.recipe_spec("trtllm-int8-sq").read_bytes(), layout.engine_spec("trtllm-int8-sq").read_bytes()] == before
+    raw["engine"] = {"max_batch_size": 4}
+    recipe_file.write_text(yaml.safe_dump(raw))
+    builds.write_build_spec("trtllm-int8-sq")
+    assert layout.recipe_spec("trtllm-int8-sq").read_bytes() == before[0]  # an engine setting does not rebuild
+    assert layout.engine_spec("trtllm-int8-sq").read_bytes() != before[1]
+    # and no stage before the gate reads the recipe file itself
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    for name in ("build", "engine"):
+        assert not any(dep.startswith("recipes/") for dep in stages[name]["do"]["deps"]), name

@@ -225,3 +225,27 @@ def test_compare_names_each_stale_workspace_result(monkeypatch, tmp_path):
     said = []
     (row,) = compare.load_rows(workspace_only=True, log=said.append)
     assert row["stale"] and said == [f"workspace q8 is stale: {row['stale']}; run `dvc repro` (it re-runs what changed)"]
+
+
+def test_recommend_constrains_the_gate_limits_figures_the_way_the_gates_hold_them():
+    from pipeline.config import LIMITS
+
+    columns = compare.constraint_columns()
+    for limit in LIMITS:
+        if limit.recommend_flag:
+            assert columns[limit.recommend_flag] == (limit.column, limit.comparison == "<=")
+        assert limit.column is None or limit.column in compare.COLUMNS
+    made = compare.constraints({"--max-size": "120MB", "--max-kld": 0.1, "--min-top1": None, "--min-recovery": 0.9})
+    assert [(c.flag, c.column, c.limit, c.at_most) for c in made] == [
+        ("--max-size", "bytes", 120e6, True), ("--max-kld", "mean_kld", 0.1, True),
+        ("--min-recovery", "task_recovery", 0.9, False)]
+
+
+def test_the_recommend_command_offers_every_constraint():
+    import typer.main
+
+    from pipeline.cli import app
+
+    command = typer.main.get_command(app).commands["recommend"]
+    flags = {option for param in command.params for option in param.opts}
+    assert set(compare.constraint_columns()) <= flags

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_params
+from pipeline.config import LIMITS, load_params
 from pipeline.formats import load_recipe
 from pipeline.errors import BadInput
 from tests.conftest import write
@@ -275,3 +275,31 @@ def test_params_in_another_encoding_are_bad_input_naming_the_file(tmp_path):
     (tmp_path / "params.yaml").write_bytes("recipes: []\n# café\n".encode("latin-1"))
     error = error_of(lambda: load_params(tmp_path / "params.yaml"))
     assert "not UTF-8" in error.what and error.where == str(tmp_path / "params.yaml")
+
+
+def test_gate_limits_are_the_limit_table_then_require():
+    from pipeline.config import GateLimitOverrides, GateLimits
+
+    assert list(GateLimits.model_fields) == [limit.key for limit in LIMITS] + ["require"]
+    assert list(GateLimitOverrides.model_fields) == list(GateLimits.model_fields)
+    for limit in LIMITS:
+        assert GateLimits.model_fields[limit.key].description == limit.description
+
+
+@pytest.mark.parametrize("key", [limit.key for limit in LIMITS])
+def test_each_limit_takes_exactly_the_numbers_its_table_row_allows(tmp_path, key):
+    from pipeline.config import LIMIT_BY_KEY
+
+    limit = LIMIT_BY_KEY[key]
+
+    def error(value):
+        try:
+            load_params(write(tmp_path / "params.yaml", f"recipes: [r]\nlimits:\n  r:\n    {key}: {value}\n"))
+        except BadInput as bad:
+            return bad.what
+        return None
+
+    assert (error(limit.low) is None) == limit.low_allowed
+    assert limit.allowed() in (error(limit.low - 0.5) or "")
+    if limit.high is not None:
+        assert error(limit.high) is None and limit.allowed() in (error(limit.high + 0.5) or "")

@@ -56,3 +56,48 @@ def test_docstrings_point_to_pages_that_exist():
         cited |= set(re.findall(r"docs/[\w/\-]+\.md", path.read_text()))
     assert cited and all((REPO / page).is_file() for page in cited), sorted(cited)
     assert not any("DESIGN.md" in path.read_text() for path in (REPO / "pipeline").rglob("*.py"))
+
+
+# `dvc exp run ... -S <override>` as the docs, params.yaml and the generated keys page show it
+SET_OVERRIDE = re.compile(r"dvc exp run\b[^`\n]*?-S '?([^'\s`]+)'?")
+ARTIFACTS_GET = re.compile(r"dvc artifacts get\s+(\S+)\s+(\S+)\s+--rev\s+([^\s`]+)")
+
+
+def example_sources():
+    return [*pages(), REPO / "params.yaml"]
+
+
+def test_every_dvc_exp_run_set_example_applies_to_params_yaml_and_validates(tmp_path):
+    """Each `-S` override the docs show, applied by DVC's own override code to the shipped
+    params.yaml (where `limits: {}` needs `+limits...`), gives params that load."""
+    import shutil
+
+    from dvc.utils.hydra import apply_overrides
+
+    from pipeline.config import load_params
+
+    examples = sorted({(page.name, override) for page in example_sources()
+                       for override in SET_OVERRIDE.findall(page.read_text()) if override != "key=value"})
+    assert ("params.yaml", "+limits.gguf-q4_k_m.max_mean_kld=0.01") in examples
+    assert any(page == "recipes.md" for page, _ in examples)
+    for page, override in examples:
+        shutil.rmtree(tmp_path / "project", ignore_errors=True)
+        shutil.copytree(REPO / "recipes", tmp_path / "project" / "recipes")
+        params = shutil.copy(REPO / "params.yaml", tmp_path / "project" / "params.yaml")
+        try:
+            apply_overrides(params, [override])
+        except Exception as error:  # DVC's own message, e.g. a key `limits: {}` lacks without `+`
+            raise AssertionError(f"{page}: dvc exp run -S {override!r}: {error}") from None
+        load_params(params)
+
+
+def test_every_quoted_version_tag_is_one_publish_writes():
+    from fnmatch import fnmatch
+
+    from pipeline import versions
+
+    quoted = [(page.name, *found) for page in example_sources() for found in ARTIFACTS_GET.findall(page.read_text())]
+    assert quoted
+    for page, _, name, rev in quoted:
+        assert fnmatch(rev, versions.tag_pattern(name)) and re.fullmatch(r"\S+@v\d+\.\d+\.\d+", rev), \
+            f"{page}: --rev {rev} is no version tag of {name} that `qpipe publish --gto-tag` writes"

@@ -67,3 +67,21 @@ def test_gpus_come_from_nvidia_smi_with_the_drivers_cuda_version(tmp_path, monke
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     assert host.gpus() == [{"name": "NVIDIA H200", "memory_gb": 140.4, "driver": "570.124.06",
                             "compute_capability": "9.0", "cuda": "12.8"}]
+
+
+def test_a_usable_gpu_is_one_nvidia_smi_reports_and_this_torch_can_use(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no artifacts/host.json
+    h200 = [{"name": "NVIDIA H200"}]
+    monkeypatch.setattr(host, "measure_bandwidth_gb_s", lambda **_: 42.0)
+    monkeypatch.setattr(host, "measure_gpu_bandwidth_gb_s", lambda: 4000.0)
+    monkeypatch.setattr(host, "gpus", lambda: h200)
+    monkeypatch.setattr(host, "torch_sees_cuda", lambda: False)  # a CPU build of torch on a GPU host
+    cpu_torch = host.probe()
+    assert cpu_torch["torch_cuda"] is False and not host.has_usable_gpu(cpu_torch)
+    assert "gpu_gb_s" not in cpu_torch["bandwidth"]
+    assert not host.has_usable_gpu()  # no host.json: probed now, the same answer
+    monkeypatch.setattr(host, "torch_sees_cuda", lambda: True)
+    assert host.has_usable_gpu(host.probe()) and host.has_usable_gpu()
+    monkeypatch.setattr(host, "gpus", list)
+    monkeypatch.setattr(host, "torch_sees_cuda", lambda: pytest.fail("torch is imported only where a GPU is"))
+    assert "torch_cuda" not in host.probe() and not host.has_usable_gpu()

@@ -26,12 +26,75 @@ from pathlib import Path
 from pipeline.errors import BadInput, HostLacks
 
 RESTORE_ONLY_ENV = "QPIPE_RESTORE_ONLY"
-# the commands DVC runs for stages the report job must restore, never run
-RESTORED_COMMANDS = ("source", "corpus", "reference", "task_base", "recipe", "build", "engine", "baseline", "gate")
 HOSTS_DIR = "ci-hosts"   # the report job's folder of runners' host.json files, one per recipe
-SHARED_STAGES = ("source", "corpus", "reference", "task_base")
 PLATFORMS = ("github", "gitlab")
-BASE_EXTRAS = ("awq", "modelopt", "tasks")  # every runner builds with these (`make setup EXTRAS=...`)
+DVC_FILE = Path("dvc.yaml")
+GATE_STAGE = "gate"
+
+
+def base_extras() -> tuple[str, ...]:
+    """The qpipe extras every runner builds with (`make setup EXTRAS=...`): each registered
+    format's build tool, and lm-eval for the task gate."""
+    from pipeline import formats
+    from pipeline.gates.tasks import EXTRA as TASKS_EXTRA
+
+    extras = [formats.module(name).INFO.extra for name in formats.FORMATS]
+    return (*[extra for extra in extras if extra], TASKS_EXTRA)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Which of dvc.yaml's stages each CI job reproduces, derived from the stages' inputs.
+
+    - ``shared``: the stages every gate needs that read neither the recipe set nor the runner's
+      host.json (the checkpoint, texts, reference, task base scores): reproduced once;
+    - ``per_recipe``: the `foreach` stages before the gate (``GATE_STAGE``), in dvc.yaml's order;
+    - ``per_run``: the other stages the gates need (the baseline, and what reads the recipe set);
+    - ``restored``: the commands the report job restores from the run-cache and never runs:
+      every stage the gates need but the always-changed host probe, which ``gather`` writes,
+      and a stage that reads only the repository's recipe set (formats: cheap, and a pull
+      request that edits a recipe changes its inputs, so it runs there)."""
+
+    shared: tuple[str, ...]
+    per_recipe: tuple[str, ...]
+    per_run: tuple[str, ...]
+    restored: tuple[str, ...]
+
+
+def stage_plan(dvc_file: Path = DVC_FILE) -> StagePlan:
+    import yaml
+
+    stages = {name: {**stage.get("do", stage), "foreach": "foreach" in stage}
+              for name, stage in yaml.safe_load(Path(dvc_file).read_text())["stages"].items()}
+
+    def outputs(stage: dict) -> list[str]:
+        return [next(iter(out)) if isinstance(out, dict) else out for out in stage.get("outs", []) + stage.get("metrics", [])]
+
+    def producers(stage: dict) -> list[str]:
+        return [name for name, other in stages.items() for dep in stage.get("deps", []) for out in outputs(other)
+                if dep == out or dep.startswith(out + "/")]
+
+    def upstream(name: str, seen: set[str]) -> set[str]:
+        for producer in producers(stages[name]):
+            if producer not in seen:
+                seen.add(producer)
+                upstream(producer, seen)
+        return seen
+
+    def reads_host_or_recipe_set(name: str) -> bool:
+        """Whether the stage or one before it reads the runner's host.json or the recipe set."""
+        return any("artifacts/host.json" in stages[s].get("deps", []) or "recipes" in stages[s].get("params", [])
+                   for s in upstream(name, {name}))
+
+    needed = upstream(GATE_STAGE, set())
+    ordered = [name for name in stages if name in needed and not stages[name].get("always_changed")]
+    shared = tuple(name for name in ordered if not stages[name]["foreach"] and not reads_host_or_recipe_set(name))
+    per_recipe = tuple(name for name in ordered if stages[name]["foreach"])
+    per_run = tuple(name for name in ordered if not stages[name]["foreach"] and name not in shared)
+    recipe_set_only = {name for name in per_run if "recipes" in stages[name].get("params", [])
+                       and not any(dep.startswith("artifacts/") for dep in stages[name].get("deps", []))}
+    restored = tuple(name for name in [*ordered, GATE_STAGE] if name not in recipe_set_only)
+    return StagePlan(shared, per_recipe, per_run, restored)
 
 
 @dataclass(frozen=True)
@@ -48,12 +111,12 @@ class Job:
 
     @property
     def extras(self) -> str:
-        return ",".join([*BASE_EXTRAS, *([self.gpu_runtime] if self.gpu_runtime else [])])
+        return ",".join([*base_extras(), *([self.gpu_runtime] if self.gpu_runtime else [])])
 
     @property
     def stages(self) -> list[str]:
         """What its runner job reproduces (DVC adds the upstream stages)."""
-        return [f"{stage}@{self.recipe}" for stage in ("recipe", "build", "engine", "gate")]
+        return [f"{stage}@{self.recipe}" for stage in (*stage_plan().per_recipe, GATE_STAGE)]
 
 
 def jobs(recipes: list[str]) -> list[Job]:
@@ -69,7 +132,7 @@ def jobs(recipes: list[str]) -> list[Job]:
 
 def refuse_to_run(command: str) -> None:
     """Stop a stage command in a job that only restores (``gather`` sets the variable)."""
-    if os.environ.get(RESTORE_ONLY_ENV) == "1" and command in RESTORED_COMMANDS:
+    if os.environ.get(RESTORE_ONLY_ENV) == "1" and command in stage_plan().restored:
         raise HostLacks(f"`qpipe {command.replace('_', '-')}` would run in a job that only restores stages: no runner pushed a run "
                         "with these inputs", where=f"stage {command} ({RESTORE_ONLY_ENV}=1)",
                         fix="let the recipe's runner job finish its `dvc push --run-cache`, and check that it ran "
@@ -97,13 +160,14 @@ def gather(recipes: list[str], hosts_dir: Path, log=print) -> list[list[str]]:
     from pipeline.files import write_text
 
     by_host = runner_hosts(recipes, hosts_dir)
+    plan = stage_plan()
     env = {**os.environ, RESTORE_ONLY_ENV: "1"}
     done = []
     for number, (host_bytes, names) in enumerate(by_host.items(), 1):
         write_text(layout.HOST_FILE, host_bytes.decode())
         # --single-item runs the targets in the order given, so each one's inputs come first
-        targets = [*SHARED_STAGES, *(f"{stage}@{name}" for stage in ("recipe", "build", "engine") for name in names),
-                   "formats", "baseline", *(f"gate@{name}" for name in names)]
+        targets = [*plan.shared, *(f"{stage}@{name}" for stage in plan.per_recipe for name in names),
+                   *plan.per_run, *(f"{GATE_STAGE}@{name}" for name in names)]
         log(f"host {number} of {len(by_host)} ({', '.join(names)}): dvc repro --pull --single-item {' '.join(targets)}")
         result = subprocess.run(["dvc", "repro", "--pull", "--single-item", *targets], env=env,
                                 stdout=sys.stderr, stderr=sys.stderr)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.ci import BASE_EXTRAS, HOSTS_DIR, SHARED_STAGES, Job, RemoteSetup, install_commands
+from pipeline.ci import HOSTS_DIR, Job, RemoteSetup, base_extras, install_commands, stage_plan
 
 PATH = ".github/workflows/qpipe.yml"
 DEFAULT_CPU_LABELS = ("ubuntu-latest",)
@@ -54,7 +54,7 @@ def _gate_steps(recipe: str, extras: str, remote: RemoteSetup) -> list[dict[str,
 
 def document(jobs: list[Job], cpu_labels: list[str], gpu_labels: list[str], remote: RemoteSetup,
              main_branch: str = "main") -> dict[str, Any]:
-    base_extras = ",".join(BASE_EXTRAS)
+    shared_extras = ",".join(base_extras())
     cpu = [job for job in jobs if not job.gpu_runtime]
     gpu = [job for job in jobs if job.gpu_runtime]
     runs_on = {"cpu": cpu_labels[0] if len(cpu_labels) == 1 else cpu_labels,
@@ -62,15 +62,15 @@ def document(jobs: list[Job], cpu_labels: list[str], gpu_labels: list[str], remo
     definition: dict[str, Any] = {}
     definition["shared"] = {
         "runs-on": runs_on["cpu"], "env": _secrets(remote),
-        "steps": [*_install(base_extras, remote),
+        "steps": [*_install(shared_extras, remote),
                   {"name": "the workflow lists params.yaml's recipes", "run": "qpipe ci init github --check"},
-                  {"name": "the stages every recipe shares, once", "run": f"dvc repro --pull {' '.join(SHARED_STAGES)}"},
+                  {"name": "the stages every recipe shares, once", "run": f"dvc repro --pull {' '.join(stage_plan().shared)}"},
                   {"name": "push outputs and run-cache", "run": "dvc push --run-cache"}]}
     if cpu:
         definition["gate-cpu"] = {
             "needs": "shared", "runs-on": runs_on["cpu"], "env": _secrets(remote),
             "strategy": {"fail-fast": False, "matrix": {"recipe": [job.recipe for job in cpu]}},
-            "steps": _gate_steps("${{ matrix.recipe }}", base_extras, remote)}
+            "steps": _gate_steps("${{ matrix.recipe }}", shared_extras, remote)}
     if gpu:
         definition["gate-gpu"] = {
             "needs": "shared", "runs-on": runs_on["gpu"], "env": _secrets(remote),
@@ -84,7 +84,7 @@ def document(jobs: list[Job], cpu_labels: list[str], gpu_labels: list[str], remo
         "needs": ["shared", *(name for name in ("gate-cpu", "gate-gpu") if name in definition)],
         "if": "${{ !cancelled() }}", "runs-on": runs_on["cpu"], "env": _secrets(remote),
         "steps": [
-            *_install(base_extras, remote, history=True),
+            *_install(shared_extras, remote, history=True),
             {"uses": "actions/download-artifact@v4",
              "with": {"pattern": f"{HOST_ARTIFACT}*", "path": HOSTS_DIR, "merge-multiple": True}},
             {"name": "restore every runner's stages from the run-cache (re-runs none)",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.ci import BASE_EXTRAS, HOSTS_DIR, SHARED_STAGES, Job, RemoteSetup, install_commands
+from pipeline.ci import HOSTS_DIR, Job, RemoteSetup, base_extras, install_commands, stage_plan
 
 PATH = ".gitlab-ci.yml"
 DEFAULT_CPU_LABELS: tuple[str, ...] = ()   # no tags: any runner that takes untagged jobs
@@ -24,7 +24,7 @@ DEFAULT_BRANCH = "$CI_COMMIT_BRANCH == $CI_DEFAULT_BRANCH"
 def _template(remote: RemoteSetup) -> dict[str, Any]:
     return {
         "image": "python:3.11",
-        "variables": {"PIP_CACHE_DIR": "$CI_PROJECT_DIR/.cache/pip", "QPIPE_EXTRAS": ",".join(BASE_EXTRAS)},
+        "variables": {"PIP_CACHE_DIR": "$CI_PROJECT_DIR/.cache/pip", "QPIPE_EXTRAS": ",".join(base_extras())},
         "cache": {"key": {"files": ["pyproject.toml"], "prefix": "$QPIPE_EXTRAS"}, "paths": [".cache/pip"]},
         "before_script": [
             "command -v make >/dev/null || { apt-get update -qq && apt-get install -y -qq make cmake; }",
@@ -49,7 +49,7 @@ def document(jobs: list[Job], cpu_labels: list[str], gpu_labels: list[str], remo
         "stages": ["shared", "gate", "report"],
         ".qpipe": _template(remote),
         "shared": {"extends": ".qpipe", "stage": "shared", **tags["cpu"],
-                   "script": ["qpipe ci init gitlab --check", f"dvc repro --pull {' '.join(SHARED_STAGES)}",
+                   "script": ["qpipe ci init gitlab --check", f"dvc repro --pull {' '.join(stage_plan().shared)}",
                               "dvc push --run-cache"]},
     }
     if cpu:

@@ -52,8 +52,17 @@ def load_recipe(name: str, recipes_dir: Path = RECIPES_DIR) -> RecipeBase:
     return recipe
 
 
+ENGINE_KEY = "engine"  # a recipe's engine@R settings (modelopt's trtllm-build knobs), where its format has them
+
+
 def build_spec(recipe) -> dict:
     """What a build depends on: the recipe without its gate limits, description and engine
     settings, so that tuning a limit re-runs the gate (an engine setting, the engine stage),
     not the build."""
-    return {"format": recipe.format, **recipe.model_dump(exclude={"gates", "description", "format", "engine"})}
+    return {"format": recipe.format, **recipe.model_dump(exclude={"gates", "description", "format", ENGINE_KEY})}
+
+
+def engine_spec(recipe) -> dict:
+    """What the engine@R stage depends on beyond the build: the recipe's engine settings alone
+    (none for a format without them), so that tuning a limit does not re-run it."""
+    return {"format": recipe.format, **recipe.model_dump(include={ENGINE_KEY})}

@@ -48,7 +48,7 @@ class Recipe(RecipeBase):
                               description="Linear layers left unquantized: exact names or `re:<regex>`")
     dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="calibrate and save in this dtype "
                                                   "(vLLM's 4-bit kernels run in fp16 or bf16)")
-    # AWQ is slow on a CPU (about a minute per 1000 tokens for the 135M model on 2 cores)
+    # AWQ is slow on a CPU (a build's seconds: its run record, artifacts/runs/build@R.json)
     calibration_samples: int = Field(8, ge=1, description="calibration windows on a CPU host")
     gpu_calibration_samples: int = Field(64, ge=1, description="calibration windows on a CUDA host")
     calibration_seq_len: int = Field(512, ge=16, description="tokens per calibration window")
@@ -128,7 +128,8 @@ def check_group_size(widths: dict[str, int], group_size: int, ignore: list[str],
 
 
 def check_awq_mapping(model, where: str) -> dict[str, Any]:
-    """Name the AWQ mapping llm-compressor will use, or refuse an architecture it has none for."""
+    """Name the AWQ mapping llm-compressor will use, or refuse an architecture it has none for
+    (names and classes only: the meta-device model will do)."""
     from compressed_tensors.utils import match_named_modules
     from llmcompressor.modifiers.transform.awq.dynamic_mappings import AWQ_DYNAMIC_MAPPING_REGISTRY
     from llmcompressor.modifiers.transform.awq.mappings import AWQ_MAPPING_REGISTRY, default_mappings
@@ -217,18 +218,19 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     import torch
     from transformers import AutoTokenizer
 
-    from pipeline.runtimes.transformers import load_causal_lm
+    from pipeline.runtimes.transformers import load_causal_lm, meta_model
 
     tools = tool_versions()
     require_installed(INFO, recipe.where("format"))
     device, samples = calibration_plan(recipe, threads)
     check_group_size(linear_widths(source_dir), recipe.group_size, recipe.ignore, recipe.where("group_size"))
+    mapping = (check_awq_mapping(meta_model(source_dir), recipe.where("algorithm"))
+               if recipe.algorithm == "awq" else None)
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     windows = calibration_windows(tokenizer, calibration_text, samples, recipe.calibration_seq_len,
                                   recipe.where("calibration_samples / calibration_seq_len"))
     dtype = getattr(torch, recipe.dtype)
     model = load_causal_lm(source_dir, dtype=dtype)
-    mapping = check_awq_mapping(model, recipe.where("algorithm")) if recipe.algorithm == "awq" else None
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     timings: dict[str, float] = {}
@@ -370,7 +372,7 @@ def bits_per_weight(build_dir: Path) -> float:
 def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, float]:
     """Every stored tensor once (a separate input embedding reads one row), plus a bf16/fp16 KV
     cache at the given context length."""
-    from pipeline.measure import kv_cache_bytes
+    from pipeline.geometry import Geometry
 
     table = _tensor_table(build_dir)
     weights = sum(size for _, _, size in table)
@@ -379,10 +381,7 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
         for name, shape, size in table:
             if name.endswith("embed_tokens.weight"):
                 weights -= size - size // shape[0]
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    kv_heads = config.get("num_key_value_heads") or heads
-    kv_cache = kv_cache_bytes(config["num_hidden_layers"], kv_heads, head_dim, context_tokens)
+    kv_cache = Geometry.from_hf_config(config).kv_cache_bytes(context_tokens)
     return {"weights": float(weights), "kv_cache": float(kv_cache), "total": float(weights + kv_cache)}
 
 

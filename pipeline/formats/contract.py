@@ -153,17 +153,22 @@ def require_installed(info: FormatInfo, where: str) -> None:
 
 
 def calibration_host_knobs(host_info: dict) -> dict:
-    """``host_build_knobs`` of a format that calibrates: on the GPU where there is one."""
-    return {"calibration_device": "cuda" if host_info.get("gpus") else "cpu"}
+    """``host_build_knobs`` of a format that calibrates: on the GPU where there is a usable one."""
+    from pipeline.host import has_usable_gpu
+
+    return {"calibration_device": "cuda" if has_usable_gpu(host_info) else "cpu"}
 
 
 def calibration_plan(recipe, threads: int) -> tuple[str, int]:
     """Seed torch and set its threads; return where a calibrating build runs and how many
-    samples it takes there (``gpu_calibration_samples`` on CUDA, else ``calibration_samples``)."""
+    samples it takes there (``gpu_calibration_samples`` on CUDA, else ``calibration_samples``):
+    ``host.has_usable_gpu``, the answer the recipe stage's ``calibration_device`` recorded."""
     import torch
+
+    from pipeline.host import has_usable_gpu
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    if torch.cuda.is_available():
+    if has_usable_gpu():
         return "cuda", recipe.gpu_calibration_samples
     return "cpu", recipe.calibration_samples

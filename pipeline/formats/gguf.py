@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from pipeline.config import RecipeBase
-from pipeline.errors import BadInput, HostLacks, QpipeError
+from pipeline.errors import BadInput, HostLacks, QpipeError, RecipeNotApplicable
 from pipeline.formats.contract import FormatInfo
 from pipeline.memory import GIB, Factors
 from pipeline.runtimes.llama_cpp import llama_tool
@@ -264,10 +264,6 @@ GEMMA3_SLIDING_ROPE_THETA = 10000.0
 def check_llama_cpp_computes(source_dir: Path, where: str) -> None:
     """Refuse (RecipeNotApplicable) a checkpoint that llama.cpp would load but compute
     differently from its config, before converting anything."""
-    import json
-
-    from pipeline.errors import RecipeNotApplicable
-
     config_file = Path(source_dir) / "config.json"
     config = json.loads(config_file.read_text())
     text = config.get("text_config") or config
@@ -301,9 +297,10 @@ def convert(source_dir: Path, outfile: Path, outtype: str, script: str) -> None:
     if result.returncode == 0 and outfile.is_file():
         return
     output = result.stdout + result.stderr
+    # the converter looks its model class up before it reads a tensor: a refusal, not a crash
     unsupported = re.search(r"Model (\S+) is not supported", output)
     if unsupported:
-        raise BadInput(
+        raise RecipeNotApplicable(
             f"llama.cpp's converter does not support architecture {unsupported.group(1)}",
             where=f"{source_dir}/config.json: architectures",
             fix="use a model llama.cpp supports, or drop the gguf recipes for it",
@@ -436,10 +433,11 @@ def bits_per_weight(build_dir: Path) -> float:
 
 
 def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, float]:
-    """Bytes a decode step must read: every weight tensor once, plus the f16 KV cache at
-    the given context length. With a separate output matrix the token embedding reads a
-    single row; with tied embeddings the whole matrix is read for the logits."""
-    from pipeline.measure import kv_cache_bytes
+    """Bytes a decode step must read: every weight tensor once, plus the f16 KV cache at the
+    given context length (``geometry.Geometry`` of the header, as llama.cpp reads it). With a
+    separate output matrix the token embedding reads a single row; with tied embeddings the
+    whole matrix is read for the logits."""
+    from pipeline.geometry import Geometry
     from pipeline.runtimes.llama_cpp import read_header
 
     header = read_header(artifact_path(build_dir))
@@ -448,13 +446,7 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
     if "output.weight" in tensors and "token_embd.weight" in tensors:
         embedding = tensors["token_embd.weight"]
         weights -= embedding.n_bytes - embedding.n_bytes // embedding.shape[-1]
-    meta = header.metadata
-    arch = meta["general.architecture"]
-    layers = int(meta[f"{arch}.block_count"])
-    heads = int(meta[f"{arch}.attention.head_count"])
-    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv") or heads)
-    head_dim = int(meta[f"{arch}.embedding_length"]) // heads
-    kv_cache = kv_cache_bytes(layers, kv_heads, head_dim, context_tokens)
+    kv_cache = Geometry.from_gguf(header.metadata).kv_cache_bytes(context_tokens)
     return {"weights": float(weights), "kv_cache": float(kv_cache), "total": float(weights + kv_cache)}
 
 

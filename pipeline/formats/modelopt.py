@@ -178,8 +178,8 @@ def decoder_type(architecture: str, where: str) -> str:
 
     found = next((kind for key, kind in MODEL_NAME_TO_TYPE.items() if key.lower() in architecture.lower()), None)
     if found is None:
-        raise BadInput(f"ModelOpt cannot export architecture {architecture}",
-                       where=where, fix="use a GGUF or AWQ recipe for this model")
+        raise RecipeNotApplicable(f"ModelOpt cannot export architecture {architecture}",
+                                  where=where, fix="use a GGUF or AWQ recipe for this model")
     return found
 
 
@@ -485,22 +485,21 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
     """Every stored tensor once except the input embedding (one row), plus the KV cache in its
     stored format (1 byte per value for FP8, else 2)."""
     from pipeline.files import safetensors_table
-    from pipeline.measure import kv_cache_bytes
+    from pipeline.geometry import Geometry
+    from pipeline.runtimes.checkpoint_emulation import model_config_for
 
     checkpoint = artifact_path(build_dir)
     table = safetensors_table(checkpoint)
     weights = sum(size for name, shape, size in table if name not in _EMBEDDINGS)
     weights += sum(size // shape[0] for name, shape, size in table if name in _EMBEDDINGS)
     config = json.loads((checkpoint / "config.json").read_text())
-    if "quantization" in config:  # TensorRT-LLM's names
-        kv_algo, head_dim = config["quantization"].get("kv_cache_quant_algo"), config.get("head_size")
+    if "quantization" in config:  # TensorRT-LLM's config; the HF config the build kept beside it
+        kv_algo, hf_config = config["quantization"].get("kv_cache_quant_algo"), model_config_for(checkpoint)
     else:
         kv_algo = json.loads((checkpoint / "hf_quant_config.json").read_text())["quantization"].get("kv_cache_quant_algo")
-        head_dim = config.get("head_dim")
-    heads = config["num_attention_heads"]
-    kv_cache = kv_cache_bytes(config["num_hidden_layers"], config.get("num_key_value_heads") or heads,
-                              head_dim or config["hidden_size"] // heads, context_tokens,
-                              bytes_per_value=1 if kv_algo == "FP8" else 2)
+        hf_config = config
+    kv_cache = Geometry.from_hf_config(hf_config).kv_cache_bytes(context_tokens,
+                                                                 bytes_per_value=1 if kv_algo == "FP8" else 2)
     return {"weights": float(weights), "kv_cache": float(kv_cache), "total": float(weights + kv_cache)}
 
 
@@ -626,18 +625,11 @@ def weight_only_int8_checkpoint(checkpoint_dir: Path, out_dir: Path, kernel_layo
 # ---------------------------------------------------------------- gates
 
 
-def _engine_record(build_dir: Path) -> dict[str, Any] | None:
-    """The engine@R stage's record for this build, None before that stage ran."""
-    from pipeline import layout
-    from pipeline.files import read_json
-
-    path = layout.engine_record(Path(build_dir).name)
-    return read_json(path) if path.is_file() else None
-
-
 def _engine(build_dir: Path | None) -> dict[str, Any] | None:
     """The engine@R stage's record for this build, if it built an engine."""
-    record = _engine_record(build_dir) if build_dir is not None else None
+    from pipeline.engines import read_record
+
+    record = read_record(Path(build_dir).name) if build_dir is not None else None
     return record if record and record.get("status") == "ok" else None
 
 
@@ -652,6 +644,7 @@ def _quant_algo(checkpoint_dir: Path) -> str | None:
 def backend_unavailable_reason(build_dir: Path | None) -> str | None:
     """Why TensorRT-LLM cannot serve this build here: its PyTorch backend for a unified checkpoint
     (and a Blackwell GPU for NVFP4), its engine backend and a built engine for a legacy one."""
+    from pipeline.engines import read_record
     from pipeline.runtimes import tensorrt_llm
 
     if build_dir is None or _unified(build_dir):
@@ -662,7 +655,7 @@ def backend_unavailable_reason(build_dir: Path | None) -> str | None:
     reason = tensorrt_llm.engine_unavailable_reason()
     if reason:
         return reason
-    record = _engine_record(build_dir)
+    record = read_record(Path(build_dir).name)
     if record is None:
         return "no engine record: run `qpipe engine <recipe>` (the engine@R stage) first"
     return None if record.get("status") == "ok" else record.get("reason")

@@ -118,8 +118,9 @@ def check_gate_memory(info, artifact_bytes: int, ref, host_info: dict[str, Any])
     """Refuse a gate the host cannot hold (exit 3). Only on a CPU host: on a GPU host the
     gates run in vLLM or TensorRT-LLM, which size their own memory pools."""
     from pipeline import memory
+    from pipeline.host import has_usable_gpu
 
-    if host_info.get("gpus"):
+    if has_usable_gpu(host_info):
         return {"estimate_gb": None, "reason": "a GPU host: the GPU runtimes size their own memory"}
     need = gate_memory_need(info, memory.ModelSize.of(layout.SOURCE_DIR), window_tokens=int(ref.tokens.shape[1]),
                             artifact_bytes=artifact_bytes)
@@ -194,6 +195,7 @@ def timed(items, total: list[float]):
 def run_speed(session, fmt, build_dir, ref, speed_params, host_info, threads: int, reason: str | None,
               log) -> dict[str, Any]:
     from pipeline.gates import speed
+    from pipeline.host import has_usable_gpu
 
     if reason:
         return {"status": "not_run", "reason": reason}
@@ -210,7 +212,7 @@ def run_speed(session, fmt, build_dir, ref, speed_params, host_info, threads: in
                             bandwidth=speed.roofline_bandwidth(host_info, measured.get("device", "cpu")),
                             bytes_per_token=bytes_per_token)
     section = speed.with_speedup(section, _baseline(fmt.INFO.name))
-    return speed.contended(section, held.record(), cpu_runtime=not host_info.get("gpus"))
+    return speed.contended(section, held.record(), cpu_runtime=not has_usable_gpu(host_info))
 
 
 def _baseline(format_name: str) -> dict[str, Any] | None:

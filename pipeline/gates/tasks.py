@@ -30,6 +30,7 @@ from pipeline.errors import BadInput, HostLacks
 # the longest request (context + continuation, or prompt + generated tokens) the gate scores:
 # the model's own context length, at most this; the logits of a window are held whole
 MAX_REQUEST_TOKENS = 4096
+EXTRA = "tasks"  # the qpipe extra that installs lm-eval
 # lm-eval's builders for local files (datasets' packaged modules): anything else is a Hub dataset
 LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}
 TEXT_BUILDERS = {"json", "csv", "text"}  # of those, the ones whose files are text
@@ -132,7 +133,7 @@ def prepare(specs: list) -> tuple[Any, list]:
     does a host without lm-eval."""
     if _lm_eval_version() is None:
         raise HostLacks("lm-eval is not installed, and params.yaml names tasks", where="params.yaml: tasks",
-                        fix="pip install 'qpipe[tasks]' (make setup does), or set tasks: []")
+                        fix=f"pip install 'qpipe[{EXTRA}]' (make setup does), or set tasks: []")
     check_task_yamls()
     manager = task_manager([spec.name for spec in specs])
     loaded = []

@@ -22,24 +22,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from pipeline.config import GateLimits, RelativeLimit
+from pipeline.config import LIMIT_BY_KEY, LIMITS, GateLimits, RelativeLimit
 
-# limit key -> (gate section, figure, comparison); a dotted figure is a path into the section:
-# the *_upper / *_lower limits judge the bound of the figure's 95 % interval, not its point value
-CHECKS: dict[str, tuple[str, str, str]] = {
-    "max_ppl_ratio": ("accuracy", "ppl_ratio", "<="),
-    "max_mean_kld": ("accuracy", "mean_kld", "<="),
-    "min_top1_agreement": ("accuracy", "top1_agreement", ">="),
-    "max_ppl_ratio_upper": ("accuracy", "ci95.ppl_ratio.high", "<="),
-    "max_mean_kld_upper": ("accuracy", "ci95.mean_kld.high", "<="),
-    "min_top1_agreement_lower": ("accuracy", "ci95.top1_agreement.low", ">="),
-    "max_tokenizer_mismatch": ("accuracy", "tokenizer_mismatch", "<="),
-    "min_decode_speedup": ("speed", "decode_speedup", ">="),
-    "min_roofline_fraction": ("speed", "roofline_fraction", ">="),
-    # a number judges the lowest recovery; {task: number} makes one check per task, named
-    # min_task_recovery.<task>, on recovery.<task>
-    "min_task_recovery": ("tasks", "min_recovery", ">="),
-}
 SECTIONS = ("accuracy", "speed", "tasks")
 
 
@@ -70,19 +54,21 @@ def evaluate(limits: GateLimits, sections: dict[str, dict[str, Any]],
 
 
 def _limits_set(limits: GateLimits):
-    """(limit key, check name, section, figure, comparison, limit) of each limit set."""
-    for key, (section_name, figure, comparison) in CHECKS.items():
-        limit = getattr(limits, key)
-        if isinstance(limit, dict):  # min_task_recovery per task
+    """(limit key, check name, section, figure, comparison, limit) of each limit set, in
+    ``config.LIMITS``' order; a dotted figure is a path into the section. A per-task limit given
+    as {task: number} makes one check per task, named <key>.<task>, on recovery.<task>."""
+    for spec in LIMITS:
+        limit = getattr(limits, spec.key)
+        if isinstance(limit, dict):
             for task, task_limit in limit.items():
-                yield key, f"{key}.{task}", section_name, f"recovery.{task}", comparison, task_limit
+                yield spec.key, f"{spec.key}.{task}", spec.gate, f"recovery.{task}", spec.comparison, task_limit
         elif limit is not None:
-            yield key, key, section_name, figure, comparison, limit
+            yield spec.key, spec.key, spec.gate, spec.figure, spec.comparison, limit
 
 
 def comparison_of(check: dict[str, Any]) -> str:
     """"<=" or ">=": how a check's value is held against its limit."""
-    return CHECKS[check["name"].split(".")[0]][2]
+    return LIMIT_BY_KEY[check["name"].split(".")[0]].comparison
 
 
 def figure_value(section: dict[str, Any], figure: str) -> float | None:

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import BadInput
+from pipeline.geometry import Geometry
 
 FP8_E4M3_MAX = 448.0
 E2M1_MAX = 6.0
@@ -150,10 +151,9 @@ def read_config(checkpoint_dir: Path, hf_config: dict[str, Any] | None = None) -
             f"kv_cache_quant_algo {facts['kv_cache_quant_algo']!r} is not one the emulation knows",
             where=where, fix="use kv_cache: fp8 or kv_cache: none in the recipe")
     if hf_config is not None:
-        heads = hf_config["num_attention_heads"]
-        facts.update(hf_config=hf_config, num_attention_heads=heads,
-                     num_key_value_heads=hf_config.get("num_key_value_heads") or heads,
-                     head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads)
+        geometry = Geometry.from_hf_config(hf_config)
+        facts.update(hf_config=hf_config, num_attention_heads=hf_config["num_attention_heads"],
+                     num_key_value_heads=geometry.kv_heads, head_dim=geometry.head_dim)
     return facts
 
 
@@ -183,12 +183,12 @@ def check_trtllm_config(config: dict[str, Any], hf_config: dict[str, Any], where
     """What the TensorRT-LLM config states must be the HF model's: its geometry and its RoPE
     (a dropped RoPE base or scaling would make the engine compute another model)."""
     heads = hf_config["num_attention_heads"]
+    geometry = Geometry.from_hf_config(hf_config)
     rope = rope_of(hf_config)
     expected = {
         "vocab_size": hf_config["vocab_size"], "hidden_size": hf_config["hidden_size"],
         "intermediate_size": hf_config["intermediate_size"], "num_hidden_layers": hf_config["num_hidden_layers"],
-        "num_attention_heads": heads, "num_key_value_heads": hf_config.get("num_key_value_heads") or heads,
-        "head_size": hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
+        "num_attention_heads": heads, "num_key_value_heads": geometry.kv_heads, "head_size": geometry.head_dim,
         # TensorRT-LLM's default when the key is missing, so a dropped RoPE base is caught
         "rotary_base": float(rope["rope_theta"]),
         "rotary_scaling": rope["rope_type"] if rope["rope_type"] != "default" else None,

@@ -109,14 +109,13 @@ NOT_INSTALLED = ("TensorRT-LLM is not installed (install `qpipe[trtllm]` on a GP
 
 
 def unavailable_reason() -> str | None:
-    """Why the PyTorch backend cannot run here, or None (no torch import: the GPU is host.json's,
-    else nvidia-smi's)."""
-    from pipeline.host import has_cuda_gpu
+    """Why the PyTorch backend cannot run here, or None (no torch import where host.json says)."""
+    from pipeline.host import has_usable_gpu
 
     if version() is None:
         return f"needs a CUDA GPU and TensorRT-LLM: {NOT_INSTALLED}"
-    if not has_cuda_gpu():
-        return "needs a CUDA GPU for TensorRT-LLM; this host has none"
+    if not has_usable_gpu():
+        return "needs a CUDA GPU for TensorRT-LLM; this host has none that torch can use"
     return None
 
 
@@ -134,13 +133,13 @@ def has_engine_builder() -> bool:
 
 def engine_unavailable_reason() -> str | None:
     """Why the legacy engine backend (trtllm-build, TensorRT engines) cannot run here, or None."""
-    from pipeline.host import has_cuda_gpu
+    from pipeline.host import has_usable_gpu
 
     installed = version()
     if installed is None:
         return f"needs a CUDA GPU and TensorRT-LLM {LAST_ENGINE_RELEASE}: {NOT_INSTALLED}"
-    if not has_cuda_gpu():
-        return "needs a CUDA GPU for TensorRT-LLM engines; this host has none"
+    if not has_usable_gpu():
+        return "needs a CUDA GPU for TensorRT-LLM engines; this host has none that torch can use"
     if not has_engine_builder():
         return (f"TensorRT-LLM {installed} has no legacy engine backend (no trtllm-build; {LAST_ENGINE_RELEASE} is "
                 "the last release line with it): serve the unified checkpoint hf_checkpoint/ with its PyTorch "
@@ -178,30 +177,16 @@ def nvfp4_unavailable_reason() -> str | None:
 # ---------------------------------------------------------------- shared LLM-API session code
 
 
-def _sliding_layers(config: dict[str, Any], layers: int) -> list[bool]:
-    """Which layers attend through the sliding window, as transformers builds each model."""
-    model_type = str(config.get("model_type") or "")
-    if config.get("layer_types"):
-        return [kind == "sliding_attention" for kind in config["layer_types"]]
-    if model_type == "gemma2":  # every other layer, from the first
-        return [index % 2 == 0 for index in range(layers)]
-    if model_type.startswith("gemma3"):  # all but every sliding_window_pattern-th
-        pattern = int(config.get("sliding_window_pattern") or 6)
-        return [(index + 1) % pattern != 0 for index in range(layers)]
-    if model_type.startswith("qwen2") and config.get("max_window_layers") is not None:
-        return [index >= int(config["max_window_layers"]) for index in range(layers)]
-    return [True] * layers
-
-
 def attention_windows(config: dict[str, Any], max_seq_len: int) -> list[int] | None:
     """``KvCacheConfig.max_attention_window`` for a model with a sliding window (one entry per
     layer: the window, or max_seq_len for a full-attention layer); None where no window is
     shorter than max_seq_len, so that no window changes what a layer sees."""
-    window = config.get("sliding_window")
-    if not isinstance(window, int) or window <= 0 or config.get("use_sliding_window") is False:
+    from pipeline.geometry import sliding_attention
+
+    window, sliding_layers = sliding_attention(config)
+    if window is None:
         return None
-    layers = int(config.get("num_hidden_layers") or len(config.get("layer_types") or []) or 1)
-    windows = [min(window, max_seq_len) if sliding else max_seq_len for sliding in _sliding_layers(config, layers)]
+    windows = [min(window, max_seq_len) if sliding else max_seq_len for sliding in sliding_layers]
     return windows if any(size < max_seq_len for size in windows) else None
 
 

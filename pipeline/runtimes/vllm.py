@@ -83,8 +83,8 @@ def device() -> str:
 
 def unavailable_reason() -> str | None:
     if version() is None:
-        return ("needs vLLM and a CUDA GPU: vLLM is not installed (it pins its own torch: install "
-                "`qpipe[vllm]` in a separate environment on a GPU host)")
+        return ("needs vLLM and a CUDA GPU: vLLM is not installed (the gates import it: install `qpipe[vllm]` "
+                "into qpipe's own environment on a GPU host; it pins its own CUDA build of torch)")
     import torch
 
     if not torch.cuda.is_available():

@@ -36,7 +36,7 @@ def expected_runners():
     found = {}
     for name in load_params().recipes:
         gpu_runtime = formats.module(formats.load_recipe(name).format).INFO.gpu_runtime
-        found[name] = ("gpu" if gpu_runtime else "cpu", ",".join([*ci.BASE_EXTRAS, *([gpu_runtime] if gpu_runtime else [])]))
+        found[name] = ("gpu" if gpu_runtime else "cpu", ",".join([*ci.base_extras(), *([gpu_runtime] if gpu_runtime else [])]))
     return found
 
 
@@ -164,3 +164,29 @@ def test_gather_names_a_recipe_whose_runner_handed_on_no_host(project):
     (project / "ci-hosts" / "gguf-q8_0.json").write_text("{}")
     with pytest.raises(ci.BadInput, match="no host.json from the runner of gguf-q6_k"):
         ci.gather(["gguf-q8_0", "gguf-q6_k"], project / "ci-hosts", log=lambda _: None)
+
+
+def test_the_stage_plan_follows_dvc_yaml(tmp_path):
+    """The shared, per-recipe and restored stages come from dvc.yaml's inputs: a stage that reads
+    host.json is no longer shared, and a new per-recipe stage joins every runner and the restore list."""
+    from tests.conftest import REPO
+
+    plan = ci.stage_plan(REPO / "dvc.yaml")
+    assert plan.shared == ("source", "corpus", "reference", "task_base")
+    assert plan.per_recipe == ("recipe", "build", "engine") and plan.per_run == ("formats", "baseline")
+    assert set(plan.restored) == {*plan.shared, *plan.per_recipe, "baseline", ci.GATE_STAGE}
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    stages["stages"]["reference"]["deps"].append("artifacts/host.json")
+    stages["stages"]["sign"] = {"foreach": "${recipes}", "do": {"cmd": "qpipe sign ${item}",
+                                "deps": ["artifacts/builds/${item}"], "outs": ["artifacts/signed/${item}"]}}
+    stages["stages"]["gate"]["do"]["deps"].append("artifacts/signed/${item}")
+    changed = ci.stage_plan(write(tmp_path / "dvc.yaml", yaml.safe_dump(stages, sort_keys=False)))
+    assert "reference" not in changed.shared and "reference" in changed.per_run
+    assert changed.per_recipe == ("recipe", "build", "engine", "sign") and "sign" in changed.restored
+
+
+def test_every_runner_installs_every_formats_extra_and_the_task_gates():
+    extras = ci.base_extras()
+    for name in formats.FORMATS:
+        assert formats.module(name).INFO.extra in (*extras, None)
+    assert "tasks" in extras

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from pipeline.formats import load_recipe
-from pipeline.errors import BadInput, HostLacks
+from pipeline.errors import BadInput, HostLacks, RecipeNotApplicable
 from pipeline.formats import awq
 from tests.conftest import write
 
@@ -59,7 +59,9 @@ def test_shipped_schemes_are_llm_compressor_presets():
 
 def test_calibration_device_follows_the_host():
     assert awq.host_build_knobs({"gpus": []}) == {"calibration_device": "cpu"}
-    assert awq.host_build_knobs({"gpus": [{"name": "H100"}]}) == {"calibration_device": "cuda"}
+    assert awq.host_build_knobs({"gpus": [{"name": "H100"}], "torch_cuda": True}) == {"calibration_device": "cuda"}
+    # a CPU build of torch on a GPU host calibrates on the CPU, and the recipe says so
+    assert awq.host_build_knobs({"gpus": [{"name": "H100"}], "torch_cuda": False}) == {"calibration_device": "cpu"}
 
 
 # ---------------------------------------------------------------- checks before calibrating
@@ -107,17 +109,16 @@ def test_architecture_without_an_awq_mapping_is_refused():
             super().__init__()
             self.fc1 = torch.nn.Linear(8, 8)
 
-    with pytest.raises(BadInput, match="no AWQ mapping for architecture Toy") as info:
+    with pytest.raises(RecipeNotApplicable, match="no AWQ mapping for architecture Toy") as info:
         awq.check_awq_mapping(Toy(), "r")
     assert "algorithm: rtn" in info.value.fix
 
 
-def test_llama_has_a_registered_mapping(tiny_checkpoint):
-    from transformers import AutoModelForCausalLM
+def test_llama_has_a_registered_mapping_found_without_reading_weights(tiny_checkpoint):
+    from pipeline.runtimes.transformers import meta_model
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
-    assert awq.check_awq_mapping(model, "r") == {"architecture": "LlamaForCausalLM",
-                                                  "mapping": "llm-compressor registry"}
+    assert awq.check_awq_mapping(meta_model(tiny_checkpoint), "r") == {
+        "architecture": "LlamaForCausalLM", "mapping": "llm-compressor registry"}
 
 
 def test_samples_that_fit():

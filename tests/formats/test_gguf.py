@@ -71,14 +71,14 @@ def test_llama_imatrix_tool_is_installed_and_runs():
     assert "imatrix" in (result.stdout + result.stderr)
 
 
-def test_architecture_the_converter_does_not_support_is_bad_input(tmp_path):
+def test_architecture_the_converter_does_not_support_is_refused(tmp_path):
     import json
 
-    from pipeline.errors import BadInput
+    from pipeline.errors import RecipeNotApplicable
 
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NotARealModelForCausalLM"],
                                                       "model_type": "not_real"}))
-    with pytest.raises(BadInput, match="does not support architecture NotARealModelForCausalLM") as info:
+    with pytest.raises(RecipeNotApplicable, match="does not support architecture NotARealModelForCausalLM") as info:
         fmt.convert(tmp_path, tmp_path / "out.gguf", "f16", fmt.converter_info()["path"])
     assert info.value.where.endswith("config.json: architectures")
 
@@ -99,3 +99,27 @@ def test_a_quantization_that_fails_on_a_full_disk_says_so(tmp_path, monkeypatch)
     with pytest.raises(HostLacks, match="no space left for the quantization to Q8_0: 0.0 MB free") as full:
         fmt.quantize(source, tmp_path / "model.gguf", "Q8_0", imatrix=None, threads=1, log_file=tmp_path / "q.log")
     assert full.value.exit_code == 3 and full.value.where == str(tmp_path)
+
+
+@pytest.mark.parametrize("arch, embedding, heads, kv_heads, key_length", [
+    ("qwen3", 1024, 16, 8, 128),   # Qwen3-0.6B: 1024 / 16 would be 64
+    ("gemma2", 2304, 8, 4, 256),   # Gemma 2 2B: 2304 / 8 would be 288
+])
+def test_decode_bytes_per_token_take_head_dim_from_the_key_length(tmp_path, arch, embedding, heads, kv_heads,
+                                                                     key_length):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(tmp_path / fmt.ARTIFACT_FILE, arch)
+    writer.add_block_count(2)
+    writer.add_embedding_length(embedding)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(key_length)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    read = fmt.decode_bytes_per_token(tmp_path, context_tokens=100)
+    assert read["kv_cache"] == 2 * 2 * kv_heads * key_length * 2 * 100

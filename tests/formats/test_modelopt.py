@@ -63,9 +63,11 @@ def test_kv_cache_config_is_appended_to_the_base_config():
     assert base["quant_cfg"] == mtq.FP8_DEFAULT_CFG["quant_cfg"]  # the library's config is not mutated
 
 
-def test_architectures_modelopt_cannot_export_are_named():
+def test_architectures_modelopt_cannot_export_are_refused_and_named():
+    from pipeline.errors import RecipeNotApplicable
+
     assert modelopt.decoder_type("LlamaForCausalLM", "c") == "llama"
-    with pytest.raises(BadInput, match="cannot export architecture FooBarForCausalLM"):
+    with pytest.raises(RecipeNotApplicable, match="cannot export architecture FooBarForCausalLM"):
         modelopt.decoder_type("FooBarForCausalLM", "c")
 
 

@@ -208,3 +208,20 @@ def test_a_relative_limit_broken_by_a_result_with_a_gate_missing_fails_it():
     q8 = result("q8", GateLimits(), accuracy=Q8_ACCURACY)
     (judged, _) = verdict.resolve([q4, q8])
     assert judged["checks"][0]["verdict"] == "fail" and judged["verdict"] == "fail"
+
+
+def test_every_limit_is_checked_on_its_table_figure_the_table_way():
+    from pipeline.config import LIMITS
+
+    sections = {"accuracy": {"status": "ok", "ppl_ratio": 1.0, "mean_kld": 1.0, "top1_agreement": 1.0,
+                             "tokenizer_mismatch": 1.0, "ci95": {"ppl_ratio": {"high": 1.0}, "mean_kld": {"high": 1.0},
+                                                                  "top1_agreement": {"low": 1.0}}},
+                "speed": {"status": "ok", "decode_speedup": 1.0, "roofline_fraction": 1.0},
+                "tasks": {"status": "ok", "min_recovery": 1.0}}
+    below = verdict.evaluate(GateLimits(**{limit.key: 0.5 for limit in LIMITS}), sections)
+    above = verdict.evaluate(GateLimits(**{limit.key: 1.0 if limit.high else 2.0 for limit in LIMITS}), sections)
+    assert [(c["name"], c["gate"], c["figure"]) for c in below] == [(l.key, l.gate, l.figure) for l in LIMITS]
+    # a value of 1 passes a limit of 0.5 held with >= and fails one held with <=, and the other way at 2
+    assert [c["verdict"] for c in below] == ["pass" if l.comparison == ">=" else "fail" for l in LIMITS]
+    assert [c["verdict"] for c in above if c["limit"] == 2.0] == [
+        "fail" if l.comparison == ">=" else "pass" for l in LIMITS if not l.high]

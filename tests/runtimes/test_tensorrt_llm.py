@@ -20,7 +20,7 @@ def gpu_host(monkeypatch):
     import pipeline.host
 
     def set_gpu(present: bool) -> None:
-        monkeypatch.setattr(pipeline.host, "has_cuda_gpu", lambda: present)
+        monkeypatch.setattr(pipeline.host, "has_usable_gpu", lambda: present)
 
     return set_gpu
 
