@@ -1,10 +1,12 @@
-"""Each heavy stage's memory estimate (pipeline/memory.py) against its measured peak RSS.
+"""Each heavy stage's memory estimate (pipeline/memory.py) against its measured peak.
 
 Runs the reference, build and gate stages of the chosen recipes one by one in a scratch copy of
 the project (benchmarks/scratch_project.py) and prints, per stage, the estimate made before
-loading and the peak resident memory the stage reached (the kernel's maxrss of the stage's
-process tree). An estimate should sit above the peak: below it, a host could be told a stage
-fits and then be killed.
+loading and the peak memory the stage reached (benchmarks/peak_memory.py: the larger of its
+largest process's peak RSS and its process tree's summed PSS). An estimate should sit above
+the peak: below it, a host could be told a stage fits and then be killed. For the embedded
+model it writes benchmarks/results/memory-smollm2-135m.json, which benchmarks/memory_table.py
+renders into docs/methodology.md.
 
     python benchmarks/memory_estimate.py                      # the embedded model
     python benchmarks/memory_estimate.py --model /path/to/ckpt --recipes gguf-q8_0 trtllm-fp8
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -27,55 +30,91 @@ import scratch_project
 DEFAULT_RECIPES = ["gguf-q8_0", "gguf-iq4_xs", "awq-w4a16", "trtllm-fp8", "trtllm-int8-wo"]
 
 
-# Linux starts a new process's peak RSS at the RSS of the process it was forked from (exec
-# keeps the pre-exec high-water mark), so a stage started from this benchmark, which holds
-# gigabytes after writing a checkpoint, would report at least that. A small launcher process
-# starts the stage instead and reports the stage's own peak (with its children's).
-LAUNCHER = ("import os, subprocess, sys; process = subprocess.Popen(sys.argv[2:]); "
-            "_, status, usage = os.wait4(process.pid, 0); open(sys.argv[1], 'w').write(str(usage.ru_maxrss)); "
-            "sys.exit(os.waitstatus_to_exitcode(status))")
+RESULTS = Path(__file__).resolve().parent / "results"
+PEAK_MEMORY = Path(__file__).resolve().parent / "peak_memory.py"
 
 
-def measured(args: list[str], cwd, env) -> tuple[float, float]:
-    """(peak RSS in GB of the command and its children, seconds)."""
+def measured(args: list[str], cwd, env) -> dict[str, float]:
+    """The command's peak memory in GB (benchmarks/peak_memory.py: the larger of its largest
+    process's peak RSS and its process tree's summed PSS, each also given) and its seconds."""
     started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as log, tempfile.NamedTemporaryFile("r") as peak_kib:
+    with tempfile.TemporaryFile("w+") as log, tempfile.NamedTemporaryFile("r") as peaks:
         # a file, not a pipe: a pipe would fill up and stall the stage
-        process = subprocess.run([sys.executable, "-c", LAUNCHER, peak_kib.name, *args], cwd=cwd, env=env,
+        process = subprocess.run([sys.executable, str(PEAK_MEMORY), peaks.name, *args], cwd=cwd, env=env,
                                  stdout=log, stderr=log, text=True)
         if process.returncode != 0:
             log.seek(0)
             raise SystemExit(f"{' '.join(args)} failed:\n{log.read()[-2000:]}")
-        peak = int(peak_kib.read())
-    return peak * 1024 / 1e9, time.perf_counter() - started
+        peak = json.loads(peaks.read())
+    max_rss, tree_pss = peak["max_rss"] / 1e9, peak["tree_pss"] / 1e9
+    return {"peak_gb": round(max(max_rss, tree_pss), 3), "max_rss_gb": round(max_rss, 3),
+            "tree_pss_gb": round(tree_pss, 3), "seconds": round(time.perf_counter() - started, 1)}
 
 
-def stage_rows(root, recipes: list[str], env) -> Iterator[tuple[str, float | None, float, float]]:
+def stage_rows(root, recipes: list[str], env) -> Iterator[dict]:
     """Run the reference, then each recipe's build, the baseline, then each gate, one process
-    at a time in the project at `root`; yield (stage, estimate GB, peak RSS GB, seconds) as each
-    finishes. The estimate is the one the stage made before loading (None where it made none)."""
-    peak, seconds = measured(["qpipe", "reference"], root, env)
-    run = json.loads((root / "artifacts/runs/reference.json").read_text())
-    yield "reference", run["memory"]["estimate_gb"], peak, seconds
+    at a time in the project at `root`; yield each stage's row as it finishes: its kind, recipe
+    and format, the measured peaks and seconds, the estimate the stage made before loading and
+    what that estimate was made of (the stage's ``memory.Need`` inputs; none for the baseline)."""
+    from pipeline import formats
+
+    def row(stage: str, recipe: str | None, memory_record: dict | None, measurement: dict) -> dict:
+        return {"stage": stage, "recipe": recipe, "format": recipe and formats.load_recipe(recipe).format,
+                **measurement, "estimate_gb": (memory_record or {}).get("estimate_gb"),
+                "inputs": (memory_record or {}).get("inputs")}
+
+    measurement = measured(["qpipe", "reference"], root, env)
+    yield row("reference", None, read_json(root / "artifacts/runs/reference.json")["memory"], measurement)
     for recipe in recipes:
         measured(["qpipe", "recipe", recipe], root, env)
-        peak, seconds = measured(["qpipe", "build", recipe], root, env)
-        build = json.loads((root / f"artifacts/builds/{recipe}/build.json").read_text())
+        measurement = measured(["qpipe", "build", recipe], root, env)
+        build = read_json(root / f"artifacts/builds/{recipe}/build.json")
         if build.get("status") == "refused":
             print(f"build {recipe}: refused ({build['reason']})")
             continue
-        run = json.loads((root / f"artifacts/runs/build@{recipe}.json").read_text())
-        yield f"build {recipe}", run["memory"]["estimate_gb"], peak, seconds
+        yield row("build", recipe, read_json(root / f"artifacts/runs/build@{recipe}.json")["memory"], measurement)
     measured(["qpipe", "formats"], root, env)
-    peak, seconds = measured(["qpipe", "baseline"], root, env)
-    yield "baseline", None, peak, seconds
+    yield row("baseline", None, None, measured(["qpipe", "baseline"], root, env))
     for recipe in recipes:
         if not (root / f"artifacts/builds/{recipe}/build.json").is_file():
             continue
         measured(["qpipe", "engine", recipe], root, env)
-        peak, seconds = measured(["qpipe", "gate", recipe], root, env)
-        gate = json.loads((root / f"artifacts/gates/{recipe}.json").read_text())
-        yield f"gate {recipe}", gate["memory"]["estimate_gb"], peak, seconds
+        measurement = measured(["qpipe", "gate", recipe], root, env)
+        yield row("gate", recipe, read_json(root / f"artifacts/gates/{recipe}.json")["memory"], measurement)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def print_header(layers: int | None = None) -> None:
+    print(f"{'stage':<26} {'estimate GB':>11} {'peak GB':>8} {'(max RSS':>8} {'tree PSS)':>9} {'est/peak':>8} "
+          f"{'seconds':>8}" + (f" {'s/layer':>8}" if layers else ""))
+
+
+def print_row(row: dict, layers: int | None = None) -> None:
+    label = " ".join(part for part in (row["stage"], row["recipe"]) if part)
+    estimate, ratio = ((f"{row['estimate_gb']:11.2f}", f"{row['estimate_gb'] / row['peak_gb']:8.2f}")
+                       if row["estimate_gb"] is not None else (f"{'-':>11}", f"{'-':>8}"))
+    print(f"{label:<26} {estimate} {row['peak_gb']:8.2f} {row['max_rss_gb']:8.2f} {row['tree_pss_gb']:9.2f} {ratio} "
+          f"{row['seconds']:8.1f}" + (f" {row['seconds'] / layers:8.2f}" if layers else ""), flush=True)
+
+
+def write_results(name: str, description: dict, rows: list[dict]) -> Path:
+    """benchmarks/results/memory-<name>.json: what benchmarks/memory_table.py renders into
+    docs/methodology.md, the estimates recomputed there from the rows' inputs."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"memory-{name}.json"
+    path.write_text(json.dumps({**description, "host": host_line(), "stages": rows}, indent=1) + "\n")
+    print(f"wrote {path.relative_to(scratch_project.REPO)}")
+    return path
+
+
+def host_line() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    memory_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    return f"{cpu}, {os.cpu_count()} cores, {memory_kib / 2**20:.0f} GiB"
 
 
 def main() -> None:
@@ -89,24 +128,29 @@ def main() -> None:
     root = scratch_project.create({"model": {"source": args.model}, "recipes": args.recipes,
                                    "reference": {"windows": args.windows}})
     try:
-        print_rows(args.model, args.recipes, root)
+        print_rows(args.model, args.recipes, root, args.windows)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
             print(f"(deleted the scratch project, {root}; --keep keeps it)")
 
 
-def print_rows(model: str, recipes: list[str], root: Path) -> None:
+def print_rows(model: str, recipes: list[str], root: Path, windows: int) -> None:
     env = scratch_project.env()
     for stage in (["host"], ["source"], ["corpus"]):
         measured(["qpipe", *stage], root, env)
-    source = json.loads((root / "artifacts/source/source.json").read_text())
+    source = read_json(root / "artifacts/source/source.json")
     print(f"model: {model} ({source['architectures']}, {source['parameters'] / 1e6:.1f}M parameters)")
-    print(f"{'stage':<26} {'estimate GB':>11} {'peak RSS GB':>11} {'estimate/peak':>13} {'seconds':>8}")
-    for label, estimate_gb, peak_gb, seconds in stage_rows(root, recipes, env):
-        if estimate_gb is not None:
-            print(f"{label:<26} {estimate_gb:11.2f} {peak_gb:11.2f} {estimate_gb / peak_gb:13.2f} {seconds:8.1f}",
-                  flush=True)
+    print_header()
+    rows = []
+    for row in stage_rows(root, recipes, env):
+        print_row(row)
+        rows.append(row)
+    if model == "embedded:smollm2-135m":
+        write_results("smollm2-135m", {"model": "SmolLM2-135M", "parameters": source["parameters"], "layers": None,
+                                       "command": "python benchmarks/memory_estimate.py " + " ".join(sys.argv[1:]),
+                                       "settings": f"{windows} x 512-token windows, float32 reference, the "
+                                                   "recipes' own calibration"}, rows)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ calibration (below), and prints per stage: the estimate the stage made before lo
 peak RSS of its process tree, their ratio, seconds and seconds per layer. The stages' memory
 check is skipped (QPIPE_SKIP_MEMORY_CHECK=1) so that an estimate above what the host has
 still lets the stage run and be measured; a stage that really does not fit is then killed by
-the kernel, and the benchmark stops there.
+the kernel, and the benchmark stops there. The rows go to benchmarks/results/memory-<model>[-<N>-layers].json,
+which benchmarks/memory_table.py renders into docs/methodology.md.
 """
 
 from __future__ import annotations
@@ -209,12 +210,18 @@ def measure(model: str, keep_layers: int | None, recipes: list[str], workdir: Pa
           f"{source['parameters'] / 1e9:.2f}B parameters; checkpoint written in {time.perf_counter() - started:.0f} s")
     print(f"windows {PARAMS['reference']['windows']} x {PARAMS['reference']['window_tokens']}, reference in "
           f"{PARAMS['reference']['dtype']}; calibration {RECIPE_CHANGES}")
-    print(f"{'stage':<24} {'estimate GB':>11} {'peak RSS GB':>11} {'estimate/peak':>13} {'seconds':>8} "
-          f"{'s/layer':>8}")
-    for label, estimate_gb, peak_gb, seconds in memory_estimate.stage_rows(root, recipes, env):
-        estimate, ratio = ((f"{estimate_gb:11.2f}", f"{estimate_gb / peak_gb:13.2f}") if estimate_gb is not None
-                           else (f"{'-':>11}", f"{'-':>13}"))
-        print(f"{label:<24} {estimate} {peak_gb:11.2f} {ratio} {seconds:8.1f} {seconds / layers:8.2f}", flush=True)
+    memory_estimate.print_header(layers)
+    rows = []
+    for row in memory_estimate.stage_rows(root, recipes, env):
+        memory_estimate.print_row(row, layers)
+        rows.append(row)
+    full_depth = layers == PUBLISHED[model]["num_hidden_layers"]
+    memory_estimate.write_results(
+        model if full_depth else f"{model}-{layers}-layers",
+        {"model": f"{model} shape" + ("" if full_depth else f", {layers} layers"), "parameters": source["parameters"],
+         "layers": layers, "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
+         "settings": f"{PARAMS['reference']['windows']} x {PARAMS['reference']['window_tokens']}-token windows, "
+                     f"{PARAMS['reference']['dtype']} reference, calibration {RECIPE_CHANGES}"}, rows)
     print_window_costs(root, recipes)
     print(f"(scratch project: {root})")
 

@@ -79,26 +79,24 @@ def run_build(name: str, *, threads: int, log=print) -> dict:
     return record
 
 
-def build_memory_need(info, recipe, source_dir) -> tuple[int, str]:
-    """(bytes, device) a build of `recipe` needs: a calibrating format calibrates on the GPU
-    where there is a usable one, so that is the memory it needs."""
+def build_memory_need(info, recipe, source_dir):
+    """What a build of `recipe` needs (``memory.Need``): a calibrating format calibrates on the
+    GPU where there is a usable one, so that is the memory it needs."""
     from pipeline import memory
 
     from pipeline.host import has_usable_gpu
 
     device = "cuda" if info.calibrates and has_usable_gpu() else "cpu"
-    need = memory.estimate(info.build_memory, memory.ModelSize.of(source_dir),
-                           window_tokens=recipe.calibration_seq_len if info.calibrates else 0,
-                           dtype=recipe.weights_dtype(), device=device)
-    return need, device
+    return memory.Need(info.build_memory, memory.ModelSize.of(source_dir),
+                       window_tokens=recipe.calibration_seq_len if info.calibrates else 0,
+                       dtype=recipe.weights_dtype(), device=device)
 
 
 def check_build_memory(info, recipe, source_dir) -> dict:
     """Refuse a build the host cannot hold (exit 3), before it loads anything."""
     from pipeline import memory
 
-    need, device = build_memory_need(info, recipe, source_dir)
-    return memory.ensure_fits(need, stage=f"the {info.name} build", device=device,
+    return memory.ensure_fits(build_memory_need(info, recipe, source_dir), stage=f"the {info.name} build",
                               fix="run the build on a host with more memory" + (" or a GPU" if info.calibrates else ""))
 
 

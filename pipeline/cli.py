@@ -355,16 +355,16 @@ def checkpoint_lines(checkpoint: Path, params) -> list[str]:
                        fix="give a Hugging Face checkpoint directory (config.json and safetensors)")
     size = memory.ModelSize.of(checkpoint)
     device = torch_device()
-    needs = [(f"reference ({params.reference.dtype})", reference.memory_need(params.reference, checkpoint, device),
-              device)]
+    needs = [(f"reference ({params.reference.dtype})", reference.memory_need(params.reference, checkpoint, device))]
     for name in params.recipes:
         recipe = formats.load_recipe(name)
         info = formats.module(recipe.format).INFO
-        needs.append((f"build {name}", *build_memory_need(info, recipe, checkpoint)))
+        needs.append((f"build {name}", build_memory_need(info, recipe, checkpoint)))
         needs.append((f"gate {name}", gate_memory_need(info, size, window_tokens=params.reference.window_tokens,
-                                                        artifact_bytes=2 * size.parameters), "cpu"))
+                                                        artifact_bytes=2 * size.parameters)))
     lines = [f"checkpoint {checkpoint}: {size.parameters / 1e9:.2f}B parameters, vocabulary {size.vocabulary}"]
-    for stage, need, where in needs:
+    for stage, need in needs:
+        where, need = need.device, need.bytes
         have = memory.available_bytes(where)
         verdict = "fits" if have is None or need <= have else "does not fit"
         lines.append(f"{stage:<28} needs ~{need / 1e9:6.1f} GB of {'GPU 0' if where == 'cuda' else 'memory'}, "

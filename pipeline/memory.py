@@ -81,6 +81,30 @@ def text_vocabulary(checkpoint_dir: Path) -> int:
     return int(config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size") or 0)
 
 
+class Need(NamedTuple):
+    """What one stage's estimate is made of. A stage records it beside the estimate, so that a
+    peak measured once can be set against the estimate of any later factors
+    (benchmarks/memory_table.py renders docs/methodology.md's table from such records)."""
+
+    factors: Factors
+    size: ModelSize
+    window_tokens: int
+    dtype: str = "bfloat16"
+    mapped_bytes: int = 0
+    device: str = "cpu"
+
+    @property
+    def bytes(self) -> int:
+        return estimate(self.factors, self.size, window_tokens=self.window_tokens, dtype=self.dtype,
+                        mapped_bytes=self.mapped_bytes, device=self.device)
+
+    def inputs(self) -> dict[str, int | str]:
+        """The estimate's inputs besides its factors (which the stage's kind and format name)."""
+        return {"parameters": self.size.parameters, "vocabulary": self.size.vocabulary,
+                "window_tokens": self.window_tokens, "dtype": self.dtype, "mapped_bytes": self.mapped_bytes,
+                "device": self.device}
+
+
 def estimate(factors: Factors, size: ModelSize, *, window_tokens: int, dtype: str = "bfloat16",
              mapped_bytes: int = 0, device: str = "cpu") -> int:
     """Peak bytes of a stage growing by `factors` on a model of `size`; `mapped_bytes`
@@ -128,12 +152,13 @@ def _cgroup_headroom() -> list[int]:
     return []
 
 
-def ensure_fits(need_bytes: int, *, stage: str, fix: str, device: str = "cpu") -> dict[str, float | None]:
-    """Refuse (exit 3) before loading when `need_bytes` exceeds what the host has; return the
-    estimate and the available memory in GB, for the stage's record."""
+def ensure_fits(need: Need, *, stage: str, fix: str) -> dict:
+    """Refuse (exit 3) before loading when `need` exceeds what the host has; return the
+    estimate, its inputs and the available memory in GB, for the stage's record."""
+    need_bytes, device = need.bytes, need.device
     have = available_bytes(device)
     record = {"estimate_gb": round(need_bytes / 1e9, 2), "available_gb": None if have is None else round(have / 1e9, 2),
-              "device": device}
+              "device": device, "inputs": need.inputs()}
     if have is not None and need_bytes > have and os.environ.get(SKIP_ENV) != "1":
         where = "GPU 0" if device == "cuda" else "this host's memory"
         raise HostLacks(f"{stage} needs about {need_bytes / 1e9:.1f} GB and {where} has {have / 1e9:.1f} GB free",

@@ -218,13 +218,12 @@ def write_scores(directory: Path, model, windows: np.ndarray, text_ids: list[int
     return Reference(tokens=windows, nll=nll, top1=top1, text_tokens=text_tokens, meta={}, directory=directory)
 
 
-def memory_need(params: ReferenceParams, source_dir: Path, device: str) -> int:
-    """Bytes the reference stage needs for the checkpoint at `source_dir` (``memory.estimate``)."""
+def memory_need(params: ReferenceParams, source_dir: Path, device: str) -> "memory.Need":
+    """What the reference stage needs for the checkpoint at `source_dir` (``memory.Need``)."""
     from pipeline import memory
 
-    size = memory.ModelSize.of(source_dir)
-    return memory.estimate(memory.REFERENCE, size, window_tokens=params.window_tokens, dtype=params.dtype,
-                           device=device)
+    return memory.Need(memory.REFERENCE, memory.ModelSize.of(source_dir), window_tokens=params.window_tokens,
+                       dtype=params.dtype, device=device)
 
 
 def disk_need(params: ReferenceParams, source_dir: Path) -> int:
@@ -273,7 +272,7 @@ def run(params: ReferenceParams, source_dir: Path, evaluation_text: Path, out_di
     need = memory_need(params, source_dir, device)
     fix = ("set reference.dtype: bfloat16 in params.yaml (half the weights' memory), or run on a host "
            "with more memory or a GPU") if params.dtype == "float32" else "run on a host with more memory or a GPU"
-    memory_record = memory.ensure_fits(need, stage=f"the reference in {params.dtype}", fix=fix, device=device)
+    memory_record = memory.ensure_fits(need, stage=f"the reference in {params.dtype}", fix=fix)
     ensure_disk(disk_need(params, source_dir), out_dir)
     model = load_causal_lm(source_dir, dtype=dtype).to(device).eval()
     log(f"reference: scoring {params.windows} x {params.window_tokens} tokens with the unquantized "

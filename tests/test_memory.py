@@ -41,20 +41,34 @@ def test_the_source_stage_count_is_used_where_there_is_one(tmp_path):
 def test_a_stage_that_does_not_fit_refuses_with_its_estimate_and_the_fix(llama_8b, monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 24 * 10**9)
     monkeypatch.delenv(memory.SKIP_ENV, raising=False)
-    need = memory.estimate(memory.REFERENCE, llama_8b, window_tokens=512, dtype="float32")
+    need = memory.Need(memory.REFERENCE, llama_8b, window_tokens=512, dtype="float32")
     with pytest.raises(HostLacks) as info:
         memory.ensure_fits(need, stage="the reference in float32", fix="set reference.dtype: bfloat16")
     assert info.value.exit_code == 3
     assert "needs about 33.7 GB" in info.value.what and "24.0 GB free" in info.value.what
     assert "reference.dtype: bfloat16" in info.value.fix and memory.SKIP_ENV in info.value.fix
-    fits = memory.ensure_fits(need // 2, stage="the reference", fix="-")
-    assert fits["available_gb"] == 24.0
+    fits = memory.ensure_fits(need._replace(dtype="bfloat16"), stage="the reference", fix="-")
+    assert fits["available_gb"] == 24.0 and fits["estimate_gb"] == 17.65
+
+
+def test_a_stage_records_what_its_estimate_is_made_of(llama_8b, monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": None)
+    need = memory.Need(memory.REFERENCE, llama_8b, window_tokens=512, dtype="bfloat16", mapped_bytes=7)
+    record = memory.ensure_fits(need, stage="the reference", fix="-")
+    assert record["inputs"] == {"parameters": 8_030_261_248, "vocabulary": 128256, "window_tokens": 512,
+                                "dtype": "bfloat16", "mapped_bytes": 7, "device": "cpu"}
+    remade = memory.Need(memory.REFERENCE, memory.ModelSize(record["inputs"]["parameters"],
+                                                            record["inputs"]["vocabulary"]),
+                         **{key: value for key, value in record["inputs"].items()
+                            if key not in ("parameters", "vocabulary")})
+    assert remade.bytes == need.bytes and round(remade.bytes / 1e9, 2) == record["estimate_gb"]
 
 
 def test_the_check_can_be_skipped_where_the_estimate_is_wrong(monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 10**9)
     monkeypatch.setenv(memory.SKIP_ENV, "1")
-    assert memory.ensure_fits(2 * 10**9, stage="s", fix="-")["estimate_gb"] == 2.0
+    two_gb = memory.Need(memory.Factors(2 * 10**9, 0.0, 0.0), memory.ModelSize(1, 1), window_tokens=0)
+    assert memory.ensure_fits(two_gb, stage="s", fix="-")["estimate_gb"] == 2.0
 
 
 def test_this_host_reports_its_available_memory():

@@ -128,14 +128,14 @@ def check_gate_memory(info, artifact_bytes: int, ref, host_info: dict[str, Any])
                        "or a GPU, or lower reference.window_tokens (the logits of one window are held at once)")
 
 
-def gate_memory_need(info, size, *, window_tokens: int, artifact_bytes: int) -> int:
-    """Bytes a gate of format `info` needs on the CPU: its factors, the artifact where its
-    runtime maps it whole, and one window of the reference's log-probs."""
+def gate_memory_need(info, size, *, window_tokens: int, artifact_bytes: int):
+    """What a gate of format `info` needs on the CPU (``memory.Need``): its factors, the artifact
+    where its runtime maps it whole, and one window of the reference's log-probs."""
     from pipeline import memory, reference
 
-    return memory.estimate(info.gate_memory, size, window_tokens=window_tokens,
-                           mapped_bytes=(artifact_bytes if info.gate_maps_artifact else 0)
-                           + reference.log_probs_bytes(1, window_tokens, size.vocabulary))
+    return memory.Need(info.gate_memory, size, window_tokens=window_tokens,
+                       mapped_bytes=(artifact_bytes if info.gate_maps_artifact else 0)
+                       + reference.log_probs_bytes(1, window_tokens, size.vocabulary))
 
 
 def check_task_limits(limits, params, set_in: dict[str, str]) -> None:
