@@ -1,6 +1,6 @@
 # make repro  - create .venv, install qpipe and its tools, run `dvc repro --keep-going` on the default params
 # make test   - the same environment and the OCI registry the tests start, then the test suite (what CI runs)
-# make docs   - regenerate docs/recipes.md
+# make docs   - regenerate docs/recipes.md and the memory tables of docs/ (from benchmarks/results/)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -44,9 +44,11 @@ benchmark: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/gguf_build.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/repro.py
 
-# docs/recipes.md from the recipe and params models' Field descriptions (a test checks it is current)
+# docs/recipes.md from the recipe and params models' Field descriptions, and the memory tables
+# from the committed measurements and the factors (tests check both are current)
 docs: setup
 	$(BIN)/python -m pipeline.keys_doc > docs/recipes.md
+	$(BIN)/python benchmarks/memory_table.py --write
 
 clean-artifacts:
 	find artifacts -mindepth 1 -not -name README.md -delete

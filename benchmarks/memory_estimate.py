@@ -106,7 +106,6 @@ def write_results(name: str, description: dict, rows: list[dict]) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"memory-{name}.json"
     path.write_text(json.dumps({**description, "host": host_line(), "stages": rows}, indent=1) + "\n")
-    print(f"wrote {path.relative_to(scratch_project.REPO)}")
     return path
 
 
@@ -142,15 +141,15 @@ def print_rows(model: str, recipes: list[str], root: Path, windows: int) -> None
     source = read_json(root / "artifacts/source/source.json")
     print(f"model: {model} ({source['architectures']}, {source['parameters'] / 1e6:.1f}M parameters)")
     print_header()
+    description = {"model": "SmolLM2-135M", "parameters": source["parameters"], "layers": None,
+                   "command": "python benchmarks/memory_estimate.py " + " ".join(sys.argv[1:]),
+                   "settings": f"{windows} x 512-token windows, float32 reference, the recipes' own calibration"}
     rows = []
     for row in stage_rows(root, recipes, env):
         print_row(row)
         rows.append(row)
-    if model == "embedded:smollm2-135m":
-        write_results("smollm2-135m", {"model": "SmolLM2-135M", "parameters": source["parameters"], "layers": None,
-                                       "command": "python benchmarks/memory_estimate.py " + " ".join(sys.argv[1:]),
-                                       "settings": f"{windows} x 512-token windows, float32 reference, the "
-                                                   "recipes' own calibration"}, rows)
+        if model == "embedded:smollm2-135m":
+            write_results("smollm2-135m", description, rows)
 
 
 if __name__ == "__main__":

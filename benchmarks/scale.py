@@ -211,17 +211,18 @@ def measure(model: str, keep_layers: int | None, recipes: list[str], workdir: Pa
     print(f"windows {PARAMS['reference']['windows']} x {PARAMS['reference']['window_tokens']}, reference in "
           f"{PARAMS['reference']['dtype']}; calibration {RECIPE_CHANGES}")
     memory_estimate.print_header(layers)
+    full_depth = layers == PUBLISHED[model]["num_hidden_layers"]
+    description = {"model": f"{model} shape" + ("" if full_depth else f", {layers} layers"),
+                   "parameters": source["parameters"], "layers": layers,
+                   "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
+                   "settings": f"{PARAMS['reference']['windows']} x {PARAMS['reference']['window_tokens']}-token "
+                               f"windows, {PARAMS['reference']['dtype']} reference, calibration {RECIPE_CHANGES}"}
     rows = []
     for row in memory_estimate.stage_rows(root, recipes, env):
         memory_estimate.print_row(row, layers)
         rows.append(row)
-    full_depth = layers == PUBLISHED[model]["num_hidden_layers"]
-    memory_estimate.write_results(
-        model if full_depth else f"{model}-{layers}-layers",
-        {"model": f"{model} shape" + ("" if full_depth else f", {layers} layers"), "parameters": source["parameters"],
-         "layers": layers, "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
-         "settings": f"{PARAMS['reference']['windows']} x {PARAMS['reference']['window_tokens']}-token windows, "
-                     f"{PARAMS['reference']['dtype']} reference, calibration {RECIPE_CHANGES}"}, rows)
+        # after every stage: a later stage the kernel kills must not lose the peaks measured before it
+        memory_estimate.write_results(model if full_depth else f"{model}-{layers}-layers", description, rows)
     print_window_costs(root, recipes)
     print(f"(scratch project: {root})")
 

@@ -79,14 +79,15 @@ def run_build(name: str, *, threads: int, log=print) -> dict:
     return record
 
 
-def build_memory_need(info, recipe, source_dir):
+def build_memory_need(info, recipe, source_dir, *, gpu: bool | None = None):
     """What a build of `recipe` needs (``memory.Need``): a calibrating format calibrates on the
-    GPU where there is a usable one, so that is the memory it needs."""
+    GPU where there is a usable one (`gpu`; None: this host's answer), so that is the memory
+    it needs."""
     from pipeline import memory
 
     from pipeline.host import has_usable_gpu
 
-    device = "cuda" if info.calibrates and has_usable_gpu() else "cpu"
+    device = "cuda" if info.calibrates and (has_usable_gpu() if gpu is None else gpu) else "cpu"
     return memory.Need(info.build_memory, memory.ModelSize.of(source_dir),
                        window_tokens=recipe.calibration_seq_len if info.calibrates else 0,
                        dtype=recipe.weights_dtype(), device=device)

@@ -339,35 +339,44 @@ def doctor_command(checkpoint: Path = typer.Option(None, "--checkpoint", help="a
     typer.echo(f"({time.perf_counter() - started:.2f} s)")
 
 
-def checkpoint_lines(checkpoint: Path, params) -> list[str]:
-    """Each heavy stage's memory estimate for `checkpoint` (nothing loads: its config and a
-    meta-device model) against what this host has: the reference, then each recipe's build
-    and gate. A GGUF gate maps its artifact, counted here at the checkpoint's 16-bit size (no
-    GGUF is larger), so its estimate is an upper bound until the build exists."""
-    from pipeline import formats, layout, memory, reference
+def stage_needs(checkpoint: Path, params, *, device: str, gpu: bool | None = None) -> list:
+    """(stage, ``memory.Need``) for each heavy stage of `params` on `checkpoint`, nothing loaded
+    (its config and a meta-device model): the reference on `device`, then each recipe's build
+    (on the GPU where it calibrates and `gpu`, None: this host has a usable one) and gate. A
+    GGUF gate maps its artifact, counted here at the checkpoint's 16-bit size (no GGUF is
+    larger), so its estimate is an upper bound until the build exists."""
+    from pipeline import formats, memory, reference
     from pipeline.builds import build_memory_need
-    from pipeline.errors import BadInput
     from pipeline.gates import gate_memory_need
+
+    size = memory.ModelSize.of(checkpoint)
+    needs = [(f"reference ({params.reference.dtype})", reference.memory_need(params.reference, checkpoint, device))]
+    for name in params.recipes:
+        recipe = formats.load_recipe(name)
+        info = formats.module(recipe.format).INFO
+        needs.append((f"build {name}", build_memory_need(info, recipe, checkpoint, gpu=gpu)))
+        needs.append((f"gate {name}", gate_memory_need(info, size, window_tokens=params.reference.window_tokens,
+                                                        artifact_bytes=2 * size.parameters)))
+    return needs
+
+
+def checkpoint_lines(checkpoint: Path, params) -> list[str]:
+    """Each heavy stage's memory estimate for `checkpoint` (``stage_needs``) against what this
+    host has, and the disk the reference's log-probs take."""
+    from pipeline import layout, memory, reference
+    from pipeline.errors import BadInput
     from pipeline.runtimes.transformers import torch_device
 
     if not (checkpoint / "config.json").is_file():
         raise BadInput("no config.json in the checkpoint", where=str(checkpoint),
                        fix="give a Hugging Face checkpoint directory (config.json and safetensors)")
     size = memory.ModelSize.of(checkpoint)
-    device = torch_device()
-    needs = [(f"reference ({params.reference.dtype})", reference.memory_need(params.reference, checkpoint, device))]
-    for name in params.recipes:
-        recipe = formats.load_recipe(name)
-        info = formats.module(recipe.format).INFO
-        needs.append((f"build {name}", build_memory_need(info, recipe, checkpoint)))
-        needs.append((f"gate {name}", gate_memory_need(info, size, window_tokens=params.reference.window_tokens,
-                                                        artifact_bytes=2 * size.parameters)))
     lines = [f"checkpoint {checkpoint}: {size.parameters / 1e9:.2f}B parameters, vocabulary {size.vocabulary}"]
-    for stage, need in needs:
-        where, need = need.device, need.bytes
+    for stage, need in stage_needs(checkpoint, params, device=torch_device()):
+        where, need_bytes = need.device, need.bytes
         have = memory.available_bytes(where)
-        verdict = "fits" if have is None or need <= have else "does not fit"
-        lines.append(f"{stage:<28} needs ~{need / 1e9:6.1f} GB of {'GPU 0' if where == 'cuda' else 'memory'}, "
+        verdict = "fits" if have is None or need_bytes <= have else "does not fit"
+        lines.append(f"{stage:<28} needs ~{need_bytes / 1e9:6.1f} GB of {'GPU 0' if where == 'cuda' else 'memory'}, "
                      f"{'unknown' if have is None else f'{have / 1e9:.1f} GB'} free: {verdict}")
     disk = reference.disk_need(params.reference, checkpoint)
     free = reference.free_disk_bytes(layout.REFERENCE_DIR)

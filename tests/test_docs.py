@@ -101,3 +101,29 @@ def test_every_quoted_version_tag_is_one_publish_writes():
     for page, _, name, rev in quoted:
         assert fnmatch(rev, versions.tag_pattern(name)) and re.fullmatch(r"\S+@v\d+\.\d+\.\d+", rev), \
             f"{page}: --rev {rev} is no version tag of {name} that `qpipe publish --gto-tag` writes"
+
+
+def memory_table_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("memory_table", REPO / "benchmarks/memory_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_memory_tables_in_the_docs_are_what_the_results_and_the_code_give():
+    memory_table = memory_table_module()
+    for doc, name, render in memory_table.BLOCKS:
+        assert memory_table.current_block(doc, name) == render(), \
+            f"{doc.name}'s {name} table is out of date: run `python benchmarks/memory_table.py --write`"
+
+
+def test_every_current_estimate_sits_above_every_committed_peak():
+    memory_table = memory_table_module()
+    results = memory_table.measurements()
+    assert {result["parameters"] > 1e9 for result in results} == {True, False}  # a 1B+ model and a smaller one
+    below = [f"{row['stage']} {row['recipe']} at {result['model']}: {estimate:.2f} < {row['peak_gb']:.2f} GB"
+             for result in results for row, estimate in memory_table.estimated_rows(result)
+             if estimate < row["peak_gb"]]
+    assert not below, "a memory factor no longer covers a measured peak: " + "; ".join(below)

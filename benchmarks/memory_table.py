@@ -1,0 +1,223 @@
+"""The memory tables of the docs, from the committed measurements and the code.
+
+    python benchmarks/memory_table.py            # print both tables
+    python benchmarks/memory_table.py --write    # put them into the docs (`make docs` runs this)
+    python benchmarks/memory_table.py --fit      # suggest each stage's least factors from the peaks
+
+- docs/methodology.md "Memory": every peak measured by benchmarks/memory_estimate.py and
+  benchmarks/scale.py (benchmarks/results/memory-*.json) against the estimate the current
+  factors make from the same inputs (the ``memory.Need`` each stage recorded). After a refit of
+  the factors it shows at once whether every estimate still sits above every peak, and by how
+  much; a test fails where one does not.
+- docs/checkpoints.md "An 8B checkpoint on your host": what `qpipe doctor --checkpoint` estimates
+  on a CPU host for published configs (benchmarks/scale.py's), nothing loaded.
+
+A test checks that the docs hold what this prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent
+REPO = BENCHMARKS.parent
+RESULTS = BENCHMARKS / "results"
+sys.path[:0] = [str(BENCHMARKS), str(REPO)]
+
+# the measured table's rows: (stage, format), in pipeline order
+MEASURED_ROWS = [("reference", None), ("build", "gguf"), ("build", "awq"), ("build", "modelopt"),
+                 ("gate", "gguf"), ("gate", "awq"), ("gate", "modelopt")]
+FORMAT_NAMES = {"gguf": "GGUF", "awq": "AWQ", "modelopt": "ModelOpt"}
+# an estimate more than this far above its peak is listed under the table
+SLACK = 1.25
+DOCTOR_MODELS = ["llama-3.1-8b", "qwen2.5-7b"]
+
+
+def measurements() -> list[dict]:
+    """The committed results files, smallest model first."""
+    return sorted((json.loads(path.read_text()) for path in RESULTS.glob("memory-*.json")),
+                  key=lambda result: result["parameters"])
+
+
+def current_estimate(row: dict) -> float:
+    """GB the current factors estimate for a measured stage, from the inputs it recorded."""
+    from pipeline import memory
+
+    inputs = dict(row["inputs"])
+    size = memory.ModelSize(inputs.pop("parameters"), inputs.pop("vocabulary"))
+    return memory.Need(factors_of(row["stage"], row["format"]), size, **inputs).bytes / 1e9
+
+
+def estimated_rows(result: dict) -> list[tuple[dict, float]]:
+    """(row, current estimate in GB) for each stage of `result` that made a CPU estimate."""
+    return [(row, current_estimate(row)) for row in result["stages"]
+            if row["inputs"] and row["inputs"]["device"] == "cpu"]
+
+
+def measured_table() -> str:
+    results = measurements()
+    header = "| stage | " + " | ".join(f"{r['model']}, {r['parameters'] / 1e9:.2f}B" for r in results) + " |"
+    lines = [header, "|---" * (len(results) + 1) + "|"]
+    for stage, fmt in MEASURED_ROWS:
+        cells = []
+        for result in results:
+            entries = [f"{_short(row['recipe'])}{estimate:.2f} / {row['peak_gb']:.2f} ({estimate / row['peak_gb']:.2f})"
+                       for row, estimate in estimated_rows(result)
+                       if row["stage"] == stage and row["format"] == fmt]
+            cells.append("; ".join(entries))
+        if any(cells):
+            lines.append(f"| {stage}{' ' + FORMAT_NAMES[fmt] if fmt else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + _exceptions(results)
+
+
+def _short(recipe: str | None) -> str:
+    return f"{recipe.split('-', 1)[1]} " if recipe else ""
+
+
+def _exceptions(results: list[dict]) -> str:
+    below, loose = [], []
+    for result in results:
+        for row, estimate in estimated_rows(result):
+            ratio = estimate / row["peak_gb"]
+            label = f"{row['stage']} {row['recipe'] or ''} at {result['model']} ({ratio:.2f})".replace("  ", " ")
+            if ratio < 1:
+                below.append(label)
+            elif ratio > SLACK:
+                loose.append(label)
+    lines = [f"Below its peak: {', '.join(below)}." if below else "Every estimate is above its peak.",
+             f"More than {SLACK - 1:.0%} above it: {', '.join(loose)}." if loose
+             else f"None is more than {SLACK - 1:.0%} above it."]
+    return "\n".join(lines) + "\n\nMeasured by:\n" + "\n".join(
+        f"- {result['model']}: `{result['command']}` ({result['settings']}; {result['host']})" for result in results)
+
+
+def factors_of(stage: str, fmt: str | None):
+    from pipeline import formats, memory
+
+    if stage == "reference":
+        return memory.REFERENCE
+    info = formats.module(fmt).INFO
+    return info.build_memory if stage == "build" else info.gate_memory
+
+
+def suggest_factors() -> list[str]:
+    """For each stage kind, the overhead (on a 0.05 GiB grid) and the least bytes per parameter
+    that keep every estimate at or above its peak with the lowest worst ratio, the per-logit
+    factor kept: a starting point for the factors in pipeline/memory.py and the formats' INFO."""
+    from pipeline import memory
+
+    lines = []
+    for stage, fmt in MEASURED_ROWS:
+        rows = [row for result in measurements() for row in result["stages"] if row["stage"] == stage
+                and row["format"] == fmt and row["inputs"] and row["inputs"]["device"] == "cpu"]
+        if not rows:
+            continue
+        current = factors_of(stage, fmt)
+        best = None
+        for step in range(5, 41):
+            overhead = step * 0.05 * memory.GIB
+            fixed = [overhead + current.per_logit * row["inputs"]["window_tokens"] * row["inputs"]["vocabulary"]
+                     + row["inputs"]["mapped_bytes"] for row in rows]
+            weights = [memory.DTYPE_BYTES[row["inputs"]["dtype"]] * row["inputs"]["parameters"] for row in rows]
+            slope = max(0.0, *((row["peak_gb"] * 1e9 - rest) / weight for row, rest, weight in zip(rows, fixed, weights)))
+            slope = math.ceil(slope * 20) / 20
+            worst = max((rest + slope * weight) / (row["peak_gb"] * 1e9) for row, rest, weight in zip(rows, fixed, weights))
+            if best is None or worst < best[0]:
+                best = (worst, overhead, slope)
+        worst, overhead, slope = best
+        lines.append(f"{stage} {fmt or ''}: now {current.overhead / memory.GIB:.2f} GiB + {current.per_parameter:.2f} "
+                     f"B/param/byte; suggested {overhead / memory.GIB:.2f} GiB + {slope:.2f} (worst ratio "
+                     f"{worst:.2f}, {len(rows)} peaks)")
+    return lines
+
+
+def doctor_table() -> str:
+    """`qpipe doctor --checkpoint`'s estimates on a CPU host for each DOCTOR_MODELS config and
+    the default params, in GB: one row per stage, a range where a format's recipes differ."""
+    import scale
+    from pipeline import cli, config
+
+    params = config.load_params(REPO / "params.yaml")
+    columns = []
+    for model in DOCTOR_MODELS:
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = Path(directory)
+            scale.write_config(model, checkpoint, None)
+            needs: dict[str, list[float]] = {}
+            for dtype in ("float32", "bfloat16"):
+                reference_params = params.model_copy(update={"reference": params.reference.model_copy(
+                    update={"dtype": dtype})})
+                stage, need = cli.stage_needs(checkpoint, reference_params, device="cpu", gpu=False)[0]
+                needs.setdefault("reference, fp32 (the default) / `reference.dtype: bfloat16`", []).append(
+                    need.bytes / 1e9)
+            for stage, need in cli.stage_needs(checkpoint, params, device="cpu", gpu=False)[1:]:
+                kind, recipe = stage.split(" ", 1)
+                fmt = FORMAT_NAMES[config_format(recipe)]
+                needs.setdefault(f"{kind} {fmt}", []).append(need.bytes / 1e9)
+            columns.append(needs)
+    lines = ["| stage | " + " | ".join(DOCTOR_MODELS) + " |", "|---" * (len(DOCTOR_MODELS) + 1) + "|"]
+    for label in columns[0]:
+        cells = []
+        for needs in columns:
+            values = needs[label]
+            if label.startswith("reference"):
+                cells.append(" / ".join(f"{value:.1f}" for value in values))
+            else:
+                low, high = min(values), max(values)
+                cells.append(f"{low:.1f}" if f"{low:.1f}" == f"{high:.1f}" else f"{low:.1f}–{high:.1f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def config_format(recipe: str) -> str:
+    from pipeline import formats
+
+    return formats.load_recipe(recipe).format
+
+
+# (doc, name of the block, the function that renders it)
+BLOCKS = [(REPO / "docs/methodology.md", "measured", measured_table),
+          (REPO / "docs/checkpoints.md", "doctor", doctor_table)]
+
+
+def marker(name: str) -> tuple[str, str]:
+    return (f"<!-- generated by benchmarks/memory_table.py: {name} -->", "<!-- end of generated table -->")
+
+
+def current_block(doc: Path, name: str) -> str:
+    begin, end = marker(name)
+    text = doc.read_text()
+    return text[text.index(begin) + len(begin):].split(end, 1)[0].strip("\n") + "\n"
+
+
+def write(doc: Path, name: str, block: str) -> None:
+    begin, end = marker(name)
+    text = doc.read_text()
+    head, rest = text.split(begin, 1)
+    doc.write_text(f"{head}{begin}\n{block}{end}{rest.split(end, 1)[1]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help="replace the tables in the docs")
+    parser.add_argument("--fit", action="store_true", help="suggest each stage's factors from the measured peaks")
+    args = parser.parse_args()
+    if args.fit:
+        print("\n".join(suggest_factors()))
+        return
+    for doc, name, render in BLOCKS:
+        block = render()
+        if args.write:
+            write(doc, name, block)
+            print(f"wrote the {name} table into {doc.relative_to(REPO)}")
+        else:
+            print(f"{doc.relative_to(REPO)} ({name}):\n{block}")
+
+
+if __name__ == "__main__":
+    main()
