@@ -36,7 +36,8 @@ PEAK_MEMORY = Path(__file__).resolve().parent / "peak_memory.py"
 
 def measured(args: list[str], cwd, env) -> dict[str, float]:
     """The command's peak memory in GB (benchmarks/peak_memory.py: the larger of its largest
-    process's peak RSS and its process tree's summed PSS, each also given) and its seconds."""
+    process's peak RSS and its process tree's summed PSS, each also given, with the tree's
+    anonymous part) and its seconds."""
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log, tempfile.NamedTemporaryFile("r") as peaks:
         # a file, not a pipe: a pipe would fill up and stall the stage
@@ -48,7 +49,8 @@ def measured(args: list[str], cwd, env) -> dict[str, float]:
         peak = json.loads(peaks.read())
     max_rss, tree_pss = peak["max_rss"] / 1e9, peak["tree_pss"] / 1e9
     return {"peak_gb": round(max(max_rss, tree_pss), 3), "max_rss_gb": round(max_rss, 3),
-            "tree_pss_gb": round(tree_pss, 3), "seconds": round(time.perf_counter() - started, 1)}
+            "tree_pss_gb": round(tree_pss, 3), "tree_anonymous_gb": round(peak["tree_anonymous"] / 1e9, 3),
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def stage_rows(root, recipes: list[str], env) -> Iterator[dict]:
@@ -88,7 +90,7 @@ def read_json(path: Path) -> dict:
 
 
 def print_header(layers: int | None = None) -> None:
-    print(f"{'stage':<26} {'estimate GB':>11} {'peak GB':>8} {'(max RSS':>8} {'tree PSS)':>9} {'est/peak':>8} "
+    print(f"{'stage':<26} {'estimate GB':>11} {'peak GB':>8} {'(max RSS':>8} {'tree PSS)':>9} {'anon':>6} {'est/peak':>8} "
           f"{'seconds':>8}" + (f" {'s/layer':>8}" if layers else ""))
 
 
@@ -96,7 +98,7 @@ def print_row(row: dict, layers: int | None = None) -> None:
     label = " ".join(part for part in (row["stage"], row["recipe"]) if part)
     estimate, ratio = ((f"{row['estimate_gb']:11.2f}", f"{row['estimate_gb'] / row['peak_gb']:8.2f}")
                        if row["estimate_gb"] is not None else (f"{'-':>11}", f"{'-':>8}"))
-    print(f"{label:<26} {estimate} {row['peak_gb']:8.2f} {row['max_rss_gb']:8.2f} {row['tree_pss_gb']:9.2f} {ratio} "
+    print(f"{label:<26} {estimate} {row['peak_gb']:8.2f} {row['max_rss_gb']:8.2f} {row['tree_pss_gb']:9.2f} {row['tree_anonymous_gb']:6.2f} {ratio} "
           f"{row['seconds']:8.1f}" + (f" {row['seconds'] / layers:8.2f}" if layers else ""), flush=True)
 
 

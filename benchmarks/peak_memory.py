@@ -8,7 +8,11 @@ Two figures, in bytes:
 - `tree_pss`: the highest sum of PSS over the whole tree, sampled every 0.2 s. Processes that
   run at once (a gate and the llama-bench it starts) add up here, and pages they share (a GGUF
   file both map) count once. A spike shorter than the sampling interval can be missed, so the
-  peak a host must hold is taken as the larger of the two.
+  peak a host must hold is taken as the larger of the two;
+- `tree_anonymous`: the highest sum of anonymous memory over the tree, sampled alike: what the
+  kernel cannot reclaim by dropping pages of a mapped file. A tool that maps a file and reads
+  it once (llama-quantize) has a resident size up to the file's; the host needs to hold only
+  this part of it.
 
 This runs as its own small process because Linux starts a new process's peak RSS at the RSS of
 the process it was forked from (exec keeps the pre-exec high-water mark): a stage started from a
@@ -48,33 +52,38 @@ def tree_pids(root: int) -> list[int]:
     return found
 
 
-def pss_bytes(pid: int) -> int:
+def pss_and_anonymous_bytes(pid: int) -> tuple[int, int]:
+    found = {"Pss:": 0, "Anonymous:": 0}
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
+            key = line.split(maxsplit=1)[0] if line else ""
+            if key in found:
+                found[key] = int(line.split()[1]) * 1024
     except OSError:  # the process ended between listing and reading
         pass
-    return 0
+    return found["Pss:"], found["Anonymous:"]
 
 
 def main() -> int:
     out, command = Path(sys.argv[1]), sys.argv[2:]
     process = subprocess.Popen(command)
-    peak_pss = 0
+    peak_pss = peak_anonymous = 0
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak_pss
+        nonlocal peak_pss, peak_anonymous
         while not done.wait(SAMPLE_SECONDS):
-            peak_pss = max(peak_pss, sum(pss_bytes(pid) for pid in tree_pids(process.pid)))
+            sizes = [pss_and_anonymous_bytes(pid) for pid in tree_pids(process.pid)]
+            peak_pss = max(peak_pss, sum(pss for pss, _ in sizes))
+            peak_anonymous = max(peak_anonymous, sum(anonymous for _, anonymous in sizes))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     _, status, usage = os.wait4(process.pid, 0)
     done.set()
     sampler.join()
-    out.write_text(json.dumps({"max_rss": usage.ru_maxrss * 1024, "tree_pss": peak_pss}))
+    out.write_text(json.dumps({"max_rss": usage.ru_maxrss * 1024, "tree_pss": peak_pss,
+                               "tree_anonymous": peak_anonymous}))
     return os.waitstatus_to_exitcode(status)
 
 
