@@ -190,3 +190,14 @@ def test_every_runner_installs_every_formats_extra_and_the_task_gates():
     for name in formats.FORMATS:
         assert formats.module(name).INFO.extra in (*extras, None)
     assert "tasks" in extras
+
+
+@pytest.mark.parametrize("platform", ci.PLATFORMS)
+def test_the_labels_a_workflow_was_written_with_are_read_back(platform):
+    module = ci.platform_module(platform)
+    matrix = [ci.Job("gguf-q8_0", "gguf", None), ci.Job("awq-w4a16", "awq", "vllm")]
+    remote = ci.RemoteSetup(None, (), ())
+    for cpu, gpu in ((["ubuntu-latest"], ["self-hosted", "gpu"]), (["docker", "x64"], ["h100"])):
+        assert module.labels_of(module.document(matrix, cpu, gpu, remote)) == (cpu, gpu)
+    assert module.labels_of(module.document(matrix[:1], ["cpu"], ["gpu"], remote))[1] is None  # no GPU job to say
+
