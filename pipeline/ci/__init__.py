@@ -295,7 +295,8 @@ def render(document: dict, platform: str) -> str:
 
     Dumper.add_representer(str, text)
     header = (f"# Written by `qpipe ci init {platform}` from params.yaml and each recipe's format (docs/ci.md).\n"
-              f"# After changing the recipes, run it again with --force: the shared job fails while this file is stale.\n")
+              f"# `qpipe add-recipe` rewrites it; after other changes to the recipes, run `qpipe ci init {platform} "
+              f"--force`: the shared job fails while this file is stale.\n")
     return header + yaml.dump(document, Dumper=Dumper, sort_keys=False, width=1000, default_flow_style=False)
 
 
