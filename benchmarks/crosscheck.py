@@ -112,10 +112,8 @@ def speed_crosscheck(recipes: list[str], speed_params, threads: int, prompt: lis
         path = layout.build_dir(recipe) / "model.gguf"
         ours, theirs = [], []
         for _ in range(rounds):
-            with gguf.open_session(layout.build_dir(recipe), threads, speed_params.n_gpu_layers) as session:
-                ours.append(session.measure_speed(prompt, gen_tokens=speed_params.gen_tokens,
-                                                  repeats=speed_params.repeats, warmup=speed_params.warmup,
-                                                  concurrency=speed_params.concurrency))
+            with gguf.open_session(layout.build_dir(recipe), threads, speed_params) as session:
+                ours.append(session.measure_speed(prompt, speed_params))
             theirs.append(user_llama_bench(path, prompt_tokens=len(prompt), gen_tokens=speed_params.gen_tokens,
                                            threads=threads))
         for figure, key in (("prefill_tok_s", "prefill_tok_s"), ("decode_tok_s", "decode_tok_s"),

@@ -156,9 +156,7 @@ def synthetic_rows(dims_name: str, host_info: dict, speed_params, threads: int, 
             prompt = [3 + (i * 7919) % (dims["vocab"] - 3) for i in range(speed_params.prompt_tokens)]
             layers = llama_cpp.gpu_layers(speed_params.n_gpu_layers)
             log(f"llama-bench {qtype}, -ngl {layers}")
-            measured = llama_cpp.measure_speed(model, prompt, gen_tokens=speed_params.gen_tokens,
-                                               repeats=speed_params.repeats, warmup=speed_params.warmup,
-                                               threads=threads, n_gpu_layers=layers)
+            measured = llama_cpp.measure_speed(model, prompt, speed_params, threads=threads, n_gpu_layers=layers)
             context = speed_gate.mean_decode_context(len(prompt), speed_params.gen_tokens)
             bandwidth = speed_gate.roofline_bandwidth(host_info, measured["device"])
             section = speed_gate.section(measured, runtime=llama_cpp.name(), prompt_tokens=len(prompt),

@@ -29,9 +29,8 @@ def main() -> None:
     threads = host.worker_threads(params.threads)
     decode, prefill = [], []
     for trial in range(args.trials):
-        with fmt.open_session(layout.build_dir(args.recipe), threads, params.n_gpu_layers) as session:
-            measured = session.measure_speed(prompt, gen_tokens=params.gen_tokens, repeats=params.repeats,
-                                             warmup=params.warmup, concurrency=params.concurrency)
+        with fmt.open_session(layout.build_dir(args.recipe), threads, params) as session:
+            measured = session.measure_speed(prompt, params)
         decode.append(measured["decode_tok_s"])
         prefill.append(measured["prefill_tok_s"])
         print(f"trial {trial + 1}: decode {measured['decode_tok_s']:6.1f} tok/s  prefill {measured['prefill_tok_s']:6.0f} tok/s")

@@ -67,10 +67,7 @@ def measure(fmt, prompt: list[int], speed_params, host_info: dict[str, Any], thr
     log(f"baseline {name}: unquantized speed, {len(prompt)}-token prompt, {speed_params.gen_tokens} tokens")
     try:
         with speed.HostLock() as held:
-            measured = fmt.baseline_speed(layout.SOURCE_DIR, prompt, gen_tokens=speed_params.gen_tokens,
-                                          repeats=speed_params.repeats, warmup=speed_params.warmup,
-                                          threads=threads, concurrency=speed_params.concurrency,
-                                          gpu_layers=speed_params.n_gpu_layers)
+            measured = fmt.baseline_speed(layout.SOURCE_DIR, prompt, speed_params, threads=threads)
     except Exception as error:  # any failure: the gates of this format go on without a speedup
         first_line = (str(error).strip().splitlines() or [""])[0]
         log(f"baseline {name}: not measured ({type(error).__name__}: {first_line})")

@@ -418,6 +418,21 @@ def setup_converter_command():
     typer.echo(f"converter ready: {path}")
 
 
+@app.command("add-recipe")
+@stage
+def add_recipe_command(
+    name: str = typer.Argument(..., help="the recipe: recipes/NAME.yaml"),
+    copy_of: str = typer.Option(None, "--from", help="write recipes/NAME.yaml first, as a copy of this recipe's file"),
+    description: str = typer.Option(None, help="with --from: the copy's description"),
+):
+    """List recipes/NAME.yaml wherever it is not yet: params.yaml `recipes:`, dvc.yaml
+    `artifacts:` and the CI workflows `qpipe ci init` wrote (docs/checkpoints.md)."""
+    from pipeline import recipe_listing
+
+    for path in recipe_listing.add(name, copy_of, description):
+        log(f"wrote {path}")
+
+
 ci_app = typer.Typer(help="Run qpipe in a team's CI: one job per recipe, a shared DVC remote (docs/ci.md).",
                      no_args_is_help=True)
 app.add_typer(ci_app, name="ci")
@@ -435,12 +450,13 @@ def ci_init_command(
     gpu_labels: str = typer.Option(None, help="runner labels for recipes whose format needs a GPU runtime"),
     force: bool = typer.Option(False, "--force", help="replace an existing workflow"),
     check: bool = typer.Option(False, "--check", help="write nothing; exit 2 if the written workflow's recipe "
-                                                     "matrix differs from params.yaml's"),
+                                                     "matrix, or dvc.yaml's artifacts, differ from params.yaml's "
+                                                     "recipes"),
 ):
     """Write .github/workflows/qpipe.yml or .gitlab-ci.yml: a job per recipe of params.yaml."""
     from pathlib import Path
 
-    from pipeline import ci
+    from pipeline import ci, recipe_listing
     from pipeline.errors import BadInput
 
     recipes = _params().recipes
@@ -450,7 +466,12 @@ def ci_init_command(
         if problem:
             raise BadInput(f"the workflow is stale: {problem}", where=str(path),
                            fix=f"`qpipe ci init {platform} --force` and commit it")
-        log(f"{path} lists every recipe of params.yaml on the runner its format needs")
+        problems = recipe_listing.artifact_problems(recipes)
+        if problems:
+            raise BadInput("; ".join(problems), where=f"{ci.DVC_FILE}: {recipe_listing.ARTIFACTS_KEY}",
+                           fix="`qpipe add-recipe NAME` writes a listed recipe's missing entry; correct or remove the "
+                               "others, and commit dvc.yaml")
+        log(f"{path} and {ci.DVC_FILE} list every recipe of params.yaml")
         return
     ci.init(platform, recipes, _labels(cpu_labels), _labels(gpu_labels), force, log=log)
 

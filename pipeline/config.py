@@ -252,7 +252,8 @@ class Params(Strict):
     corpus: CorpusParams = Field(default_factory=CorpusParams, description="calibration and evaluation text")
     reference: ReferenceParams = Field(default_factory=ReferenceParams, description="what the gates score against")
     speed: SpeedParams = Field(default_factory=SpeedParams, description="how the speed gates measure")
-    recipes: list[str] = Field(default_factory=list, description="recipes/NAME.yaml files to build and gate")
+    recipes: list[str] = Field(default_factory=list, description="recipes/NAME.yaml files to build and gate "
+                               "(`qpipe add-recipe NAME` adds one here, to dvc.yaml and to the CI workflows)")
     limits: dict[str, GateLimitOverrides] = Field(default_factory=dict, description="recipe name -> gate limits "
                                                   "that replace the recipe file's (`dvc exp run -S '+limits.gguf-q4_k_m."
                                                   "max_mean_kld=0.01'`: the + adds a key `limits: {}` lacks)")

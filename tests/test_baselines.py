@@ -31,3 +31,22 @@ def test_a_baseline_that_fails_or_cannot_run_is_not_run_with_its_reason(project)
     result = baselines.measure(fake_format(export_refused, unavailable="needs a CUDA GPU"), [1], SpeedParams(), {}, 1,
                                said.append)
     assert result == {"format": "fake", "status": "not_run", "reason": "needs a CUDA GPU"}
+
+
+def test_a_measured_baseline_hands_the_speed_params_whole_and_records_what_it_measured(project, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    handed = []
+
+    def baseline_speed(source_dir, prompt, speed, *, threads):
+        handed.append((source_dir, prompt, speed, threads))
+        return {"artifact": "fake f16", "prefill_tok_s": 100.0, "decode_tok_s": 10.0, "device": "cpu"}
+
+    speed = SpeedParams(gen_tokens=16, repeats=2)
+    result = baselines.measure(fake_format(baseline_speed), [1, 2, 3], speed, {"gpus": []}, 3, lambda _: None)
+    assert handed == [(baselines.layout.SOURCE_DIR, [1, 2, 3], speed, 3)] and handed[0][2] is speed
+    measurement = result.pop("measurement")
+    assert set(measurement) == {"lock_wait_s", "other_cpu_cores", "held_from", "held_until"}
+    assert result.pop("status") in ("ok", "contended")  # contended while other processes keep the CPUs busy
+    result.pop("reason", None)
+    assert result == {"format": "fake", "runtime": "fake runtime", "threads": 3, "prompt_tokens": 3, "gen_tokens": 16,
+                      "artifact": "fake f16", "prefill_tok_s": 100.0, "decode_tok_s": 10.0, "device": "cpu"}

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 
+from pipeline.config import SpeedParams
 from tests import families
 
 pytestmark = pytest.mark.integration
@@ -74,7 +75,7 @@ def test_gguf_converts_quantizes_and_matches_transformers(checkpoint, tmp_path):
         # Gemma's llama.cpp vocabulary adds no leading space, the fixture's HF tokenizer does: 1 token
         assert accuracy.tokenizer_mismatch(reference_ids, gguf.tokenize(tmp_path, text))["mismatch"] <= 0.001
     window = np.asarray(reference_ids[:128])
-    with gguf.open_session(tmp_path, 2, -1) as session:
+    with gguf.open_session(tmp_path, 2, SpeedParams()) as session:
         (logits,) = [logits.copy() for logits in session.window_logits(window[None])]
     # llama.cpp converts Mistral to its `llama` architecture, which has no sliding window: past
     # the window (64 here; 4096 in Mistral 7B v0.1, none from v0.2) it attends to every token

@@ -123,11 +123,14 @@ def jobs(recipes: list[str]) -> list[Job]:
     """The matrix: each recipe with its format and the runner that format needs."""
     from pipeline import formats
 
-    found = []
-    for name in recipes:
-        recipe = formats.load_recipe(name)
-        found.append(Job(name, recipe.format, formats.module(recipe.format).INFO.gpu_runtime))
-    return found
+    return [job(name, formats.load_recipe(name)) for name in recipes]
+
+
+def job(name: str, recipe) -> Job:
+    """Recipe `name`'s job, on the runner its format needs."""
+    from pipeline import formats
+
+    return Job(name, recipe.format, formats.module(recipe.format).INFO.gpu_runtime)
 
 
 def refuse_to_run(command: str) -> None:
@@ -292,24 +295,56 @@ def render(document: dict, platform: str) -> str:
 
     Dumper.add_representer(str, text)
     header = (f"# Written by `qpipe ci init {platform}` from params.yaml and each recipe's format (docs/ci.md).\n"
-              f"# After changing the recipes, run it again with --force: the shared job fails while this file is stale.\n")
+              f"# `qpipe add-recipe` rewrites it; after other changes to the recipes, run `qpipe ci init {platform} "
+              f"--force`: the shared job fails while this file is stale.\n")
     return header + yaml.dump(document, Dumper=Dumper, sort_keys=False, width=1000, default_flow_style=False)
 
 
-def init(platform: str, recipes: list[str], cpu_labels: list[str] | None, gpu_labels: list[str] | None,
-         force: bool, log=print) -> Path:
-    """Write the platform's workflow for these recipes and the project's default DVC remote."""
+@dataclass(frozen=True)
+class Workflow:
+    """A platform's workflow as `qpipe ci init` writes it: where, its text, and what it holds."""
+
+    platform: str
+    path: Path
+    text: str
+    summary: str
+
+
+def workflow(platform: str, matrix: list[Job], cpu_labels: list[str] | None, gpu_labels: list[str] | None) -> Workflow:
+    """The platform's workflow for these jobs and the project's default DVC remote (None labels:
+    the platform's defaults)."""
     module = platform_module(platform)
     name, kind = remote_kind()
-    matrix = jobs(recipes)
     cpu = list(module.DEFAULT_CPU_LABELS if cpu_labels is None else cpu_labels)
     gpu = list(module.DEFAULT_GPU_LABELS if gpu_labels is None else gpu_labels)
     if platform == "github" and not (cpu and gpu):
         raise BadInput("a GitHub job needs at least one runner label", where="--cpu-labels / --gpu-labels",
                        fix="e.g. --cpu-labels ubuntu-latest --gpu-labels self-hosted,gpu")
-    path = Path(module.PATH)
-    write_workflow(platform, render(module.document(matrix, cpu, gpu, remote_setup(name, kind)), platform), path, force)
+    text = render(module.document(matrix, cpu, gpu, remote_setup(name, kind)), platform)
     on_gpu = [job.recipe for job in matrix if job.gpu_runtime]
-    log(f"wrote {path}: {len(matrix)} recipe jobs ({len(on_gpu)} on GPU runners: {', '.join(on_gpu) or 'none'}), "
-        f"DVC remote {name!r} ({kind})")
-    return path
+    return Workflow(platform, Path(module.PATH), text, f"{len(matrix)} recipe jobs ({len(on_gpu)} on GPU runners: "
+                                                       f"{', '.join(on_gpu) or 'none'}), DVC remote {name!r} ({kind})")
+
+
+def init(platform: str, recipes: list[str], cpu_labels: list[str] | None, gpu_labels: list[str] | None,
+         force: bool, log=print) -> Path:
+    """Write the platform's workflow for these recipes and the project's default DVC remote."""
+    written = workflow(platform, jobs(recipes), cpu_labels, gpu_labels)
+    write_workflow(platform, written.text, written.path, force)
+    log(f"wrote {written.path}: {written.summary}")
+    return written.path
+
+
+def rewritten(matrix: list[Job]) -> list[Workflow]:
+    """Each workflow `qpipe ci init` wrote in this project, as it writes it for these jobs, with
+    the runner labels the written file has (the defaults where it has no job to say)."""
+    import yaml
+
+    found = []
+    for platform in PLATFORMS:
+        module = platform_module(platform)
+        path = Path(module.PATH)
+        if path.is_file():
+            cpu, gpu = module.labels_of(yaml.safe_load(path.read_text()))
+            found.append(workflow(platform, matrix, cpu, gpu))
+    return found

@@ -123,3 +123,15 @@ def matrix_of(document: dict[str, Any]) -> set[tuple[str, str]]:
     cpu = ((jobs.get("gate-cpu") or {}).get("strategy") or {}).get("matrix", {}).get("recipe") or []
     gpu = ((jobs.get("gate-gpu") or {}).get("strategy") or {}).get("matrix", {}).get("include") or []
     return {(name, "cpu") for name in cpu} | {(entry["recipe"], "gpu") for entry in gpu}
+
+
+def labels_of(document: dict[str, Any]) -> tuple[list[str] | None, list[str] | None]:
+    """The CPU and GPU runner labels (`runs-on`) of a written workflow; None where it has no
+    job that says."""
+    jobs = document.get("jobs") or {}
+
+    def runs_on(job: str) -> list[str] | None:
+        labels = (jobs.get(job) or {}).get("runs-on")
+        return None if labels is None else [labels] if isinstance(labels, str) else list(labels)
+
+    return runs_on("shared"), runs_on("gate-gpu")

@@ -97,3 +97,13 @@ def matrix_of(document: dict[str, Any]) -> set[tuple[str, str]]:
         for entry in ((document.get(job) or {}).get("parallel") or {}).get("matrix") or []:
             found |= {(name, runner) for name in entry.get("RECIPE", [])}
     return found
+
+
+def labels_of(document: dict[str, Any]) -> tuple[list[str] | None, list[str] | None]:
+    """The CPU and GPU runner tags of a written pipeline (a job without tags: none); None where
+    it has no job that says."""
+
+    def tags(job: str) -> list[str] | None:
+        return list(document[job].get("tags") or []) if isinstance(document.get(job), dict) else None
+
+    return tags("shared"), tags("gate-gpu")

@@ -39,7 +39,12 @@ def load_recipe(name: str, recipes_dir: Path = RECIPES_DIR) -> RecipeBase:
             where=str(path),
             fix=f"create {path} or use one of: {', '.join(available) or '(none)'}",
         )
-    raw = read_yaml_mapping(path)
+    return recipe_of(read_yaml_mapping(path), path)
+
+
+def recipe_of(raw: dict, path: Path) -> RecipeBase:
+    """A recipe's keys as read from `path`, validated by its format's Recipe model (exit 2
+    naming file and key)."""
     fmt = raw.get("format")
     if fmt not in FORMATS:
         raise BadInput(

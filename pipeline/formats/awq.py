@@ -22,7 +22,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from pipeline.config import RecipeBase
+from pipeline.config import RecipeBase, SpeedParams
 from pipeline.corpus import calibration_windows
 from pipeline.errors import BadInput, HostLacks, QpipeError, RecipeNotApplicable
 from pipeline.formats.contract import (FormatInfo, calibration_host_knobs, calibration_plan, missing_distribution,
@@ -451,9 +451,9 @@ def runtime_name(build_dir: Path | None = None) -> str:
     return _runtime(build_dir).name()
 
 
-def open_session(build_dir: Path, threads: int, gpu_layers: int):
+def open_session(build_dir: Path, threads: int, speed: SpeedParams):
     """vLLM's engine where it can serve this build (its accuracy, tasks and speed), else
-    transformers (accuracy and tasks); `gpu_layers` is llama.cpp's."""
+    transformers (accuracy and tasks); both place the whole model, so `speed` sets nothing here."""
     return _runtime(build_dir).open_session(artifact_path(build_dir), threads=threads)
 
 
@@ -463,14 +463,12 @@ def tokenize(build_dir: Path, text: str) -> list[int]:
     return hf.tokenize(artifact_path(build_dir), text)
 
 
-def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                   threads: int, concurrency: int, gpu_layers: int) -> dict[str, Any]:
+def baseline_speed(source_dir: Path, prompt: list[int], speed: SpeedParams, *, threads: int) -> dict[str, Any]:
     """The unquantized checkpoint served by vLLM with the same prompt and settings."""
     from pipeline.runtimes import vllm
 
     with vllm.open_session(Path(source_dir), threads=threads) as session:
-        measured = session.measure_speed(prompt, gen_tokens=gen_tokens, repeats=repeats, warmup=warmup,
-                                         concurrency=concurrency)
+        measured = session.measure_speed(prompt, speed)
     return {"artifact": "unquantized checkpoint (vLLM)", **measured}
 
 

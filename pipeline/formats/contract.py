@@ -18,9 +18,12 @@ import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 from pipeline.memory import Factors
+
+if TYPE_CHECKING:
+    from pipeline.config import SpeedParams
 
 
 @dataclass(frozen=True)
@@ -66,20 +69,21 @@ class Format(Protocol):
     def runtime_name(self, build_dir: Path | None = None) -> str:
         """What the gates run the artifact with (``None``: what they would run here)."""
 
-    def open_session(self, build_dir: Path, threads: int, gpu_layers: int):
+    def open_session(self, build_dir: Path, threads: int, speed: SpeedParams):
         """The artifact loaded once by the runtime that gates it here (a ``runtimes.Session``:
         its ``window_logits``, ``generate``, ``measure_speed``, ``runtime`` and ``device``), the
         native runtime or a declared emulation. The gate scores its accuracy windows, task
-        requests and speed through it, then closes it. ``gpu_layers`` is params
-        ``speed.n_gpu_layers`` (llama.cpp's offload, -1 = all); a runtime that places the whole
-        model on the GPU ignores it."""
+        requests and speed through it, then closes it. ``speed`` is params `speed`: a format
+        reads the settings its runtime has at load time (gguf: ``n_gpu_layers``, llama.cpp's
+        offload), and the session's ``measure_speed`` gets the same object."""
 
     def tokenize(self, build_dir: Path, text: str) -> list[int]:
         """The artifact's own tokenizer's ids for ``text``."""
 
-    def baseline_speed(self, source_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                       threads: int, concurrency: int, gpu_layers: int) -> dict[str, Any]:
-        """The unquantized model's speed on the same runtime, for ``decode_speedup``."""
+    def baseline_speed(self, source_dir: Path, prompt: list[int], speed: SpeedParams, *,
+                       threads: int) -> dict[str, Any]:
+        """The unquantized model's speed on the same runtime and params `speed`, for
+        ``decode_speedup``."""
 
     def accuracy_unavailable_reason(self, build_dir: Path | None = None) -> str | None:
         """Why the accuracy gate cannot run here (the gate records ``not_run``), or None."""

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from pipeline.config import RecipeBase
+from pipeline.config import RecipeBase, SpeedParams
 from pipeline.errors import BadInput, HostLacks, QpipeError, RecipeNotApplicable
 from pipeline.formats.contract import FormatInfo
 from pipeline.memory import GIB, Factors
@@ -459,14 +459,14 @@ def runtime_name(build_dir: Path | None = None) -> str:
     return runtime.name()
 
 
-def open_session(build_dir: Path, threads: int, gpu_layers: int):
-    """llama.cpp on the GGUF, every layer on the GPU where this llama.cpp offloads (or params
-    speed.n_gpu_layers). Its speed is llama-bench's, batch 1 only: llama-cpp-python serves one
-    sequence at a time, so `concurrency` is unused."""
+def open_session(build_dir: Path, threads: int, speed: SpeedParams):
+    """llama.cpp on the GGUF, `speed.n_gpu_layers` layers on the GPU (-1, the default: all)
+    where this llama.cpp offloads. Its speed is llama-bench's, batch 1 only: llama-cpp-python
+    serves one sequence at a time, so `speed.concurrency` is unused."""
     from pipeline.runtimes import llama_cpp as runtime
 
     return runtime.open_session(artifact_path(build_dir), threads=threads,
-                                n_gpu_layers=runtime.gpu_layers(gpu_layers))
+                                n_gpu_layers=runtime.gpu_layers(speed.n_gpu_layers))
 
 
 def tokenize(build_dir: Path, text: str) -> list[int]:
@@ -475,8 +475,7 @@ def tokenize(build_dir: Path, text: str) -> list[int]:
     return runtime.tokenize(artifact_path(build_dir), text)
 
 
-def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                   threads: int, concurrency: int, gpu_layers: int) -> dict[str, Any]:
+def baseline_speed(source_dir: Path, prompt: list[int], speed: SpeedParams, *, threads: int) -> dict[str, Any]:
     """Speed of the unquantized model in this format: the f16 GGUF from the same converter,
     measured on the same runtime with the same prompt, settings and offload as the gates."""
     from pipeline.runtimes import llama_cpp as runtime
@@ -484,8 +483,8 @@ def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repe
     with tempfile.TemporaryDirectory(prefix="qpipe-baseline-") as scratch:
         f16 = Path(scratch) / "model-f16.gguf"
         convert(source_dir, f16, "f16", converter_info()["path"])
-        measured = runtime.measure_speed(f16, prompt, gen_tokens=gen_tokens, repeats=repeats,
-                                         warmup=warmup, threads=threads, n_gpu_layers=runtime.gpu_layers(gpu_layers))
+        measured = runtime.measure_speed(f16, prompt, speed, threads=threads,
+                                         n_gpu_layers=runtime.gpu_layers(speed.n_gpu_layers))
         return {"artifact": "f16 GGUF (llama.cpp converter)", "bytes": f16.stat().st_size, **measured}
 
 

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from pipeline.config import RecipeBase, Strict
+from pipeline.config import RecipeBase, SpeedParams, Strict
 from pipeline.corpus import calibration_windows
 from pipeline.errors import BadInput, QpipeError, RecipeNotApplicable
 from pipeline.formats.contract import (FormatInfo, calibration_host_knobs, calibration_plan, missing_distribution,
@@ -671,10 +671,10 @@ def runtime_name(build_dir: Path | None = None) -> str:
     return checkpoint_emulation.describe(artifact_path(build_dir))
 
 
-def open_session(build_dir: Path, threads: int, gpu_layers: int):
+def open_session(build_dir: Path, threads: int, speed: SpeedParams):
     """TensorRT-LLM where it serves this build here (the PyTorch backend on the unified
     checkpoint, else the engine, with the source checkpoint's tokenizer and config), else the
-    checkpoint emulation of the files; `gpu_layers` is llama.cpp's."""
+    checkpoint emulation of the files; each places the whole model, so `speed` sets nothing here."""
     from pipeline import layout
     from pipeline.runtimes import checkpoint_emulation, tensorrt_llm
 
@@ -693,15 +693,13 @@ def tokenize(build_dir: Path, text: str) -> list[int]:
     return hf.tokenize(artifact_path(build_dir), text)
 
 
-def baseline_speed(source_dir: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                   threads: int, concurrency: int, gpu_layers: int) -> dict[str, Any]:
+def baseline_speed(source_dir: Path, prompt: list[int], speed: SpeedParams, *, threads: int) -> dict[str, Any]:
     """The unquantized checkpoint served by TensorRT-LLM's PyTorch backend, which loads it as it
     is, with the same prompt and settings as the quantized ones."""
     from pipeline.runtimes import tensorrt_llm
 
     with tensorrt_llm.open_session(Path(source_dir), threads=threads) as session:
-        measured = session.measure_speed(prompt, gen_tokens=gen_tokens, repeats=repeats, warmup=warmup,
-                                         concurrency=concurrency)
+        measured = session.measure_speed(prompt, speed)
     return {"artifact": "unquantized checkpoint (TensorRT-LLM PyTorch backend)", **measured}
 
 

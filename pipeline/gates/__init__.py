@@ -59,7 +59,7 @@ def run_gate(name: str, *, params, log=print) -> dict[str, Any]:
             task_plan = task_gate.plan(params.tasks, accuracy_reason)  # before the model loads: a bad task stops here
             session = None
             if not (accuracy_reason and speed_reason):
-                session = session_scope.enter_context(fmt.open_session(build_dir, threads, speed_params.n_gpu_layers))
+                session = session_scope.enter_context(fmt.open_session(build_dir, threads, speed_params))
             accuracy = run_accuracy(session, fmt, build_dir, ref, accuracy_reason)
             tasks = run_tasks(session, task_plan, log)
         speed = run_speed(session, fmt, build_dir, ref, speed_params, host_info, threads, speed_reason, log)
@@ -203,8 +203,7 @@ def run_speed(session, fmt, build_dir, ref, speed_params, host_info, threads: in
     log(f"speed: {len(prompt)}-token prompt, {speed_params.gen_tokens} generated tokens, "
         f"{speed_params.warmup} warm-up + {speed_params.repeats} runs, {threads} threads")
     with speed.HostLock() as held:
-        measured = session.measure_speed(prompt, gen_tokens=speed_params.gen_tokens, repeats=speed_params.repeats,
-                                         warmup=speed_params.warmup, concurrency=speed_params.concurrency)
+        measured = session.measure_speed(prompt, speed_params)
     bytes_per_token = fmt.decode_bytes_per_token(
         build_dir, speed.mean_decode_context(len(prompt), speed_params.gen_tokens))
     section = speed.section(measured, runtime=session.runtime, prompt_tokens=len(prompt),

@@ -12,7 +12,10 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
+
+if TYPE_CHECKING:
+    from pipeline.config import SpeedParams
 
 RUNTIMES = ("llama_cpp", "transformers", "vllm", "tensorrt_llm", "checkpoint_emulation")
 SPEED_RUNTIMES = ("llama_cpp", "vllm", "tensorrt_llm")
@@ -40,10 +43,11 @@ class Session:
         ``stop_ids``, which is kept."""
         raise NotImplementedError
 
-    def measure_speed(self, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                      concurrency: int) -> dict[str, Any]:
+    def measure_speed(self, prompt: list[int], speed: SpeedParams) -> dict[str, Any]:
         """Batch-1 prefill / decode / TTFT / ITL (``measure.summarize_runs``'s keys, or
-        llama-bench's), and ``device``; only the runtimes in ``SPEED_RUNTIMES`` time generation."""
+        llama-bench's), and ``device``, under params ``speed`` (its gen_tokens, repeats, warmup
+        and, where the runtime batches, concurrency); only the runtimes in ``SPEED_RUNTIMES``
+        time generation."""
         raise NotImplementedError(f"{self.runtime} has no speed gate")
 
     def close(self) -> None:

@@ -28,12 +28,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from pipeline.errors import HostLacks, QpipeError, ToolFailed
 from pipeline.runtimes import Session
+
+if TYPE_CHECKING:
+    from pipeline.config import SpeedParams
 
 
 def version() -> str | None:
@@ -279,13 +282,11 @@ class LlamaCppSession(Session):
                     break
             yield produced
 
-    def measure_speed(self, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                      concurrency: int) -> dict[str, Any]:
+    def measure_speed(self, prompt: list[int], speed: SpeedParams) -> dict[str, Any]:
         """The scoring context is closed first: llama-bench is llama.cpp's own process and maps
         the file itself, and the latency run needs a context without every position's logits."""
         self.close()
-        return measure_speed(self.path, prompt, gen_tokens=gen_tokens, repeats=repeats, warmup=warmup,
-                             threads=self.threads, n_gpu_layers=self.n_gpu_layers)
+        return measure_speed(self.path, prompt, speed, threads=self.threads, n_gpu_layers=self.n_gpu_layers)
 
     def close(self) -> None:
         if self._model is not None:
@@ -309,14 +310,16 @@ def tokenize(path: Path, text: str) -> list[int]:
         model.close()
 
 
-def measure_speed(path: Path, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                  threads: int, n_gpu_layers: int = 0) -> dict[str, Any]:
-    """Prefill and decode from llama-bench (`repeats` runs), TTFT and ITL from one run of the
-    Python API after `warmup` (module docstring). Batch 1 only: llama-cpp-python serves one
-    sequence at a time."""
+def measure_speed(path: Path, prompt: list[int], speed: SpeedParams, *, threads: int,
+                  n_gpu_layers: int = 0) -> dict[str, Any]:
+    """Prefill and decode from llama-bench (`speed.repeats` runs), TTFT and ITL from one run of
+    the Python API after `speed.warmup` (module docstring), with `n_gpu_layers` offloaded (what
+    ``gpu_layers`` makes of `speed.n_gpu_layers`). Batch 1 only: llama-cpp-python serves one
+    sequence at a time, so `speed.concurrency` is unused."""
+    gen_tokens, repeats = speed.gen_tokens, speed.repeats
     bench = llama_bench(path, prompt_tokens=len(prompt), gen_tokens=gen_tokens, repeats=repeats,
                         threads=threads, n_gpu_layers=n_gpu_layers)
-    api = api_latency(path, prompt, gen_tokens=gen_tokens, warmup=warmup, threads=threads,
+    api = api_latency(path, prompt, gen_tokens=gen_tokens, warmup=speed.warmup, threads=threads,
                       n_gpu_layers=n_gpu_layers)
     return {
         **offload(path, n_gpu_layers),

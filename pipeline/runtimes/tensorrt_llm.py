@@ -61,11 +61,14 @@ import json
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from pipeline.runtimes import Session, hf_text_config
+
+if TYPE_CHECKING:
+    from pipeline.config import SpeedParams
 
 # the last release line with both the PyTorch backend and the legacy engine backend
 LAST_ENGINE_RELEASE = "1.2.1"
@@ -304,31 +307,32 @@ class LlmApiSession(Session):
             output = self._serving().generate([int(t) for t in prompt], params, use_tqdm=False)
             yield list(output.outputs[0].token_ids)
 
-    def measure_speed(self, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                      concurrency: int) -> dict[str, Any]:
-        """Batch-1 greedy generation streamed (TTFT, ITL; median of `repeats` after `warmup`),
-        then `concurrency` copies of the prompt at once for output throughput, all in one batch."""
+    def measure_speed(self, prompt: list[int], speed: SpeedParams) -> dict[str, Any]:
+        """Batch-1 greedy generation streamed (TTFT, ITL; median of `speed.repeats` after
+        `speed.warmup`), then `speed.concurrency` copies of the prompt at once for output
+        throughput, all in one batch."""
         import asyncio
 
         from tensorrt_llm import SamplingParams
 
         from pipeline.measure import batch1_run, summarize_runs
 
-        self._check_length(len(prompt), gen_tokens, SPEED_LENGTH_KEY)
-        llm = self._serving(concurrency)
-        params = SamplingParams(**generation_params(gen_tokens))
+        self._check_length(len(prompt), speed.gen_tokens, SPEED_LENGTH_KEY)
+        llm = self._serving(speed.concurrency)
+        params = SamplingParams(**generation_params(speed.gen_tokens))
         runs = []
-        for run in range(warmup + repeats):
+        for run in range(speed.warmup + speed.repeats):
             timing = asyncio.run(_timed_stream(llm, prompt, params))
-            if run < warmup:
+            if run < speed.warmup:
                 continue
             runs.append(batch1_run(len(prompt), ttft_s=timing["ttft_s"], decode_s=timing["decode_s"],
                                    decoded=timing["tokens"], source="wall clock, streamed"))
         started = time.perf_counter()
-        outputs = llm.generate([list(prompt)] * concurrency, params, use_tqdm=False)
+        outputs = llm.generate([list(prompt)] * speed.concurrency, params, use_tqdm=False)
         wall = time.perf_counter() - started
         generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-        return {**summarize_runs(runs, concurrency=concurrency, generated=generated, wall_s=wall), "device": device()}
+        return {**summarize_runs(runs, concurrency=speed.concurrency, generated=generated, wall_s=wall),
+                "device": device()}
 
 
 # ---------------------------------------------------------------- the PyTorch backend (checkpoints)

@@ -49,11 +49,14 @@ from __future__ import annotations
 import gc
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from pipeline.runtimes import Session, hf_text_config
+
+if TYPE_CHECKING:
+    from pipeline.config import SpeedParams
 
 # top log-probs requested per prompt position (and the engine's max_logprobs)
 TOP_N = 128
@@ -314,36 +317,36 @@ class VllmSession(Session):
         for output in outputs:
             yield list(output.outputs[0].token_ids)
 
-    def measure_speed(self, prompt: list[int], *, gen_tokens: int, repeats: int, warmup: int,
-                      concurrency: int) -> dict[str, Any]:
-        """Batch-1 greedy generation (median of `repeats` runs after `warmup`), then
-        `concurrency` copies of the prompt at once for output throughput."""
+    def measure_speed(self, prompt: list[int], speed: SpeedParams) -> dict[str, Any]:
+        """Batch-1 greedy generation (median of `speed.repeats` runs after `speed.warmup`), then
+        `speed.concurrency` copies of the prompt at once for output throughput."""
         from vllm import SamplingParams
 
         from pipeline.measure import batch1_run, summarize_runs
 
-        llm = self._engine(len(prompt) + gen_tokens)
-        params = SamplingParams(**generation_params(gen_tokens))
+        llm = self._engine(len(prompt) + speed.gen_tokens)
+        params = SamplingParams(**generation_params(speed.gen_tokens))
         first_token = SamplingParams(**generation_params(1))
         request = {"prompt_token_ids": list(prompt)}
         runs = []
-        for run in range(warmup + repeats):
+        for run in range(speed.warmup + speed.repeats):
             started = time.perf_counter()
             llm.generate([request], first_token, use_tqdm=False)
             first_token_wall = time.perf_counter() - started
             started = time.perf_counter()
             (output,) = llm.generate([request], params, use_tqdm=False)
             wall = time.perf_counter() - started
-            if run < warmup:
+            if run < speed.warmup:
                 continue
             timing = request_timings(output, wall, first_token_wall)
             runs.append(batch1_run(len(prompt), ttft_s=timing["ttft_s"], decode_s=timing["decode_s"],
                                    decoded=len(output.outputs[0].token_ids), source=timing["source"]))
         started = time.perf_counter()
-        outputs = llm.generate([request] * concurrency, params, use_tqdm=False)
+        outputs = llm.generate([request] * speed.concurrency, params, use_tqdm=False)
         wall = time.perf_counter() - started
         generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-        return {**summarize_runs(runs, concurrency=concurrency, generated=generated, wall_s=wall), "device": device()}
+        return {**summarize_runs(runs, concurrency=speed.concurrency, generated=generated, wall_s=wall),
+                "device": device()}
 
     def close(self) -> None:
         if self._llm is None:

@@ -190,3 +190,42 @@ def test_every_runner_installs_every_formats_extra_and_the_task_gates():
     for name in formats.FORMATS:
         assert formats.module(name).INFO.extra in (*extras, None)
     assert "tasks" in extras
+
+
+@pytest.mark.parametrize("platform", ci.PLATFORMS)
+def test_the_labels_a_workflow_was_written_with_are_read_back(platform):
+    module = ci.platform_module(platform)
+    matrix = [ci.Job("gguf-q8_0", "gguf", None), ci.Job("awq-w4a16", "awq", "vllm")]
+    remote = ci.RemoteSetup(None, (), ())
+    for cpu, gpu in ((["ubuntu-latest"], ["self-hosted", "gpu"]), (["docker", "x64"], ["h100"])):
+        assert module.labels_of(module.document(matrix, cpu, gpu, remote)) == (cpu, gpu)
+    assert module.labels_of(module.document(matrix[:1], ["cpu"], ["gpu"], remote))[1] is None  # no GPU job to say
+
+
+def test_add_recipe_rewrites_each_written_workflow_with_its_own_labels(remote_project):
+    assert init("github", "--cpu-labels", "linux,x64", "--gpu-labels", "self-hosted,h100").exit_code == 0
+    assert init("gitlab", "--cpu-labels", "docker", "--gpu-labels", "gpu,cuda").exit_code == 0
+    result = runner.invoke(app, ["add-recipe", "awq-g32", "--from", "awq-w4a16", "--description", "AWQ, groups of 32"])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {github.PATH}" in result.output and f"wrote {gitlab.PATH}" in result.output
+    for platform in ci.PLATFORMS:
+        assert init(platform, "--check").exit_code == 0
+    jobs = yaml.safe_load(open(github.PATH))["jobs"]
+    assert {"recipe": "awq-g32", "extras": "awq,modelopt,tasks,vllm"} in jobs["gate-gpu"]["strategy"]["matrix"]["include"]
+    assert jobs["gate-cpu"]["runs-on"] == ["linux", "x64"] and jobs["gate-gpu"]["runs-on"] == ["self-hosted", "h100"]
+    pipeline = yaml.safe_load(open(gitlab.PATH))
+    assert ("awq-g32", "gpu") in gitlab.matrix_of(pipeline)
+    assert pipeline["gate-cpu"]["tags"] == ["docker"] and pipeline["gate-gpu"]["tags"] == ["gpu", "cuda"]
+
+
+def test_check_names_a_recipe_dvc_yaml_lacks_and_add_recipe_writes_its_entry(remote_project):
+    assert init("github").exit_code == 0
+    dvc = (remote_project / "dvc.yaml").read_text()
+    entry = dvc[dvc.index("  gguf-q4_0:\n"):dvc.index("  gguf-iq4_xs:\n")]
+    write(remote_project / "dvc.yaml", dvc.replace(entry, ""))
+    result = init("github", "--check")
+    assert result.exit_code == 2
+    assert "dvc.yaml `artifacts:` lacks gguf-q4_0" in result.output and "`qpipe add-recipe NAME`" in result.output
+    result = runner.invoke(app, ["add-recipe", "gguf-q4_0"])
+    assert result.exit_code == 0 and result.output.strip() == "wrote dvc.yaml"
+    assert init("github", "--check").exit_code == 0

@@ -1,3 +1,4 @@
+import inspect
 import json
 import subprocess
 import sys
@@ -40,3 +41,32 @@ def test_the_check_names_what_a_module_lacks_or_defines_differently():
     problems = contract.contract_problems(broken)
     assert "tokenize() is missing" in problems and "INFO is not a FormatInfo" in problems
     assert any(p.startswith("open_session('build_dir', 'threads') should take") for p in problems)
+
+
+def documented_functions() -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
+    """What docs/adding-a-format.md tells a format author to write: the functions of its Python
+    blocks with their parameters, and the optional hooks its bullets list."""
+    import ast
+    import re
+
+    from tests.conftest import REPO
+
+    text = (REPO / "docs" / "adding-a-format.md").read_text()
+    functions = {}
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        for node in ast.walk(ast.parse(block)):
+            if isinstance(node, ast.FunctionDef):
+                arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                functions[node.name] = tuple(argument.arg for argument in arguments)
+    section = text.split("## 5. Optional hooks", 1)[1].split("\n## ", 1)[0]
+    hooks = {name: tuple(p.strip() for p in params.split(",") if p.strip())
+             for name, params in re.findall(r"^- `(\w+)\(([^)]*)\)", section, re.M)}
+    return functions, hooks
+
+
+def test_adding_a_format_promises_the_contracts_functions_and_signatures():
+    functions, hooks = documented_functions()
+    required = {name: contract.parameters(member) for name, member in vars(contract.Format).items()
+                if inspect.isfunction(member) and not name.startswith("_")}
+    assert functions == required
+    assert hooks == contract.OPTIONAL_HOOKS

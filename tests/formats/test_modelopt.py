@@ -3,6 +3,7 @@ import json
 import pytest
 
 from pipeline import formats
+from pipeline.config import SpeedParams
 from pipeline.errors import BadInput
 from pipeline.formats import modelopt
 
@@ -139,7 +140,7 @@ def test_gates_score_the_checkpoint_through_the_emulation_here(fp8_build):
     assert modelopt.accuracy_unavailable_reason(out) is None
     assert modelopt.runtime_name(out).startswith("emulated:hf checkpoint FP8 + fp8 e4m3 KV cache")
     assert "TensorRT-LLM is not installed" in modelopt.speed_unavailable_reason(out)
-    with modelopt.open_session(out, 1, -1) as session:
+    with modelopt.open_session(out, 1, SpeedParams()) as session:
         (logits,) = session.window_logits(np.array([[1, 2, 3, 4, 5]]))
         assert session.device == "cpu"  # no CUDA here
         assert session.runtime == modelopt.runtime_name(out)
@@ -151,7 +152,7 @@ def test_gates_score_the_checkpoint_through_the_emulation_here(fp8_build):
 
 def test_generation_through_the_emulation_with_its_fp8_kv_cache_follows_the_argmax_of_its_logits(fp8_build):
     out, _ = fp8_build
-    session = modelopt.open_session(out, 1, -1)
+    session = modelopt.open_session(out, 1, SpeedParams())
     (produced,) = session.generate([[1, 2, 3]], max_tokens=5, stop_ids=[])
     assert len(produced) == 5
     sequence = [1, 2, 3]

@@ -19,16 +19,17 @@ class CountingSession(Session):
     runtime, device = "counting runtime", "cpu"
     opened: list["CountingSession"] = []
 
-    def __init__(self):
-        self.closed, self.asked = False, []
+    def __init__(self, speed=None):
+        self.closed, self.asked, self.opened_with, self.measured_with = False, [], speed, None
         CountingSession.opened.append(self)
 
     def window_logits(self, windows):
         self.asked.append("window_logits")
         return iter(np.zeros((len(windows), WINDOW, VOCAB), dtype=np.float32))
 
-    def measure_speed(self, prompt, *, gen_tokens, repeats, warmup, concurrency):
+    def measure_speed(self, prompt, speed):
         self.asked.append("measure_speed")
+        self.measured_with = speed
         return {"prefill_tok_s": 100.0, "decode_tok_s": 10.0, "ttft_ms": 1.0, "itl_ms": 1.0, "runs": [],
                 "device": "cpu"}
 
@@ -42,7 +43,7 @@ def fake_format(speed_reason=None):
     return types.SimpleNamespace(
         INFO=gguf.INFO, Recipe=gguf.Recipe, artifact_path=lambda build_dir: build_dir / "model.gguf", bits_per_weight=lambda d: 8.5,
         accuracy_unavailable_reason=lambda d: None, speed_unavailable_reason=lambda d: speed_reason,
-        open_session=lambda build_dir, threads, gpu_layers: CountingSession(),
+        open_session=lambda build_dir, threads, speed: CountingSession(speed),
         tokenize=lambda build_dir, text: [1, 2, 3],
         decode_bytes_per_token=lambda d, context: {"weights": 1.0, "kv_cache": 0.0, "total": 1.0})
 
@@ -81,6 +82,7 @@ def test_a_gate_opens_its_artifact_once_for_accuracy_tasks_and_speed_after_prepa
     (session,) = CountingSession.opened
     assert events == [("plan", 0), ("section", session)]  # tasks prepared before the model loads
     assert session.asked == ["window_logits", "measure_speed"] and session.closed
+    assert session.opened_with is session.measured_with is params.speed  # the speed settings, whole
     assert result["accuracy"]["runtime"] == result["speed"]["runtime"] == "counting runtime"
     assert result["accuracy"]["status"] == result["speed"]["status"] == "ok"
     assert 0 <= result["accuracy"]["runtime_seconds"] <= result["accuracy"]["seconds"]
@@ -154,11 +156,11 @@ def test_a_gate_holds_the_host_lock_shared_from_its_first_heavy_step_and_alone_f
     fmt = fake_format()
 
     class ProbingSession(CountingSession):
-        def measure_speed(self, prompt, **settings):
+        def measure_speed(self, prompt, speed):
             seen["speed"] = lock_probe()
-            return super().measure_speed(prompt, **settings)
+            return super().measure_speed(prompt, speed)
 
-    def open_session(build_dir, threads, gpu_layers):
+    def open_session(build_dir, threads, speed):
         seen["open_session"] = lock_probe()
         return ProbingSession()
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from pipeline.config import SpeedParams
 from pipeline.runtimes import llama_cpp
 from pipeline.source import embedded_gguf
 
@@ -36,7 +37,7 @@ def test_window_logits_shape_and_determinism(model_path):
 
 def test_measure_speed_takes_prefill_and_decode_from_llama_bench_and_latency_from_the_api(model_path):
     prompt = llama_cpp.tokenize(model_path, "The quick brown fox jumps over the lazy dog. " * 4)
-    result = llama_cpp.measure_speed(model_path, prompt, gen_tokens=8, repeats=2, warmup=1, threads=2)
+    result = llama_cpp.measure_speed(model_path, prompt, SpeedParams(gen_tokens=8, repeats=2, warmup=1), threads=2)
     for key in ["prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_ms", "api_decode_tok_s"]:
         assert result[key] > 0
     assert len(result["runs"]) == 2
@@ -62,8 +63,11 @@ def test_offload_follows_llama_cpps_own_answer(model_path, monkeypatch):
                                                  "device": "gpu+cpu"}
 
 
-@pytest.mark.parametrize("offloads, expected", [(False, 0), (True, llama_cpp.ALL_LAYERS)])
-def test_each_offload_branch_passes_its_layers_to_llama_bench_and_the_api(model_path, monkeypatch, offloads, expected):
+@pytest.mark.parametrize("offloads, requested, expected", [(False, -1, 0), (True, -1, llama_cpp.ALL_LAYERS),
+                                                           (True, 12, 12)])
+def test_each_offload_branch_passes_its_layers_to_llama_bench_and_the_api(model_path, monkeypatch, offloads, requested,
+                                                                          expected):
+    """The GGUF format reads params speed.n_gpu_layers from the speed params it is handed."""
     import llama_cpp as bindings
 
     from pipeline.formats import gguf
@@ -82,10 +86,12 @@ def test_each_offload_branch_passes_its_layers_to_llama_bench_and_the_api(model_
     monkeypatch.setattr(llama_cpp, "open_model", lambda *a, **k: opened.append(k["n_gpu_layers"]) or
                         (_ for _ in ()).throw(RuntimeError("stop")))
     monkeypatch.setattr(gguf, "artifact_path", lambda build_dir: model_path)
-    with gguf.open_session(None, 2, -1) as session:
-        measured = session.measure_speed([1, 2, 3], gen_tokens=4, repeats=1, warmup=0, concurrency=1)
+    speed = SpeedParams(gen_tokens=4, repeats=1, warmup=0, concurrency=1, n_gpu_layers=requested)
+    with gguf.open_session(None, 2, speed) as session:
+        measured = session.measure_speed([1, 2, 3], speed)
         assert all(command[command.index("-ngl") + 1] == str(expected) for command in commands) and len(commands) == 2
-        assert measured["device"] == ("gpu" if offloads else "cpu") and opened == [expected]
+        assert measured["device"] == llama_cpp.offload(model_path, expected)["device"] and opened == [expected]
+        assert measured["n_gpu_layers"] == expected
         with pytest.raises(RuntimeError, match="stop"):
             list(session.window_logits(np.zeros((1, 4), dtype=np.int32)))
         assert opened == [expected, expected]

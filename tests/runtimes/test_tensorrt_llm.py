@@ -10,6 +10,7 @@ import pydantic
 import pytest
 import torch
 
+from pipeline.config import SpeedParams
 from pipeline.errors import BadInput, ToolFailed
 from pipeline.runtimes import tensorrt_llm
 
@@ -458,7 +459,7 @@ def test_a_speed_request_longer_than_the_engine_is_refused(fake_tensorrt_llm, tm
     engine_dir, checkpoint_dir = write_engine(tmp_path, max_seq_len=64)
     with tensorrt_llm.open_engine_session(engine_dir, threads=1, tokenizer_dir=checkpoint_dir) as session:
         with pytest.raises(BadInput) as info:
-            session.measure_speed(list(range(60)), gen_tokens=8, repeats=1, warmup=0, concurrency=1)
+            session.measure_speed(list(range(60)), SpeedParams(gen_tokens=8, repeats=1, warmup=0, concurrency=1))
     assert "speed.prompt_tokens" in info.value.where and "64" in info.value.what
 
 
@@ -466,7 +467,7 @@ def test_a_concurrency_beyond_the_engines_batch_is_refused(fake_tensorrt_llm, tm
     engine_dir, checkpoint_dir = write_engine(tmp_path, max_batch_size=4)
     with tensorrt_llm.open_engine_session(engine_dir, threads=1, tokenizer_dir=checkpoint_dir) as session:
         with pytest.raises(BadInput) as info:
-            session.measure_speed(list(range(8)), gen_tokens=4, repeats=1, warmup=0, concurrency=8)
+            session.measure_speed(list(range(8)), SpeedParams(gen_tokens=4, repeats=1, warmup=0, concurrency=8))
     assert "speed.concurrency" in info.value.where and "engine.max_batch_size" in info.value.where
     assert "engine.max_batch_size: 8" in info.value.fix and "at most 4" in info.value.fix
     assert fake_tensorrt_llm[0].largest_batch == 0
@@ -475,7 +476,7 @@ def test_a_concurrency_beyond_the_engines_batch_is_refused(fake_tensorrt_llm, tm
 def test_speed_streams_batch_1_and_measures_concurrent_output(fake_tensorrt_llm, tmp_path):
     engine_dir, checkpoint_dir = write_engine(tmp_path, max_batch_size=4)
     with tensorrt_llm.open_engine_session(engine_dir, threads=1, tokenizer_dir=checkpoint_dir) as session:
-        result = session.measure_speed(list(range(32)), gen_tokens=8, repeats=3, warmup=1, concurrency=4)
+        result = session.measure_speed(list(range(32)), SpeedParams(gen_tokens=8, repeats=3, warmup=1, concurrency=4))
     (llm,) = fake_tensorrt_llm
     assert len(result["runs"]) == 3 and result["concurrency"] == 4
     assert all(run["timing_source"] == "wall clock, streamed" for run in result["runs"])
@@ -524,8 +525,8 @@ def test_the_checkpoint_session_is_sized_for_the_speed_concurrency(fake_tensorrt
     model_dir = write_checkpoint(tmp_path)
     with tensorrt_llm.open_session(model_dir, threads=1) as session:
         list(session.window_logits([[1, 2, 3]]))
-        result = session.measure_speed(list(range(32)), gen_tokens=8, repeats=1, warmup=0, concurrency=16)
-        session.measure_speed(list(range(32)), gen_tokens=8, repeats=1, warmup=0, concurrency=4)
+        result = session.measure_speed(list(range(32)), SpeedParams(gen_tokens=8, repeats=1, warmup=0, concurrency=16))
+        session.measure_speed(list(range(32)), SpeedParams(gen_tokens=8, repeats=1, warmup=0, concurrency=4))
     first, second = fake_tensorrt_llm  # one restart, for the larger batch; none for the smaller
     assert first.kwargs["max_batch_size"] == 8 and first.shut_down
     assert second.kwargs["max_batch_size"] == 16 and second.largest_batch == 16 and not second.queued
