@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> int:
     from pipeline import formats
-    from pipeline.config import Params
+    from pipeline.config import Params, SpeedParams
     from pipeline.gates import tasks
     from tests import lm_eval_tasks
 
@@ -59,12 +59,15 @@ def main() -> int:
     rows = [("unquantized", base["runtime"], base["tasks"], time.perf_counter() - started)]
     for name in args.recipes:
         recipe = formats.load_recipe(name, ROOT / "recipes")
+        fmt, build_dir = formats.module(recipe.format), Path("artifacts/builds") / name
         started = time.perf_counter()
-        section = tasks.section(formats.module(recipe.format), Path("artifacts/builds") / name, specs,
-                                threads=args.threads, gpu_layers=-1, log=quiet)
-        if section["status"] != "ok":
-            print(f"{name}: not_run: {section['reason']}")
+        task_plan = tasks.plan(specs, fmt.accuracy_unavailable_reason(build_dir))
+        if isinstance(task_plan, dict):
+            print(f"{name}: not_run: {task_plan['reason']}")
             continue
+        # the gate's own path: one session for all the tasks, opened as the gate opens it
+        with fmt.open_session(build_dir, args.threads, SpeedParams()) as session:
+            section = tasks.section(task_plan, session, log=quiet)
         rows.append((name, section["runtime"], section["tasks"], time.perf_counter() - started))
 
     print(f"{args.threads} threads; seconds include loading the model\n")
