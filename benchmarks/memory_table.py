@@ -49,8 +49,8 @@ def current_estimate(row: dict) -> float:
     from pipeline import memory
 
     inputs = dict(row["inputs"])
-    size = memory.ModelSize(inputs.pop("parameters"), inputs.pop("vocabulary"))
-    return memory.Need(factors_of(row["stage"], row["format"]), size, **inputs).bytes / 1e9
+    size = memory.ModelSize(inputs.pop("parameters"), inputs.pop("vocabulary"), inputs.pop("largest_tensor"))
+    return memory.Need(factors_of(row["stage"], row["format"], row["recipe"]), size, **inputs).bytes / 1e9
 
 
 def estimated_rows(result: dict) -> list[tuple[dict, float]]:
@@ -96,28 +96,39 @@ def _exceptions(results: list[dict]) -> str:
         f"- {result['model']}: `{result['command']}` ({result['settings']}; {result['host']})" for result in results)
 
 
-def factors_of(stage: str, fmt: str | None):
+def factors_of(stage: str, fmt: str | None, recipe: str | None):
+    """The current factors of a measured stage (a build's may depend on its recipe)."""
     from pipeline import formats, memory
 
     if stage == "reference":
         return memory.REFERENCE
     info = formats.module(fmt).INFO
-    return info.build_memory if stage == "build" else info.gate_memory
+    if stage == "gate":
+        return info.gate_memory
+    return formats.load_recipe(recipe, REPO / "recipes").build_memory(info.build_memory)
 
 
 def suggest_factors() -> list[str]:
     """For each stage kind, the overhead (on a 0.05 GiB grid) and the least bytes per parameter
     that keep every estimate at or above its peak with the lowest worst ratio, the per-logit
-    factor kept: a starting point for the factors in pipeline/memory.py and the formats' INFO."""
+    factor kept: a starting point for the factors in pipeline/memory.py and the formats' INFO.
+    Stages whose factors are not one slope per parameter (several phases, or a largest-tensor
+    term) are left to be fitted by hand against the table."""
     from pipeline import memory
 
     lines = []
-    for stage, fmt in MEASURED_ROWS:
-        rows = [row for result in measurements() for row in result["stages"] if row["stage"] == stage
-                and row["format"] == fmt and row["inputs"] and row["inputs"]["device"] == "cpu"]
-        if not rows:
+    groups: dict[tuple, list[dict]] = {}
+    for result in measurements():
+        for row in result["stages"]:
+            if row["inputs"] and row["inputs"]["device"] == "cpu":
+                key = (row["stage"], row["format"] or "", factors_of(row["stage"], row["format"], row["recipe"]))
+                groups.setdefault(key, []).append(row)
+    for (stage, fmt, current), rows in groups.items():
+        recipes = sorted({row["recipe"] for row in rows if row["recipe"]})
+        label = f"{stage} {fmt} ({', '.join(recipes)})" if recipes else stage
+        if not isinstance(current, memory.Factors) or current.per_largest_tensor:
+            lines.append(f"{label}: by hand, against the table (its factors: {current})")
             continue
-        current = factors_of(stage, fmt)
         best = None
         for step in range(5, 41):
             overhead = step * 0.05 * memory.GIB
@@ -130,7 +141,7 @@ def suggest_factors() -> list[str]:
             if best is None or worst < best[0]:
                 best = (worst, overhead, slope)
         worst, overhead, slope = best
-        lines.append(f"{stage} {fmt or ''}: now {current.overhead / memory.GIB:.2f} GiB + {current.per_parameter:.2f} "
+        lines.append(f"{label}: now {current.overhead / memory.GIB:.2f} GiB + {current.per_parameter:.2f} "
                      f"B/param/byte; suggested {overhead / memory.GIB:.2f} GiB + {slope:.2f} (worst ratio "
                      f"{worst:.2f}, {len(rows)} peaks)")
     return lines

@@ -88,7 +88,7 @@ def build_memory_need(info, recipe, source_dir, *, gpu: bool | None = None):
     from pipeline.host import has_usable_gpu
 
     device = "cuda" if info.calibrates and (has_usable_gpu() if gpu is None else gpu) else "cpu"
-    return memory.Need(info.build_memory, memory.ModelSize.of(source_dir),
+    return memory.Need(recipe.build_memory(info.build_memory), memory.ModelSize.of(source_dir),
                        window_tokens=recipe.calibration_seq_len if info.calibrates else 0,
                        dtype=recipe.weights_dtype(), device=device)
 

@@ -193,6 +193,11 @@ class RecipeBase(Strict):
         """The dtype its build holds the model's weights in (for the memory estimate)."""
         return getattr(self, "dtype", None) or "float16"
 
+    def build_memory(self, format_factors):
+        """The factors of its build's peak memory (``memory.Need``): its format's, unless a knob
+        of this recipe runs another tool (GGUF's importance matrix)."""
+        return format_factors
+
 
 # ---------------------------------------------------------------- params
 

@@ -36,16 +36,19 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 class Factors(NamedTuple):
     """How a stage's peak memory on the CPU grows: a fixed overhead, bytes per model parameter
-    per byte of the stage's dtype, and bytes per logit of one window (window_tokens x vocabulary).
+    per byte of the stage's dtype, bytes per logit of one window (window_tokens x vocabulary),
+    and bytes per element of the model's largest weight (a tool that converts one tensor at a
+    time peaks with the largest: the embedding, 525M elements in Llama-3.1-8B).
 
-    Fitted to the peak RSS measured on SmolLM2-135M, and on synthetic checkpoints of
-    Llama-3.2-1B's shape and Llama-3.1-8B's at 2 and 4 layers (docs/methodology.md, "Memory"):
-    the least overhead and slope that keep every estimate above every measured peak. Each
-    format's build and gate factors are in its ``INFO``."""
+    Fitted to the peaks measured on SmolLM2-135M, and on synthetic checkpoints of Llama-3.2-1B's
+    shape and Llama-3.1-8B's at 2 and all 32 layers (docs/methodology.md, "Memory"): the least
+    overhead and slope that keep every estimate above every measured peak. Each format's build
+    and gate factors are in its ``INFO``."""
 
     overhead: float
     per_parameter: float
     per_logit: float
+    per_largest_tensor: float = 0.0
 
 
 # the unquantized model in reference.dtype; logits, their fp32 copy, a chunk's log-softmax
@@ -56,23 +59,28 @@ REFERENCE = Factors(0.75 * GIB, 1.0, 12.0)
 class ModelSize:
     parameters: int
     vocabulary: int
+    largest_tensor: int = 0  # elements of the largest weight
 
     @classmethod
     def of(cls, checkpoint_dir: Path) -> "ModelSize":
-        """The size of a checkpoint; the source stage's count from source.json where it has one."""
+        """The size of a checkpoint; the source stage's counts from source.json where it has them."""
         info = Path(checkpoint_dir) / "source.json"
-        counted = json.loads(info.read_text()).get("parameters") if info.is_file() else None
-        return cls(counted or parameter_count(checkpoint_dir), text_vocabulary(checkpoint_dir))
+        counted = json.loads(info.read_text()) if info.is_file() else {}
+        if not (counted.get("parameters") and counted.get("largest_tensor")):
+            counted["parameters"], counted["largest_tensor"] = meta_counts(checkpoint_dir)
+        return cls(counted["parameters"], text_vocabulary(checkpoint_dir), counted["largest_tensor"])
 
 
 @functools.lru_cache(maxsize=8)
-def parameter_count(checkpoint_dir: Path) -> int:
-    """Parameters of the checkpoint's model, built from its config on the meta device (no
-    weights are read; tied embeddings count once). Counted once per checkpoint and process:
-    `qpipe doctor --checkpoint` sizes every stage of every recipe from it."""
+def meta_counts(checkpoint_dir: Path) -> tuple[int, int]:
+    """(parameters, elements of the largest weight) of the checkpoint's model, built from its
+    config on the meta device (no weights are read; tied embeddings count once). Counted once
+    per checkpoint and process: `qpipe doctor --checkpoint` sizes every stage of every recipe
+    from it."""
     from pipeline.runtimes.transformers import meta_model
 
-    return sum(p.numel() for p in meta_model(checkpoint_dir).parameters())
+    sizes = [p.numel() for p in meta_model(checkpoint_dir).parameters()]
+    return sum(sizes), max(sizes)
 
 
 def text_vocabulary(checkpoint_dir: Path) -> int:
@@ -84,9 +92,11 @@ def text_vocabulary(checkpoint_dir: Path) -> int:
 class Need(NamedTuple):
     """What one stage's estimate is made of. A stage records it beside the estimate, so that a
     peak measured once can be set against the estimate of any later factors
-    (benchmarks/memory_table.py renders docs/methodology.md's table from such records)."""
+    (benchmarks/memory_table.py renders docs/methodology.md's table from such records).
+    `factors` may be several: a stage that runs tools one after another (a GGUF build's
+    converter, then llama-imatrix) needs the most that one of them needs."""
 
-    factors: Factors
+    factors: Factors | tuple[Factors, ...]
     size: ModelSize
     window_tokens: int
     dtype: str = "bfloat16"
@@ -95,14 +105,15 @@ class Need(NamedTuple):
 
     @property
     def bytes(self) -> int:
-        return estimate(self.factors, self.size, window_tokens=self.window_tokens, dtype=self.dtype,
-                        mapped_bytes=self.mapped_bytes, device=self.device)
+        phases = (self.factors,) if isinstance(self.factors, Factors) else self.factors
+        return max(estimate(factors, self.size, window_tokens=self.window_tokens, dtype=self.dtype,
+                            mapped_bytes=self.mapped_bytes, device=self.device) for factors in phases)
 
     def inputs(self) -> dict[str, int | str]:
-        """The estimate's inputs besides its factors (which the stage's kind and format name)."""
+        """The estimate's inputs besides its factors (which the stage's kind, format and recipe name)."""
         return {"parameters": self.size.parameters, "vocabulary": self.size.vocabulary,
-                "window_tokens": self.window_tokens, "dtype": self.dtype, "mapped_bytes": self.mapped_bytes,
-                "device": self.device}
+                "largest_tensor": self.size.largest_tensor, "window_tokens": self.window_tokens,
+                "dtype": self.dtype, "mapped_bytes": self.mapped_bytes, "device": self.device}
 
 
 def estimate(factors: Factors, size: ModelSize, *, window_tokens: int, dtype: str = "bfloat16",
@@ -114,9 +125,9 @@ def estimate(factors: Factors, size: ModelSize, *, window_tokens: int, dtype: st
     measured, and the CPU factors count host copies that never reach the GPU."""
     if device == "cuda":
         return int(DTYPE_BYTES[dtype] * size.parameters + 8 * window_tokens * size.vocabulary)
-    overhead, per_parameter, per_logit = factors
-    return int(overhead + per_parameter * DTYPE_BYTES[dtype] * size.parameters
-               + per_logit * window_tokens * size.vocabulary + mapped_bytes)
+    return int(factors.overhead + factors.per_parameter * DTYPE_BYTES[dtype] * size.parameters
+               + factors.per_logit * window_tokens * size.vocabulary
+               + factors.per_largest_tensor * size.largest_tensor + mapped_bytes)
 
 
 def available_bytes(device: str = "cpu") -> int | None:

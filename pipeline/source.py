@@ -404,7 +404,7 @@ def check_safetensors(path: Path) -> None:
 
 
 def run(source: str, revision: str | None, out_dir: Path, log=print) -> dict[str, Any]:
-    from pipeline.memory import parameter_count
+    from pipeline.memory import meta_counts
 
     with atomic_dir(out_dir) as staging:
         if source.startswith("embedded:"):
@@ -426,11 +426,13 @@ def run(source: str, revision: str | None, out_dir: Path, log=print) -> dict[str
             validate_loadable(staging)
         config = json.loads((staging / "config.json").read_text())
         files = sha256_tree(staging)
+        parameters, largest_tensor = meta_counts(staging)  # for the memory estimates of later stages
         info = {
             "origin": origin,
             "architectures": config.get("architectures"),
             "model_type": config.get("model_type"),
-            "parameters": parameter_count(staging),  # for the memory estimates of later stages
+            "parameters": parameters,
+            "largest_tensor": largest_tensor,
             "files": files,
             "bytes": sum((staging / name).stat().st_size for name in files),
         }

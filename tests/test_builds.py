@@ -23,7 +23,7 @@ def test_build_spec_of_a_calibrating_format_records_the_calibration_device(proje
 
 
 def test_interrupted_build_leaves_no_artifact(project, monkeypatch):
-    write(layout.SOURCE_DIR / "source.json", json.dumps({"origin": {}, "files": {}, "parameters": 1000}))
+    write(layout.SOURCE_DIR / "source.json", json.dumps({"origin": {}, "files": {}, "parameters": 1000, "largest_tensor": 100}))
     write(layout.SOURCE_DIR / "config.json", json.dumps({"vocab_size": 10}))
     write(layout.CALIBRATION_TEXT, "calibration")
     gguf = formats.module("gguf")

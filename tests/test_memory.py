@@ -23,6 +23,35 @@ def llama_8b(tmp_path):
 
 def test_the_size_comes_from_the_config_without_weights(llama_8b):
     assert llama_8b.parameters == 8_030_261_248 and llama_8b.vocabulary == 128256
+    assert llama_8b.largest_tensor == 128256 * 4096  # the embedding (and the untied output layer)
+
+
+def test_a_gguf_build_needs_its_largest_tensor_and_with_an_imatrix_the_whole_f16_model(llama_8b):
+    from pipeline.formats import gguf
+
+    plain = gguf.Recipe(format="gguf", type="Q8_0")
+    with_imatrix = gguf.Recipe(format="gguf", type="IQ4_XS", imatrix=True)
+    converter = memory.estimate(gguf.INFO.build_memory, llama_8b, window_tokens=0)
+    need = memory.Need(plain.build_memory(gguf.INFO.build_memory), llama_8b, window_tokens=0, dtype="float16")
+    assert need.bytes == converter < 5e9  # one tensor at a time, whatever the depth: 3.8 GB measured
+    imatrix_need = need._replace(factors=with_imatrix.build_memory(gguf.INFO.build_memory))
+    assert imatrix_need.bytes == memory.estimate(gguf.IMATRIX_MEMORY, llama_8b, window_tokens=0, dtype="float16")
+    assert imatrix_need.bytes > 2 * llama_8b.parameters  # llama-imatrix maps the whole f16 GGUF
+    # where the embedding outweighs the layers, the converter's phase is the larger one
+    embedding_heavy = memory.ModelSize(parameters=300_000_000, vocabulary=262_144, largest_tensor=262_144 * 1152)
+    phases = with_imatrix.build_memory(gguf.INFO.build_memory)
+    assert memory.Need(phases, embedding_heavy, window_tokens=0, dtype="float16").bytes == memory.estimate(
+        gguf.INFO.build_memory, embedding_heavy, window_tokens=0)
+
+
+def test_a_modelopt_build_that_writes_the_legacy_checkpoint_has_its_own_factors():
+    from pipeline.formats import modelopt
+
+    for config, factors in (("FP8_DEFAULT_CFG", modelopt.INFO.build_memory),
+                            ("NVFP4_DEFAULT_CFG", modelopt.INFO.build_memory),
+                            ("INT8_SMOOTHQUANT_CFG", modelopt.LEGACY_EXPORT_MEMORY),
+                            ("INT8_WEIGHT_ONLY_CFG", modelopt.LEGACY_EXPORT_MEMORY)):
+        assert modelopt.Recipe(format="modelopt", config=config).build_memory(modelopt.INFO.build_memory) == factors
 
 
 def test_an_8b_fp32_reference_needs_about_34_gb_and_bf16_about_half(llama_8b):
@@ -34,8 +63,8 @@ def test_an_8b_fp32_reference_needs_about_34_gb_and_bf16_about_half(llama_8b):
 
 def test_the_source_stage_count_is_used_where_there_is_one(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 151936}))
-    (tmp_path / "source.json").write_text(json.dumps({"parameters": 494_032_768}))
-    assert memory.ModelSize.of(tmp_path) == memory.ModelSize(494_032_768, 151936)
+    (tmp_path / "source.json").write_text(json.dumps({"parameters": 494_032_768, "largest_tensor": 136_134_656}))
+    assert memory.ModelSize.of(tmp_path) == memory.ModelSize(494_032_768, 151936, 136_134_656)
 
 
 def test_a_stage_that_does_not_fit_refuses_with_its_estimate_and_the_fix(llama_8b, monkeypatch):
@@ -55,12 +84,11 @@ def test_a_stage_records_what_its_estimate_is_made_of(llama_8b, monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": None)
     need = memory.Need(memory.REFERENCE, llama_8b, window_tokens=512, dtype="bfloat16", mapped_bytes=7)
     record = memory.ensure_fits(need, stage="the reference", fix="-")
-    assert record["inputs"] == {"parameters": 8_030_261_248, "vocabulary": 128256, "window_tokens": 512,
-                                "dtype": "bfloat16", "mapped_bytes": 7, "device": "cpu"}
-    remade = memory.Need(memory.REFERENCE, memory.ModelSize(record["inputs"]["parameters"],
-                                                            record["inputs"]["vocabulary"]),
-                         **{key: value for key, value in record["inputs"].items()
-                            if key not in ("parameters", "vocabulary")})
+    assert record["inputs"] == {"parameters": 8_030_261_248, "vocabulary": 128256, "largest_tensor": 128256 * 4096,
+                                "window_tokens": 512, "dtype": "bfloat16", "mapped_bytes": 7, "device": "cpu"}
+    inputs = dict(record["inputs"])
+    size = memory.ModelSize(inputs.pop("parameters"), inputs.pop("vocabulary"), inputs.pop("largest_tensor"))
+    remade = memory.Need(memory.REFERENCE, size, **inputs)
     assert remade.bytes == need.bytes and round(remade.bytes / 1e9, 2) == record["estimate_gb"]
 
 

@@ -41,6 +41,9 @@ QUANT_TYPES = (
     "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M",
     "IQ1_S", "TQ2_0", "TQ1_0",
 )
+# llama-imatrix, run after the converter, maps the whole f16 GGUF (2 bytes a parameter) and
+# evaluates the calibration chunks on it
+IMATRIX_MEMORY = Factors(1.0 * GIB, 1.0, 0.0)
 # llama.cpp refuses these without an importance matrix.
 NEEDS_IMATRIX = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "Q2_K_S")
 
@@ -52,9 +55,10 @@ INFO = FormatInfo(
     library_name="gguf",
     tags=("gguf", "llama.cpp"),
     calibrates=False,
-    # convert_hf_to_gguf reads tensors lazily; llama-quantize and llama-imatrix map the f16 GGUF
-    # (2.2-2.7 B/param measured at 1.2B, the embedding's conversion dominating the 8B shape's first layers)
-    build_memory=Factors(1.0 * GIB, 1.0, 0.0),
+    # convert_hf_to_gguf converts one tensor at a time, widening it to float32, and llama-quantize
+    # reads the f16 GGUF a tensor at a time: the largest tensor sets the peak (3.79 GB for
+    # Llama-3.1-8B's shape at 2 layers and at all 32)
+    build_memory=Factors(0.7 * GIB, 0.0, 0.0, per_largest_tensor=6.0),
     # llama.cpp maps the artifact (counted separately) and repacks some types; its logits buffer
     gate_memory=Factors(0.75 * GIB, 0.25, 12.0),
     gate_maps_artifact=True,
@@ -70,6 +74,9 @@ class Recipe(RecipeBase):
                                              "the calibration text (required by IQ2_*, IQ1_*, Q2_K_S)")
     imatrix_chunks: int = Field(64, ge=1, description="calibration chunks llama-imatrix reads")
     imatrix_ctx: int = Field(512, ge=32, description="tokens per llama-imatrix chunk")
+
+    def build_memory(self, format_factors):
+        return (format_factors, IMATRIX_MEMORY) if self.imatrix else format_factors
 
     @model_validator(mode="after")
     def _known_type(self) -> "Recipe":

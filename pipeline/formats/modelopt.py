@@ -76,6 +76,9 @@ UNIFIED_NOT_LOADED = {
     "INT8_SMOOTHQUANT_CFG": "neither TensorRT-LLM's PyTorch backend nor vLLM loads a unified INT8 SmoothQuant "
                             "(W8A8_SQ_PER_CHANNEL) checkpoint",
 }
+# a build that writes the legacy TensorRT-LLM checkpoint (the INT8 recipes) holds more of the
+# model's tensors at once than the unified export does
+LEGACY_EXPORT_MEMORY = Factors(1.0 * GIB, 2.0, 8.0)
 # ModelOpt 0.47 decoder types with a legacy TensorRT-LLM export that the emulation reads
 LEGACY_EXPORT_DECODERS = ("llama", "qwen")
 KV_CACHE_CONFIGS = {"fp8": "FP8_KV_CFG"}
@@ -129,6 +132,9 @@ class Recipe(RecipeBase):
             raise ValueError(f"ModelOpt config {value} is not built by qpipe: {why}; use one of {', '.join(CONFIGS)}")
         raise ValueError(f"unknown ModelOpt config {value!r}; use one of {', '.join(CONFIGS)}")
 
+    def build_memory(self, format_factors):
+        return format_factors if self.config in UNIFIED_EXPORT_CONFIGS else LEGACY_EXPORT_MEMORY
+
 
 INFO = FormatInfo(
     name="modelopt",
@@ -138,7 +144,8 @@ INFO = FormatInfo(
     library_name="modelopt",
     tags=("modelopt", "tensorrt-llm"),
     calibrates=True,
-    # the model in its stored dtype, the exports' tensors, the cross-check's emulation (3.4-4.9 B/param measured)
+    # the model in its stored dtype, the unified export's tensors, the cross-check's emulation
+    # (FP8, NVFP4; the INT8 recipes' legacy export needs LEGACY_EXPORT_MEMORY)
     build_memory=Factors(1.0 * GIB, 2.0, 8.0),
     # the checkpoint emulation: the stored codes, one layer dequantized at a time
     gate_memory=Factors(0.75 * GIB, 0.65, 12.0),
