@@ -77,6 +77,10 @@ RECIPE_CHANGES = {"gguf": {"imatrix_chunks": 4, "imatrix_ctx": 256},
                   # the cross-check judges trained models, so its limit is lifted here
                   "modelopt": {"calibration_samples": 2, "calibration_seq_len": 256, "crosscheck_windows": 1,
                                "crosscheck_seq_len": 256, "max_crosscheck_ppl_gap": 1.0}}
+SETTINGS = (f"{PARAMS['reference']['windows']} x {PARAMS['reference']['window_tokens']}-token windows, "
+            f"{PARAMS['reference']['dtype']} reference, calibration {RECIPE_CHANGES['awq']['calibration_samples']} x "
+            f"{RECIPE_CHANGES['awq']['calibration_seq_len']} tokens, importance matrix "
+            f"{RECIPE_CHANGES['gguf']['imatrix_chunks']} x {RECIPE_CHANGES['gguf']['imatrix_ctx']}")
 
 
 def write_checkpoint(name: str, out_dir: Path, layers: int | None) -> dict:
@@ -215,8 +219,7 @@ def measure(model: str, keep_layers: int | None, recipes: list[str], workdir: Pa
     description = {"model": f"{model} shape" + ("" if full_depth else f", {layers} layers"),
                    "parameters": source["parameters"], "layers": layers,
                    "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
-                   "settings": f"{PARAMS['reference']['windows']} x {PARAMS['reference']['window_tokens']}-token "
-                               f"windows, {PARAMS['reference']['dtype']} reference, calibration {RECIPE_CHANGES}"}
+                   "settings": SETTINGS}
     rows = []
     for row in memory_estimate.stage_rows(root, recipes, env):
         memory_estimate.print_row(row, layers)

@@ -52,7 +52,7 @@ class Factors(NamedTuple):
 
 
 # the unquantized model in reference.dtype; logits, their fp32 copy, a chunk's log-softmax
-REFERENCE = Factors(0.75 * GIB, 1.0, 12.0)
+REFERENCE = Factors(0.85 * GIB, 1.0, 14.0)
 
 
 @dataclass(frozen=True)

@@ -75,9 +75,9 @@ INFO = FormatInfo(
     tags=("compressed-tensors", "awq", "vllm"),
     calibrates=True,
     # llm-compressor: the model, its compressed state while saving, the reload check (4.4-6.3 B/param measured)
-    build_memory=Factors(1.0 * GIB, 2.75, 8.0),
+    build_memory=Factors(1.6 * GIB, 2.4, 8.0),
     # transformers decompresses compressed-tensors into the checkpoint dtype
-    gate_memory=Factors(0.75 * GIB, 1.3, 12.0),
+    gate_memory=Factors(1.35 * GIB, 1.05, 12.0),
     gate_maps_artifact=False,
     gpu_runtime="vllm",
 )

@@ -43,7 +43,7 @@ QUANT_TYPES = (
 )
 # llama-imatrix, run after the converter, maps the whole f16 GGUF (2 bytes a parameter) and
 # evaluates the calibration chunks on it
-IMATRIX_MEMORY = Factors(1.0 * GIB, 1.0, 0.0)
+IMATRIX_MEMORY = Factors(0.85 * GIB, 1.1, 0.0)
 # llama.cpp refuses these without an importance matrix.
 NEEDS_IMATRIX = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "Q2_K_S")
 
@@ -58,9 +58,9 @@ INFO = FormatInfo(
     # convert_hf_to_gguf converts one tensor at a time, widening it to float32, and llama-quantize
     # reads the f16 GGUF a tensor at a time: the largest tensor sets the peak (3.79 GB for
     # Llama-3.1-8B's shape at 2 layers and at all 32)
-    build_memory=Factors(0.7 * GIB, 0.0, 0.0, per_largest_tensor=6.0),
+    build_memory=Factors(0.7 * GIB, 0.0, 0.0, per_largest_tensor=6.5),
     # llama.cpp maps the artifact (counted separately) and repacks some types; its logits buffer
-    gate_memory=Factors(0.75 * GIB, 0.25, 12.0),
+    gate_memory=Factors(0.6 * GIB, 0.05, 12.0),
     gate_maps_artifact=True,
 )
 
