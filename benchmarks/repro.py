@@ -4,9 +4,12 @@
 - with --cold: `dvc repro --force` first (every stage re-executed; goal <= 15 min on 2 cores),
   timed stage by stage: each stage runs from DVC's "Running stage" line to the next one, so
   DVC's own work between stages is counted in the stage before it;
-- the roofline fraction each GGUF reached in its speed gate (goal >= 0.6).
+- the roofline fraction each GGUF reached in its speed gate (goal >= 0.6);
+- with --runs, nothing is run: the seconds each stage of the last repro recorded about its own
+  run (artifacts/runs/*.json, `wall_s`: the stage's process from its start of work, without
+  DVC's own work between stages), by kind.
 
-Run from the project root (`make benchmark`): python benchmarks/repro.py [--cold] [--repeats 3]
+Run from the project root (`make benchmark`): python benchmarks/repro.py [--cold | --runs] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -43,22 +46,46 @@ def cold_by_stage() -> None:
         raise SystemExit(f"dvc repro --force exited with {process.returncode}")
     ended = time.perf_counter()
     seconds = {stage: (marks[i + 1][1] if i + 1 < len(marks) else ended) - at for i, (stage, at) in enumerate(marks)}
-    groups: dict[str, list[float]] = {}
     print(f"{'stage':<28} {'seconds':>8}")
     for stage, value in seconds.items():
         print(f"{stage:<28} {value:8.1f}")
+    print_kinds(seconds)
+    print(f"cold dvc repro --force: {(ended - started) / 60:.1f} min")
+
+
+def print_kinds(seconds: dict[str, float]) -> None:
+    groups: dict[str, list[float]] = {}
+    for stage, value in seconds.items():
         groups.setdefault(stage.split("@")[0], []).append(value)
-    print("\nby kind: " + ", ".join(f"{kind} {sum(values):.0f} s" + (f" ({len(values)} x {statistics.mean(values):.0f} s)"
+    print("\nby kind: " + ", ".join(f"{kind} {sum(values):.0f} s" + (f" ({len(values)} x {statistics.mean(values):.0f} s, "
+                                                                     f"{min(values):.0f}-{max(values):.0f})"
                                                                      if len(values) > 1 else "")
                                      for kind, values in groups.items()))
-    print(f"cold dvc repro --force: {(ended - started) / 60:.1f} min")
+
+
+def recorded_seconds() -> None:
+    """Each stage's own seconds from its run record, by kind, and their sum."""
+    seconds = {}
+    for record_file in sorted(Path("artifacts/runs").glob("*.json")):
+        record = json.loads(record_file.read_text())
+        seconds[record["stage"]] = record["wall_s"]
+    print(f"{'stage':<28} {'seconds':>8}")
+    for stage, value in seconds.items():
+        print(f"{stage:<28} {value:8.1f}")
+    print_kinds(seconds)
+    print(f"sum of the stages' own seconds: {sum(seconds.values()) / 60:.1f} min")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cold", action="store_true", help="time `dvc repro --force` first")
+    parser.add_argument("--runs", action="store_true", help="only print the last repro's stage seconds from the "
+                        "run records")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if args.runs:
+        recorded_seconds()
+        return
     if args.cold:
         cold_by_stage()
     else:
