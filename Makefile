@@ -6,7 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # The torch build to install first; any torch that the pyproject range admits works.
 TORCH  ?= torch==2.13.0
-# The qpipe extras to install (a CI runner needs no dev extra; a GPU runner adds vllm or trtllm).
+# The qpipe extras to install: dev plus what every CI runner installs, pipeline.ci.base_extras()
+# (a test checks it); a GPU runner adds vllm or trtllm.
 EXTRAS ?= dev,awq,modelopt,tasks
 # llama-cpp-python is built from source; the tools give us llama-imatrix.
 LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF

@@ -229,3 +229,14 @@ def test_check_names_a_recipe_dvc_yaml_lacks_and_add_recipe_writes_its_entry(rem
     result = runner.invoke(app, ["add-recipe", "gguf-q4_0"])
     assert result.exit_code == 0 and result.output.strip() == "wrote dvc.yaml"
     assert init("github", "--check").exit_code == 0
+
+
+def test_make_setup_installs_the_extras_every_runner_builds_with():
+    import re
+
+    from pipeline.ci import base_extras
+    from tests.conftest import REPO
+
+    default = re.search(r"^EXTRAS \?= (\S+)$", (REPO / "Makefile").read_text(), re.MULTILINE).group(1)
+    assert default.split(",") == ["dev", *base_extras()], \
+        "the Makefile's EXTRAS must be dev plus pipeline.ci.base_extras(), which the CI runners install"
