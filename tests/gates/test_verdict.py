@@ -193,6 +193,19 @@ def test_a_recovery_limit_per_task_makes_one_check_per_task():
     assert outcome == "fail" and reasons[0].startswith("min_task_recovery.arc_easy: recovery.arc_easy 0.97 < limit 0.99")
 
 
+def test_the_lower_bound_limit_judges_the_paired_interval_overall_and_per_task():
+    section = {"status": "ok", "recovery": {"a": 0.97, "b": 0.99}, "min_recovery": 0.97,
+               "recovery_ci95": {"a": {"low": 0.91, "high": 1.0}, "b": None}, "min_recovery_low": None,
+               "min_recovery_low_reason": "b: no per-document scores"}
+    checks = verdict.evaluate(GateLimits(min_task_recovery_lower=0.9), {"tasks": section})
+    assert [(c["name"], c["verdict"], c["reason"]) for c in checks] == [
+        ("min_task_recovery_lower", "not_run", "b: no per-document scores")]
+    checks = verdict.evaluate(GateLimits(min_task_recovery_lower={"a": 0.92}), {"tasks": section})
+    assert [(c["figure"], c["value"], c["verdict"]) for c in checks] == [("recovery_ci95.a.low", 0.91, "fail")]
+    section.update(min_recovery_low=0.91)
+    assert verdict.evaluate(GateLimits(min_task_recovery_lower=0.9), {"tasks": section})[0]["verdict"] == "pass"
+
+
 def test_a_task_gate_that_did_not_run_is_never_a_pass():
     not_run = {"status": "not_run", "reason": "params.yaml names no task (tasks: [])"}
     checks, (outcome, reasons) = judge_tasks(GateLimits(min_task_recovery=0.95), tasks=not_run)
