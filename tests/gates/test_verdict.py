@@ -230,7 +230,7 @@ def test_every_limit_is_checked_on_its_table_figure_the_table_way():
                              "tokenizer_mismatch": 1.0, "ci95": {"ppl_ratio": {"high": 1.0}, "mean_kld": {"high": 1.0},
                                                                   "top1_agreement": {"low": 1.0}}},
                 "speed": {"status": "ok", "decode_speedup": 1.0, "roofline_fraction": 1.0},
-                "tasks": {"status": "ok", "min_recovery": 1.0}}
+                "tasks": {"status": "ok", "min_recovery": 1.0, "min_recovery_low": 1.0}}
     below = verdict.evaluate(GateLimits(**{limit.key: 0.5 for limit in LIMITS}), sections)
     above = verdict.evaluate(GateLimits(**{limit.key: 1.0 if limit.high else 2.0 for limit in LIMITS}), sections)
     assert [(c["name"], c["gate"], c["figure"]) for c in below] == [(l.key, l.gate, l.figure) for l in LIMITS]
