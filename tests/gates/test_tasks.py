@@ -135,8 +135,14 @@ def test_the_base_scores_match_the_model_scored_directly_and_every_request_goes_
     assert 0 < record["tasks"][1]["score"] <= 1  # 3-shot, the model answers some of the questions
 
     counting = Counting(model)
-    entries = tasks.score(counting, tasks.prepare(SPECS), log=lambda message: None)
+    section = tasks.section(tasks.TaskPlan(tasks.prepare(SPECS), record), counting, log=lambda message: None)
+    entries = section["tasks"]
     assert [e["score"] for e in entries] == [e["score"] for e in record["tasks"]]
+    # the same model on the same documents: every document scores alike, so the paired interval is [1, 1]
+    assert [e["documents"] for e in entries] == [e["documents"] for e in record["tasks"]]
+    assert section["recovery_ci95"] == {"qpipe_mc": {"low": 1.0, "high": 1.0}, "qpipe_gen": {"low": 1.0, "high": 1.0}}
+    assert section["min_recovery"] == section["min_recovery_low"] == 1.0
+    assert [len(e["documents"]["scores"]) for e in entries] == [len(MULTIPLE_CHOICE), 12]
     assert len(counting.windows) == sum(len(choices) for _, choices, _ in MULTIPLE_CHOICE)
     assert len(counting.prompts) == 12
 
