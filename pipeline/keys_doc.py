@@ -63,7 +63,7 @@ def checked_as(field) -> str:
     limit = next((item for item in field.metadata if isinstance(item, Limit)), None)
     if limit is None:
         return ""
-    figure = f"`{limit.figure}`" + (" (per task: `recovery.<task>`)" if limit.per_task else "")
+    figure = f"`{limit.figure}`" + (f" (per task: `{limit.task_figure.format(task='<task>')}`)" if limit.per_task else "")
     return f"; checks {limit.gate} {figure} {limit.comparison.replace('<=', '≤').replace('>=', '≥')} limit"
 
 

@@ -209,13 +209,16 @@ def tasks_table(rows: list[dict[str, Any]]) -> list[str]:
         return []
     lines = ["", "## Tasks (lm-evaluation-harness)", "",
              "Score on the task's metric through the artifact's own runtime, the unquantized model's score "
-             "(95 % interval from lm-eval's stderr), and recovery = score / unquantized score.", "",
+             "(95 % interval from lm-eval's stderr), and recovery = score / unquantized score (its paired 95 % "
+             "interval, bootstrapped over documents).", "",
              "| recipe | task | metric | documents | score | unquantized | recovery |", "|---|---|---|---|---|---|---|"]
     for r in ran:
         for task in r["tasks"]:
             interval = task.get("base_ci95")
             base = f"{task['base_score']:.4f}" + (f" ({interval['low']:.3f}-{interval['high']:.3f})" if interval else "")
-            shown = "n/a" if task["recovery"] is None else f"{task['recovery']:.3f}"
+            paired = task.get("recovery_ci95")
+            shown = "n/a" if task["recovery"] is None else f"{task['recovery']:.3f}" + (
+                f" ({paired['low']:.3f}-{paired['high']:.3f})" if paired else "")
             lines.append(f"| {r['recipe']} | {task['name']} | {task['metric']} | {task['samples']} | "
                          f"{task['score']:.4f} | {base} | {shown} |")
     return lines

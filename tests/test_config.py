@@ -204,6 +204,11 @@ def test_a_recovery_limit_for_a_task_params_does_not_name_is_refused(tmp_path):
     error = error_of(lambda: check_task_limits(limits, params, set_in))
     assert "names arc_easy" in error.what and error.where.endswith("r.yaml: gates.min_task_recovery")
     assert "arc_challenge" in error.fix
+    recipes = recipe(tmp_path, "format: gguf\ntype: Q8_0\ngates:\n  min_task_recovery_lower: {arc_esy: 0.9}\n")
+    limits, set_in = effective_limits(load_recipe("r", recipes), "r", params)
+    error = error_of(lambda: check_task_limits(limits, params, set_in))
+    assert "min_task_recovery_lower names arc_esy" in error.what
+    assert error.where.endswith("r.yaml: gates.min_task_recovery_lower")
 
 
 def test_relative_limits_in_a_cycle_are_refused_when_params_are_read_naming_both_keys(tmp_path):

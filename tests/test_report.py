@@ -88,6 +88,9 @@ def test_the_task_column_and_table_appear_only_where_a_task_gate_ran(tmp_path):
     text = report.markdown(table, {"ppl": 13.0}, {"cpu": "x"})
     assert "| task recovery |" in text and "| 0.938 |" in text
     assert "| a | arc_easy | acc,none | 100 | 0.6000 | 0.6400 (0.540-0.740) | 0.938 |" in text
+    scored["tasks"]["tasks"][0]["recovery_ci95"] = {"low": 0.9, "high": 0.97}
+    text = report.markdown(report.build_rows([scored], tmp_path), {"ppl": 13.0}, {"cpu": "x"})
+    assert "| a | arc_easy | acc,none | 100 | 0.6000 | 0.6400 (0.540-0.740) | 0.938 (0.900-0.970) |" in text
 
 
 def test_a_stale_result_is_marked_in_the_table_and_says_why_and_the_fix(tmp_path):

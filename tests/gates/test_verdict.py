@@ -193,6 +193,19 @@ def test_a_recovery_limit_per_task_makes_one_check_per_task():
     assert outcome == "fail" and reasons[0].startswith("min_task_recovery.arc_easy: recovery.arc_easy 0.97 < limit 0.99")
 
 
+def test_the_lower_bound_limit_judges_the_paired_interval_overall_and_per_task():
+    section = {"status": "ok", "recovery": {"a": 0.97, "b": 0.99}, "min_recovery": 0.97,
+               "recovery_ci95": {"a": {"low": 0.91, "high": 1.0}, "b": None}, "min_recovery_low": None,
+               "min_recovery_low_reason": "b: no per-document scores"}
+    checks = verdict.evaluate(GateLimits(min_task_recovery_lower=0.9), {"tasks": section})
+    assert [(c["name"], c["verdict"], c["reason"]) for c in checks] == [
+        ("min_task_recovery_lower", "not_run", "b: no per-document scores")]
+    checks = verdict.evaluate(GateLimits(min_task_recovery_lower={"a": 0.92}), {"tasks": section})
+    assert [(c["figure"], c["value"], c["verdict"]) for c in checks] == [("recovery_ci95.a.low", 0.91, "fail")]
+    section.update(min_recovery_low=0.91)
+    assert verdict.evaluate(GateLimits(min_task_recovery_lower=0.9), {"tasks": section})[0]["verdict"] == "pass"
+
+
 def test_a_task_gate_that_did_not_run_is_never_a_pass():
     not_run = {"status": "not_run", "reason": "params.yaml names no task (tasks: [])"}
     checks, (outcome, reasons) = judge_tasks(GateLimits(min_task_recovery=0.95), tasks=not_run)
@@ -217,7 +230,7 @@ def test_every_limit_is_checked_on_its_table_figure_the_table_way():
                              "tokenizer_mismatch": 1.0, "ci95": {"ppl_ratio": {"high": 1.0}, "mean_kld": {"high": 1.0},
                                                                   "top1_agreement": {"low": 1.0}}},
                 "speed": {"status": "ok", "decode_speedup": 1.0, "roofline_fraction": 1.0},
-                "tasks": {"status": "ok", "min_recovery": 1.0}}
+                "tasks": {"status": "ok", "min_recovery": 1.0, "min_recovery_low": 1.0}}
     below = verdict.evaluate(GateLimits(**{limit.key: 0.5 for limit in LIMITS}), sections)
     above = verdict.evaluate(GateLimits(**{limit.key: 1.0 if limit.high else 2.0 for limit in LIMITS}), sections)
     assert [(c["name"], c["gate"], c["figure"]) for c in below] == [(l.key, l.gate, l.figure) for l in LIMITS]
