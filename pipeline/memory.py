@@ -8,7 +8,7 @@ An estimate on the CPU is a fixed process overhead (Python, torch, transformers 
 plus bytes per model parameter plus bytes per logit of one window (window_tokens x vocabulary),
 with ``Factors`` per stage: ``REFERENCE`` here, each format's build and gate factors in its
 ``INFO``, plus what a stage holds whole besides (the artifact a gate maps, a window of the
-reference's log-probs). The factors are fitted to peak RSS measured at four sizes, 135M to 1.9B parameters
+reference's log-probs). The factors are fitted to peaks measured at four shapes, 135M parameters to Llama-3.1-8B at full depth
 (``benchmarks/memory_estimate.py`` and ``benchmarks/scale.py``, docs/methodology.md "Memory"),
 so that every estimate sits above every measured peak. On a GPU only a floor is checked (the
 weights and one window's logits), until GPU peaks are measured.

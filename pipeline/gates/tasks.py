@@ -197,6 +197,7 @@ def score(session, prepared: tuple[Any, list], log) -> list[dict[str, Any]]:
     open runtime ``session``."""
     import lm_eval
 
+    from pipeline.gates.task_data import scored_split
     from pipeline.gates.task_model import RuntimeLM
 
     tokenizer, max_length, stop_ids = source_text_facts(layout.SOURCE_DIR)
@@ -211,7 +212,7 @@ def score(session, prepared: tuple[Any, list], log) -> list[dict[str, Any]]:
         results = lm_eval.simple_evaluate(model=model, tasks=[task], num_fewshot=spec.num_fewshot, limit=spec.limit,
                                           task_manager=manager, log_samples=True, verbosity="WARNING")
         entry = entry_of(spec, task.task_name, results, index, seconds=time.perf_counter() - started)
-        entry.update(split=task.config.test_split or task.config.validation_split,
+        entry.update(split=scored_split(vars(task.config)),
                      paired=_aggregates_by_mean(task, entry["metric"]))
         entry["documents"] = documents_of(results.get("samples", {}).get(task.task_name, []), entry["metric"])
         entries.append(entry)
