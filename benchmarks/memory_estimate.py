@@ -90,16 +90,17 @@ def read_json(path: Path) -> dict:
 
 
 def print_header(layers: int | None = None) -> None:
-    print(f"{'stage':<26} {'estimate GB':>11} {'peak GB':>8} {'(max RSS':>8} {'tree PSS)':>9} {'anon':>6} {'est/peak':>8} "
-          f"{'seconds':>8}" + (f" {'s/layer':>8}" if layers else ""))
+    print(f"{'stage':<26} {'estimate GB':>11} {'peak GB':>8} {'(max RSS':>8} {'tree PSS)':>9} {'anon':>6} "
+          f"{'est/peak':>8} {'seconds':>8}" + (f" {'s/layer':>8}" if layers else ""))
 
 
 def print_row(row: dict, layers: int | None = None) -> None:
     label = " ".join(part for part in (row["stage"], row["recipe"]) if part)
     estimate, ratio = ((f"{row['estimate_gb']:11.2f}", f"{row['estimate_gb'] / row['peak_gb']:8.2f}")
                        if row["estimate_gb"] is not None else (f"{'-':>11}", f"{'-':>8}"))
-    print(f"{label:<26} {estimate} {row['peak_gb']:8.2f} {row['max_rss_gb']:8.2f} {row['tree_pss_gb']:9.2f} {row['tree_anonymous_gb']:6.2f} {ratio} "
-          f"{row['seconds']:8.1f}" + (f" {row['seconds'] / layers:8.2f}" if layers else ""), flush=True)
+    print(f"{label:<26} {estimate} {row['peak_gb']:8.2f} {row['max_rss_gb']:8.2f} {row['tree_pss_gb']:9.2f} "
+          f"{row['tree_anonymous_gb']:6.2f} {ratio} {row['seconds']:8.1f}"
+          + (f" {row['seconds'] / layers:8.2f}" if layers else ""), flush=True)
 
 
 def write_results(name: str, description: dict, rows: list[dict]) -> Path:

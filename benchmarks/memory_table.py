@@ -63,15 +63,14 @@ def estimated_rows(result: dict) -> list[tuple[dict, float]]:
 
 
 def measured_table() -> str:
-    results = measurements()
-    header = "| stage | " + " | ".join(f"{r['model']}, {r['parameters'] / 1e9:.2f}B" for r in results) + " |"
+    results = [(result, estimated_rows(result)) for result in measurements()]
+    header = "| stage | " + " | ".join(f"{r['model']}, {r['parameters'] / 1e9:.2f}B" for r, _ in results) + " |"
     lines = [header, "|---" * (len(results) + 1) + "|"]
     for stage, fmt in MEASURED_ROWS:
         cells = []
-        for result in results:
+        for _, rows in results:
             entries = [f"{_short(row['recipe'])}{estimate:.2f} / {row['peak_gb']:.2f} ({estimate / row['peak_gb']:.2f})"
-                       for row, estimate in estimated_rows(result)
-                       if row["stage"] == stage and row["format"] == fmt]
+                       for row, estimate in rows if row["stage"] == stage and row["format"] == fmt]
             cells.append("; ".join(entries))
         if any(cells):
             lines.append(f"| {stage}{' ' + FORMAT_NAMES[fmt] if fmt else ''} | " + " | ".join(cells) + " |")
@@ -82,10 +81,10 @@ def _short(recipe: str | None) -> str:
     return f"{recipe.split('-', 1)[1]} " if recipe else ""
 
 
-def _exceptions(results: list[dict]) -> str:
+def _exceptions(results: list[tuple[dict, list[tuple[dict, float]]]]) -> str:
     below, loose = [], []
-    for result in results:
-        for row, estimate in estimated_rows(result):
+    for result, rows in results:
+        for row, estimate in rows:
             ratio = estimate / row["peak_gb"]
             label = f"{row['stage']} {row['recipe'] or ''} at {result['model']} ({ratio:.2f})".replace("  ", " ")
             if ratio < 1:
@@ -96,7 +95,8 @@ def _exceptions(results: list[dict]) -> str:
              f"More than {SLACK - 1:.0%} above it: {', '.join(loose)}." if loose
              else f"None is more than {SLACK - 1:.0%} above it."]
     return "\n".join(lines) + "\n\nMeasured by:\n" + "".join(
-        f"- {result['model']}: `{result['command']}` ({result['settings']}; {result['host']})\n" for result in results)
+        f"- {result['model']}: `{result['command']}` ({result['settings']}; {result['host']})\n"
+        for result, _ in results)
 
 
 def factors_of(stage: str, fmt: str | None, recipe: str | None):
@@ -142,7 +142,8 @@ def suggest_factors() -> list[str]:
             slope = max(0.0, *((MARGIN * row["peak_gb"] * 1e9 - rest) / weight
                                 for row, rest, weight in zip(rows, fixed, weights)))
             slope = math.ceil(slope * 20) / 20
-            worst = max((rest + slope * weight) / (row["peak_gb"] * 1e9) for row, rest, weight in zip(rows, fixed, weights))
+            worst = max((rest + slope * weight) / (row["peak_gb"] * 1e9)
+                        for row, rest, weight in zip(rows, fixed, weights))
             if best is None or worst < best[0]:
                 best = (worst, overhead, slope)
         worst, overhead, slope = best
@@ -156,44 +157,35 @@ def doctor_table() -> str:
     """`qpipe doctor --checkpoint`'s estimates on a CPU host for each DOCTOR_MODELS config and
     the default params, in GB: one row per stage, a range where a format's recipes differ."""
     import scale
-    from pipeline import cli, config
+    from pipeline import cli, config, formats, reference
 
     params = config.load_params(REPO / "params.yaml")
+    format_of = {name: FORMAT_NAMES[formats.load_recipe(name).format] for name in params.recipes}
+    reference_label = "reference, fp32 (the default) / `reference.dtype: bfloat16`"
     columns = []
     for model in DOCTOR_MODELS:
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = Path(directory)
             scale.write_config(model, checkpoint, None)
-            needs: dict[str, list[float]] = {}
-            for dtype in ("float32", "bfloat16"):
-                reference_params = params.model_copy(update={"reference": params.reference.model_copy(
-                    update={"dtype": dtype})})
-                stage, need = cli.stage_needs(checkpoint, reference_params, device="cpu", gpu=False)[0]
-                needs.setdefault("reference, fp32 (the default) / `reference.dtype: bfloat16`", []).append(
-                    need.bytes / 1e9)
+            needs = {reference_label: [reference.memory_need(params.reference.model_copy(update={"dtype": dtype}),
+                                                             checkpoint, "cpu").bytes / 1e9
+                                       for dtype in ("float32", "bfloat16")]}
             for stage, need in cli.stage_needs(checkpoint, params, device="cpu", gpu=False)[1:]:
                 kind, recipe = stage.split(" ", 1)
-                fmt = FORMAT_NAMES[config_format(recipe)]
-                needs.setdefault(f"{kind} {fmt}", []).append(need.bytes / 1e9)
+                needs.setdefault(f"{kind} {format_of[recipe]}", []).append(need.bytes / 1e9)
             columns.append(needs)
     lines = ["| stage | " + " | ".join(DOCTOR_MODELS) + " |", "|---" * (len(DOCTOR_MODELS) + 1) + "|"]
     for label in columns[0]:
         cells = []
         for needs in columns:
             values = needs[label]
-            if label.startswith("reference"):
+            if label == reference_label:
                 cells.append(" / ".join(f"{value:.1f}" for value in values))
             else:
                 low, high = min(values), max(values)
                 cells.append(f"{low:.1f}" if f"{low:.1f}" == f"{high:.1f}" else f"{low:.1f}–{high:.1f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def config_format(recipe: str) -> str:
-    from pipeline import formats
-
-    return formats.load_recipe(recipe).format
 
 
 # (doc, name of the block, the function that renders it)
