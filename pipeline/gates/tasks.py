@@ -15,7 +15,8 @@ Per task the section records the score on the task's first metric (or ``metric``
 score, recovery = score / base score (base / score for a metric where lower is better), the
 documents scored, 95 % intervals of both scores (score ± 1.96 x lm-eval's own stderr), and
 recovery's paired 95 % interval: each document's score (lm-eval's logged samples) is kept for
-the base and the artifact, and the documents are resampled together (``paired_recovery_ci95``).
+the base and the artifact, and the documents are resampled together (``paired_recovery_ci95``;
+metrics that lm-eval aggregates as a mean, or as a perplexity of the mean log-likelihood).
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ EXTRA = "tasks"  # the qpipe extra that installs lm-eval
 LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}
 TEXT_BUILDERS = {"json", "csv", "text"}  # of those, the ones whose files are text
 Z95 = 1.959964
+
+
+def _negative_exp(mean_log_likelihoods):
+    import numpy as np
+
+    return np.exp(-mean_log_likelihoods)
+
+
+# lm-eval's aggregations (lm_eval.api.metrics) that are a function of the mean of the per-document
+# values: that function, of resampled means
+PAIRED_AGGREGATES = {"mean": lambda means: means, "perplexity": _negative_exp}
 
 
 def not_named() -> dict[str, Any]:
@@ -135,30 +147,30 @@ def paired_recovery_ci95(entry: dict[str, Any], base_entry: dict[str, Any]
                          ) -> tuple[dict[str, float] | None, str | None]:
     """Recovery's 95 % interval from a paired bootstrap over documents: the same resampled
     documents for the artifact and the base (their scores move together: a document the base
-    gets right the artifact mostly does too), recovery computed on each resample, its 2.5 and
-    97.5 percentiles; ``accuracy.BOOTSTRAP_RESAMPLES`` resamples, its seed. Or None and why."""
+    gets right the artifact mostly does too), each score aggregated as lm-eval aggregates it
+    (``PAIRED_AGGREGATES``) and recovery computed on each resample, its 2.5 and 97.5
+    percentiles (``accuracy.bootstrap_picks``). Or None and why."""
     import numpy as np
 
-    from pipeline.gates.accuracy import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+    from pipeline.gates.accuracy import bootstrap_picks
 
     documents, base_documents = entry.get("documents"), base_entry.get("documents")
     if not documents or not base_documents:
         return None, "no per-document scores (a base scored before qpipe kept them: run `qpipe task-base`)"
-    if not entry.get("paired"):
-        return None, f"{entry['metric']} is not a mean over documents, so documents cannot be resampled"
+    aggregate = PAIRED_AGGREGATES.get(entry.get("aggregation"))
+    if aggregate is None:
+        return None, f"{entry['metric']} is not aggregated from per-document values, so documents cannot be resampled"
     if documents["ids"] != base_documents["ids"] or documents["hash"] != base_documents["hash"]:
         return None, "the artifact and the base were scored on different documents"
     scores = np.asarray(documents["scores"], dtype=np.float64)
     base_scores = np.asarray(base_documents["scores"], dtype=np.float64)
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
-    picks = rng.integers(0, len(scores), size=(BOOTSTRAP_RESAMPLES, len(scores)))
-    numerator, denominator = scores[picks].mean(axis=1), base_scores[picks].mean(axis=1)
-    if not entry["higher_is_better"]:
-        numerator, denominator = denominator, numerator
-    if not denominator.all():
+    picks = bootstrap_picks(len(scores))
+    resampled = aggregate(scores[picks].mean(axis=1)), aggregate(base_scores[picks].mean(axis=1))
+    ratios = [recovery(score, base_score, entry["higher_is_better"]) for score, base_score in zip(*resampled)]
+    if None in ratios:
         return None, (f"{'the unquantized model' if entry['higher_is_better'] else 'the artifact'} scores 0 on some "
                       "resamples of the documents: recovery is undefined there")
-    low, high = np.quantile(numerator / denominator, [0.025, 0.975])
+    low, high = np.quantile(ratios, [0.025, 0.975])
     return {"low": float(low), "high": float(high)}, None
 
 
@@ -212,8 +224,7 @@ def score(session, prepared: tuple[Any, list], log) -> list[dict[str, Any]]:
         results = lm_eval.simple_evaluate(model=model, tasks=[task], num_fewshot=spec.num_fewshot, limit=spec.limit,
                                           task_manager=manager, log_samples=True, verbosity="WARNING")
         entry = entry_of(spec, task.task_name, results, index, seconds=time.perf_counter() - started)
-        entry.update(split=scored_split(vars(task.config)),
-                     paired=_aggregates_by_mean(task, entry["metric"]))
+        entry.update(split=scored_split(vars(task.config)), aggregation=_aggregation(task, entry["metric"]))
         entry["documents"] = documents_of(results.get("samples", {}).get(task.task_name, []), entry["metric"])
         entries.append(entry)
     return entries
@@ -258,12 +269,13 @@ def documents_of(samples: list[dict[str, Any]], metric: str) -> dict[str, Any]:
             "hash": hashlib.sha256("".join(row[1] for row in rows).encode()).hexdigest()}
 
 
-def _aggregates_by_mean(task, metric: str) -> bool:
-    """Whether lm-eval aggregates `metric` as the mean of its per-document values (a paired
-    bootstrap over documents then resamples the score itself)."""
-    from lm_eval.api.metrics import mean
+def _aggregation(task, metric: str) -> str | None:
+    """The name of lm-eval's aggregation of `metric` where it is one of PAIRED_AGGREGATES (then
+    a paired bootstrap over documents resamples the score itself), else None."""
+    from lm_eval.api import metrics
 
-    return task.aggregation().get(metric.partition(",")[0]) is mean
+    function = task.aggregation().get(metric.partition(",")[0])
+    return next((name for name in PAIRED_AGGREGATES if function is getattr(metrics, name)), None)
 
 
 def task_manager(names: list[str]):

