@@ -48,10 +48,13 @@ benchmark: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/repro.py
 
 # docs/recipes.md from the recipe and params models' Field descriptions, and the memory tables
-# from the committed measurements and the factors (tests check both are current)
+# from the committed measurements and the factors, the README tables from the committed task benchmark
+# and the last run's report (tests check all but the last are current)
 docs: setup
 	$(BIN)/python -m pipeline.keys_doc > docs/recipes.md
 	$(BIN)/python benchmarks/memory_table.py --write
+	$(BIN)/python benchmarks/task_table.py --write
+	if [ -f artifacts/report/tradeoff.md ]; then $(BIN)/python benchmarks/results_table.py --write; fi
 
 clean-artifacts:
 	find artifacts -mindepth 1 -not -name README.md -delete

@@ -50,19 +50,22 @@ class Limit:
 
     key: str
     gate: str                        # the gate result section that measures the figure
-    figure: str                      # the figure there; dotted: a path, e.g. ci95.mean_kld.high
+    figure: str | None               # the figure there; dotted: a path, e.g. ci95.mean_kld.high (None: keyed only)
     comparison: Literal["<=", ">="]  # how the figure is held against the limit
     low: float                       # the smallest number allowed ...
     low_allowed: bool                # ... itself allowed, or only numbers above it
     high: float | None
     description: str
-    task_figure: str | None = None   # set: a number, or {task: number}, one check per task on this figure
+    # set: {key: number} makes one check per key (a task of params `tasks`, or a position bucket of
+    # params `reference.position_buckets`) on this figure, "{key}" in it replaced by the key
+    keyed_figure: str | None = None
+    keyed_by: Literal["task", "position bucket"] | None = None
     column: str | None = None        # the figure's column in `qpipe compare` / `recommend`
     recommend_flag: str | None = None  # `qpipe recommend`'s constraint on that column
 
     @property
-    def per_task(self) -> bool:
-        return self.task_figure is not None
+    def keyed(self) -> bool:
+        return self.keyed_figure is not None
 
     def allowed(self) -> str:
         """The numbers allowed, as an error and docs/recipes.md say them."""
@@ -101,16 +104,23 @@ LIMITS: tuple[Limit, ...] = (
           "min_top1_agreement on the lower bound of its 95 % interval"),
     Limit("min_task_recovery", "tasks", "min_recovery", ">=", 0.0, False, None,
           "smallest task recovery (score / the unquantized model's score, params `tasks`): a number for every "
-          "task, or {task: number} for the tasks named", task_figure="recovery.{task}",
+          "task, or {task: number} for the tasks named", keyed_figure="recovery.{key}", keyed_by="task",
           column="task_recovery", recommend_flag="--min-recovery"),
     Limit("min_task_recovery_lower", "tasks", "min_recovery_low", ">=", 0.0, False, None,
           "min_task_recovery on the lower bound of recovery's paired 95 % interval (bootstrap over documents)",
-          task_figure="recovery_ci95.{task}.low"),
+          keyed_figure="recovery_ci95.{key}.low", keyed_by="task"),
+    # per position bucket (accuracy by_position): only {bucket: number}
+    Limit("max_mean_kld_at", "accuracy", None, "<=", 0.0, True, None,
+          "max_mean_kld at the positions of a bucket of params `reference.position_buckets`: "
+          "{bucket: number}, e.g. {2048+: 0.1}", keyed_figure="by_position.{key}.mean_kld", keyed_by="position bucket"),
+    Limit("min_top1_agreement_at", "accuracy", None, ">=", 0.0, True, 1.0,
+          "min_top1_agreement at the positions of a bucket of params `reference.position_buckets`: "
+          "{bucket: number}", keyed_figure="by_position.{key}.top1_agreement", keyed_by="position bucket"),
 )
 LIMIT_BY_KEY = {limit.key: limit for limit in LIMITS}
 # the limits a number or a RelativeLimit sets (the others are per task)
-LIMIT_KEYS = tuple(limit.key for limit in LIMITS if not limit.per_task)
-PER_TASK_LIMIT_KEYS = tuple(limit.key for limit in LIMITS if limit.per_task)
+LIMIT_KEYS = tuple(limit.key for limit in LIMITS if not limit.keyed)
+KEYED_LIMIT_KEYS = tuple(limit.key for limit in LIMITS if limit.keyed)
 
 
 class _GateLimitChecks(Strict):
@@ -138,9 +148,9 @@ class _GateLimitChecks(Strict):
             raise ValueError(f"must be {limit.allowed()}, got {value!r}")
         return float(value)
 
-    @field_validator(*PER_TASK_LIMIT_KEYS, mode="before", check_fields=False)
+    @field_validator(*KEYED_LIMIT_KEYS, mode="before", check_fields=False)
     @classmethod
-    def _per_task(cls, value: Any, info) -> Any:
+    def _keyed(cls, value: Any, info) -> Any:
         limit = LIMIT_BY_KEY[info.field_name]
 
         def positive(number: Any, key: str) -> float:
@@ -153,13 +163,19 @@ class _GateLimitChecks(Strict):
             return None
         if isinstance(value, dict):
             if not value:
-                raise ValueError("name at least one task, or give one number for every task")
-            return {str(task): positive(number, f"{task}: ") for task, number in value.items()}
+                raise ValueError(f"name at least one {limit.keyed_by}" + (
+                    ", or give one number for every task" if limit.figure else ""))
+            return {str(key): positive(number, f"{key}: ") for key, number in value.items()}
+        if limit.figure is None:
+            raise ValueError(f"name the {limit.keyed_by}s it holds: {{<{limit.keyed_by}>: number}}, got {value!r}")
         return positive(value, "")
 
 
 def _limit_field(limit: Limit) -> tuple[Any, Any]:
-    kind = float | dict[str, float] | None if limit.per_task else float | RelativeLimit | None
+    if limit.keyed:
+        kind = float | dict[str, float] | None if limit.figure else dict[str, float] | None
+    else:
+        kind = float | RelativeLimit | None
     # the Limit rides along as metadata (pydantic ignores it) for docs/recipes.md's bounds
     return Annotated[kind, limit], Field(None, description=limit.description)
 
@@ -233,6 +249,26 @@ class ReferenceParams(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="the unquantized model's "
                                                              "dtype on every device; bfloat16 halves its memory "
                                                              "(docs/methodology.md: its effect on the KLD)")
+    position_buckets: list[int] = Field(default_factory=lambda: [0, 512, 2048], description="first positions of "
+                                        "the buckets the accuracy gate also reports every figure over (by_position: "
+                                        "0-511, 512-2047, 2048+); a bucket past the window is left out")
+
+    @field_validator("position_buckets")
+    @classmethod
+    def _buckets_rise_from_0(cls, starts: list[int]) -> list[int]:
+        if not starts or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+            raise ValueError(f"must start at 0 and rise, e.g. [0, 512, 2048], got {starts}")
+        return starts
+
+    def bucket_labels(self) -> list[str]:
+        return bucket_labels(self.position_buckets)
+
+
+def bucket_labels(starts: list[int]) -> list[str]:
+    """The names of the position buckets that start at `starts`: first-last position (0-511),
+    the last one open (2048+)."""
+    ends = [f"-{end - 1}" for end in starts[1:]] + ["+"]
+    return [f"{start}{end}" for start, end in zip(starts, ends)]
 
 
 class SpeedParams(Strict):

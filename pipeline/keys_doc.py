@@ -63,7 +63,9 @@ def checked_as(field) -> str:
     limit = next((item for item in field.metadata if isinstance(item, Limit)), None)
     if limit is None:
         return ""
-    figure = f"`{limit.figure}`" + (f" (per task: `{limit.task_figure.format(task='<task>')}`)" if limit.per_task else "")
+    keyed = f"`{limit.keyed_figure.format(key=f'<{limit.keyed_by}>')}`" if limit.keyed else ""
+    figure = (f"`{limit.figure}`" + (f" (per {limit.keyed_by}: {keyed})" if keyed else "")) if limit.figure \
+        else f"{keyed} per {limit.keyed_by}"
     return f"; checks {limit.gate} {figure} {limit.comparison.replace('<=', '≤').replace('>=', '≥')} limit"
 
 

@@ -81,6 +81,7 @@ def row(result: dict[str, Any], build: dict[str, Any] | None) -> dict[str, Any]:
         "mean_kld_ci95": (accuracy.get("ci95") or {}).get("mean_kld"),
         "llama_cpp": accuracy.get("llama_cpp"),
         "second_half": accuracy.get("second_half"),
+        "by_position": accuracy.get("by_position"),
         "speed_noise": {key: (speed.get("spread") or {}).get(key, {}).get("stdev")
                         for key in ("prefill_tok_s", "decode_tok_s")},
         "per_window": _per_window(accuracy),
@@ -185,6 +186,7 @@ def markdown(rows: list[dict[str, Any]], reference_meta: dict[str, Any], host: d
                 cells.append(fmt.format(**value) if isinstance(value, dict) else fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")
     lines += llama_cpp_table(rows)
+    lines += position_table(rows)
     lines += tasks_table(rows)
     lines += ["", "## Runtimes and tensor types", ""]
     for r in rows:
@@ -245,6 +247,30 @@ def llama_cpp_table(rows: list[dict[str, Any]]) -> list[str]:
         cells = [f"{r['llama_cpp'][label]:.6f}" if "KLD" in label else f"{r['llama_cpp'][label]:.3f}"
                  for label in LLAMA_CPP_LABELS]
         cells += [f"{half['ppl_ratio']:.6f}" if half else "", f"{half['mean_kld']:.6f}" if half else ""]
+        lines.append(f"| {r['recipe']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def position_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Mean KLD (95 % interval), 99.9 % KLD and top-1 per bucket of positions (params
+    reference.position_buckets), where a window reaches past the first bucket."""
+    measured = [r for r in rows if len(r.get("by_position") or {}) > 1]
+    if not measured:
+        return []
+    labels = list(measured[0]["by_position"])
+    lines = ["", "## By position", "",
+             "Each figure over the positions of each bucket of every window (params `reference.position_buckets`): "
+             "mean KLD (95 % interval) / 99.9 % KLD / top-1.", "",
+             "| recipe | " + " | ".join(f"positions {label}" for label in labels) + " |",
+             "|" + "---|" * (len(labels) + 1)]
+    for r in measured:
+        cells = []
+        for label in labels:
+            bucket = r["by_position"].get(label)
+            interval = (bucket or {}).get("ci95", {}).get("mean_kld")
+            cells.append("" if bucket is None else
+                         f"{bucket['mean_kld']:.4f} ({interval['low']:.4f}–{interval['high']:.4f}) / "
+                         f"{bucket['p999_kld']:.3f} / {bucket['top1_agreement']:.3f}")
         lines.append(f"| {r['recipe']} | " + " | ".join(cells) + " |")
     return lines
 

@@ -194,19 +194,49 @@ def test_a_bad_task_recovery_limit_names_its_key(tmp_path, value, message):
     assert error.where.endswith("limits.r.min_task_recovery") and message in error.what
 
 
+@pytest.mark.parametrize("value, message", [
+    ("0.1", "name the position buckets it holds"),
+    ("{2048+: -1}", "2048+: must be a number at least 0"),
+    ("{}", "name at least one position bucket"),
+])
+def test_a_bad_position_bucket_limit_names_its_key(tmp_path, value, message):
+    error = error_of(lambda: load_params(write(tmp_path / "params.yaml",
+                                               f"recipes: [r]\nlimits:\n  r:\n    max_mean_kld_at: {value}\n")))
+    assert error.where.endswith("limits.r.max_mean_kld_at") and message in error.what
+
+
+@pytest.mark.parametrize("buckets", ["[]", "[512, 2048]", "[0, 512, 512]"])
+def test_position_buckets_start_at_0_and_rise(tmp_path, buckets):
+    error = error_of(lambda: load_params(write(tmp_path / "params.yaml", f"reference: {{position_buckets: {buckets}}}\n")))
+    assert error.where.endswith("reference.position_buckets") and "must start at 0 and rise" in error.what
+
+
+def test_a_bucket_limit_names_a_bucket_of_params(tmp_path):
+    from pipeline.config import effective_limits
+    from pipeline.gates import check_keyed_limits
+
+    recipes = recipe(tmp_path, "format: gguf\ntype: Q8_0\ngates:\n  max_mean_kld_at: {2048-4095: 0.1}\n")
+    params = load_params(write(tmp_path / "params.yaml", "recipes: [r]\nreference: {position_buckets: [0, 2048]}\n"))
+    assert params.reference.bucket_labels() == ["0-2047", "2048+"]
+    limits, set_in = effective_limits(load_recipe("r", recipes), "r", params)
+    error = error_of(lambda: check_keyed_limits(limits, params, set_in))
+    assert "max_mean_kld_at names 2048-4095" in error.what and "reference.position_buckets" in error.what
+    assert error.fix == "use one of: 0-2047, 2048+"
+
+
 def test_a_recovery_limit_for_a_task_params_does_not_name_is_refused(tmp_path):
     from pipeline.config import effective_limits
-    from pipeline.gates import check_task_limits
+    from pipeline.gates import check_keyed_limits
 
     recipes = recipe(tmp_path, "format: gguf\ntype: Q8_0\ngates:\n  min_task_recovery: {arc_easy: 0.95}\n")
     params = load_params(write(tmp_path / "params.yaml", "recipes: [r]\ntasks: [{name: arc_challenge}]\n"))
     limits, set_in = effective_limits(load_recipe("r", recipes), "r", params)
-    error = error_of(lambda: check_task_limits(limits, params, set_in))
+    error = error_of(lambda: check_keyed_limits(limits, params, set_in))
     assert "names arc_easy" in error.what and error.where.endswith("r.yaml: gates.min_task_recovery")
     assert "arc_challenge" in error.fix
     recipes = recipe(tmp_path, "format: gguf\ntype: Q8_0\ngates:\n  min_task_recovery_lower: {arc_esy: 0.9}\n")
     limits, set_in = effective_limits(load_recipe("r", recipes), "r", params)
-    error = error_of(lambda: check_task_limits(limits, params, set_in))
+    error = error_of(lambda: check_keyed_limits(limits, params, set_in))
     assert "min_task_recovery_lower names arc_esy" in error.what
     assert error.where.endswith("r.yaml: gates.min_task_recovery_lower")
 
@@ -286,6 +316,7 @@ def test_each_limit_takes_exactly_the_numbers_its_table_row_allows(tmp_path, key
     limit = LIMIT_BY_KEY[key]
 
     def error(value):
+        value = value if limit.figure else f"{{0-511: {value}}}"  # held only per position bucket
         try:
             load_params(write(tmp_path / "params.yaml", f"recipes: [r]\nlimits:\n  r:\n    {key}: {value}\n"))
         except BadInput as bad:

@@ -103,20 +103,31 @@ def test_every_quoted_version_tag_is_one_publish_writes():
             f"{page}: --rev {rev} is no version tag of {name} that `qpipe publish --gto-tag` writes"
 
 
-def memory_table_module():
+def benchmark_module(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("memory_table", REPO / "benchmarks/memory_table.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / f"benchmarks/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def memory_table_module():
+    return benchmark_module("memory_table")
+
+
 def test_the_memory_tables_in_the_docs_are_what_the_results_and_the_code_give():
     memory_table = memory_table_module()
     for doc, name, render in memory_table.BLOCKS:
-        assert memory_table.current_block(doc, name) == render(), \
+        assert memory_table.doc_blocks.current(doc, memory_table.SCRIPT, name) == render(), \
             f"{doc.name}'s {name} table is out of date: run `python benchmarks/memory_table.py --write`"
+
+
+def test_the_task_tables_in_the_docs_are_what_the_committed_task_benchmarks_give():
+    task_table = benchmark_module("task_table")
+    for doc, name, render in task_table.BLOCKS:
+        assert task_table.doc_blocks.current(doc, task_table.SCRIPT, name) == render(), \
+            f"{doc.name}'s {name} table is out of date: run `python benchmarks/task_table.py --write`"
 
 
 def test_every_current_estimate_sits_above_every_committed_peak():

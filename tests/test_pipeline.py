@@ -19,6 +19,7 @@ corpus:
 reference:
   windows: 3
   window_tokens: 128
+  position_buckets: [0, 64]
   dtype: float32
 speed:
   prompt_tokens: 64

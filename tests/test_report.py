@@ -69,6 +69,22 @@ def test_markdown_shows_llama_cpp_statistics_and_the_size_plot_takes_every_forma
     assert (tmp_path / "size.png").stat().st_size > 1000
 
 
+def test_the_position_table_appears_only_where_a_window_reaches_a_second_bucket(tmp_path):
+    def bucket(kld):
+        return {"mean_kld": kld, "p999_kld": 10 * kld, "top1_agreement": 0.9,
+                "ci95": {"mean_kld": {"low": kld - 0.001, "high": kld + 0.001}}}
+
+    short = gate_result("q8", 0.004, None)
+    short["accuracy"]["by_position"] = {"0-511": bucket(0.004)}
+    assert "## By position" not in report.markdown(report.build_rows([short], tmp_path), {"ppl": 13.0}, {"cpu": "x"})
+    deep = gate_result("q4", 0.05, None)
+    deep["accuracy"]["by_position"] = {"0-511": bucket(0.04), "512-2047": bucket(0.06)}
+    text = report.markdown(report.build_rows([short, deep], tmp_path), {"ppl": 13.0}, {"cpu": "x"})
+    assert "| recipe | positions 0-511 | positions 512-2047 |" in text
+    assert "| q4 | 0.0400 (0.0390–0.0410) / 0.400 / 0.900 | 0.0600 (0.0590–0.0610) / 0.600 / 0.900 |" in text
+    assert "| q8 |" not in text.split("## By position")[1]
+
+
 def with_tasks(result, scores):
     """A tasks section: task -> (score, unquantized score)."""
     entries = [{"name": name, "metric": "acc,none", "samples": 100, "score": score, "base_score": base,

@@ -30,7 +30,7 @@ def run_gate(name: str, *, params, log=print) -> dict[str, Any]:
     recipe = formats.load_recipe(name)
     limits, set_in = effective_limits(recipe, name, params)
     against = judged_against(recipe, limits, params)
-    check_task_limits(limits, params, set_in)
+    check_keyed_limits(limits, params, set_in)
     speed_params = params.speed
     fmt = formats.module(recipe.format)
     build_dir = layout.build_dir(name)
@@ -60,7 +60,8 @@ def run_gate(name: str, *, params, log=print) -> dict[str, Any]:
             session = None
             if not (accuracy_reason and speed_reason):
                 session = session_scope.enter_context(fmt.open_session(build_dir, threads, speed_params))
-            accuracy = run_accuracy(session, fmt, build_dir, ref, accuracy_reason)
+            accuracy = run_accuracy(session, fmt, build_dir, ref, accuracy_reason,
+                                    params.reference.position_buckets)
             tasks = run_tasks(session, task_plan, log)
         speed = run_speed(session, fmt, build_dir, ref, speed_params, host_info, threads, speed_reason, log)
     sections = {"accuracy": accuracy, "speed": speed, "tasks": tasks}
@@ -138,19 +139,21 @@ def gate_memory_need(info, size, *, window_tokens: int, artifact_bytes: int):
                        + reference.log_probs_bytes(1, window_tokens, size.vocabulary))
 
 
-def check_task_limits(limits, params, set_in: dict[str, str]) -> None:
-    """A per-task recovery limit must name a task of params.yaml `tasks` (a typo would leave
-    its check not_run for ever)."""
-    from pipeline.config import PER_TASK_LIMIT_KEYS
+def check_keyed_limits(limits, params, set_in: dict[str, str]) -> None:
+    """A limit per task must name a task of params.yaml `tasks`, one per position bucket a bucket
+    of `reference.position_buckets` (a typo would leave its check not_run for ever)."""
+    from pipeline.config import KEYED_LIMIT_KEYS, LIMIT_BY_KEY
     from pipeline.errors import BadInput
 
-    named = [task.name for task in params.tasks]
-    for key in PER_TASK_LIMIT_KEYS:
-        per_task = getattr(limits, key) if isinstance(getattr(limits, key), dict) else {}
-        unknown = [task for task in per_task if task not in named]
+    known = {"task": [task.name for task in params.tasks], "position bucket": params.reference.bucket_labels()}
+    for key in KEYED_LIMIT_KEYS:
+        keyed = getattr(limits, key) if isinstance(getattr(limits, key), dict) else {}
+        kind = LIMIT_BY_KEY[key].keyed_by
+        unknown = [name for name in keyed if name not in known[kind]]
         if unknown:
-            raise BadInput(f"{key} names {', '.join(unknown)}, which params.yaml `tasks` does not list",
-                           where=set_in[key], fix=f"use one of: {', '.join(named) or '(no tasks named)'}")
+            where = "params.yaml `tasks`" if kind == "task" else "params.yaml `reference.position_buckets`"
+            raise BadInput(f"{key} names {', '.join(unknown)}, which {where} does not list",
+                           where=set_in[key], fix=f"use one of: {', '.join(known[kind]) or f'(no {kind}s named)'}")
 
 
 def run_tasks(session, task_plan, log) -> dict[str, Any]:
@@ -162,7 +165,7 @@ def run_tasks(session, task_plan, log) -> dict[str, Any]:
     return tasks.section(task_plan, session, log=log)
 
 
-def run_accuracy(session, fmt, build_dir, ref, reason: str | None) -> dict[str, Any]:
+def run_accuracy(session, fmt, build_dir, ref, reason: str | None, position_buckets: list[int]) -> dict[str, Any]:
     from tqdm import tqdm
 
     from pipeline.gates import accuracy
@@ -173,7 +176,7 @@ def run_accuracy(session, fmt, build_dir, ref, reason: str | None) -> dict[str, 
     in_runtime = [0.0]
     with tqdm(total=len(ref.tokens), desc="accuracy windows", unit="win", leave=False) as bar:
         figures = accuracy.score(timed(session.window_logits(ref.tokens), in_runtime), ref,
-                                 progress=lambda n: bar.update(1))
+                                 progress=lambda n: bar.update(1), position_buckets=position_buckets)
     tokenizer = accuracy.tokenizer_mismatch(ref.text_tokens.tolist(),
                                             fmt.tokenize(build_dir, _evaluation_text()))
     return {"status": "ok", "runtime": session.runtime, "device": session.device, **figures,

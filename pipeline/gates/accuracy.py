@@ -28,7 +28,7 @@ and agreement, so two artifacts scored on the same windows can be compared pairw
 from __future__ import annotations
 
 import difflib
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -103,6 +103,7 @@ def summarize(scores: dict[str, np.ndarray]) -> dict[str, Any]:
         "ppl_ratio": ppl / reference_ppl,
         "mean_kld": float(kld.mean()),
         "p99_kld": float(np.quantile(kld, 0.99)),
+        "p999_kld": float(np.quantile(kld, 0.999)),
         "top1_agreement": float(top1.mean()),
         "mean_delta_p": float(delta_p.mean()),
         "rms_delta_p": float(np.sqrt(np.mean(delta_p ** 2))),
@@ -176,11 +177,12 @@ def positions_per_chunk(device: str, vocabulary: int, free_bytes: int | None = N
     return max(POSITIONS_PER_CHUNK, int(free_bytes // 4 // (6 * 4 * vocabulary)))
 
 
-def score(window_logits: Iterable[np.ndarray], reference, progress=None, device: str | None = None
-          ) -> dict[str, Any]:
+def score(window_logits: Iterable[np.ndarray], reference, progress=None, device: str | None = None,
+          position_buckets: Sequence[int] = (0,)) -> dict[str, Any]:
     """Score every reference window; `window_logits` yields [T, V] logits in window order. The
     statistics run on `device` (``scoring_device()`` by default), each window's reference
-    log-probs read from disk as it comes."""
+    log-probs read from disk as it comes. ``by_position`` gives them again per bucket of
+    positions (``buckets`` of `position_buckets`), each with its own intervals."""
     import torch
 
     device = device or scoring_device()
@@ -207,11 +209,31 @@ def score(window_logits: Iterable[np.ndarray], reference, progress=None, device:
         "second_half": {"positions": f"{half}..{reference.tokens.shape[1] - 2} of each window, as llama-perplexity "
                                      "scores them",
                         **summarize({key: values[:, half:].reshape(-1) for key, values in stacked.items()})},
+        "by_position": {label: {"positions": f"{start}..{stop - 1}", **_bucket(stacked, start, stop)}
+                        for label, start, stop in buckets(position_buckets, stacked["kld"].shape[1])},
         "per_window": {"mean_nll": per_window["nll"].tolist(), "mean_reference_nll": per_window["reference_nll"].tolist(),
                        "mean_kld": per_window["kld"].tolist(), "top1_agreement": per_window["top1"].tolist()},
         "vocabulary": vocabulary,
         "scoring_device": device,
     }
+
+
+def buckets(starts: Sequence[int], positions: int) -> list[tuple[str, int, int]]:
+    """(name, first position, last + 1) of each bucket (``config.bucket_labels``) that holds some
+    of a window's `positions` scored positions, the last one cut at the window's end."""
+    from pipeline.config import bucket_labels
+
+    ends = [*starts[1:], positions]
+    return [(label, start, min(end, positions))
+            for label, start, end in zip(bucket_labels(list(starts)), starts, ends) if start < positions]
+
+
+def _bucket(stacked: dict[str, np.ndarray], start: int, stop: int) -> dict[str, Any]:
+    """The headline figures and their intervals over positions start..stop-1 of every window."""
+    part = {key: values[:, start:stop] for key, values in stacked.items()}
+    figures = summarize({key: values.reshape(-1) for key, values in part.items()})
+    figures.pop("llama_cpp")
+    return {**figures, "ci95": bootstrap_ci95({key: values.mean(axis=1) for key, values in part.items()})}
 
 
 def tokenizer_mismatch(reference_ids: list[int], artifact_ids: list[int]) -> dict[str, Any]:

@@ -55,15 +55,15 @@ def evaluate(limits: GateLimits, sections: dict[str, dict[str, Any]],
 
 def _limits_set(limits: GateLimits):
     """(limit key, check name, section, figure, comparison, limit) of each limit set, in
-    ``config.LIMITS``' order; a dotted figure is a path into the section. A per-task limit given
-    as {task: number} makes one check per task, named <key>.<task>, on the limit's task figure
-    (recovery.<task>, recovery_ci95.<task>.low)."""
+    ``config.LIMITS``' order; a dotted figure is a path into the section. A keyed limit given as
+    {key: number} (a task, or a position bucket) makes one check per key, named <limit>.<key>, on
+    the limit's keyed figure (recovery.<task>, by_position.<bucket>.mean_kld, ...)."""
     for spec in LIMITS:
         limit = getattr(limits, spec.key)
         if isinstance(limit, dict):
-            for task, task_limit in limit.items():
-                yield (spec.key, f"{spec.key}.{task}", spec.gate, spec.task_figure.format(task=task), spec.comparison,
-                       task_limit)
+            for key, key_limit in limit.items():
+                yield (spec.key, f"{spec.key}.{key}", spec.gate, spec.keyed_figure.format(key=key), spec.comparison,
+                       key_limit)
         elif limit is not None:
             yield spec.key, spec.key, spec.gate, spec.figure, spec.comparison, limit
 

@@ -148,6 +148,33 @@ def test_score_gives_llama_cpp_statistics_second_half_and_per_window_figures():
     assert summary["per_window"]["mean_kld"] == pytest.approx([w["kld"].mean() for w in per_window], rel=1e-5)
 
 
+def test_every_figure_is_given_again_per_position_bucket_with_its_own_interval():
+    """Buckets [0, 8, 16, 64] of 20-token windows (19 scored positions): 0-7, 8-15 and 16-63 cut
+    to 16..18; the 64+ bucket holds no position and is left out."""
+    from pipeline.config import ReferenceParams
+
+    ref_logits, art_logits, tokens = random_case(9, windows=6, length=20, noise=0.5)
+    ramp = np.linspace(0.0, 3.0, 20, dtype=np.float32)[None, :, None]  # noise grows with position
+    art_logits = (ref_logits + ramp * (art_logits - ref_logits)).astype(np.float32)
+    starts = [0, 8, 16, 64]
+    summary = accuracy.score(iter(art_logits), fake_reference(ref_logits, tokens), position_buckets=starts)
+    assert list(summary["by_position"]) == ReferenceParams(position_buckets=starts).bucket_labels()[:3] \
+        == ["0-7", "8-15", "16-63"]
+    per_window = [brute_force(art_logits[w], ref_logits[w], tokens[w], stored=True) for w in range(6)]
+    for (label, first, stop), positions in zip([("0-7", 0, 8), ("8-15", 8, 16), ("16-63", 16, 19)],
+                                               ["0..7", "8..15", "16..18"]):
+        bucket = summary["by_position"][label]
+        kld = np.concatenate([w["kld"][first:stop] for w in per_window])
+        assert bucket["positions"] == positions and bucket["eval_tokens"] == 6 * (stop - first)
+        assert bucket["mean_kld"] == pytest.approx(kld.mean(), rel=1e-5)
+        assert bucket["p999_kld"] == pytest.approx(np.quantile(kld, 0.999), rel=1e-5)
+        assert bucket["ci95"]["mean_kld"]["low"] <= bucket["mean_kld"] <= bucket["ci95"]["mean_kld"]["high"]
+    klds = [summary["by_position"][label]["mean_kld"] for label in ("0-7", "8-15", "16-63")]
+    assert klds == sorted(klds) and klds[0] < summary["mean_kld"] < klds[-1]
+    whole = accuracy.score(iter(art_logits), fake_reference(ref_logits, tokens))
+    assert list(whole["by_position"]) == ["0+"] and whole["by_position"]["0+"]["mean_kld"] == whole["mean_kld"]
+
+
 def test_scoring_runs_on_the_device_asked_and_a_gpu_chunk_grows_with_its_free_memory():
     ref_logits, art_logits, tokens = random_case(8, windows=2, length=20)
     on_cpu = accuracy.score(iter(art_logits), fake_reference(ref_logits, tokens), device="cpu")

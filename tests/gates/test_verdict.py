@@ -193,6 +193,22 @@ def test_a_recovery_limit_per_task_makes_one_check_per_task():
     assert outcome == "fail" and reasons[0].startswith("min_task_recovery.arc_easy: recovery.arc_easy 0.97 < limit 0.99")
 
 
+def test_a_limit_at_a_position_bucket_judges_that_buckets_figure():
+    section = {"status": "ok", "mean_kld": 0.05, "top1_agreement": 0.9,
+               "by_position": {"0-511": {"mean_kld": 0.03, "top1_agreement": 0.93},
+                               "512-2047": {"mean_kld": 0.08, "top1_agreement": 0.86}}}
+    limits = GateLimits(max_mean_kld_at={"0-511": 0.05, "512-2047": 0.05, "2048+": 0.1},
+                        min_top1_agreement_at={"512-2047": 0.85}, require=["accuracy"])
+    checks = verdict.evaluate(limits, {"accuracy": section})
+    assert [(c["name"], c["figure"], c["verdict"]) for c in checks] == [
+        ("max_mean_kld_at.0-511", "by_position.0-511.mean_kld", "pass"),
+        ("max_mean_kld_at.512-2047", "by_position.512-2047.mean_kld", "fail"),
+        ("max_mean_kld_at.2048+", "by_position.2048+.mean_kld", "not_run"),  # a window too short to reach it
+        ("min_top1_agreement_at.512-2047", "by_position.512-2047.top1_agreement", "pass")]
+    outcome, reasons = verdict.overall(["accuracy"], {"accuracy": section}, checks)
+    assert outcome == "fail" and reasons[0].startswith("max_mean_kld_at.512-2047: by_position.512-2047.mean_kld 0.08")
+
+
 def test_the_lower_bound_limit_judges_the_paired_interval_overall_and_per_task():
     section = {"status": "ok", "recovery": {"a": 0.97, "b": 0.99}, "min_recovery": 0.97,
                "recovery_ci95": {"a": {"low": 0.91, "high": 1.0}, "b": None}, "min_recovery_low": None,
@@ -228,12 +244,22 @@ def test_every_limit_is_checked_on_its_table_figure_the_table_way():
 
     sections = {"accuracy": {"status": "ok", "ppl_ratio": 1.0, "mean_kld": 1.0, "top1_agreement": 1.0,
                              "tokenizer_mismatch": 1.0, "ci95": {"ppl_ratio": {"high": 1.0}, "mean_kld": {"high": 1.0},
-                                                                  "top1_agreement": {"low": 1.0}}},
+                                                                  "top1_agreement": {"low": 1.0}},
+                             "by_position": {"0-511": {"mean_kld": 1.0, "top1_agreement": 1.0}}},
                 "speed": {"status": "ok", "decode_speedup": 1.0, "roofline_fraction": 1.0},
                 "tasks": {"status": "ok", "min_recovery": 1.0, "min_recovery_low": 1.0}}
-    below = verdict.evaluate(GateLimits(**{limit.key: 0.5 for limit in LIMITS}), sections)
-    above = verdict.evaluate(GateLimits(**{limit.key: 1.0 if limit.high else 2.0 for limit in LIMITS}), sections)
-    assert [(c["name"], c["gate"], c["figure"]) for c in below] == [(l.key, l.gate, l.figure) for l in LIMITS]
+
+    def limit_of(limit, value):  # a limit held only per position bucket names one
+        return value if limit.figure else {"0-511": value}
+
+    def checked(limit):
+        return (limit.key, limit.gate, limit.figure) if limit.figure else \
+            (f"{limit.key}.0-511", limit.gate, limit.keyed_figure.format(key="0-511"))
+
+    below = verdict.evaluate(GateLimits(**{limit.key: limit_of(limit, 0.5) for limit in LIMITS}), sections)
+    above = verdict.evaluate(GateLimits(**{limit.key: limit_of(limit, 1.0 if limit.high else 2.0)
+                                           for limit in LIMITS}), sections)
+    assert [(c["name"], c["gate"], c["figure"]) for c in below] == [checked(l) for l in LIMITS]
     # a value of 1 passes a limit of 0.5 held with >= and fails one held with <=, and the other way at 2
     assert [c["verdict"] for c in below] == ["pass" if l.comparison == ">=" else "fail" for l in LIMITS]
     assert [c["verdict"] for c in above if c["limit"] == 2.0] == [
