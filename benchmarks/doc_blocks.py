@@ -31,3 +31,14 @@ def write(doc: Path, script: str, name: str, block: str) -> None:
     start = begin(script, name)
     head, rest = doc.read_text().split(start, 1)
     doc.write_text(f"{head}{start}\n{block}{END}{rest.split(END, 1)[1]}")
+
+
+def show_or_write(blocks, script: str, *, write_them: bool) -> None:
+    """Print each (doc, name, render) block, or write it into its doc."""
+    for doc, name, render in blocks:
+        block = render()
+        if write_them:
+            write(doc, script, name, block)
+            print(f"wrote the {name} table into {doc.name}")
+        else:
+            print(f"{doc.name} ({name}):\n{block}")

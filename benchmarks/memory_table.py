@@ -204,13 +204,7 @@ def main() -> None:
     if args.fit:
         print("\n".join(suggest_factors()))
         return
-    for doc, name, render in BLOCKS:
-        block = render()
-        if args.write:
-            doc_blocks.write(doc, SCRIPT, name, block)
-            print(f"wrote the {name} table into {doc.relative_to(REPO)}")
-        else:
-            print(f"{doc.relative_to(REPO)} ({name}):\n{block}")
+    doc_blocks.show_or_write(BLOCKS, SCRIPT, write_them=args.write)
 
 
 if __name__ == "__main__":

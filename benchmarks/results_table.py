@@ -63,12 +63,7 @@ def main() -> int:
     if not REPORT.is_file() or not BASELINE.is_file():
         print(f"no {REPORT.relative_to(REPO)} or {BASELINE.relative_to(REPO)}: run `make repro` first", file=sys.stderr)
         return 2
-    block = render()
-    if args.write:
-        doc_blocks.write(DOC, SCRIPT, "results", block)
-        print(f"wrote the results table into {DOC.relative_to(REPO)}")
-    else:
-        print(block)
+    doc_blocks.show_or_write([(DOC, "results", render)], SCRIPT, write_them=args.write)
     return 0
 
 

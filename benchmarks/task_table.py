@@ -105,13 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", action="store_true", help="replace the tables in the docs")
     args = parser.parse_args()
-    for doc, name, render in BLOCKS:
-        block = render()
-        if args.write:
-            doc_blocks.write(doc, SCRIPT, name, block)
-            print(f"wrote the {name} table into {doc.relative_to(REPO)}")
-        else:
-            print(f"{doc.relative_to(REPO)} ({name}):\n{block}")
+    doc_blocks.show_or_write(BLOCKS, SCRIPT, write_them=args.write)
 
 
 if __name__ == "__main__":
