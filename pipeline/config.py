@@ -118,7 +118,7 @@ LIMITS: tuple[Limit, ...] = (
           "{bucket: number}", keyed_figure="by_position.{key}.top1_agreement", keyed_by="position bucket"),
 )
 LIMIT_BY_KEY = {limit.key: limit for limit in LIMITS}
-# the limits a number or a RelativeLimit sets (the others are per task)
+# the limits a number or a RelativeLimit sets (the others are keyed: per task or per position bucket)
 LIMIT_KEYS = tuple(limit.key for limit in LIMITS if not limit.keyed)
 KEYED_LIMIT_KEYS = tuple(limit.key for limit in LIMITS if limit.keyed)
 
