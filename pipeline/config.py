@@ -282,6 +282,9 @@ class SpeedParams(Strict):
     n_gpu_layers: int = Field(-1, ge=-1, description="llama.cpp: layers on the GPU in both GGUF gates and the "
                               "baseline, where its build supports offload (llama_supports_gpu_offload); -1 = all, "
                               "0 = none. vLLM and TensorRT-LLM place the whole model on the GPU")
+    depths: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list, description="context depths at which decode is also measured (llama-bench's -d), "
+        "each with its roofline at that depth's KV-cache bytes; the headline decode is at depth prompt_tokens")
 
 
 class TaskSpec(Strict):

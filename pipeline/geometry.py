@@ -57,10 +57,13 @@ class Geometry:
                    head_dim=int(value(Keys.Attention.KEY_LENGTH) or value(Keys.LLM.EMBEDDING_LENGTH) // heads),
                    sliding_window=int(window) if sliding else None, sliding_layers=sliding)
 
-    def kv_cache_bytes(self, context_tokens: float, bytes_per_value: int = 2) -> float:
-        """Bytes of K and V one decode step reads at this context length: a sliding-window layer
-        reads at most its window."""
-        per_token = 2 * self.kv_heads * self.head_dim * bytes_per_value
+    def kv_cache_bytes(self, context_tokens: float, bytes_per_value: float = 2,
+                       v_bytes_per_value: float | None = None) -> float:
+        """Bytes of K and V one decode step reads at this context length, in the cache's own
+        dtype (a V cache of another type: `v_bytes_per_value`): a sliding-window layer reads at
+        most its window."""
+        v_bytes = bytes_per_value if v_bytes_per_value is None else v_bytes_per_value
+        per_token = self.kv_heads * self.head_dim * (bytes_per_value + v_bytes)
         if self.sliding_window is None:
             return self.layers * per_token * context_tokens
         return sum(per_token * (min(context_tokens, self.sliding_window) if sliding else context_tokens)

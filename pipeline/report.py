@@ -82,6 +82,7 @@ def row(result: dict[str, Any], build: dict[str, Any] | None) -> dict[str, Any]:
         "llama_cpp": accuracy.get("llama_cpp"),
         "second_half": accuracy.get("second_half"),
         "by_position": accuracy.get("by_position"),
+        "by_depth": (speed.get("by_depth") or {}).get("depths"),
         "speed_noise": {key: (speed.get("spread") or {}).get(key, {}).get("stdev")
                         for key in ("prefill_tok_s", "decode_tok_s")},
         "per_window": _per_window(accuracy),
@@ -187,6 +188,7 @@ def markdown(rows: list[dict[str, Any]], reference_meta: dict[str, Any], host: d
         lines.append("| " + " | ".join(cells) + " |")
     lines += llama_cpp_table(rows)
     lines += position_table(rows)
+    lines += depth_table(rows)
     lines += tasks_table(rows)
     lines += ["", "## Runtimes and tensor types", ""]
     for r in rows:
@@ -271,6 +273,29 @@ def position_table(rows: list[dict[str, Any]]) -> list[str]:
             cells.append("" if bucket is None else
                          f"{bucket['mean_kld']:.4f} ({interval['low']:.4f}–{interval['high']:.4f}) / "
                          f"{bucket['p999_kld']:.3f} / {bucket['top1_agreement']:.3f}")
+        lines.append(f"| {r['recipe']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def depth_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Decode at each of params speed.depths, where the runtime measured it."""
+    measured = [r for r in rows if r.get("by_depth")]
+    if not measured:
+        return []
+    depths = list(measured[0]["by_depth"])
+    lines = ["", "## Decode at depth", "",
+             "Decode tok/s at each context depth of params `speed.depths` (llama-bench -d) / its roofline fraction "
+             "(weights and the KV cache read at that depth, in the cache's own types) / KV-cache MB read per token.",
+             "", "| recipe | " + " | ".join(f"depth {depth}" for depth in depths) + " |",
+             "|" + "---|" * (len(depths) + 1)]
+    for r in measured:
+        cells = []
+        for depth in depths:
+            figures = r["by_depth"].get(depth)
+            fraction = (figures or {}).get("roofline_fraction")
+            cells.append("" if figures is None else
+                         f"{figures['decode_tok_s']:.1f} / {'n/a' if fraction is None else f'{fraction:.2f}'} / "
+                         f"{figures['kv_cache_bytes'] / 1e6:.1f}")
         lines.append(f"| {r['recipe']} | " + " | ".join(cells) + " |")
     return lines
 

@@ -15,6 +15,8 @@ def test_kv_cache_bytes_count_k_and_v_per_layer():
     smollm2 = Geometry(layers=30, kv_heads=3, head_dim=64)
     assert smollm2.kv_cache_bytes(576) == 30 * 2 * 3 * 64 * 2 * 576
     assert Geometry(layers=1, kv_heads=1, head_dim=1).kv_cache_bytes(10, bytes_per_value=1) == 20
+    # a q8_0 K cache (34 bytes a 32-value block) beside a q4_0 V cache (18 bytes)
+    assert smollm2.kv_cache_bytes(576, 34 / 32, 18 / 32) == 30 * 3 * 64 * (34 + 18) / 32 * 576
 
 
 def test_head_dim_is_the_configs_own_where_it_sets_one():

@@ -29,6 +29,7 @@ speed:
   threads: 0
   concurrency: 8
   n_gpu_layers: -1
+  depths: [96]
 recipes:
   - gguf-q8_0
   - gguf-q4_0
@@ -97,6 +98,8 @@ def repo(tmp_path_factory):
     for name in ("gguf-q8_0", "gguf-q4_0"):  # 3 x 128 tokens are noisier than the default 40 x 512
         recipe = root / "recipes" / f"{name}.yaml"
         recipe.write_text(recipe.read_text().split("gates:")[0] + LOOSE_GATES)
+    q4_0 = root / "recipes" / "gguf-q4_0.yaml"  # served with a q8_0 KV cache
+    q4_0.write_text("kv_cache: q8_0\n" + q4_0.read_text())
     awq = root / "recipes" / "awq-w4a16.yaml"
     knobs = [line for line in awq.read_text().split("gates:")[0].splitlines()
              if not line.startswith(("calibration_samples", "calibration_seq_len"))]
@@ -159,6 +162,25 @@ def test_baseline_is_the_unquantized_gguf_on_the_same_runtime(repo):
     assert baseline["decode_tok_s"] > 0 and baseline["prompt_tokens"] == 64
     q4 = gate(root, "gguf-q4_0")["speed"]
     assert q4["decode_speedup"] == pytest.approx(q4["decode_tok_s"] / baseline["decode_tok_s"])
+
+
+def test_a_quantized_kv_cache_is_served_measured_at_depth_and_counted_in_the_roofline(repo):
+    root, _, _, _ = repo
+    q8, q4 = gate(root, "gguf-q8_0"), gate(root, "gguf-q4_0")
+    build = json.loads((root / "artifacts" / "builds" / "gguf-q4_0" / "build.json").read_text())
+    assert build["kv_cache"] == {"k": "q8_0", "v": "q8_0"}
+    assert q4["accuracy"]["runtime"].endswith("KV cache K q8_0 V q8_0") and q4["speed"]["runtime"].endswith("V q8_0")
+    assert "-ctk q8_0 -ctv q8_0" in q4["speed"]["timing_source"]
+    assert "-ctk f16 -ctv f16" in q8["speed"]["timing_source"]
+    baseline = json.loads((root / "artifacts" / "baselines" / "gguf.json").read_text())
+    # 30 layers x 3 KV heads x 64 values of K and of V, at the mean decode context 96 + 16 / 2
+    per_value = {"q8_0": 34 / 32, "f16": 2}
+    for result, cache in ((q8, "f16"), (q4, "q8_0")):
+        at_depth = result["speed"]["by_depth"]["depths"]["96"]
+        assert at_depth["kv_cache_bytes"] == pytest.approx(30 * 3 * 64 * 2 * per_value[cache] * 104)
+        assert at_depth["decode_tok_s"] > 0 and 0 < at_depth["roofline_fraction"] < 1.5
+        assert at_depth["decode_speedup"] == pytest.approx(
+            at_depth["decode_tok_s"] / baseline["decode_at_depth"]["96"]["decode_tok_s"])
 
 
 def test_build_json_records_tools_timings_and_type_mix(repo):

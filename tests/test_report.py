@@ -85,6 +85,17 @@ def test_the_position_table_appears_only_where_a_window_reaches_a_second_bucket(
     assert "| q8 |" not in text.split("## By position")[1]
 
 
+def test_the_depth_table_shows_decode_its_roofline_and_kv_bytes_where_depths_were_measured(tmp_path):
+    plain = gate_result("q8", 0.004, 50.0)
+    assert "## Decode at depth" not in report.markdown(report.build_rows([plain], tmp_path), {"ppl": 13.0}, {"cpu": "x"})
+    deep = gate_result("q8-kv8", 0.005, 52.0)
+    deep["speed"]["by_depth"] = {"status": "ok", "depths": {"4096": {
+        "decode_tok_s": 41.25, "roofline_fraction": 0.31, "kv_cache_bytes": 12_400_000, "bytes_per_token": 1e8}}}
+    text = report.markdown(report.build_rows([plain, deep], tmp_path), {"ppl": 13.0}, {"cpu": "x"})
+    assert "| recipe | depth 4096 |" in text and "| q8-kv8 | 41.2 / 0.31 / 12.4 |" in text
+    assert "| q8 |" not in text.split("## Decode at depth")[1]
+
+
 def with_tasks(result, scores):
     """A tasks section: task -> (score, unquantized score)."""
     entries = [{"name": name, "metric": "acc,none", "samples": 100, "score": score, "base_score": base,

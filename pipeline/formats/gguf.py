@@ -28,7 +28,7 @@ from pipeline.config import RecipeBase, SpeedParams
 from pipeline.errors import BadInput, HostLacks, QpipeError, RecipeNotApplicable
 from pipeline.formats.contract import FormatInfo
 from pipeline.memory import GIB, Factors
-from pipeline.runtimes.llama_cpp import llama_tool
+from pipeline.runtimes.llama_cpp import F16_CACHE, llama_tool
 
 ARTIFACT_FILE = "model.gguf"
 IMATRIX_FILE = "imatrix.gguf"
@@ -46,6 +46,8 @@ QUANT_TYPES = (
 IMATRIX_MEMORY = Factors(0.85 * GIB, 1.1, 0.0)
 # llama.cpp refuses these without an importance matrix.
 NEEDS_IMATRIX = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "Q2_K_S")
+# the KV-cache types llama.cpp's tools accept for -ctk / -ctv (common/arg.cpp kv_cache_types)
+KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 
 
 INFO = FormatInfo(
@@ -74,6 +76,10 @@ class Recipe(RecipeBase):
                                              "the calibration text (required by IQ2_*, IQ1_*, Q2_K_S)")
     imatrix_chunks: int = Field(64, ge=1, description="calibration chunks llama-imatrix reads")
     imatrix_ctx: int = Field(512, ge=32, description="tokens per llama-imatrix chunk")
+    kv_cache: str = Field(F16_CACHE["k"], description="the KV-cache type llama.cpp serves the file with, for K and V "
+                          f"(llama-cli's -ctk / -ctv): {', '.join(KV_CACHE_TYPES)}; a quantized V cache needs "
+                          "flash attention, which every GGUF gate runs with")
+    kv_cache_v: str | None = Field(None, description="a V-cache type apart from K's (None: kv_cache's)")
 
     def build_memory(self, format_factors):
         return (format_factors, IMATRIX_MEMORY) if self.imatrix else format_factors
@@ -87,7 +93,16 @@ class Recipe(RecipeBase):
         self.type = self.type.upper()
         if self.type in NEEDS_IMATRIX and not self.imatrix:
             raise ValueError(f"GGUF type {self.type} needs `imatrix: true`")
+        self.kv_cache = self.kv_cache.lower()
+        self.kv_cache_v = self.kv_cache_v.lower() if self.kv_cache_v else None
+        for value in (self.kv_cache, self.kv_cache_v or self.kv_cache):
+            if value not in KV_CACHE_TYPES:
+                raise ValueError(f"unknown KV-cache type {value!r}; llama.cpp's: {', '.join(KV_CACHE_TYPES)}")
         return self
+
+    def cache_types(self) -> dict[str, str]:
+        """{"k": K's type, "v": V's}: what build.json records and every gate serves the file with."""
+        return {"k": self.kv_cache, "v": self.kv_cache_v or self.kv_cache}
 
     def weights_dtype(self) -> str:
         return "bfloat16" if self.outtype == "bf16" else "float16"
@@ -213,6 +228,7 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
           threads: int, log) -> dict[str, Any]:
     """Write model.gguf (and imatrix.gguf when used) into out_dir; return build facts."""
     check_llama_cpp_computes(source_dir, recipe.where("format"))
+    check_cache_types(recipe, source_dir)
     timings: dict[str, float] = {}
     converter = converter_info()
     with tempfile.TemporaryDirectory(prefix="qpipe-gguf-") as scratch:
@@ -258,6 +274,7 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
         "fallback": fallback,
         "imatrix": {"chunks": recipe.imatrix_chunks, "ctx": recipe.imatrix_ctx,
                     "file": IMATRIX_FILE} if imatrix else None,
+        "kv_cache": recipe.cache_types(),
     }
 
 
@@ -266,6 +283,29 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
 # checkpoint says; the converter writes neither.
 GEMMA3_PATTERN = 6
 GEMMA3_SLIDING_ROPE_THETA = 10000.0
+
+
+def check_cache_types(recipe: Recipe, source_dir: Path) -> None:
+    """Refuse (RecipeNotApplicable) a quantized KV cache whose blocks do not tile an attention
+    head: llama.cpp stores K and V rows of head_dim values in blocks of the cache type and fails
+    to create the context otherwise (Phi-3's 96 or Gemma's 256 take 32-blocks; some heads do not)."""
+    from pipeline.geometry import Geometry
+
+    head_dim = Geometry.from_hf_config(json.loads((Path(source_dir) / "config.json").read_text())).head_dim
+    for part, cache_type in recipe.cache_types().items():
+        block = cache_value_block(cache_type)[0]
+        if head_dim % block:
+            raise RecipeNotApplicable(
+                f"a {cache_type} {part.upper()} cache stores blocks of {block} values, which do not tile this "
+                f"model's {head_dim}-value attention heads", where=recipe.where("kv_cache"),
+                fix="use f16, bf16 or f32 for this model's KV cache")
+
+
+def cache_value_block(cache_type: str) -> tuple[int, int]:
+    """(values per block, bytes per block) of a llama.cpp KV-cache type."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    return GGML_QUANT_SIZES[GGMLQuantizationType[cache_type.upper()]]
 
 
 def check_llama_cpp_computes(source_dir: Path, where: str) -> None:
@@ -440,12 +480,15 @@ def bits_per_weight(build_dir: Path) -> float:
 
 
 def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, float]:
-    """Bytes a decode step must read: every weight tensor once, plus the f16 KV cache at the
-    given context length (``geometry.Geometry`` of the header, as llama.cpp reads it). With a
-    separate output matrix the token embedding reads a single row; with tied embeddings the
-    whole matrix is read for the logits."""
+    """Bytes a decode step must read: every weight tensor once, plus the KV cache at the given
+    context length in the cache types it is served with (``geometry.Geometry`` of the header,
+    as llama.cpp reads it). With a separate output matrix the token embedding reads a single
+    row; with tied embeddings the whole matrix is read for the logits."""
     from pipeline.geometry import Geometry
     from pipeline.runtimes.llama_cpp import read_header
+
+    k_bytes, v_bytes = (block_bytes / block for block, block_bytes in
+                        (cache_value_block(cache_type) for cache_type in cache_types(build_dir).values()))
 
     header = read_header(artifact_path(build_dir))
     tensors = {t.name: t for t in header.tensors}
@@ -453,7 +496,7 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
     if "output.weight" in tensors and "token_embd.weight" in tensors:
         embedding = tensors["token_embd.weight"]
         weights -= embedding.n_bytes - embedding.n_bytes // embedding.shape[-1]
-    kv_cache = Geometry.from_gguf(header.metadata).kv_cache_bytes(context_tokens)
+    kv_cache = Geometry.from_gguf(header.metadata).kv_cache_bytes(context_tokens, k_bytes, v_bytes)
     return {"weights": float(weights), "kv_cache": float(kv_cache), "total": float(weights + kv_cache)}
 
 
@@ -466,13 +509,20 @@ def runtime_name(build_dir: Path | None = None) -> str:
     return runtime.name()
 
 
+def cache_types(build_dir: Path) -> dict[str, str]:
+    """The KV-cache types the build says to serve its file with ({"k": .., "v": ..}); a
+    directory with no build record holds a bare GGUF, served with llama.cpp's default."""
+    record = Path(build_dir) / "build.json"
+    return json.loads(record.read_text()).get("kv_cache") or F16_CACHE if record.is_file() else F16_CACHE
+
+
 def open_session(build_dir: Path, threads: int, speed: SpeedParams):
-    """llama.cpp on the GGUF, `speed.n_gpu_layers` layers on the GPU (-1, the default: all)
-    where this llama.cpp offloads. Its speed is llama-bench's, batch 1 only: llama-cpp-python
-    serves one sequence at a time, so `speed.concurrency` is unused."""
+    """llama.cpp on the GGUF with the build's KV-cache types, `speed.n_gpu_layers` layers on the
+    GPU (-1, the default: all) where this llama.cpp offloads. Its speed is llama-bench's, batch 1
+    only: llama-cpp-python serves one sequence at a time, so `speed.concurrency` is unused."""
     from pipeline.runtimes import llama_cpp as runtime
 
-    return runtime.open_session(artifact_path(build_dir), threads=threads,
+    return runtime.open_session(artifact_path(build_dir), threads=threads, cache_types=cache_types(build_dir),
                                 n_gpu_layers=runtime.gpu_layers(speed.n_gpu_layers))
 
 

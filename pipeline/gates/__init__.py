@@ -215,7 +215,13 @@ def run_speed(session, fmt, build_dir, ref, speed_params, host_info, threads: in
                             gen_tokens=speed_params.gen_tokens, threads=threads,
                             bandwidth=speed.roofline_bandwidth(host_info, measured.get("device", "cpu")),
                             bytes_per_token=bytes_per_token)
-    section = speed.with_speedup(section, _baseline(fmt.INFO.name))
+    baseline = _baseline(fmt.INFO.name)
+    if speed_params.depths:
+        section["by_depth"] = speed.by_depth(
+            measured, depths=speed_params.depths, gen_tokens=speed_params.gen_tokens,
+            bandwidth_gb_s=section["bandwidth_gb_s"], baseline=baseline,
+            bytes_at=lambda context: fmt.decode_bytes_per_token(build_dir, context))
+    section = speed.with_speedup(section, baseline)
     return speed.contended(section, held.record(), cpu_runtime=not has_usable_gpu(host_info))
 
 

@@ -107,6 +107,29 @@ def section(measured: dict, *, runtime: str, prompt_tokens: int, gen_tokens: int
     return result
 
 
+def by_depth(measured: dict, *, depths: list[int], gen_tokens: int, bandwidth_gb_s: float | None,
+             bytes_at, baseline: dict | None) -> dict:
+    """Decode at each of params speed.depths, as the runtime measured it, with its roofline:
+    the weights plus the KV cache read at that depth (over the decode steps, in the cache's own
+    dtype: `bytes_at(context_tokens)`, the format's decode_bytes_per_token), and its speedup
+    against the unquantized model's decode at the same depth."""
+    if "decode_at_depth" not in measured:
+        return {"status": "not_run", "reason": "this runtime measures decode at depth prompt_tokens only"}
+    baseline_rates = (baseline or {}).get("decode_at_depth") or {}
+    figures = {}
+    for depth in depths:
+        rate = measured["decode_at_depth"][str(depth)]
+        read = bytes_at(mean_decode_context(depth, gen_tokens))
+        roof = roofline_tok_s(bandwidth_gb_s, read["total"]) if bandwidth_gb_s else None
+        base = baseline_rates.get(str(depth), {}).get("decode_tok_s")
+        figures[str(depth)] = {
+            "decode_tok_s": rate["decode_tok_s"], "stdev": rate["stdev"], "samples": rate["samples"],
+            "kv_cache_bytes": read["kv_cache"], "bytes_per_token": read["total"], "roofline_tok_s": roof,
+            "roofline_fraction": rate["decode_tok_s"] / roof if roof else None,
+            "baseline_decode_tok_s": base, "decode_speedup": rate["decode_tok_s"] / base if base else None}
+    return {"status": "ok", "depths": figures}
+
+
 def with_speedup(section: dict, baseline: dict | None) -> dict:
     if not baseline or baseline.get("status") != "ok":
         section["decode_speedup"] = section["prefill_speedup"] = None

@@ -49,6 +49,11 @@ def name() -> str:
     return f"llama.cpp (llama-cpp-python {version()})"
 
 
+def cache_label(cache_types: dict[str, str]) -> str:
+    """What a runtime name adds for a KV cache other than llama.cpp's default f16."""
+    return "" if cache_types == F16_CACHE else f", KV cache K {cache_types['k']} V {cache_types['v']}"
+
+
 def unavailable_reason() -> str | None:
     try:
         import llama_cpp  # noqa: F401
@@ -212,11 +217,24 @@ def native_output_to(path: Path | None = None, streams: tuple[int, ...] = (2,)) 
         os.close(target)
 
 
-def open_model(path: Path, *, n_ctx: int, logits_all: bool, threads: int, n_gpu_layers: int = 0):
+# K and V cache types when none are named: llama.cpp's default
+F16_CACHE = {"k": "f16", "v": "f16"}
+
+
+def ggml_type(name: str) -> int:
+    """The ggml type id of a KV-cache type name (f16, q8_0, ...): gguf-py's enum carries ggml's ids."""
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType[name.upper()].value
+
+
+def open_model(path: Path, *, n_ctx: int, logits_all: bool, threads: int, n_gpu_layers: int = 0,
+               cache_types: dict[str, str] = F16_CACHE):
     """A llama.cpp context as llama.cpp's own tools make one: flash attention on, which is what
-    their default `-fa auto` resolves to on the CPU. llama-cpp-python's own default is off; on
-    this host the 512-token prefill is then about 20 % slower, and the KLD of Q8_0 / Q4_K_M
-    moves by 2 % / 1 % over 8 windows, within their noise."""
+    their default `-fa auto` resolves to on the CPU and what a quantized V cache needs. K and V
+    are cached in `cache_types` (-ctk / -ctv). llama-cpp-python's own default is off; on this host
+    the 512-token prefill is then about 20 % slower, and the KLD of Q8_0 / Q4_K_M moves by 2 % /
+    1 % over 8 windows, within their noise."""
     from llama_cpp import Llama
 
     with native_output_to():
@@ -230,14 +248,17 @@ def open_model(path: Path, *, n_ctx: int, logits_all: bool, threads: int, n_gpu_
             n_threads_batch=threads,
             n_gpu_layers=n_gpu_layers,
             flash_attn=True,
+            type_k=ggml_type(cache_types["k"]),
+            type_v=ggml_type(cache_types["v"]),
             verbose=False,
         )
 
 
-def open_session(path: Path, *, threads: int, tokenizer_dir: Path | None = None, n_gpu_layers: int = 0) -> "LlamaCppSession":
-    """The GGUF at `path` for a gate: one llama.cpp model with `n_gpu_layers` offloaded (a GGUF
-    carries its tokenizer)."""
-    return LlamaCppSession(Path(path), threads=threads, n_gpu_layers=n_gpu_layers)
+def open_session(path: Path, *, threads: int, tokenizer_dir: Path | None = None, n_gpu_layers: int = 0,
+                 cache_types: dict[str, str] = F16_CACHE) -> "LlamaCppSession":
+    """The GGUF at `path` for a gate: one llama.cpp model with `n_gpu_layers` offloaded and K and
+    V cached in `cache_types` (a GGUF carries its tokenizer)."""
+    return LlamaCppSession(Path(path), threads=threads, n_gpu_layers=n_gpu_layers, cache_types=cache_types)
 
 
 class LlamaCppSession(Session):
@@ -245,9 +266,9 @@ class LlamaCppSession(Session):
     request so far: a longer one reopens it once with room for it (a context holds
     n_ctx x vocabulary float32 logits, so it is not made larger than the requests need)."""
 
-    def __init__(self, path: Path, *, threads: int, n_gpu_layers: int):
-        self.path, self.threads, self.n_gpu_layers = path, threads, n_gpu_layers
-        self.runtime = name()
+    def __init__(self, path: Path, *, threads: int, n_gpu_layers: int, cache_types: dict[str, str] = F16_CACHE):
+        self.path, self.threads, self.n_gpu_layers, self.cache_types = path, threads, n_gpu_layers, cache_types
+        self.runtime = name() + cache_label(cache_types)
         self.device = offload(path, n_gpu_layers)["device"]
         self._model = None
         self._n_ctx = 0
@@ -256,7 +277,7 @@ class LlamaCppSession(Session):
         if self._model is None or tokens > self._n_ctx:
             self.close()
             self._model = open_model(self.path, n_ctx=tokens, logits_all=True, threads=self.threads,
-                                     n_gpu_layers=self.n_gpu_layers)
+                                     n_gpu_layers=self.n_gpu_layers, cache_types=self.cache_types)
             self._n_ctx = tokens
         return self._model
 
@@ -286,7 +307,8 @@ class LlamaCppSession(Session):
         """The scoring context is closed first: llama-bench is llama.cpp's own process and maps
         the file itself, and the latency run needs a context without every position's logits."""
         self.close()
-        return measure_speed(self.path, prompt, speed, threads=self.threads, n_gpu_layers=self.n_gpu_layers)
+        return measure_speed(self.path, prompt, speed, threads=self.threads, n_gpu_layers=self.n_gpu_layers,
+                             cache_types=self.cache_types)
 
     def close(self) -> None:
         if self._model is not None:
@@ -311,16 +333,17 @@ def tokenize(path: Path, text: str) -> list[int]:
 
 
 def measure_speed(path: Path, prompt: list[int], speed: SpeedParams, *, threads: int,
-                  n_gpu_layers: int = 0) -> dict[str, Any]:
+                  n_gpu_layers: int = 0, cache_types: dict[str, str] = F16_CACHE) -> dict[str, Any]:
     """Prefill and decode from llama-bench (`speed.repeats` runs), TTFT and ITL from one run of
     the Python API after `speed.warmup` (module docstring), with `n_gpu_layers` offloaded (what
-    ``gpu_layers`` makes of `speed.n_gpu_layers`). Batch 1 only: llama-cpp-python serves one
-    sequence at a time, so `speed.concurrency` is unused."""
+    ``gpu_layers`` makes of `speed.n_gpu_layers`) and K and V cached in `cache_types`; decode
+    also at each of `speed.depths`. Batch 1 only: llama-cpp-python serves one sequence at a
+    time, so `speed.concurrency` is unused."""
     gen_tokens, repeats = speed.gen_tokens, speed.repeats
     bench = llama_bench(path, prompt_tokens=len(prompt), gen_tokens=gen_tokens, repeats=repeats,
-                        threads=threads, n_gpu_layers=n_gpu_layers)
+                        threads=threads, n_gpu_layers=n_gpu_layers, cache_types=cache_types, depths=speed.depths)
     api = api_latency(path, prompt, gen_tokens=gen_tokens, warmup=speed.warmup, threads=threads,
-                      n_gpu_layers=n_gpu_layers)
+                      n_gpu_layers=n_gpu_layers, cache_types=cache_types)
     return {
         **offload(path, n_gpu_layers),
         # llama-bench's own record of where it ran
@@ -337,44 +360,53 @@ def measure_speed(path: Path, prompt: list[int], speed: SpeedParams, *, threads:
             "itl_ms": {"p10": api["itl_p10_ms"], "p90": api["itl_p90_ms"]},
         },
         "timing_source": (f"llama-bench {bench['build']}: pp{len(prompt)} and tg{gen_tokens} at depth {len(prompt)}, "
-                          f"-r {repeats} -t {threads} -ngl {n_gpu_layers} -fa on; TTFT and ITL: llama-cpp-python's "
-                          "per-token loop"),
+                          f"-r {repeats} -t {threads} -ngl {n_gpu_layers} -fa on -ctk {cache_types['k']} "
+                          f"-ctv {cache_types['v']}; TTFT and ITL: llama-cpp-python's per-token loop"),
         # llama-bench's repeats, sample by sample
         "runs": [{"prefill_tok_s": p, "decode_tok_s": d}
                  for p, d in zip(bench["prefill"]["samples_ts"], bench["decode"]["samples_ts"])],
+        "decode_at_depth": {str(depth): {"decode_tok_s": record["avg_ts"], "stdev": record["stddev_ts"],
+                                    "samples": record["samples_ts"]}
+                            for depth, record in bench["depths"].items()},
     }
 
 
 def llama_bench(path: Path, *, prompt_tokens: int, gen_tokens: int, repeats: int, threads: int,
-                n_gpu_layers: int = 0) -> dict[str, Any]:
+                n_gpu_layers: int = 0, cache_types: dict[str, str] = F16_CACHE,
+                depths: list[int] = ()) -> dict[str, Any]:
     """llama-bench's JSON records of pp<prompt_tokens> (depth 0) and tg<gen_tokens> at depth
-    <prompt_tokens>: {"prefill": record, "decode": record, "build": commit}."""
+    <prompt_tokens>, and at each of `depths` (one llama-bench run: -d takes a list):
+    {"prefill": record, "decode": record, "depths": {depth: record}, "build": commit}."""
     binary, env = llama_tool("llama-bench")
     common = ["-m", str(path), "-t", str(threads), "-r", str(repeats), "-ngl", str(n_gpu_layers), "-fa", "on",
-              "-o", "json"]
-    records = {}
+              "-ctk", cache_types["k"], "-ctv", cache_types["v"], "-o", "json"]
+    decode_depths = ",".join(str(depth) for depth in dict.fromkeys([prompt_tokens, *depths]))
+    records: dict[str, Any] = {}
     for test, arguments in (("prefill", ["-p", str(prompt_tokens), "-n", "0"]),
-                            ("decode", ["-p", "0", "-n", str(gen_tokens), "-d", str(prompt_tokens)])):
+                            ("decode", ["-p", "0", "-n", str(gen_tokens), "-d", decode_depths])):
         command = [str(binary), *common, *arguments]
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         if result.returncode != 0:
             tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise ToolFailed(f"llama-bench exited with {result.returncode} on {path.name}: {tail}",
                              where=" ".join(command), fix="run the command by hand to see its whole output")
-        (records[test],) = json.loads(result.stdout)
+        records[test] = {record["n_depth"]: record for record in json.loads(result.stdout)}
+    records["prefill"] = records["prefill"][0]
+    records["depths"] = {depth: records["decode"][depth] for depth in depths}
+    records["decode"] = records["decode"][prompt_tokens]
     records["build"] = records["decode"].get("build_commit")
     return records
 
 
 def api_latency(path: Path, prompt: list[int], *, gen_tokens: int, warmup: int, threads: int,
-                n_gpu_layers: int = 0) -> dict[str, Any]:
+                n_gpu_layers: int = 0, cache_types: dict[str, str] = F16_CACHE) -> dict[str, Any]:
     """One batch-1 greedy generation through llama-cpp-python after `warmup` discarded ones:
     prefill the prompt, then decode gen_tokens one at a time. TTFT = prefill + choosing the
     first token; ITL = the median time between later tokens (and its 10th / 90th percentiles)."""
     import llama_cpp
 
     model = open_model(path, n_ctx=len(prompt) + gen_tokens + 8, logits_all=False,
-                       threads=threads, n_gpu_layers=n_gpu_layers)
+                       threads=threads, n_gpu_layers=n_gpu_layers, cache_types=cache_types)
     n_vocab = model.n_vocab()
     try:
         for _ in range(warmup + 1):

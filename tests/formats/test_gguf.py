@@ -56,6 +56,61 @@ def test_decode_bytes_per_token_counts_tied_embedding_and_kv_cache(embedded_buil
     assert read["total"] == read["weights"] + read["kv_cache"]
 
 
+def test_decode_bytes_per_token_count_the_kv_cache_in_its_own_types(embedded_build):
+    import json
+
+    (embedded_build / "build.json").write_text(json.dumps({"kv_cache": {"k": "q8_0", "v": "q4_0"}}))
+    read = fmt.decode_bytes_per_token(embedded_build, context_tokens=100)
+    # per layer, position and KV head: 64 K values in q8_0 blocks (34 bytes / 32), 64 V values in q4_0 (18 / 32)
+    assert read["kv_cache"] == 30 * 3 * (64 * 34 / 32 + 64 * 18 / 32) * 100
+
+
+def test_kv_cache_types_are_llama_cpps_and_default_to_f16():
+    from pydantic import ValidationError
+
+    recipe = fmt.Recipe(format="gguf", type="q4_k_m")
+    assert recipe.cache_types() == {"k": "f16", "v": "f16"}
+    assert fmt.Recipe(format="gguf", type="Q8_0", kv_cache="Q8_0").cache_types() == {"k": "q8_0", "v": "q8_0"}
+    assert fmt.Recipe(format="gguf", type="Q8_0", kv_cache="q8_0", kv_cache_v="q4_0").cache_types() == \
+        {"k": "q8_0", "v": "q4_0"}
+    with pytest.raises(ValidationError, match="unknown KV-cache type 'q4_k'; llama.cpp's: f32, f16"):
+        fmt.Recipe(format="gguf", type="Q8_0", kv_cache="q4_k")
+
+
+
+def test_the_kv_cache_types_are_the_ones_llama_cpps_tools_allow():
+    import re
+    import subprocess
+
+    from pipeline.runtimes.llama_cpp import ggml_type
+
+    binary, env = fmt.llama_tool("llama-perplexity")
+    usage = subprocess.run([str(binary), "--help"], capture_output=True, text=True, env=env)
+    allowed = re.search(r"-ctk,.*\n.*allowed values: ([^\n]*)", usage.stdout + usage.stderr)
+    assert allowed and tuple(allowed.group(1).strip().rstrip(")").split(", ")) == fmt.KV_CACHE_TYPES
+    assert [ggml_type(name) for name in ("f16", "q8_0", "q4_0")] == [1, 8, 2]  # ggml.h's GGML_TYPE_* ids
+
+
+@pytest.mark.parametrize("head_dim, cache_type, refused", [(96, "q8_0", False), (80, "q4_0", True),
+                                                           (80, "f16", False)])
+def test_a_cache_type_whose_blocks_do_not_tile_a_head_is_refused_before_converting(tmp_path, head_dim, cache_type,
+                                                                                   refused):
+    import json
+
+    from pipeline.errors import RecipeNotApplicable
+
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 8, "num_hidden_layers": 2,
+                                                      "hidden_size": 8 * head_dim}))
+    recipe = fmt.Recipe(format="gguf", type="Q8_0", kv_cache_v=cache_type)
+    if not refused:
+        fmt.check_cache_types(recipe, tmp_path)
+        return
+    with pytest.raises(RecipeNotApplicable, match=f"a {cache_type} V cache stores blocks of 32 values, which do "
+                       f"not tile this model's {head_dim}-value attention heads") as info:
+        fmt.check_cache_types(recipe, tmp_path)
+    assert info.value.where.endswith("kv_cache")
+
+
 def test_every_listed_quant_type_exists_in_llama_cpp():
     import llama_cpp
 

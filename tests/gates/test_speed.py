@@ -71,6 +71,31 @@ def test_no_baseline_leaves_speedup_unmeasured_with_a_reason():
     assert absent["decode_speedup_reason"] == "needs a CUDA GPU"
 
 
+def test_decode_at_each_depth_gets_its_roofline_at_that_depths_kv_bytes_and_its_speedup():
+    measured = {"decode_at_depth": {"4096": {"decode_tok_s": 50.0, "stdev": 1.0, "samples": [49.0, 51.0]}}}
+    read_at = []
+
+    def bytes_at(context):
+        read_at.append(context)
+        return {"kv_cache": 1e6, "total": 5e6}
+
+    result = speed.by_depth(measured, depths=[4096], gen_tokens=128, bandwidth_gb_s=1.0, bytes_at=bytes_at,
+                            baseline={"decode_at_depth": {"4096": {"decode_tok_s": 40.0}}})
+    figures = result["depths"]["4096"]
+    assert result["status"] == "ok" and read_at == [4096 + 64]  # the mean context over the 128 decode steps
+    assert figures["roofline_tok_s"] == pytest.approx(200.0) and figures["roofline_fraction"] == pytest.approx(0.25)
+    assert figures["decode_speedup"] == pytest.approx(1.25) and figures["kv_cache_bytes"] == 1e6
+    unmeasured = speed.by_depth(measured, depths=[4096], gen_tokens=128, bandwidth_gb_s=None, bytes_at=bytes_at,
+                                baseline=None)["depths"]["4096"]
+    assert unmeasured["roofline_fraction"] is None and unmeasured["decode_speedup"] is None
+
+
+def test_a_runtime_that_measures_no_depths_leaves_them_not_run():
+    result = speed.by_depth({"decode_tok_s": 1.0}, depths=[4096], gen_tokens=8, bandwidth_gb_s=1.0,
+                            bytes_at=lambda context: {}, baseline=None)
+    assert result["status"] == "not_run" and "depth prompt_tokens only" in result["reason"]
+
+
 def test_a_second_speed_measurement_waits_for_the_first(tmp_path, monkeypatch):
     import fcntl
     import subprocess

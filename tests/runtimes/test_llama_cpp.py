@@ -65,9 +65,10 @@ def test_offload_follows_llama_cpps_own_answer(model_path, monkeypatch):
 
 @pytest.mark.parametrize("offloads, requested, expected", [(False, -1, 0), (True, -1, llama_cpp.ALL_LAYERS),
                                                            (True, 12, 12)])
-def test_each_offload_branch_passes_its_layers_to_llama_bench_and_the_api(model_path, monkeypatch, offloads, requested,
-                                                                          expected):
-    """The GGUF format reads params speed.n_gpu_layers from the speed params it is handed."""
+def test_each_offload_branch_passes_its_layers_to_llama_bench_and_the_api(model_path, monkeypatch, tmp_path, offloads,
+                                                                          requested, expected):
+    """The GGUF format reads params speed.n_gpu_layers from the speed params it is handed, and
+    the KV-cache types from the build's record."""
     import llama_cpp as bindings
 
     from pipeline.formats import gguf
@@ -77,7 +78,9 @@ def test_each_offload_branch_passes_its_layers_to_llama_bench_and_the_api(model_
 
     def bench(command, **kwargs):
         commands.append(command)
-        record = {"avg_ts": 10.0, "stddev_ts": 0.0, "samples_ts": [10.0], "build_commit": "x", "backends": "CPU"}
+        depth = int(command[command.index("-d") + 1]) if "-d" in command else 0
+        record = {"avg_ts": 10.0, "stddev_ts": 0.0, "samples_ts": [10.0], "build_commit": "x", "backends": "CPU",
+                  "n_depth": depth}
         return type("Done", (), {"returncode": 0, "stdout": __import__("json").dumps([record]), "stderr": ""})()
 
     monkeypatch.setattr(llama_cpp.subprocess, "run", bench)
@@ -86,10 +89,13 @@ def test_each_offload_branch_passes_its_layers_to_llama_bench_and_the_api(model_
     monkeypatch.setattr(llama_cpp, "open_model", lambda *a, **k: opened.append(k["n_gpu_layers"]) or
                         (_ for _ in ()).throw(RuntimeError("stop")))
     monkeypatch.setattr(gguf, "artifact_path", lambda build_dir: model_path)
+    (tmp_path / "build.json").write_text('{"kv_cache": {"k": "q8_0", "v": "q4_0"}}')
     speed = SpeedParams(gen_tokens=4, repeats=1, warmup=0, concurrency=1, n_gpu_layers=requested)
-    with gguf.open_session(None, 2, speed) as session:
+    with gguf.open_session(tmp_path, 2, speed) as session:
         measured = session.measure_speed([1, 2, 3], speed)
         assert all(command[command.index("-ngl") + 1] == str(expected) for command in commands) and len(commands) == 2
+        assert all(command[command.index("-ctk"):command.index("-ctv") + 2] == ["-ctk", "q8_0", "-ctv", "q4_0"]
+                   for command in commands)
         assert measured["device"] == llama_cpp.offload(model_path, expected)["device"] and opened == [expected]
         assert measured["n_gpu_layers"] == expected
         with pytest.raises(RuntimeError, match="stop"):
@@ -104,6 +110,41 @@ def test_llama_bench_records_are_its_own_json(model_path):
     assert (records["decode"]["n_prompt"], records["decode"]["n_gen"], records["decode"]["n_depth"]) == (0, 4, 16)
     assert records["decode"]["n_threads"] == 1 and records["decode"]["n_gpu_layers"] == 0
     assert records["decode"]["flash_attn"] == 1  # on, as the Python API runs it
+
+
+def test_llama_bench_measures_decode_at_each_depth_in_one_run_with_the_cache_types(model_path):
+    records = llama_cpp.llama_bench(model_path, prompt_tokens=16, gen_tokens=4, repeats=1, threads=1,
+                                    cache_types={"k": "q8_0", "v": "q4_0"}, depths=[48, 16])
+    assert records["decode"]["n_depth"] == 16 and sorted(records["depths"]) == [16, 48]
+    assert records["depths"][48]["n_depth"] == 48 and records["depths"][48]["n_gen"] == 4
+    for record in (records["prefill"], records["decode"], records["depths"][48]):
+        assert (record["type_k"], record["type_v"], record["flash_attn"]) == ("q8_0", "q4_0", 1)
+
+
+def test_measure_speed_reports_decode_at_each_depth(model_path):
+    prompt = llama_cpp.tokenize(model_path, "The quick brown fox jumps over the lazy dog. " * 4)[:16]
+    result = llama_cpp.measure_speed(model_path, prompt, SpeedParams(gen_tokens=4, repeats=1, warmup=0, depths=[64]),
+                                     threads=2, cache_types={"k": "q8_0", "v": "q8_0"})
+    (depth,) = result["decode_at_depth"]
+    assert depth == "64" and result["decode_at_depth"][depth]["decode_tok_s"] > 0
+    assert len(result["decode_at_depth"][depth]["samples"]) == 1
+    assert "-ctk q8_0 -ctv q8_0" in result["timing_source"]
+
+
+def test_a_quantized_kv_cache_moves_the_logits_and_q4_0_more_than_q8_0(model_path):
+    """The cache types reach llama.cpp's context: K and V are stored quantized before attention
+    reads them, so the logits move from f16's, and more for 4-bit than 8-bit blocks."""
+    tokens = np.array(llama_cpp.tokenize(model_path, "def add(a, b):\n    return a + b\n" * 12)[:96])
+
+    def logits(cache_type: str) -> np.ndarray:
+        with llama_cpp.open_session(model_path, threads=2, cache_types={"k": cache_type, "v": cache_type}) as session:
+            (window,) = [window.copy() for window in session.window_logits(tokens[None])]
+            assert session.runtime.endswith("" if cache_type == "f16" else f"K {cache_type} V {cache_type}")
+            return window
+
+    f16 = logits("f16")
+    q8_moved, q4_moved = (float(np.abs(logits(kind) - f16).mean()) for kind in ("q8_0", "q4_0"))
+    assert 0 < q8_moved < q4_moved
 
 
 def test_a_failing_llama_bench_is_a_tool_failure_naming_the_command(tmp_path):
