@@ -17,9 +17,16 @@ of the medians, for prefill, decode and the Python API's decode rate. Speed on a
 moves between runs minutes apart, which is why the two are alternated rather than compared
 with the figure in the gate file.
 
+With --kv-cache TYPE both sides serve the quant with that K and V cache type (llama-perplexity
+and llama-bench `-ctk TYPE -ctv TYPE`, qpipe's llama.cpp session with the same types; the f16
+base keeps f16). With --context N the windows are N tokens of the evaluation text instead of the
+reference's, as llama-perplexity -c N cuts them. With --depth D the speed crosscheck compares
+decode at depth D (speed.depths) with `llama-bench -d D`.
+
 Run after `dvc repro`, from the project root:
 
     python benchmarks/crosscheck.py [--recipes gguf-q8_0 gguf-q4_k_m] [--windows 40] [--only accuracy|speed]
+    python benchmarks/crosscheck.py --recipes gguf-q8_0 --context 4096 --windows 4 --kv-cache q8_0 --depth 4096
 """
 
 from __future__ import annotations
@@ -60,16 +67,20 @@ def llama_perplexity(arguments: list[str]) -> str:
 
 
 def parse_statistics(output: str) -> dict[str, float]:
+    """llama-perplexity's KLD statistics; it exits 0 on some failures, so none found is one."""
     figures = {}
     for key, pattern in PATTERNS.items():
         match = re.search(pattern, output, re.MULTILINE)
         figures[key] = float(match.group(1)) if match else float("nan")
+    if all(value != value for value in figures.values()):
+        raise SystemExit("llama-perplexity printed no KLD statistics:\n" + "\n".join(output.splitlines()[-5:]))
     return figures
 
 
-def second_half_logits(path: Path, windows: np.ndarray, threads: int) -> list[np.ndarray]:
+def second_half_logits(path: Path, windows: np.ndarray, threads: int,
+                       cache_types: dict[str, str] = llama_cpp.F16_CACHE) -> list[np.ndarray]:
     half = windows.shape[1] // 2
-    with llama_cpp.open_session(path, threads=threads) as session:
+    with llama_cpp.open_session(path, threads=threads, cache_types=cache_types) as session:
         return [np.array(logits[half:-1]) for logits in session.window_logits(windows)]
 
 
@@ -93,33 +104,47 @@ def comparable(summary: dict) -> dict[str, float]:
             "rms_delta_p_pct": 100 * summary["rms_delta_p"], "same_top_p_pct": 100 * summary["top1_agreement"]}
 
 
-def user_llama_bench(path: Path, *, prompt_tokens: int, gen_tokens: int, threads: int) -> dict[str, float]:
-    """llama-bench with its own defaults but the file, threads and shape of the gate."""
+def user_llama_bench(path: Path, *, prompt_tokens: int, gen_tokens: int, threads: int, cache_flags: list[str],
+                     depth: int | None) -> dict[str, float]:
+    """llama-bench with its own defaults but the file, threads, KV-cache types and shape of the gate."""
     binary, env = llama_cpp.llama_tool("llama-bench")
     rates = {}
-    for figure, shape in (("prefill_tok_s", ["-p", str(prompt_tokens), "-n", "0"]),
-                          ("decode_tok_s", ["-p", "0", "-n", str(gen_tokens), "-d", str(prompt_tokens)])):
-        result = subprocess.run([str(binary), "-m", str(path), "-t", str(threads), *shape, "-o", "json"],
+    shapes = [("prefill_tok_s", ["-p", str(prompt_tokens), "-n", "0"]),
+              ("decode_tok_s", ["-p", "0", "-n", str(gen_tokens), "-d", str(prompt_tokens)])]
+    if depth:
+        shapes.append(("decode_at_depth", ["-p", "0", "-n", str(gen_tokens), "-d", str(depth)]))
+    for figure, shape in shapes:
+        result = subprocess.run([str(binary), "-m", str(path), "-t", str(threads), *cache_flags, *shape, "-o", "json"],
                                 env=env, capture_output=True, text=True, check=True)
         rates[figure] = json.loads(result.stdout)[0]["avg_ts"]
     return rates
 
 
-def speed_crosscheck(recipes: list[str], speed_params, threads: int, prompt: list[int], rounds: int) -> None:
-    print(f"\nspeed: the gate's measurement vs llama-bench's defaults, alternated {rounds} times, medians; {threads} threads")
+def speed_crosscheck(recipes: list[str], speed_params, threads: int, prompt: list[int], rounds: int,
+                     cache_types: dict[str, str], depth: int | None) -> None:
+    cache_flags = ["-ctk", cache_types["k"], "-ctv", cache_types["v"]]
+    print(f"\nspeed: the gate's measurement vs llama-bench's defaults ({' '.join(cache_flags)}), alternated {rounds} "
+          f"times, medians; {threads} threads")
     print(f"{'recipe':<13} {'figure':<16} {'qpipe':>10} {'llama-bench':>11} {'ratio':>7}")
+    speed_params = speed_params.model_copy(update={"depths": [depth] if depth else []})
+    figures = [("prefill_tok_s", "prefill_tok_s"), ("decode_tok_s", "decode_tok_s"), ("api decode", "decode_tok_s")]
+    if depth:
+        figures.append((f"decode at {depth}", "decode_at_depth"))
     for recipe in recipes:
         path = layout.build_dir(recipe) / "model.gguf"
         ours, theirs = [], []
         for _ in range(rounds):
-            with gguf.open_session(layout.build_dir(recipe), threads, speed_params) as session:
-                ours.append(session.measure_speed(prompt, speed_params))
+            with llama_cpp.open_session(path, threads=threads, cache_types=cache_types) as session:
+                measured = session.measure_speed(prompt, speed_params)
+            ours.append({"prefill_tok_s": measured["prefill_tok_s"], "decode_tok_s": measured["decode_tok_s"],
+                         "api decode": measured["api_decode_tok_s"],
+                         **({f"decode at {depth}": measured["decode_at_depth"][str(depth)]["decode_tok_s"]}
+                            if depth else {})})
             theirs.append(user_llama_bench(path, prompt_tokens=len(prompt), gen_tokens=speed_params.gen_tokens,
-                                           threads=threads))
-        for figure, key in (("prefill_tok_s", "prefill_tok_s"), ("decode_tok_s", "decode_tok_s"),
-                            ("api decode", "api_decode_tok_s")):
-            mine = statistics.median(m[key] for m in ours)
-            upstream = statistics.median(t["prefill_tok_s" if key == "prefill_tok_s" else "decode_tok_s"] for t in theirs)
+                                           threads=threads, cache_flags=cache_flags, depth=depth))
+        for figure, upstream_key in figures:
+            mine = statistics.median(m[figure] for m in ours)
+            upstream = statistics.median(t[upstream_key] for t in theirs)
             print(f"{recipe:<13} {figure:<16} {mine:10.1f} {upstream:11.1f} {mine / upstream:7.4f}", flush=True)
 
 
@@ -129,16 +154,27 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=None, help="default: every reference window")
     parser.add_argument("--rounds", type=int, default=3, help="speed: alternations of qpipe and llama-bench")
     parser.add_argument("--only", choices=["accuracy", "speed"])
+    parser.add_argument("--kv-cache", default="f16", choices=gguf.KV_CACHE_TYPES,
+                        help="the quant's K and V cache type on both sides (the f16 base keeps f16)")
+    parser.add_argument("--context", type=int, help="windows of this many tokens of the evaluation text "
+                        "(llama-perplexity -c), instead of the reference's")
+    parser.add_argument("--depth", type=int, help="speed: also decode at this depth, against llama-bench -d")
     args = parser.parse_args()
     params = load_params()
     ref = reference_stage.load(layout.REFERENCE_DIR)
-    windows = ref.tokens[: args.windows or len(ref.tokens)]
+    if args.context:
+        count = args.windows or len(ref.text_tokens) // args.context
+        windows = np.asarray(ref.text_tokens[: count * args.context]).reshape(count, args.context)
+    else:
+        windows = ref.tokens[: args.windows or len(ref.tokens)]
     threads = host.worker_threads(params.speed.threads)
     window_tokens = int(windows.shape[1])
+    cache_types = {"k": args.kv_cache, "v": args.kv_cache}
     if args.only != "accuracy":
         from pipeline.gates.speed import speed_prompt
 
-        speed_crosscheck(args.recipes, params.speed, threads, speed_prompt(ref, params.speed), args.rounds)
+        speed_crosscheck(args.recipes, params.speed, threads, speed_prompt(ref, params.speed), args.rounds,
+                         cache_types, args.depth)
     if args.only == "speed":
         return
 
@@ -161,18 +197,23 @@ def main() -> None:
             raise SystemExit("the tokenizations differ (BOS added, or another split): the figures would not compare")
         base = second_half_logits(f16, windows, threads)
 
-        print(f"\n{len(windows)} windows x {window_tokens} tokens, second half of each; base: f16 GGUF; {threads} threads")
-        print(f"{'recipe':<13} {'figure':<16} {'qpipe':>10} {'llama.cpp':>10} {'ratio':>7}   gate (fp32 base)")
+        print(f"\n{len(windows)} windows x {window_tokens} tokens, second half of each; base: f16 GGUF, f16 KV "
+              f"cache; the quant's KV cache: {args.kv_cache}; {threads} threads")
+        same_windows = not args.context and args.kv_cache == "f16"  # the gate's own figures compare only then
+        print(f"{'recipe':<13} {'figure':<16} {'qpipe':>10} {'llama.cpp':>10} {'ratio':>7}"
+              + ("   gate (fp32 base)" if same_windows else ""))
         for recipe in args.recipes:
             path = layout.build_dir(recipe) / "model.gguf"
-            gate = json.loads(layout.gate_file(recipe).read_text())
-            upstream = parse_statistics(llama_perplexity(["-m", str(path), "-t", str(threads), "-fa", "on",
+            upstream = parse_statistics(llama_perplexity(["-m", str(path), "-c", str(window_tokens), "-t", str(threads),
+                                                          "-fa", "on", "-ctk", args.kv_cache, "-ctv", args.kv_cache,
                                                           "--kl-divergence-base", str(base_file), "--kl-divergence"]))
-            ours = qpipe_statistics(second_half_logits(path, windows, threads), base, windows)
-            gate_figures = comparable(gate["accuracy"]["second_half"])
+            ours = qpipe_statistics(second_half_logits(path, windows, threads, cache_types), base, windows)
+            gate_figures = comparable(json.loads(layout.gate_file(recipe).read_text())["accuracy"]["second_half"]) \
+                if same_windows else {}
             for figure in PATTERNS:
                 print(f"{recipe:<13} {figure:<16} {ours[figure]:10.5f} {upstream[figure]:10.5f} "
-                      f"{ours[figure] / upstream[figure]:7.4f}   {gate_figures[figure]:.5f}", flush=True)
+                      f"{ours[figure] / upstream[figure]:7.4f}"
+                      + (f"   {gate_figures[figure]:.5f}" if same_windows else ""), flush=True)
 
 
 if __name__ == "__main__":

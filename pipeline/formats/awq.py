@@ -56,6 +56,9 @@ class Recipe(RecipeBase):
     duo_scaling: bool = Field(True, description="AWQ scales from activations and weights together")
     max_reload_logit_diff: float = Field(0.01, ge=0, description="largest |logit| difference allowed between the "
                                          "calibrated model and the directory reloaded from disk")
+    kv_cache: Literal["auto", "fp8"] = Field("auto", description="the KV cache vLLM serves the checkpoint with "
+                                             "(its kv_cache_dtype): auto = the model's dtype; fp8 = e4m3 with scale "
+                                             "1.0, since the checkpoint carries no calibrated KV scales")
 
     @field_validator("scheme", mode="before")
     @classmethod
@@ -278,6 +281,7 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
                          "window_tokens": int(check_window.shape[1])},
         "cpu_pin_memory_skipped": pinning_skipped,
         "llmcompressor_warnings": list(dict.fromkeys(warnings)),
+        "kv_cache": recipe.kv_cache,
     }
 
 
@@ -369,9 +373,15 @@ def bits_per_weight(build_dir: Path) -> float:
     return 8 * sum(size for _, _, size in table) / logical
 
 
+def kv_cache_dtype(build_dir: Path) -> str:
+    """The KV cache the build says to serve it with (vLLM's kv_cache_dtype: auto or fp8)."""
+    record = Path(build_dir) / "build.json"
+    return json.loads(record.read_text()).get("kv_cache", "auto") if record.is_file() else "auto"
+
+
 def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, float]:
-    """Every stored tensor once (a separate input embedding reads one row), plus a bf16/fp16 KV
-    cache at the given context length."""
+    """Every stored tensor once (a separate input embedding reads one row), plus the KV cache at
+    the given context length: bf16/fp16, or 1 byte a value in fp8."""
     from pipeline.geometry import Geometry
 
     table = _tensor_table(build_dir)
@@ -381,7 +391,8 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
         for name, shape, size in table:
             if name.endswith("embed_tokens.weight"):
                 weights -= size - size // shape[0]
-    kv_cache = Geometry.from_hf_config(config).kv_cache_bytes(context_tokens)
+    kv_cache = Geometry.from_hf_config(config).kv_cache_bytes(
+        context_tokens, bytes_per_value=1 if kv_cache_dtype(build_dir) == "fp8" else 2)
     return {"weights": float(weights), "kv_cache": float(kv_cache), "total": float(weights + kv_cache)}
 
 
@@ -453,8 +464,10 @@ def runtime_name(build_dir: Path | None = None) -> str:
 
 def open_session(build_dir: Path, threads: int, speed: SpeedParams):
     """vLLM's engine where it can serve this build (its accuracy, tasks and speed), else
-    transformers (accuracy and tasks); both place the whole model, so `speed` sets nothing here."""
-    return _runtime(build_dir).open_session(artifact_path(build_dir), threads=threads)
+    transformers (accuracy and tasks), with the build's KV cache (transformers casts keys and
+    values as vLLM's fp8 cache stores them); both place the whole model, so `speed` sets nothing here."""
+    return _runtime(build_dir).open_session(artifact_path(build_dir), threads=threads,
+                                            kv_cache_dtype=kv_cache_dtype(build_dir))
 
 
 def tokenize(build_dir: Path, text: str) -> list[int]:

@@ -62,8 +62,8 @@ import torch
 
 from pipeline.errors import BadInput
 from pipeline.geometry import Geometry
+from pipeline.runtimes.transformers import FP8_E4M3_MAX, KV_SCALES, fake_quantize_fp8
 
-FP8_E4M3_MAX = 448.0
 E2M1_MAX = 6.0
 NVFP4_BLOCK = 16
 # the fp4 e2m1 value of each 4-bit code (bit 3: the sign)
@@ -215,13 +215,6 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     channel for a [out, in] weight), in fp32."""
     scale = scale.float()
     scale = scale.reshape(-1, *([1] * (codes.dim() - 1))) if scale.numel() > 1 else scale.reshape(())
-    return codes.to(torch.float32) * scale
-
-
-def fake_quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Quantize to e4m3 with a per-tensor scale and back (what the engine's fp8 input sees)."""
-    scale = scale.float().reshape(())
-    codes = (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return codes.to(torch.float32) * scale
 
 
@@ -429,28 +422,6 @@ def layer_tensors(tensors: dict[str, Any], facts: dict[str, Any],
 # ---------------------------------------------------------------- the model
 
 
-def _attention_with_kv_cast(base: str):
-    """The attention function transformers would use (``base``: sdpa, or the model module's own
-    eager one where soft-capping needs it), with the KV cache's storage format applied to keys
-    and values first."""
-    import sys
-
-    from transformers import AttentionInterface
-
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        scales = getattr(module, "qpipe_kv_scales", None)
-        if scales is not None:
-            key = fake_quantize_fp8(key, scales["k"]).to(key.dtype)
-            value = fake_quantize_fp8(value, scales["v"]).to(value.dtype)
-        if base == "eager":
-            function = sys.modules[type(module).__module__].eager_attention_forward
-        else:
-            function = AttentionInterface._global_mapping[base]
-        return function(module, query, key, value, attention_mask, **kwargs)
-
-    return attention
-
-
 def kv_scale_pair(scales: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
     """The scales keys and values are stored with: the unified checkpoint's k_scale and
     v_scale apart; in a TensorRT-LLM checkpoint one shared scale, kv_cache_scaling_factor, or
@@ -472,10 +443,10 @@ def load(checkpoint_dir: Path, threads: int):
     """The emulated model: the transformers model of the checkpoint's architecture, in the
     checkpoint's dtype, with every Linear rebuilt from the stored codes and scales."""
     from accelerate import init_empty_weights
-    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipeline.runtimes.transformers import attention_implementation, torch_device
+    from pipeline.runtimes.transformers import (attention_implementation, attention_modules,
+                                                 kv_cast_attention, torch_device)
 
     torch.set_num_threads(threads)
     facts = read_config(checkpoint_dir, model_config_for(checkpoint_dir))
@@ -487,13 +458,7 @@ def load(checkpoint_dir: Path, threads: int):
     config_dict = dict(facts["hf_config"])
     model_type = config_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **config_dict)
-    base = attention_implementation(config) or "sdpa"  # what the source model is scored with
-    attention_name = f"qpipe_quantized_kv_{base}"
-    AttentionInterface.register(attention_name, _attention_with_kv_cast(base))
-    # the base's mask too: for a name it does not know, transformers builds no mask at all,
-    # which drops sliding windows (and, for eager attention, causality)
-    AttentionMaskInterface.register(attention_name, AttentionMaskInterface._global_mapping[base])
-    config._attn_implementation = attention_name
+    config._attn_implementation = kv_cast_attention(attention_implementation(config) or "sdpa")
     with init_empty_weights(include_buffers=False):  # parameters on meta; RoPE buffers computed
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     linear_modules = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -519,12 +484,12 @@ def load(checkpoint_dir: Path, threads: int):
         raise UnsupportedCheckpoint(f"the checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}",
                                     where=str(checkpoint_dir), fix="re-export the checkpoint")
     if facts["kv_cache_quant_algo"] == "FP8":
-        attentions = [m for n, m in model.named_modules() if n.endswith("self_attn")]
+        attentions = attention_modules(model)
         for index, attention in enumerate(attentions):
             if index not in kv_scales:
                 raise UnsupportedCheckpoint(f"layer {index} has no KV-cache scale although the cache is FP8",
                                             where=str(checkpoint_dir), fix="re-export the checkpoint")
-            attention.qpipe_kv_scales = kv_scale_pair(kv_scales[index], facts["layout"])
+            setattr(attention, KV_SCALES, kv_scale_pair(kv_scales[index], facts["layout"]))
     return model.to(torch_device()).eval()
 
 

@@ -50,6 +50,54 @@ def load_causal_lm(model_dir: Path, **kwargs):
                                                 **kwargs)
 
 
+FP8_E4M3_MAX = 448.0
+# the attribute of an attention module holding its KV cache's FP8 scales ({"k": scale, "v": scale})
+KV_SCALES = "qpipe_kv_scales"
+
+
+def fake_quantize_fp8(x, scale):
+    """Quantize to e4m3 with a per-tensor scale and back (what an engine's fp8 input or cache holds)."""
+    import torch
+
+    scale = scale.float().reshape(())
+    codes = (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return codes.to(torch.float32) * scale
+
+
+def kv_cast_attention(base: str) -> str:
+    """The name of an attention, registered with transformers, that is `base` (sdpa, or the model
+    module's own eager one where soft-capping needs it) with an FP8 KV cache's storage applied
+    first: a module with KV_SCALES gets its keys (after RoPE) and values quantized to e4m3 with
+    those scales and back, as a cache stores them before attention reads them. The base's mask
+    is registered too: for a name it does not know, transformers builds no mask at all, which
+    drops sliding windows (and, for eager attention, causality)."""
+    import sys
+
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        scales = getattr(module, KV_SCALES, None)
+        if scales is not None:
+            key = fake_quantize_fp8(key, scales["k"]).to(key.dtype)
+            value = fake_quantize_fp8(value, scales["v"]).to(value.dtype)
+        if base == "eager":
+            function = sys.modules[type(module).__module__].eager_attention_forward
+        else:
+            function = AttentionInterface._global_mapping[base]
+        return function(module, query, key, value, attention_mask, **kwargs)
+
+    name = f"qpipe_quantized_kv_{base}"
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[base])
+    return name
+
+
+def attention_modules(model) -> list:
+    """The model's attention modules, first layer first."""
+    return [module for name, module in model.named_modules() if name.endswith("self_attn")]
+
+
 def meta_model(model_dir: Path):
     """The checkpoint's model built from its config on the meta device: every module and shape,
     no weights read and no memory taken."""
@@ -73,16 +121,32 @@ def device() -> str:
     return "gpu" if torch_device() == "cuda" else "cpu"
 
 
-def load(model_dir: Path, threads: int):
-    """The model in the dtype its config.json names, on a CUDA GPU if there is one."""
+# KV caches the model can be scored with, as vLLM's kv_cache_dtype names them -> what the runtime name adds
+KV_CACHE_DTYPES = {"auto": "", "fp8": "; fp8 e4m3 KV cache, scale 1.0, as vLLM stores it without calibrated scales"}
+
+
+def load(model_dir: Path, threads: int, kv_cache_dtype: str = "auto"):
+    """The model in the dtype its config.json names, on a CUDA GPU if there is one; with
+    `kv_cache_dtype` fp8, keys and values cast to e4m3 with scale 1.0 before attention, which is
+    what vLLM's fp8 cache stores for a checkpoint without KV scales (vLLM's k_scale = v_scale = 1.0)."""
     import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.set_num_threads(threads)
-    return load_causal_lm(model_dir, dtype="auto").to(torch_device()).eval()
+    if kv_cache_dtype == "auto":
+        return load_causal_lm(model_dir, dtype="auto").to(torch_device()).eval()
+    config = AutoConfig.from_pretrained(model_dir)
+    attention = kv_cast_attention(attention_implementation(config) or "sdpa")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention, dtype="auto")
+    for module in attention_modules(model):
+        setattr(module, KV_SCALES, {"k": torch.tensor(1.0), "v": torch.tensor(1.0)})
+    return model.to(torch_device()).eval()
 
 
-def open_session(model_dir: Path, *, threads: int, tokenizer_dir: Path | None = None) -> "ModelSession":
-    return ModelSession(load(model_dir, threads), runtime=name(), device=device())
+def open_session(model_dir: Path, *, threads: int, tokenizer_dir: Path | None = None,
+                 kv_cache_dtype: str = "auto") -> "ModelSession":
+    return ModelSession(load(model_dir, threads, kv_cache_dtype), runtime=name() + KV_CACHE_DTYPES[kv_cache_dtype],
+                        device=device())
 
 
 class ModelSession(Session):

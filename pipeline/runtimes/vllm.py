@@ -95,12 +95,15 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def engine_kwargs(model_dir: Path, *, max_model_len: int, max_logprobs: int = TOP_N) -> dict[str, Any]:
-    """Arguments for ``vllm.LLM``: the checkpoint's own dtype and quantization config, no prefix
-    caching (every prompt is computed in full), request metrics on."""
+def engine_kwargs(model_dir: Path, *, max_model_len: int, max_logprobs: int = TOP_N,
+                  kv_cache_dtype: str = "auto") -> dict[str, Any]:
+    """Arguments for ``vllm.LLM``: the checkpoint's own dtype and quantization config, the KV
+    cache in `kv_cache_dtype` (auto: the model's dtype; fp8), no prefix caching (every prompt is
+    computed in full), request metrics on."""
     return {
         "model": str(model_dir),
         "dtype": "auto",
+        "kv_cache_dtype": kv_cache_dtype,
         "max_model_len": max_model_len,
         "max_logprobs": max_logprobs,
         "seed": 0,
@@ -262,17 +265,19 @@ def request_timings(output, wall_s: float, first_token_wall_s: float) -> dict[st
     return {"ttft_s": first_token_wall_s, "decode_s": wall_s - first_token_wall_s, "source": "wall clock"}
 
 
-def open_session(model_dir: Path, *, threads: int, tokenizer_dir: Path | None = None) -> "VllmSession":
-    return VllmSession(Path(model_dir))
+def open_session(model_dir: Path, *, threads: int, tokenizer_dir: Path | None = None,
+                 kv_cache_dtype: str = "auto") -> "VllmSession":
+    return VllmSession(Path(model_dir), kv_cache_dtype=kv_cache_dtype)
 
 
 class VllmSession(Session):
     """One vLLM engine, started on the first request with room for the longest request so far,
     up to the length vLLM derives for the model (``max_sequence_tokens``)."""
 
-    def __init__(self, model_dir: Path):
-        self.model_dir = model_dir
-        self.runtime, self.device = name(), device()
+    def __init__(self, model_dir: Path, kv_cache_dtype: str = "auto"):
+        self.model_dir, self.kv_cache_dtype = model_dir, kv_cache_dtype
+        self.runtime = name() + ("" if kv_cache_dtype == "auto" else f", {kv_cache_dtype} KV cache")
+        self.device = device()
         self.max_sequence_tokens = derived_max_model_len(model_dir)
         self._llm = None
         self._max_model_len = 0
@@ -289,7 +294,7 @@ class VllmSession(Session):
 
             self.close()
             length = min(max(tokens, FIRST_MAX_MODEL_LEN), self.max_sequence_tokens)
-            self._llm = LLM(**engine_kwargs(self.model_dir, max_model_len=length))
+            self._llm = LLM(**engine_kwargs(self.model_dir, max_model_len=length, kv_cache_dtype=self.kv_cache_dtype))
             self._max_model_len = length
         return self._llm
 

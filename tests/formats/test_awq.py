@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from pipeline.config import SpeedParams
 from pipeline.formats import load_recipe
 from pipeline.errors import BadInput, HostLacks, RecipeNotApplicable
 from pipeline.formats import awq
@@ -175,6 +176,12 @@ def test_rtn_build_writes_a_pack_quantized_directory(tiny_checkpoint, tmp_path):
     nbytes = awq.decode_bytes_per_token(out, 100)
     assert nbytes["kv_cache"] == 2 * 2 * 2 * 16 * 2 * 100
     assert nbytes["weights"] < sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    # served with vLLM's fp8 KV cache: what the build records, the gates open, the roofline counts
+    assert facts["kv_cache"] == "auto"
+    (out / "build.json").write_text(json.dumps({"kv_cache": "fp8"}))
+    assert awq.decode_bytes_per_token(out, 100)["kv_cache"] == nbytes["kv_cache"] / 2
+    with awq.open_session(out, 1, SpeedParams()) as session:
+        assert "fp8 e4m3 KV cache" in session.runtime
 
 
 def test_awq_build_calibrates_and_records_it(tiny_checkpoint, tmp_path):

@@ -56,3 +56,20 @@ def test_short_windows_share_a_forward_and_keep_their_own_logits(tiny_llama):
     assert [len(batch) for batch in runtime.window_batches(long)] == [1, 1, 1, 1]  # 2 x 300 > 512
     assert [len(batch) for batch in runtime.window_batches([w[:100] for w in long])] == [4]
     assert [len(batch) for batch in runtime.window_batches([w[:200] for w in long])] == [2, 2]
+
+
+def test_an_fp8_kv_cache_casts_keys_and_values_as_vllm_stores_them(tiny_llama):
+    """vLLM's fp8 cache without calibrated scales stores e4m3 with scale 1.0: the logits move a
+    little from the model's own, and cached decoding casts the same way as the window does."""
+    windows = np.array([[1, 2, 3, 4, 5, 6, 7, 8]], dtype=np.int32)
+    with runtime.open_session(tiny_llama, threads=1) as session:
+        (plain,) = list(session.window_logits(windows))
+    with runtime.open_session(tiny_llama, threads=1, kv_cache_dtype="fp8") as session:
+        (cast,) = list(session.window_logits(windows))
+        assert session.runtime.endswith("fp8 e4m3 KV cache, scale 1.0, as vLLM stores it without calibrated scales")
+        (produced,) = session.generate([[1, 2, 3]], max_tokens=4, stop_ids=[])
+        for step in range(4):  # each generated token is the argmax of the cast logits of its prefix
+            (logits,) = list(session.window_logits([[1, 2, 3, *produced[:step]]]))
+            assert produced[step] == int(logits[-1].argmax())
+    moved = np.abs(cast - plain).max()
+    assert 0 < moved < 0.1 * np.abs(plain).max()

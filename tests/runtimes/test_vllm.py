@@ -41,6 +41,30 @@ class MPLinearLayerConfig:  # vllm/model_executor/kernels/linear/mixed_precision
     out_type: object = None
 
 
+# vllm/config/cache.py CacheDType, 0.33.0
+CACHE_DTYPES = ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "fp8_ds_mla", "nvfp4_ds_mla",
+                "turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc", "octave_k3v4",
+                "octave_k3v3", "octave_k3v3_compact", "ultraquant_4bit", "int4_per_token_head",
+                "int8_per_token_head", "fp8_per_token_head", "nvfp4", "nvfp4_4over6")
+
+
+@dataclass
+class EngineArgs:  # vllm/engine/arg_utils.py, 0.33.0: the fields engine_kwargs sets (LLM(**kwargs) passes them on)
+    model: str = "Qwen/Qwen3-0.6B"
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    max_model_len: int | None = None
+    max_logprobs: int = 20
+    seed: int = 0
+    gpu_memory_utilization: float = 0.92
+    enable_prefix_caching: bool | None = None
+    disable_log_stats: bool = False
+
+    def __post_init__(self):
+        if self.kv_cache_dtype not in CACHE_DTYPES:  # CacheConfig's validation
+            raise ValueError(f"Invalid kv_cache_dtype: {self.kv_cache_dtype}")
+
+
 @dataclass
 class MPLinearLayerConfigWithGIdx:  # the releases before and after 0.33 require has_g_idx
     full_weight_shape: tuple[int, int]
@@ -281,3 +305,28 @@ def test_a_session_keeps_one_engine_until_a_longer_request_and_drops_its_last_re
     short = vllm.open_session(tmp_path, threads=1)
     list(short.generate([[1, 2]], max_tokens=2, stop_ids=[]))
     assert lengths[-1] == 64  # never more than the model's own
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_the_engine_starts_with_the_builds_kv_cache_as_vllms_engine_args_take_it(monkeypatch, tmp_path, kv_cache_dtype):
+    import json
+    import typing
+
+    from pipeline.formats import awq
+
+    started = []
+
+    class LLM:
+        def __init__(self, **kwargs):
+            started.append(EngineArgs(**kwargs))
+
+        def generate(self, requests, params, use_tqdm=False):
+            return [type("Output", (), {"outputs": [type("Completion", (), {"token_ids": [1]})()]})()]
+
+    fake_vllm(monkeypatch, llm_class=LLM)
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 8, "max_position_embeddings": 8192}))
+    session = vllm.open_session(tmp_path, threads=1, kv_cache_dtype=kv_cache_dtype)
+    list(session.generate([[1, 2]], max_tokens=1, stop_ids=[]))
+    assert started[0].kv_cache_dtype == kv_cache_dtype
+    assert session.runtime.endswith("fp8 KV cache") is (kv_cache_dtype == "fp8")
+    assert set(typing.get_args(awq.Recipe.model_fields["kv_cache"].annotation)) <= set(CACHE_DTYPES)
