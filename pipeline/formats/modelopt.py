@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.config import RecipeBase, SpeedParams, Strict
 from pipeline.corpus import calibration_windows
@@ -81,7 +81,10 @@ UNIFIED_NOT_LOADED = {
 LEGACY_EXPORT_MEMORY = Factors(1.1 * GIB, 1.95, 8.0)
 # ModelOpt 0.47 decoder types with a legacy TensorRT-LLM export that the emulation reads
 LEGACY_EXPORT_DECODERS = ("llama", "qwen")
-KV_CACHE_CONFIGS = {"fp8": "FP8_KV_CFG"}
+KV_CACHE_CONFIGS = {"fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG"}
+# bytes a cached value takes, by the export's kv_cache_quant_algo: NVFP4 stores 4 bits and an e4m3
+# scale a 16 values
+KV_BYTES_PER_VALUE = {None: 2, "FP8": 1, "NVFP4": 0.5 + 1 / 16}
 TRTLLM_DIR = "trtllm_checkpoint"
 HF_DIR = "hf_checkpoint"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -106,8 +109,9 @@ class Recipe(RecipeBase):
     format: Literal["modelopt"]
     config: str = Field("FP8_DEFAULT_CFG", description="ModelOpt PTQ config (modelopt.torch.quantization.<NAME>): "
                         "FP8_DEFAULT_CFG, NVFP4_DEFAULT_CFG, INT8_SMOOTHQUANT_CFG or INT8_WEIGHT_ONLY_CFG")
-    kv_cache: Literal["fp8", "none"] = Field("none", description="fp8: ModelOpt's FP8_KV_CFG appended to the "
-                                             "config; none: a bf16/fp16 KV cache")
+    kv_cache: Literal["fp8", "nvfp4", "none"] = Field("none", description="fp8: ModelOpt's FP8_KV_CFG appended to "
+                                                      "the config; nvfp4: its NVFP4_KV_CFG (TensorRT-LLM serves it on "
+                                                      "Blackwell, with FP8 weights); none: a bf16/fp16 KV cache")
     dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="the exported dtype: the model "
                                                   "is calibrated in its stored dtype and cast to this one "
                                                   "before export where they differ")
@@ -131,6 +135,13 @@ class Recipe(RecipeBase):
         if why:
             raise ValueError(f"ModelOpt config {value} is not built by qpipe: {why}; use one of {', '.join(CONFIGS)}")
         raise ValueError(f"unknown ModelOpt config {value!r}; use one of {', '.join(CONFIGS)}")
+
+    @model_validator(mode="after")
+    def _nvfp4_cache_in_a_unified_checkpoint(self) -> "Recipe":
+        if self.kv_cache == "nvfp4" and self.config not in UNIFIED_EXPORT_CONFIGS:
+            raise ValueError(f"kv_cache: nvfp4 ships only in the unified checkpoint of {' or '.join(UNIFIED_EXPORT_CONFIGS)}"
+                             f"; TensorRT-LLM's checkpoint of {self.config} has no NVFP4 KV cache")
+        return self
 
     def build_memory(self, format_factors):
         return format_factors if self.config in UNIFIED_EXPORT_CONFIGS else LEGACY_EXPORT_MEMORY
@@ -241,7 +252,7 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     if model.dtype != dtype:
         model = model.to(dtype)
     model.config.dtype = dtype  # the exporters read the dtype from the config
-    fp4_on_cpu = recipe.config in FP4_CONFIGS and device == "cpu"
+    fp4_on_cpu = (recipe.config in FP4_CONFIGS or recipe.kv_cache == "nvfp4") and device == "cpu"
     with nvfp4_fake_quant_on_cpu(model) if fp4_on_cpu else contextlib.nullcontext():
         started = time.perf_counter()
         fake_quant_ppl = windows_ppl(_model_logits(model, held_out), held_out)
@@ -506,7 +517,7 @@ def decode_bytes_per_token(build_dir: Path, context_tokens: float) -> dict[str, 
         kv_algo = json.loads((checkpoint / "hf_quant_config.json").read_text())["quantization"].get("kv_cache_quant_algo")
         hf_config = config
     kv_cache = Geometry.from_hf_config(hf_config).kv_cache_bytes(context_tokens,
-                                                                 bytes_per_value=1 if kv_algo == "FP8" else 2)
+                                                                 bytes_per_value=KV_BYTES_PER_VALUE[kv_algo])
     return {"weights": float(weights), "kv_cache": float(kv_cache), "total": float(weights + kv_cache)}
 
 

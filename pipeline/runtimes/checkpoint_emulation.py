@@ -62,7 +62,7 @@ import torch
 
 from pipeline.errors import BadInput
 from pipeline.geometry import Geometry
-from pipeline.runtimes.transformers import FP8_E4M3_MAX, KV_SCALES, fake_quantize_fp8
+from pipeline.runtimes.transformers import FP8_E4M3_MAX, KV_CAST, fake_quantize_fp8, fp8_kv_cast
 
 E2M1_MAX = 6.0
 NVFP4_BLOCK = 16
@@ -79,7 +79,8 @@ QUANT_ALGOS = {
     "W8A16": "int8 weights per channel, bf16 activations",
     "NVFP4": "fp4 e2m1 weights and activations, fp8 e4m3 scales per block of 16 and a per-tensor scale",
 }
-KV_CACHE_ALGOS = {None: "bf16 KV cache", "FP8": "fp8 e4m3 KV cache"}
+KV_CACHE_ALGOS = {None: "bf16 KV cache", "FP8": "fp8 e4m3 KV cache",
+                  "NVFP4": "nvfp4 KV cache (e2m1, an e4m3 scale a 16 values of a head)"}
 # ModelOpt decoder types whose legacy TensorRT-LLM tensor names this module maps back to HF modules
 TRTLLM_DECODERS = ("llama", "qwen")
 SOURCE_CONFIG = "source_config.json"  # the HF config a build keeps beside a TensorRT-LLM checkpoint
@@ -422,6 +423,23 @@ def layer_tensors(tensors: dict[str, Any], facts: dict[str, Any],
 # ---------------------------------------------------------------- the model
 
 
+def nvfp4_kv_cast(k_scale, v_scale):
+    """A KV_CAST for an NVFP4 cache: keys and values in blocks of 16 along the head, as ModelOpt's
+    NVFP4_KV_CFG fake-quantizes them. The exported k_scale / v_scale are amax / 448 ("kv cache
+    scale as amax / 448 for both FP8 and NVFP4", modelopt/torch/export/quant_utils.py), and
+    NVFP4's per-tensor scale is amax / (6 x 448), so a sixth of them."""
+    def cast(key, value):
+        return (fake_quantize_nvfp4(key, k_scale / E2M1_MAX).to(key.dtype),
+                fake_quantize_nvfp4(value, v_scale / E2M1_MAX).to(value.dtype))
+
+    return cast
+
+
+def kv_cast(algorithm: str, scales: dict[str, torch.Tensor]):
+    """The KV_CAST of a checkpoint's kv_cache_quant_algo, with one layer's K and V scales."""
+    return {"FP8": fp8_kv_cast, "NVFP4": nvfp4_kv_cast}[algorithm](scales["k"], scales["v"])
+
+
 def kv_scale_pair(scales: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
     """The scales keys and values are stored with: the unified checkpoint's k_scale and
     v_scale apart; in a TensorRT-LLM checkpoint one shared scale, kv_cache_scaling_factor, or
@@ -483,13 +501,15 @@ def load(checkpoint_dir: Path, threads: int):
     if missing:
         raise UnsupportedCheckpoint(f"the checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}",
                                     where=str(checkpoint_dir), fix="re-export the checkpoint")
-    if facts["kv_cache_quant_algo"] == "FP8":
+    if facts["kv_cache_quant_algo"] is not None:
         attentions = attention_modules(model)
         for index, attention in enumerate(attentions):
             if index not in kv_scales:
-                raise UnsupportedCheckpoint(f"layer {index} has no KV-cache scale although the cache is FP8",
-                                            where=str(checkpoint_dir), fix="re-export the checkpoint")
-            setattr(attention, KV_SCALES, kv_scale_pair(kv_scales[index], facts["layout"]))
+                raise UnsupportedCheckpoint(f"layer {index} has no KV-cache scale although the cache is "
+                                            f"{facts['kv_cache_quant_algo']}", where=str(checkpoint_dir),
+                                            fix="re-export the checkpoint")
+            setattr(attention, KV_CAST, kv_cast(facts["kv_cache_quant_algo"],
+                                                kv_scale_pair(kv_scales[index], facts["layout"])))
     return model.to(torch_device()).eval()
 
 

@@ -51,8 +51,9 @@ def load_causal_lm(model_dir: Path, **kwargs):
 
 
 FP8_E4M3_MAX = 448.0
-# the attribute of an attention module holding its KV cache's FP8 scales ({"k": scale, "v": scale})
-KV_SCALES = "qpipe_kv_scales"
+# the attribute of an attention module holding its KV cache's storage: a function of (keys, values)
+# giving them back as the cache holds them
+KV_CAST = "qpipe_kv_cast"
 
 
 def fake_quantize_fp8(x, scale):
@@ -64,23 +65,30 @@ def fake_quantize_fp8(x, scale):
     return codes.to(torch.float32) * scale
 
 
+def fp8_kv_cast(k_scale, v_scale):
+    """A KV_CAST: keys and values quantized to e4m3 with their per-tensor scales and back."""
+    def cast(key, value):
+        return fake_quantize_fp8(key, k_scale).to(key.dtype), fake_quantize_fp8(value, v_scale).to(value.dtype)
+
+    return cast
+
+
 def kv_cast_attention(base: str) -> str:
     """The name of an attention, registered with transformers, that is `base` (sdpa, or the model
-    module's own eager one where soft-capping needs it) with an FP8 KV cache's storage applied
-    first: a module with KV_SCALES gets its keys (after RoPE) and values quantized to e4m3 with
-    those scales and back, as a cache stores them before attention reads them. The base's mask
-    is registered too: for a name it does not know, transformers builds no mask at all, which
-    drops sliding windows (and, for eager attention, causality)."""
+    module's own eager one where soft-capping needs it) with a quantized KV cache's storage
+    applied first: a module with KV_CAST gets its keys (after RoPE) and values through it, as a
+    cache stores them before attention reads them. The base's mask is registered too: for a name
+    it does not know, transformers builds no mask at all, which drops sliding windows (and, for
+    eager attention, causality)."""
     import sys
 
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     def attention(module, query, key, value, attention_mask, **kwargs):
-        scales = getattr(module, KV_SCALES, None)
-        if scales is not None:
-            key = fake_quantize_fp8(key, scales["k"]).to(key.dtype)
-            value = fake_quantize_fp8(value, scales["v"]).to(value.dtype)
+        cast = getattr(module, KV_CAST, None)
+        if cast is not None:
+            key, value = cast(key, value)
         if base == "eager":
             function = sys.modules[type(module).__module__].eager_attention_forward
         else:
@@ -139,7 +147,7 @@ def load(model_dir: Path, threads: int, kv_cache_dtype: str = "auto"):
     attention = kv_cast_attention(attention_implementation(config) or "sdpa")
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention, dtype="auto")
     for module in attention_modules(model):
-        setattr(module, KV_SCALES, {"k": torch.tensor(1.0), "v": torch.tensor(1.0)})
+        setattr(module, KV_CAST, fp8_kv_cast(torch.tensor(1.0), torch.tensor(1.0)))
     return model.to(torch_device()).eval()
 
 

@@ -28,7 +28,7 @@ def test_unknown_config_lists_the_valid_ones(project):
     with pytest.raises(BadInput, match="INT4_AWQ_CFG is not built by qpipe: its W4A16_AWQ export has no emulation"):
         load_recipe("bad")
     write(project / "recipes/bad.yaml", "format: modelopt\nkv_cache: int8\n")
-    with pytest.raises(BadInput, match="'fp8' or 'none'") as info:
+    with pytest.raises(BadInput, match="'fp8', 'nvfp4' or 'none'") as info:
         load_recipe("bad")
     assert info.value.where == "recipes/bad.yaml: kv_cache"
 
@@ -355,3 +355,49 @@ def test_a_wrong_stored_nvfp4_scale_fails_the_build(tiny_llama, tmp_path, monkey
     with pytest.raises(QpipeError, match="does not compute what ModelOpt calibrated"):
         modelopt.build(recipe(**NVFP4_RECIPE), source_dir=sharp, calibration_text=calibration,
                        out_dir=tmp_path / "wrong", threads=1, log=lambda _: None)
+
+
+def test_an_nvfp4_kv_cache_is_exported_emulated_as_modelopt_quantizes_it_and_counted(tiny_llama, tmp_path):
+    """FP8 weights with ModelOpt's NVFP4_KV_CFG (the pairing TensorRT-LLM serves on Blackwell): the
+    unified checkpoint says NVFP4 and holds each layer's K and V scales, the build's cross-check
+    passes (on this random model a KV cache hardly moves the perplexity: the cast itself is
+    checked against ModelOpt below), and the roofline counts 4.5 bits a cached value."""
+    facts = modelopt.build(recipe(config="FP8_DEFAULT_CFG", kv_cache="nvfp4", calibration_samples=2,
+                                  calibration_seq_len=32, crosscheck_windows=2, max_crosscheck_ppl_gap=0.05),
+                           source_dir=tiny_llama, calibration_text=tiny_llama.parent / "calibration.txt",
+                           out_dir=tmp_path, threads=1, log=lambda _: None)
+    quant = json.loads((tmp_path / "hf_checkpoint/hf_quant_config.json").read_text())["quantization"]
+    assert quant["kv_cache_quant_algo"] == "NVFP4"
+    (export,) = facts["crosscheck"]["exports"].values()
+    assert export["gap"] <= facts["crosscheck"]["limit"]
+    assert facts["crosscheck"]["fake_quant"] == modelopt.FP4_CPU_FAKE_QUANT  # ModelOpt's kernel needs CUDA
+    assert "nvfp4 KV cache" in modelopt.runtime_name(tmp_path)
+    assert modelopt.decode_bytes_per_token(tmp_path, 100)["kv_cache"] == 2 * 2 * 2 * 16 * (0.5 + 1 / 16) * 100
+    with pytest.raises(ValueError, match="kv_cache: nvfp4 ships only in the unified checkpoint"):
+        recipe(config="INT8_SMOOTHQUANT_CFG", kv_cache="nvfp4")
+
+
+def test_the_emulations_nvfp4_kv_cast_is_modelopts_quantizer_with_the_exported_scale():
+    """Keys through NVFP4_KV_CFG's quantizer (ModelOpt's NVFP4 arithmetic) equal the emulation's
+    cast from the scale ModelOpt's export writes for it (amax / 448): a sixth of it is the
+    per-tensor scale, blocks of 16 run along the head."""
+    import modelopt.torch.quantization as mtq
+    import torch
+    from modelopt.torch.export.quant_utils import _postprocess_single_tensor
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from pipeline.runtimes import checkpoint_emulation as emulation
+
+    (entry,) = mtq.NVFP4_KV_CFG["quant_cfg"]
+    quantizer = TensorQuantizer(QuantizerAttributeConfig(**entry["cfg"]))
+    torch.manual_seed(0)
+    keys = torch.randn(1, 2, 8, 64) * 3  # [batch, KV heads, positions, head_dim], as attention gets them
+    quantizer.amax = keys.abs().amax()
+    name, scale = _postprocess_single_tensor("model.layers.0.self_attn.k_bmm_quantizer._amax", quantizer.amax,
+                                             448.0, "NVFP4")
+    assert name == "model.layers.0.self_attn.k_proj.k_scale"
+    theirs = modelopt.nvfp4_fake_quantize(keys, quantizer)
+    ours, _ = emulation.nvfp4_kv_cast(scale, scale)(keys, keys)
+    assert torch.equal(ours, theirs) and not torch.equal(ours, keys)
+    assert not torch.allclose(emulation.fake_quantize_nvfp4(keys, scale), theirs)  # the scale itself is not it
