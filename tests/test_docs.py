@@ -130,6 +130,13 @@ def test_the_task_tables_in_the_docs_are_what_the_committed_task_benchmarks_give
             f"{doc.name}'s {name} table is out of date: run `python benchmarks/task_table.py --write`"
 
 
+def test_the_kv_cache_table_in_the_readme_is_what_the_committed_benchmark_gives():
+    kv_cache = benchmark_module("kv_cache")
+    for doc, name, render in kv_cache.BLOCKS:
+        assert kv_cache.doc_blocks.current(doc, kv_cache.SCRIPT, name) == render(), \
+            f"{doc.name}'s {name} table is out of date: run `python benchmarks/kv_cache.py --write`"
+
+
 def test_every_current_estimate_sits_above_every_committed_peak():
     memory_table = memory_table_module()
     results = memory_table.measurements()
