@@ -41,13 +41,15 @@ def attention_implementation(config) -> str | None:
     return "eager" if getattr(config, "attn_logit_softcapping", None) else None
 
 
-def load_causal_lm(model_dir: Path, **kwargs):
-    """AutoModelForCausalLM.from_pretrained with the attention that computes the model as defined."""
+def load_causal_lm(model_dir: Path, *, cast_kv: bool = False, **kwargs):
+    """AutoModelForCausalLM.from_pretrained with the attention that computes the model as defined
+    (with `cast_kv`, that attention behind ``kv_cast_attention``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_dir)
-    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention_implementation(config),
-                                                **kwargs)
+    attention = attention_implementation(AutoConfig.from_pretrained(model_dir))
+    if cast_kv:
+        attention = kv_cast_attention(attention or "sdpa")
+    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention, **kwargs)
 
 
 FP8_E4M3_MAX = 448.0
@@ -138,16 +140,12 @@ def load(model_dir: Path, threads: int, kv_cache_dtype: str = "auto"):
     `kv_cache_dtype` fp8, keys and values cast to e4m3 with scale 1.0 before attention, which is
     what vLLM's fp8 cache stores for a checkpoint without KV scales (vLLM's k_scale = v_scale = 1.0)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.set_num_threads(threads)
-    if kv_cache_dtype == "auto":
-        return load_causal_lm(model_dir, dtype="auto").to(torch_device()).eval()
-    config = AutoConfig.from_pretrained(model_dir)
-    attention = kv_cast_attention(attention_implementation(config) or "sdpa")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention, dtype="auto")
-    for module in attention_modules(model):
-        setattr(module, KV_CAST, fp8_kv_cast(torch.tensor(1.0), torch.tensor(1.0)))
+    model = load_causal_lm(model_dir, cast_kv=kv_cache_dtype == "fp8", dtype="auto")
+    if kv_cache_dtype == "fp8":
+        for module in attention_modules(model):
+            setattr(module, KV_CAST, fp8_kv_cast(torch.tensor(1.0), torch.tensor(1.0)))
     return model.to(torch_device()).eval()
 
 
