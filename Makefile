@@ -9,8 +9,11 @@ TORCH  ?= torch==2.13.0
 # The qpipe extras to install: dev plus what every CI runner installs, pipeline.ci.base_extras()
 # (a test checks it); a GPU runner adds vllm or trtllm.
 EXTRAS ?= dev,awq,modelopt,tasks
-# llama-cpp-python is built from source; the tools give us llama-imatrix.
-LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF
+# llama-cpp-python is built from source; the tools give us llama-imatrix. Without AMX-INT8: on
+# Sapphire Rapids-class CPUs its matmul segfaults on the first batch (llama.cpp #20824, open),
+# so every GGUF gate would crash there; -march=native keeps every other extension.
+LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF \
+                    -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8
 STAMP  := $(VENV)/.qpipe-installed
 
 .PHONY: setup test-tools repro test benchmark docs clean-artifacts

@@ -15,7 +15,8 @@ from pipeline import layout
 
 
 def write_build_spec(name: str) -> dict:
-    """The recipe@R stage: validate recipes/R.yaml early and write its build knobs, plus the
+    """The recipe@R stage: validate recipes/R.yaml early and write its build knobs (a searched
+    recipe's tensor types solved on the sensitivity measurement), plus the
     host facts a format's build depends on (``host_build_knobs``, e.g. calibrating on a GPU),
     so that moving to another kind of host rebuilds exactly the builds it changes; and, apart,
     its engine settings for the engine@R stage."""
@@ -24,6 +25,13 @@ def write_build_spec(name: str) -> dict:
 
     recipe = formats.load_recipe(name)
     spec = {"recipe": name, "build": formats.build_spec(recipe)}
+    if getattr(recipe, "search", None):
+        from pipeline import sensitivity
+
+        tensor_types, searched = formats.module(recipe.format).resolve_search(
+            recipe, sensitivity.load(layout.SENSITIVITY_DIR))
+        spec["build"]["tensor_types"] = tensor_types
+        spec["search"] = searched
     host_build_knobs = getattr(formats.module(recipe.format), "host_build_knobs", None)
     if host_build_knobs:
         spec["host"] = host_build_knobs(read_json(layout.HOST_FILE) if layout.HOST_FILE.is_file() else {})
@@ -43,7 +51,7 @@ def run_build(name: str, *, threads: int, log=print) -> dict:
     from pipeline.files import artifact_bytes, atomic_dir, sha256_artifact
     from pipeline.source import checkpoint_sha256
 
-    recipe = formats.load_recipe(name)
+    recipe, searched = with_searched_types(formats.load_recipe(name), name)
     if not (layout.SOURCE_DIR / "source.json").is_file():
         raise BadInput("no source checkpoint", where=str(layout.SOURCE_DIR), fix="run `qpipe source` first")
     if not layout.CALIBRATION_TEXT.is_file():
@@ -68,6 +76,7 @@ def run_build(name: str, *, threads: int, log=print) -> dict:
                 "source": {"origin": source["origin"], "sha256": checkpoint_sha256(layout.SOURCE_DIR)},
                 "artifact": artifact_facts,
                 **facts,
+                **({"search": searched} if searched else {}),
             }
             (staging / "build.json").write_text(json.dumps(record, indent=2) + "\n")
     except RecipeNotApplicable as refusal:
@@ -77,6 +86,22 @@ def run_build(name: str, *, threads: int, log=print) -> dict:
     run = runs.write(f"build@{name}", started, threads=threads, memory=memory_record, status="ok", **run_facts)
     log(f"build {name}: {record['artifact']['bytes'] / 1e6:.1f} MB in {run['wall_s']:.1f} s")
     return record
+
+
+def with_searched_types(recipe, name: str) -> tuple[Any, dict | None]:
+    """A searched recipe with the tensor types its recipe@R stage solved (artifacts/recipes/R.json),
+    and what that stage recorded of the search; any other recipe as it is, and None."""
+    if not getattr(recipe, "search", None):
+        return recipe, None
+    from pipeline.errors import BadInput
+    from pipeline.files import read_json
+
+    spec_file = layout.recipe_spec(name)
+    spec = read_json(spec_file) if spec_file.is_file() else {}
+    if "search" not in spec or spec["build"].get("search") != recipe.search.model_dump():
+        raise BadInput("the recipe's search has not been solved", where=str(spec_file),
+                       fix=f"run `qpipe recipe {name}` (or `dvc repro`) first")
+    return recipe.model_copy(update={"tensor_types": spec["build"]["tensor_types"]}), spec["search"]
 
 
 def build_memory_need(info, recipe, source_dir, *, gpu: bool | None = None):

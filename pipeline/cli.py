@@ -121,6 +121,19 @@ def reference_command():
         reference.run(_params().reference, layout.SOURCE_DIR, layout.EVALUATION_TEXT, layout.REFERENCE_DIR, log=log)
 
 
+@app.command("sensitivity")
+@stage
+def sensitivity_command():
+    """Each tensor group's damage at each candidate type, for searched recipes -> artifacts/sensitivity/."""
+    from pipeline import layout, sensitivity
+    from pipeline.gates.speed import heavy_work
+
+    params = _params()
+    with heavy_work():
+        sensitivity.run(params.sensitivity, layout.SOURCE_DIR, layout.CALIBRATION_TEXT, layout.SENSITIVITY_DIR,
+                        threads=_threads(params), log=log)
+
+
 @app.command("recipe")
 @stage
 def recipe_command(recipe: str = typer.Argument(..., help="recipe name (recipes/NAME.yaml)")):

@@ -287,6 +287,18 @@ class SpeedParams(Strict):
         "each with its roofline at that depth's KV-cache bytes; the headline decode is at depth prompt_tokens")
 
 
+class SensitivityParams(Strict):
+    formats: list[str] = Field(default_factory=list, description="the formats whose candidate types the "
+                               "sensitivity stage measures, for recipes with `search:` (none: the stage loads "
+                               "nothing)")
+    types: dict[str, list[str]] = Field(default_factory=dict, description="format -> the candidate types to "
+                                        "measure (default: the format's SEARCH_TYPES)")
+    windows: int = Field(2, ge=1, description="calibration windows each (group, type) is scored on")
+    window_tokens: int = Field(512, ge=8, description="tokens per sensitivity window")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="the model's dtype while "
+                                                             "measuring, as reference.dtype")
+
+
 class TaskSpec(Strict):
     """One lm-evaluation-harness task every recipe is scored on (docs/tasks.md)."""
 
@@ -312,6 +324,8 @@ class Params(Strict):
     limits: dict[str, GateLimitOverrides] = Field(default_factory=dict, description="recipe name -> gate limits "
                                                   "that replace the recipe file's (`dvc exp run -S '+limits.gguf-q4_k_m."
                                                   "max_mean_kld=0.01'`: the + adds a key `limits: {}` lacks)")
+    sensitivity: SensitivityParams = Field(default_factory=SensitivityParams, description="the per-tensor "
+                                           "precision search's measurement (docs/sensitivity.md)")
     tasks: list[TaskSpec] = Field(default_factory=list, description="lm-eval tasks scored on every artifact and on "
                                   "the unquantized model (none by default: no benchmark data ships with qpipe)")
 

@@ -90,8 +90,9 @@ def rows(fields: dict[str, Any], prefix: str = "") -> list[str]:
         key = f"{prefix}{name}"
         lines.append(f"| `{key}` | {type_name(field.annotation)} | {default_of(field)} | {bounds(field)} | "
                      f"{field.description or ''}{checked_as(field)} |")
-        if _is_model(field.annotation):
-            nested.append((f"{key}.", field.annotation))
+        optional = [arg for arg in typing.get_args(field.annotation) if arg is not type(None)]
+        if _is_model(field.annotation) or (len(optional) == 1 and _is_model(optional[0])):
+            nested.append((f"{key}.", field.annotation if _is_model(field.annotation) else optional[0]))
         elif typing.get_origin(field.annotation) is list and _is_model(typing.get_args(field.annotation)[0]):
             nested.append((f"{key}[].", typing.get_args(field.annotation)[0]))  # each entry of the list
     for key, submodel in nested:

@@ -13,6 +13,7 @@ HOST_FILE = ARTIFACTS / "host.json"
 SOURCE_DIR = ARTIFACTS / "source"
 CORPUS_DIR = ARTIFACTS / "corpus"
 REFERENCE_DIR = ARTIFACTS / "reference"
+SENSITIVITY_DIR = ARTIFACTS / "sensitivity"    # each tensor group's damage at each candidate type
 RECIPES_DIR = ARTIFACTS / "recipes"
 BUILDS_DIR = ARTIFACTS / "builds"
 ENGINES_DIR = ARTIFACTS / "engines"

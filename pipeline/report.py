@@ -48,6 +48,11 @@ COLUMNS = [
 ]
 
 
+# a recipe whose tensor types the search chose, on both plots
+SEARCHED_MARKER = "D"
+SEARCHED_LABEL = " (searched)"
+
+
 def row(result: dict[str, Any], build: dict[str, Any] | None) -> dict[str, Any]:
     accuracy = result["accuracy"] if result["accuracy"].get("status") == "ok" else {}
     speed = result["speed"] if result["speed"].get("status") == "ok" else {}
@@ -75,6 +80,8 @@ def row(result: dict[str, Any], build: dict[str, Any] | None) -> dict[str, Any]:
         "accuracy_runtime": result["accuracy"].get("runtime") or f"not_run: {result['accuracy'].get('reason')}",
         "speed_runtime": result["speed"].get("runtime") or f"not_run: {result['speed'].get('reason')}",
         "tensor_types": mix.get("byte_share"),
+        # per-tensor types chosen by the search (docs/sensitivity.md): its predicted mean KLD
+        "searched": ((build or {}).get("search") or {}).get("predicted_mean_kld"),
         "verdict": result["verdict"],
         "reasons": result.get("reasons", []),
         "sha256": result["artifact"].get("sha256"),
@@ -195,6 +202,8 @@ def markdown(rows: list[dict[str, Any]], reference_meta: dict[str, Any], host: d
         mix = ", ".join(f"{k} {v:.0%}" for k, v in (r.get("tensor_types") or {}).items())
         lines.append(f"- **{r['recipe']}**: accuracy via {r['accuracy_runtime']}; speed via {r['speed_runtime']}"
                      + (f"; bytes by tensor type: {mix}" if mix else "")
+                     + (f"; types chosen per tensor by the search (predicted mean KLD {r['searched']:.4f})"
+                        if r.get("searched") is not None else "")
                      + (f"; tokenizer mismatch {r['tokenizer_mismatch']:.4%}" if r.get("tokenizer_mismatch") is not None else ""))
         if r.get("stale"):
             lines.append(f"  - stale: {r['stale']}; {FIX}")
@@ -308,8 +317,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     largest = max((r["bytes"] for r in plotted), default=1)
     for r in plotted:
         axis.scatter(r["decode_tok_s"], r["mean_kld"], s=60 + 600 * r["bytes"] / largest,
-                     color="tab:red" if r["pareto"] else "tab:blue", alpha=0.6, edgecolors="black")
-        axis.annotate(f"{r['recipe']}\n{r['size_mb']:.0f} MB", (r["decode_tok_s"], r["mean_kld"]),
+                     color="tab:red" if r["pareto"] else "tab:blue", alpha=0.6, edgecolors="black",
+                     marker=SEARCHED_MARKER if r.get("searched") is not None else "o")
+        axis.annotate(f"{r['recipe']}{SEARCHED_LABEL if r.get('searched') is not None else ''}\n"
+                      f"{r['size_mb']:.0f} MB", (r["decode_tok_s"], r["mean_kld"]),
                       textcoords="offset points", xytext=(8, 6), fontsize=8)
     front = sorted((r for r in plotted if r["pareto"]), key=lambda r: r["decode_tok_s"])
     if len(front) > 1:
@@ -332,9 +343,9 @@ def plot_quality_vs_size(rows: list[dict[str, Any]], path: Path) -> None:
     for r in plotted:
         interval = r.get("mean_kld_ci95")
         error = [[r["mean_kld"] - interval["low"]], [interval["high"] - r["mean_kld"]]] if interval else None
-        axis.errorbar(r["size_mb"], r["mean_kld"], yerr=error, fmt="o", color=colours[r["format"]], capsize=3,
-                      markeredgecolor="black", alpha=0.8)
-        axis.annotate(r["recipe"], (r["size_mb"], r["mean_kld"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        axis.errorbar(r["size_mb"], r["mean_kld"], yerr=error, fmt=SEARCHED_MARKER if r.get("searched") is not None
+                      else "o", color=colours[r["format"]], capsize=3, markeredgecolor="black", alpha=0.8)
+        axis.annotate(r["recipe"] + (SEARCHED_LABEL if r.get("searched") is not None else ""), (r["size_mb"], r["mean_kld"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
     for name, colour in colours.items():
         axis.scatter([], [], color=colour, edgecolors="black", label=name)
     if colours:

@@ -72,3 +72,33 @@ def tiny_llama(tmp_path_factory):
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(root)
     write(root.parent / "calibration.txt", TINY_TEXT)
     return root
+
+
+@pytest.fixture(scope="session")
+def convertible_llama(tmp_path_factory):
+    """A 2-layer Llama llama.cpp's converter takes (a SentencePiece BPE tokenizer trained on
+    pydoc's text, tests/families.py), 96 wide, so that its attention rows take llama.cpp's
+    32-value blocks and not its 256-value K-quants, while its 256-wide MLP down rows take both;
+    tied embeddings. The calibration half of pydoc is beside it as calibration.txt."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests import families
+
+    root = tmp_path_factory.mktemp("convertible")
+    calibration, _ = families.pydoc_text()
+    write(root / "calibration.txt", calibration)
+    spm = families.train_tokenizer(root / "spm", calibration)
+    config = LlamaConfig(vocab_size=families.VOCAB, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=3, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # the default init is tiny; wider weights make quantization error visible
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0.0, 0.05)
+    checkpoint = root / "checkpoint"
+    model.to(torch.bfloat16).save_pretrained(checkpoint)
+    families.save_tokenizer(spm, checkpoint)
+    return checkpoint

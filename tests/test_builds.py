@@ -3,6 +3,7 @@ import json
 import pytest
 
 from pipeline import builds, formats, layout
+from pipeline.errors import BadInput
 from pipeline.formats import load_recipe
 from tests.conftest import write
 
@@ -103,3 +104,41 @@ def test_a_limit_edit_changes_neither_the_build_nor_the_engine_inputs(project):
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     for name in ("build", "engine"):
         assert not any(dep.startswith("recipes/") for dep in stages[name]["do"]["deps"]), name
+
+
+def test_a_searched_gguf_recipe_is_solved_at_the_recipe_stage_and_built_with_exactly_those_types(project, convertible_llama):
+    """sensitivity -> recipe@R solves the budget -> build@R writes those types (read back from
+    the file), and its size is what the search predicted."""
+    import shutil
+
+    from pipeline import sensitivity
+    from pipeline.config import SensitivityParams
+    from pipeline.formats.gguf import tensor_type_mix
+    from pipeline.runtimes.llama_cpp import read_header
+
+    shutil.copytree(convertible_llama, layout.SOURCE_DIR)
+    write(layout.SOURCE_DIR / "source.json", json.dumps({"origin": {"kind": "local"}, "files": {}}))
+    write(layout.CALIBRATION_TEXT, (convertible_llama.parent / "calibration.txt").read_text())
+    sensitivity.run(SensitivityParams(formats=["gguf"], windows=2, window_tokens=64), layout.SOURCE_DIR,
+                    layout.CALIBRATION_TEXT, layout.SENSITIVITY_DIR, threads=1, log=lambda _: None)
+    write(project / "recipes/gguf-searched.yaml", "format: gguf\ntype: Q8_0\nsearch:\n  bits_per_weight: 7\n")
+    spec = builds.write_build_spec("gguf-searched")
+    tensor_types = spec["build"]["tensor_types"]
+    assert len(tensor_types) == 1 + 2 * 4 and spec["search"]["predicted_bits_per_weight"] <= 7
+    # a budget between the smallest and the largest choice: some groups kept wider than others
+    assert len(set(tensor_types.values())) > 1
+    record = builds.run_build("gguf-searched", threads=1, log=lambda _: None)
+    assert record["search"] == spec["search"] and record["resolved_recipe"]["tensor_types"] == tensor_types
+    assert record["fallback"]["tensor_types_matched"] == 1 + 2 * 7
+    types = {t.name: t.type.upper() for t in read_header(layout.build_dir("gguf-searched") / "model.gguf").tensors}
+    assert types["token_embd.weight"] == tensor_types[r"^token_embd\.weight$"]
+    assert types["blk.1.attn_k.weight"] == tensor_types[r"^blk\.1\.attn_(q|k|v|qkv)\.weight$"]
+    mix = tensor_type_mix(layout.build_dir("gguf-searched") / "model.gguf")
+    assert mix["bits_per_weight"] == pytest.approx(spec["search"]["predicted_bits_per_weight"], rel=1e-9)
+
+
+def test_a_searched_recipe_whose_search_was_not_solved_is_refused_at_build(project):
+    write(layout.SOURCE_DIR / "source.json", json.dumps({"origin": {}, "files": {}}))
+    write(project / "recipes/gguf-searched.yaml", "format: gguf\ntype: Q8_0\nsearch:\n  bits_per_weight: 7\n")
+    with pytest.raises(BadInput, match="has not been solved"):
+        builds.run_build("gguf-searched", threads=1, log=lambda _: None)

@@ -101,7 +101,8 @@ def test_each_dvc_stage_depends_on_its_own_code_and_on_params_keys_that_exist():
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     own_code = {"host": "pipeline/host.py", "source": "pipeline/source.py", "corpus": "pipeline/corpus.py",
-                "reference": "pipeline/reference.py", "recipe": "pipeline/builds.py", "build": "pipeline/builds.py",
+                "reference": "pipeline/reference.py", "sensitivity": "pipeline/sensitivity.py",
+                "recipe": "pipeline/builds.py", "build": "pipeline/builds.py",
                 "engine": "pipeline/engines.py", "baseline": "pipeline/baselines.py", "formats": "pipeline/baselines.py", "gate": "pipeline/gates",
                 "report": "pipeline/report.py", "check": "pipeline/cli.py", "task_base": "pipeline/gates/tasks.py"}
     assert set(stages) == set(own_code)

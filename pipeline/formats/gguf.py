@@ -25,10 +25,11 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from pipeline.config import RecipeBase, SpeedParams
-from pipeline.errors import BadInput, HostLacks, QpipeError, RecipeNotApplicable
+from pipeline.errors import BadInput, HostLacks, QpipeError, RecipeNotApplicable, ToolFailed
 from pipeline.formats.contract import FormatInfo
 from pipeline.memory import GIB, Factors
 from pipeline.runtimes.llama_cpp import F16_CACHE, llama_tool
+from pipeline.search import SearchSpec
 
 ARTIFACT_FILE = "model.gguf"
 IMATRIX_FILE = "imatrix.gguf"
@@ -46,6 +47,16 @@ QUANT_TYPES = (
 IMATRIX_MEMORY = Factors(0.85 * GIB, 1.1, 0.0)
 # llama.cpp refuses these without an importance matrix.
 NEEDS_IMATRIX = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "Q2_K_S")
+# ggml types a tensor_types entry may name: what llama-quantize writes (ggml_type names)
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "IQ4_XS",
+                "IQ4_NL", "Q3_K", "IQ3_S", "IQ3_XXS", "Q2_K", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
+# what the per-tensor search chooses from (none needs an importance matrix), and the type of
+# the unquantized GGUF the quantizer reads, which the search takes as lossless
+SEARCH_TYPES = ("IQ4_NL", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+SEARCH_UNQUANTIZED = "F16"
+# a sensitivity group's kind (pipeline.sensitivity) -> the GGUF names of its tensors in a block
+GROUP_TENSORS = {"attn_qkv": r"attn_(q|k|v|qkv)", "attn_out": "attn_output", "mlp_gate_up": r"ffn_(gate|up)",
+                 "mlp_down": "ffn_down"}
 # the KV-cache types llama.cpp's tools accept for -ctk / -ctv (common/arg.cpp kv_cache_types)
 KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 
@@ -80,6 +91,13 @@ class Recipe(RecipeBase):
                           f"(llama-cli's -ctk / -ctv): {', '.join(KV_CACHE_TYPES)}; a quantized V cache needs "
                           "flash attention, which every GGUF gate runs with")
     kv_cache_v: str | None = Field(None, description="a V-cache type apart from K's (None: kv_cache's)")
+    tensor_types: dict[str, str] = Field(default_factory=dict, description="per-tensor types, llama-quantize's "
+                                         "--tensor-type: a regular expression searched in each tensor's GGUF name "
+                                         "-> a ggml type (q8_0, iq4_nl, q6_k, f16, ...); the first match wins, and "
+                                         "the build fails if the file holds another type for a matched tensor")
+    search: SearchSpec | None = Field(None, description="choose tensor_types from the sensitivity stage's "
+                                      "measurement under a budget (docs/sensitivity.md); the recipe's `type` "
+                                      "is then the file's nominal type only")
 
     def build_memory(self, format_factors):
         return (format_factors, IMATRIX_MEMORY) if self.imatrix else format_factors
@@ -93,6 +111,21 @@ class Recipe(RecipeBase):
         self.type = self.type.upper()
         if self.type in NEEDS_IMATRIX and not self.imatrix:
             raise ValueError(f"GGUF type {self.type} needs `imatrix: true`")
+        for pattern, tensor_type in self.tensor_types.items():
+            try:
+                re.compile(pattern)
+            except re.error as problem:
+                raise ValueError(f"tensor_types: {pattern!r} is not a regular expression ({problem})") from None
+            if tensor_type.upper() not in TENSOR_TYPES:
+                raise ValueError(f"tensor_types: unknown ggml type {tensor_type!r} for {pattern!r}; "
+                                 f"valid: {', '.join(TENSOR_TYPES)}")
+        self.tensor_types = {pattern: tensor_type.upper() for pattern, tensor_type in self.tensor_types.items()}
+        if self.search and self.tensor_types:
+            raise ValueError("set tensor_types or search, not both: the search writes tensor_types")
+        for tensor_type in (self.search.types or []) if self.search else []:
+            if tensor_type.upper() not in SEARCH_TYPES:
+                raise ValueError(f"search.types: {tensor_type!r} is not a type the sensitivity stage measures "
+                                 f"for GGUF ({', '.join(SEARCH_TYPES)})")
         self.kv_cache = self.kv_cache.lower()
         self.kv_cache_v = self.kv_cache_v.lower() if self.kv_cache_v else None
         for value in (self.kv_cache, self.kv_cache_v or self.kv_cache):
@@ -251,13 +284,17 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
         started = time.perf_counter()
         log(f"quantizing to {recipe.type}")
         fallback = quantize(unquantized, out_dir / ARTIFACT_FILE, recipe.type, imatrix=imatrix,
-                            threads=threads, log_file=out_dir / QUANTIZE_LOG)
+                            threads=threads, log_file=out_dir / QUANTIZE_LOG, tensor_types=recipe.tensor_types)
         timings["quantize_s"] = time.perf_counter() - started
         # the log names the unquantized file's temporary directory: a rebuild must write the same bytes
         quantize_log = out_dir / QUANTIZE_LOG
         quantize_log.write_text(quantize_log.read_text(errors="replace").replace(scratch, "<scratch>"))
         unquantized_bytes = unquantized.stat().st_size
 
+    if recipe.tensor_types:
+        fallback["tensor_types_matched"] = check_tensor_types(out_dir / ARTIFACT_FILE, recipe.tensor_types,
+                                                              recipe.where("search" if recipe.search else
+                                                                           "tensor_types"))
     mix = tensor_type_mix(out_dir / ARTIFACT_FILE)
     from importlib import metadata
 
@@ -410,15 +447,28 @@ def load_imatrix(path: Path) -> dict[str, np.ndarray]:
 
 
 def quantize(source: Path, out: Path, qtype: str, *, imatrix: Path | None, threads: int,
-             log_file: Path) -> dict[str, Any]:
+             log_file: Path, tensor_types: dict[str, str] | None = None) -> dict[str, Any]:
     """Quantize with llama.cpp's llama_model_quantize (what llama-quantize calls); with an
-    imatrix file, pass its per-tensor importance exactly as llama-quantize does."""
+    imatrix file, pass its per-tensor importance exactly as llama-quantize does, and
+    `tensor_types` as its --tensor-type patterns (tt_overrides)."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
     params.nthread = threads
     keep_alive = []
+    if tensor_types:
+        from pipeline.runtimes.llama_cpp import ggml_type
+
+        overrides = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for slot, (pattern, tensor_type) in zip(overrides, tensor_types.items()):
+            pattern_bytes = pattern.encode()
+            keep_alive.append(pattern_bytes)
+            slot.pattern = pattern_bytes
+            slot.type = ggml_type(tensor_type)
+        overrides[len(tensor_types)].pattern = None  # NULL-terminated
+        params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+        keep_alive.append(overrides)
     if imatrix is not None:
         entries = load_imatrix(imatrix)
         array = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()
@@ -443,6 +493,88 @@ def quantize(source: Path, out: Path, qtype: str, *, imatrix: Path | None, threa
     fallback = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback quantization", log)
     return {"fallback_tensors": int(fallback.group(1)) if fallback else 0,
             "tensors": int(fallback.group(2)) if fallback else None}
+
+
+def check_tensor_types(path: Path, tensor_types: dict[str, str], where: str) -> int:
+    """Read the types llama.cpp wrote back from the file: every tensor a tensor_types pattern
+    matches (the first, as llama-quantize matches) must hold that type. llama.cpp falls back to
+    another type where a row does not tile, and has ignored overrides before (#22544).
+    Returns how many tensors the patterns matched."""
+    from pipeline.runtimes.llama_cpp import read_header
+
+    compiled = [(re.compile(pattern), tensor_type) for pattern, tensor_type in tensor_types.items()]
+    matched, differing = 0, []
+    for tensor in read_header(path).tensors:
+        wanted = next((tensor_type for pattern, tensor_type in compiled if pattern.search(tensor.name)), None)
+        if wanted is None:
+            continue
+        matched += 1
+        if tensor.type.upper() != wanted:
+            differing.append(f"{tensor.name} is {tensor.type}, not {wanted}")
+    if differing:
+        raise ToolFailed(f"llama.cpp did not write the types tensor_types asks for: {'; '.join(differing[:5])}"
+                         + (f" (and {len(differing) - 5} more)" if len(differing) > 5 else ""), where=where,
+                         fix="choose types whose block size divides these tensors' rows (the search does), or "
+                             "check this llama.cpp's quantize log")
+    return matched
+
+
+# ---------------------------------------------------------------- per-tensor search
+
+
+def search_candidates(group, types: list[str] | None = None) -> list[str]:
+    """The search types (or those of `types` the sensitivity stage measures) that a group's
+    rows take: llama.cpp quantizes a row in blocks of 32 or 256 values, so a 576-wide row
+    takes no K-quant."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    wanted = [t.upper() for t in types] if types else list(SEARCH_TYPES)
+    return [t for t in SEARCH_TYPES if t in wanted
+            and all(width % GGML_QUANT_SIZES[GGMLQuantizationType[t]][0] == 0 for width in group.row_width)]
+
+
+def search_round_trip(weight: np.ndarray, type_name: str, *, threads: int) -> np.ndarray:
+    from pipeline.runtimes.llama_cpp import round_trip
+
+    return round_trip(weight, type_name, threads=threads)
+
+
+def search_bytes(group, type_name: str) -> int:
+    from pipeline.runtimes.llama_cpp import row_bytes
+
+    return sum(rows * row_bytes(type_name, width) for rows, width in group.shapes)
+
+
+def group_pattern(group: dict[str, Any]) -> str:
+    """The tensor_types pattern of a sensitivity group (its record in sensitivity.json)."""
+    if group["kind"] == "embedding":
+        return r"^token_embd\.weight$"
+    if group["kind"] == "output":
+        return r"^output\.weight$"
+    return rf"^blk\.{group['layer']}\.{GROUP_TENSORS[group['kind']]}\.weight$"
+
+
+def resolve_search(recipe: Recipe, sensitivity: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
+    """The recipe's search solved on the measurement: (tensor_types, what build.json records of
+    the search). llama.cpp keeps norms and every weight no group takes in float32."""
+    from pipeline import search
+
+    measured = sensitivity["formats"].get("gguf")
+    if measured is None:
+        raise BadInput("the recipe searches tensor types but the sensitivity stage measured no GGUF types",
+                       where="params.yaml: sensitivity.formats", fix="add gguf to sensitivity.formats")
+    fixed_bytes = 4 * measured["other_weights"]
+    budget = None if recipe.search.bits_per_weight is None else \
+        recipe.search.bits_per_weight * measured["weights"] / 8 - fixed_bytes
+    choice = search.solve(recipe.search, measured, budget, where=recipe.where("search"))
+    tensor_types = {group_pattern(group): choice[group["name"]].type for group in measured["groups"]}
+    chosen_bytes = fixed_bytes + sum(option.bytes for option in choice.values())
+    return tensor_types, {
+        "predicted_mean_kld": sum(option.damage for option in choice.values()),
+        "predicted_bits_per_weight": 8 * chosen_bytes / measured["weights"],
+        "types": dict(Counter(option.type for option in choice.values()).most_common()),
+        "budget": recipe.search.model_dump(exclude_none=True),
+    }
 
 
 def tensor_type_mix(path: Path) -> dict[str, Any]:

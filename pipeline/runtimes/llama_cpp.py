@@ -228,6 +228,50 @@ def ggml_type(name: str) -> int:
     return GGMLQuantizationType[name.upper()].value
 
 
+def round_trip(weight: np.ndarray, type_name: str, *, threads: int = 1,
+               importance: np.ndarray | None = None) -> np.ndarray:
+    """`weight` ([rows, row width] float32, the layout llama.cpp quantizes a row at a time)
+    quantized to a ggml type by ggml's own ggml_quantize_chunk, which llama-quantize calls for
+    each tensor (with `importance` as its imatrix row), and dequantized back by gguf-py. Rows
+    go to `threads` threads; ctypes releases the GIL while ggml works."""
+    import ctypes
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    from llama_cpp import llama_cpp as bindings
+
+    ggml = bindings._lib
+    ggml.ggml_quantize_chunk.restype = ctypes.c_size_t
+    ggml.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    ggml.ggml_row_size.restype = ctypes.c_size_t
+    ggml.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    qtype = GGMLQuantizationType[type_name.upper()]
+    source = np.ascontiguousarray(weight, dtype=np.float32)
+    rows, width = source.shape
+    row_bytes = ggml.ggml_row_size(qtype.value, width)
+    packed = np.empty((rows, row_bytes), dtype=np.uint8)
+    weights_row = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
+
+    def quantize_rows(first: int, count: int) -> None:
+        ggml.ggml_quantize_chunk(qtype.value, source[first:].ctypes.data, packed[first:].ctypes.data, 0, count,
+                                 width, None if weights_row is None else weights_row.ctypes.data)
+
+    step = max(1, -(-rows // max(1, threads)))
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        list(pool.map(lambda first: quantize_rows(first, min(step, rows - first)), range(0, rows, step)))
+    return dequantize(packed, qtype).reshape(rows, width)
+
+
+def row_bytes(type_name: str, width: int) -> int:
+    """Bytes of one row of `width` values in a ggml type (ggml_row_size)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[type_name.upper()]]
+    return width // block * block_bytes
+
+
 def open_model(path: Path, *, n_ctx: int, logits_all: bool, threads: int, n_gpu_layers: int = 0,
                cache_types: dict[str, str] = F16_CACHE):
     """A llama.cpp context as llama.cpp's own tools make one: flash attention on, which is what

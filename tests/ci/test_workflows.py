@@ -67,7 +67,7 @@ def test_github_matrix_labels_and_commands(remote_project):
     assert jobs["gate-cpu"]["runs-on"] == "ubuntu-latest"
     assert jobs["gate-gpu"]["runs-on"] == ["self-hosted", "linux", "h100"]
     runs = {name: [step.get("run", "") for step in job["steps"]] for name, job in jobs.items()}
-    assert "dvc repro --pull source corpus reference task_base" in runs["shared"]
+    assert "dvc repro --pull source corpus reference sensitivity task_base" in runs["shared"]
     assert "qpipe ci init github --check" in runs["shared"]
     for gate in ("gate-cpu", "gate-gpu"):
         assert jobs[gate]["needs"] == "shared"
@@ -172,7 +172,7 @@ def test_the_stage_plan_follows_dvc_yaml(tmp_path):
     from tests.conftest import REPO
 
     plan = ci.stage_plan(REPO / "dvc.yaml")
-    assert plan.shared == ("source", "corpus", "reference", "task_base")
+    assert plan.shared == ("source", "corpus", "reference", "sensitivity", "task_base")
     assert plan.per_recipe == ("recipe", "build", "engine") and plan.per_run == ("formats", "baseline")
     assert set(plan.restored) == {*plan.shared, *plan.per_recipe, "baseline", ci.GATE_STAGE}
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())

@@ -178,3 +178,41 @@ def test_decode_bytes_per_token_take_head_dim_from_the_key_length(tmp_path, arch
     writer.close()
     read = fmt.decode_bytes_per_token(tmp_path, context_tokens=100)
     assert read["kv_cache"] == 2 * 2 * kv_heads * key_length * 2 * 100
+
+
+def test_tensor_types_are_validated_and_exclude_a_search():
+    recipe = fmt.Recipe.model_validate({"format": "gguf", "type": "Q8_0", "tensor_types": {r"ffn_down": "q6_k"}})
+    assert recipe.tensor_types == {"ffn_down": "Q6_K"}
+    for bad, message in (({"tensor_types": {"(": "q8_0"}}, "not a regular expression"),
+                         ({"tensor_types": {"x": "q9_9"}}, "unknown ggml type"),
+                         ({"tensor_types": {"x": "q8_0"}, "search": {"bits_per_weight": 5}}, "not both"),
+                         ({"search": {"bits_per_weight": 5, "types": ["Q2_K"]}}, "not a type the sensitivity")):
+        with pytest.raises(ValueError, match=message):
+            fmt.Recipe.model_validate({"format": "gguf", "type": "Q8_0", **bad})
+
+
+def test_a_type_llama_cpp_did_not_write_fails_the_build(convertible_llama, tmp_path):
+    """Q4_K's 256-blocks do not tile the model's 96-wide attention rows: llama.cpp falls back,
+    and reading the file back catches it."""
+    from pipeline.errors import ToolFailed
+
+    recipe = fmt.Recipe.model_validate({"format": "gguf", "type": "Q8_0",
+                                        "tensor_types": {r"^blk\.0\.ffn_down\.weight$": "q5_0",
+                                                         r"attn_q\.weight$": "q4_k"}})
+    with pytest.raises(ToolFailed, match=r"blk\.0\.attn_q\.weight is \w+, not Q4_K"):
+        fmt.build(recipe, source_dir=convertible_llama, calibration_text=convertible_llama.parent / "calibration.txt",
+                  out_dir=tmp_path, threads=1, log=lambda _: None)
+
+
+def test_tensor_types_the_rows_take_are_written_as_asked(convertible_llama, tmp_path):
+    from pipeline.runtimes.llama_cpp import read_header
+
+    recipe = fmt.Recipe.model_validate({"format": "gguf", "type": "Q8_0",
+                                        "tensor_types": {r"^blk\.0\.ffn_down\.weight$": "q5_0",
+                                                         r"ffn_down": "q4_k", r"^token_embd": "f16"}})
+    facts = fmt.build(recipe, source_dir=convertible_llama, calibration_text=convertible_llama.parent / "calibration.txt",
+                      out_dir=tmp_path, threads=1, log=lambda _: None)
+    types = {t.name: t.type.upper() for t in read_header(tmp_path / fmt.ARTIFACT_FILE).tensors}
+    assert (types["blk.0.ffn_down.weight"], types["blk.1.ffn_down.weight"]) == ("Q5_0", "Q4_K")
+    assert types["token_embd.weight"] == "F16" and types["blk.0.attn_q.weight"] == "Q8_0"
+    assert facts["fallback"]["tensor_types_matched"] == 3

@@ -220,3 +220,23 @@ def test_header_reader_refuses_a_non_gguf_file(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"NOTGGUF" + b"\x00" * 40)
     with pytest.raises(QpipeError, match="not a GGUF"):
         llama_cpp.read_header(tmp_path / "x.gguf")
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q5_0", "Q4_0"])
+def test_round_trip_quantizes_as_ggmls_reference_rows_do(type_name):
+    """ggml_quantize_chunk without an importance matrix is ggml's reference quantizer, which
+    gguf-py re-implements in numpy for these types: the same values, bit for bit, over threads."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    weight = np.random.default_rng(0).standard_normal((37, 576)).astype(np.float32)
+    qtype = GGMLQuantizationType[type_name]
+    expected = dequantize(quantize(weight, qtype), qtype)
+    np.testing.assert_array_equal(llama_cpp.round_trip(weight, type_name, threads=3), expected)
+    assert llama_cpp.row_bytes(type_name, 576) == quantize(weight, qtype).shape[1]
+
+
+def test_round_trip_of_types_gguf_py_cannot_quantize_loses_as_their_bits_say():
+    weight = np.random.default_rng(1).standard_normal((16, 512)).astype(np.float32)
+    errors = {t: float(np.abs(llama_cpp.round_trip(weight, t) - weight).mean()) for t in ("IQ4_NL", "Q4_K", "Q6_K")}
+    assert errors["Q6_K"] < errors["Q4_K"] and 0 < errors["IQ4_NL"] < 0.1

@@ -1,0 +1,205 @@
+"""The sensitivity stage: what quantizing each group of tensors alone costs, measured once per
+model and calibration text, for the per-tensor precision search (``pipeline.search``).
+
+A group is what a runtime can give one precision: per decoder layer the attention's q/k/v
+projections (vLLM fuses them, so they share a scheme), its output projection, the MLP's
+gate/up projections (fused likewise) and its down projection; and the token embedding and
+the output layer (one group where they are tied). For each group and each candidate type a
+format offers for its row width, the group's weights are put through that format's own
+quantizer and back (GGUF: ggml_quantize_chunk, what llama-quantize calls) while every other
+tensor stays as the checkpoint holds it, and the damage is the mean KL divergence, over the
+full vocabulary and every position of the calibration windows, from the unquantized model's
+next-token distribution. Cost: one forward pass of the windows per (group, candidate), with
+the model loaded once and one group's original weights kept aside (docs/sensitivity.md).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import BadInput
+
+SENSITIVITY_FILE = "sensitivity.json"
+
+# a group kind from the name of the module holding the weight; layers are `...layers.N...`
+GROUP_KINDS = {
+    "q_proj": "attn_qkv", "k_proj": "attn_qkv", "v_proj": "attn_qkv", "qkv_proj": "attn_qkv",
+    "query_key_value": "attn_qkv",
+    "o_proj": "attn_out", "out_proj": "attn_out", "dense": "attn_out",
+    "gate_proj": "mlp_gate_up", "up_proj": "mlp_gate_up", "gate_up_proj": "mlp_gate_up",
+    "down_proj": "mlp_down",
+    "embed_tokens": "embedding", "lm_head": "output",
+}
+LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str                    # e.g. "layers.3.attn_qkv", "embedding"
+    kind: str                    # a GROUP_KINDS value
+    layer: int | None
+    parameters: tuple[str, ...]  # the model's parameter names
+    shapes: tuple[tuple[int, int], ...]
+
+    @property
+    def row_width(self) -> set[int]:
+        return {shape[1] for shape in self.shapes}
+
+    def weights(self) -> int:
+        return sum(rows * width for rows, width in self.shapes)
+
+
+def groups_of(named_parameters) -> tuple[list[Group], list[str]]:
+    """The model's groups (in model order) and the names of its 2-D weights no group takes.
+    `named_parameters`: (name, shape) pairs, as the model names them (tied weights once)."""
+    members: dict[str, dict[str, Any]] = {}
+    unsearched = []
+    for name, shape in named_parameters:
+        if len(shape) != 2 or not name.endswith(".weight"):
+            continue
+        module = name.removesuffix(".weight").rsplit(".", 1)[-1]
+        kind = GROUP_KINDS.get(module)
+        layer_match = LAYER_INDEX.search(name)
+        if kind is None or (kind in ("embedding", "output")) == bool(layer_match):
+            unsearched.append(name)
+            continue
+        layer = int(layer_match.group(1)) if layer_match else None
+        key = f"layers.{layer}.{kind}" if layer is not None else kind
+        entry = members.setdefault(key, {"kind": kind, "layer": layer, "parameters": [], "shapes": []})
+        entry["parameters"].append(name)
+        entry["shapes"].append(tuple(int(size) for size in shape))
+    groups = [Group(name=key, kind=entry["kind"], layer=entry["layer"], parameters=tuple(entry["parameters"]),
+                    shapes=tuple(entry["shapes"])) for key, entry in members.items()]
+    return groups, unsearched
+
+
+def kl_divergence(base_log_probs, logits) -> float:
+    """Mean over positions of KL(base || quantized), full vocabulary ([T, V] each, torch)."""
+    import torch
+
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return float((base_log_probs.exp() * (base_log_probs - log_probs)).sum(dim=-1).mean())
+
+
+def measure(model, windows: list[list[int]], groups: list[Group], candidates: dict[str, list[str]],
+            round_trip, *, unquantized_type: str, progress=None) -> dict[str, dict[str, float]]:
+    """{group name: {type: mean KLD}} with each group alone put through `round_trip(weight
+    [rows, width] float32 numpy, type) -> numpy` for each of `candidates[group name]`; the
+    `unquantized_type` (the format's unquantized GGUF/checkpoint type) is taken as damage 0.
+    The weights go through float16 first where that is the unquantized type, as the
+    converter writes them before they are quantized."""
+    import torch
+
+    parameters = dict(model.named_parameters())
+    ids = torch.as_tensor(np.asarray(windows), dtype=torch.long, device=model.device)
+
+    def window_logits():
+        with torch.inference_mode():
+            return model(ids).logits
+
+    base = torch.log_softmax(window_logits().float(), dim=-1)
+    damage: dict[str, dict[str, float]] = {}
+    for group in groups:
+        originals = {name: parameters[name].detach().clone() for name in group.parameters}
+        damage[group.name] = {unquantized_type: 0.0}
+        for type_name in candidates[group.name]:
+            with torch.no_grad():
+                for name, original in originals.items():
+                    source = original.to(torch.float16) if unquantized_type == "F16" else original
+                    quantized = round_trip(source.float().cpu().numpy(), type_name)
+                    parameters[name].copy_(torch.from_numpy(quantized).to(original.dtype))
+            damage[group.name][type_name] = kl_divergence(base, window_logits())
+            if progress:
+                progress()
+        with torch.no_grad():
+            for name, original in originals.items():
+                parameters[name].copy_(original)
+    return damage
+
+
+def load(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / SENSITIVITY_FILE
+    if not path.is_file():
+        raise BadInput("no sensitivity measurement", where=str(path), fix="run `qpipe sensitivity` (or `dvc repro`)")
+    return json.loads(path.read_text())
+
+
+def run(params, source_dir: Path, calibration_text: Path, out_dir: Path, *, threads: int, log=print) -> dict:
+    """The sensitivity stage: for each format in `params.formats`, each group's damage at each
+    candidate type and its bytes -> out_dir/sensitivity.json; with no format named, a record
+    saying so (no model is loaded)."""
+    from pipeline import formats
+    from pipeline.files import atomic_dir
+
+    searchable = [name for name in formats.FORMATS if hasattr(formats.module(name), "resolve_search")]
+    for name in params.formats:
+        if name not in searchable:
+            raise BadInput(f"format {name!r} has no per-tensor search", where="params.yaml: sensitivity.formats",
+                           fix=f"name only formats that have one: {', '.join(searchable)}")
+    for name, types in params.types.items():
+        known = formats.module(name).SEARCH_TYPES if name in searchable else ()
+        unknown = [t for t in types if t.upper() not in known]
+        if unknown:
+            raise BadInput(f"{name} has no search type {', '.join(unknown)}", where=f"params.yaml: sensitivity.types.{name}",
+                           fix=f"choose from: {', '.join(known) or '(no format of that name searches)'}")
+    record: dict[str, Any] = {"windows": params.windows, "window_tokens": params.window_tokens, "formats": {}}
+    if params.formats:
+        record["formats"] = measure_formats(params, source_dir, calibration_text, threads=threads, log=log)
+    with atomic_dir(out_dir) as staging:
+        (staging / SENSITIVITY_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def measure_formats(params, source_dir: Path, calibration_text: Path, *, threads: int, log) -> dict[str, Any]:
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from pipeline import formats
+    from pipeline.corpus import calibration_windows
+    from pipeline.runtimes.transformers import load_causal_lm, torch_device
+
+    if not (Path(source_dir) / "source.json").is_file():
+        raise BadInput("no source checkpoint", where=str(source_dir), fix="run `qpipe source` first")
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    windows = calibration_windows(tokenizer, calibration_text, params.windows, params.window_tokens,
+                                  "params.yaml: sensitivity.windows / sensitivity.window_tokens")
+    device = torch_device()
+    model = load_causal_lm(source_dir, dtype=getattr(torch, params.dtype)).to(device).eval()
+    groups, unsearched = groups_of((name, tuple(p.shape)) for name, p in model.named_parameters())
+    weights = sum(p.numel() for p in model.parameters())
+    measured = {}
+    for format_name in params.formats:
+        fmt = formats.module(format_name)
+        candidates = {group.name: fmt.search_candidates(group, params.types.get(format_name)) for group in groups}
+        count = sum(len(types) for types in candidates.values())
+        log(f"sensitivity ({format_name}): {len(groups)} groups, {count} quantized forward passes of "
+            f"{params.windows} x {params.window_tokens} tokens ({device})")
+        started = time.perf_counter()
+        with tqdm(total=count, desc=f"sensitivity {format_name}", unit="pass", leave=False) as bar:
+            damage = measure(model, windows, groups, candidates,
+                             lambda weight, type_name: fmt.search_round_trip(weight, type_name, threads=threads),
+                             unquantized_type=fmt.SEARCH_UNQUANTIZED, progress=lambda: bar.update(1))
+        measured[format_name] = {
+            "unquantized_type": fmt.SEARCH_UNQUANTIZED,
+            "weights": weights,
+            "groups": [{"name": group.name, "kind": group.kind, "layer": group.layer,
+                        "parameters": list(group.parameters), "shapes": [list(shape) for shape in group.shapes],
+                        "options": {type_name: {"bytes": fmt.search_bytes(group, type_name),
+                                                "mean_kld": damage[group.name][type_name]}
+                                    for type_name in damage[group.name]}}
+                       for group in groups],
+            "unsearched": unsearched,
+            # norms, biases and any weight no group takes: kept as the format keeps them
+            "other_weights": weights - sum(group.weights() for group in groups),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        log(f"sensitivity ({format_name}): {measured[format_name]['seconds']:.0f} s")
+    return measured

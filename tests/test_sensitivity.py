@@ -1,0 +1,123 @@
+import json
+
+import numpy as np
+import pytest
+
+from pipeline import sensitivity
+from pipeline.config import SensitivityParams
+from pipeline.formats import gguf
+
+
+def test_groups_follow_what_runtimes_fuse_and_tied_embeddings_are_one_group():
+    shapes = {
+        "model.embed_tokens.weight": (100, 64),
+        "model.layers.0.self_attn.q_proj.weight": (64, 64), "model.layers.0.self_attn.k_proj.weight": (32, 64),
+        "model.layers.0.self_attn.v_proj.weight": (32, 64), "model.layers.0.self_attn.o_proj.weight": (64, 64),
+        "model.layers.0.mlp.gate_proj.weight": (192, 64), "model.layers.0.mlp.up_proj.weight": (192, 64),
+        "model.layers.0.mlp.down_proj.weight": (64, 192), "model.layers.0.input_layernorm.weight": (64,),
+        "model.layers.0.mlp.router.weight": (8, 64), "model.norm.weight": (64,),
+    }
+    groups, unsearched = sensitivity.groups_of(shapes.items())
+    assert [g.name for g in groups] == ["embedding", "layers.0.attn_qkv", "layers.0.attn_out",
+                                        "layers.0.mlp_gate_up", "layers.0.mlp_down"]
+    qkv = groups[1]
+    assert qkv.layer == 0 and qkv.row_width == {64} and qkv.weights() == 128 * 64
+    assert groups[4].row_width == {192}
+    assert unsearched == ["model.layers.0.mlp.router.weight"]
+    untied, _ = sensitivity.groups_of([*shapes.items(), ("lm_head.weight", (100, 64))])
+    assert untied[-1].name == "output" and untied[-1].layer is None
+
+
+def test_gguf_candidates_are_the_types_whose_blocks_tile_every_row():
+    narrow = sensitivity.Group("layers.0.attn_qkv", "attn_qkv", 0, ("a", "b"), ((64, 576), (32, 576)))
+    wide = sensitivity.Group("layers.0.mlp_down", "mlp_down", 0, ("c",), ((576, 1536),))
+    assert gguf.search_candidates(narrow) == ["IQ4_NL", "Q5_0", "Q8_0"]
+    assert gguf.search_candidates(wide) == list(gguf.SEARCH_TYPES)
+    assert gguf.search_candidates(wide, ["q6_k", "q8_0"]) == ["Q8_0", "Q6_K"]
+    assert gguf.search_bytes(narrow, "Q8_0") == 96 * 576 // 32 * 34
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_llama):
+    import torch
+
+    from pipeline.runtimes.transformers import load_causal_lm
+
+    return load_causal_lm(tiny_llama, dtype=torch.float32).eval()
+
+
+def test_each_group_alone_costs_less_at_more_bits_and_the_model_is_left_as_it_was(tiny_model):
+    import torch
+
+    windows = [list(range(1, 65)), list(range(30, 94))]
+    groups, _ = sensitivity.groups_of((n, tuple(p.shape)) for n, p in tiny_model.named_parameters())
+    before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
+    candidates = {g.name: gguf.search_candidates(g) for g in groups}
+    damage = sensitivity.measure(tiny_model, windows, groups, candidates,
+                                 lambda w, t: gguf.search_round_trip(w, t, threads=1), unquantized_type="F16")
+    for group in groups:
+        assert damage[group.name]["F16"] == 0.0
+        # 64-wide rows: only the 32-blocks; IQ4_NL (4.5 bits) damages more than Q5_0 and Q8_0
+        assert set(damage[group.name]) == {"F16", "IQ4_NL", "Q5_0", "Q8_0"}
+        assert damage[group.name]["IQ4_NL"] > damage[group.name]["Q5_0"] > damage[group.name]["Q8_0"] > 0
+    for name, parameter in tiny_model.named_parameters():
+        assert torch.equal(parameter, before[name]), name
+
+
+def test_the_damage_is_the_kl_divergence_of_the_quantized_model(tiny_model):
+    """One group's figure, recomputed by hand from two forward passes."""
+    import torch
+
+    windows = [list(range(1, 65))]
+    groups, _ = sensitivity.groups_of((n, tuple(p.shape)) for n, p in tiny_model.named_parameters())
+    down = next(g for g in groups if g.name == "layers.1.mlp_down")
+    damage = sensitivity.measure(tiny_model, windows, [down], {down.name: ["Q5_0"]},
+                                 lambda w, t: gguf.search_round_trip(w, t, threads=1), unquantized_type="F16")
+    ids = torch.tensor(windows)
+    parameter = dict(tiny_model.named_parameters())[down.parameters[0]]
+    original = parameter.detach().clone()
+    with torch.no_grad():
+        base = torch.log_softmax(tiny_model(ids).logits, -1)
+        rounded = original.to(torch.float16).float().numpy()
+        parameter.copy_(torch.from_numpy(gguf.search_round_trip(rounded, "Q5_0", threads=1)))
+        quantized = torch.log_softmax(tiny_model(ids).logits, -1)
+        parameter.copy_(original)
+    expected = float((base.exp() * (base - quantized)).sum(-1).mean())
+    assert damage[down.name]["Q5_0"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_stage_without_formats_loads_nothing(tmp_path, monkeypatch):
+    import pipeline.runtimes.transformers as transformers_runtime
+
+    monkeypatch.setattr(transformers_runtime, "load_causal_lm", lambda *a, **k: pytest.fail("loaded a model"))
+    record = sensitivity.run(SensitivityParams(), tmp_path / "no-source", tmp_path / "none.txt", tmp_path / "out",
+                             threads=1, log=lambda _: None)
+    assert record["formats"] == {}
+    assert json.loads((tmp_path / "out" / sensitivity.SENSITIVITY_FILE).read_text()) == record
+
+
+def test_the_stage_measures_every_group_of_a_named_format(tiny_llama, tmp_path):
+    (tiny_llama / "source.json").write_text("{}")
+    params = SensitivityParams(formats=["gguf"], windows=2, window_tokens=64, types={"gguf": ["Q8_0", "Q5_0"]})
+    record = sensitivity.run(params, tiny_llama, tiny_llama.parent / "calibration.txt", tmp_path / "out",
+                             threads=1, log=lambda _: None)
+    measured = record["formats"]["gguf"]
+    assert [g["name"] for g in measured["groups"]][:2] == ["embedding", "layers.0.attn_qkv"]
+    assert len(measured["groups"]) == 1 + 2 * 4
+    for group in measured["groups"]:
+        assert set(group["options"]) == {"F16", "Q5_0", "Q8_0"}
+        assert group["options"]["Q8_0"]["bytes"] < group["options"]["F16"]["bytes"]
+    # norms: 2 per layer and the final one, 64 wide
+    assert measured["other_weights"] == 5 * 64
+    assert measured["weights"] == measured["other_weights"] + sum(
+        np.prod(shape) for g in measured["groups"] for shape in g["shapes"])
+
+
+def test_a_format_without_a_search_is_refused_naming_the_key(tmp_path):
+    from pipeline.errors import BadInput
+
+    with pytest.raises(BadInput) as refused:
+        sensitivity.run(SensitivityParams(formats=["awq"]), tmp_path, tmp_path / "c.txt", tmp_path / "out",
+                        threads=1, log=lambda _: None)
+    assert refused.value.where == "params.yaml: sensitivity.formats" and "gguf" in refused.value.fix
+    assert not (tmp_path / "out").exists()
