@@ -58,6 +58,7 @@ docs: setup
 	$(BIN)/python benchmarks/memory_table.py --write
 	$(BIN)/python benchmarks/task_table.py --write
 	$(BIN)/python benchmarks/kv_cache.py --write
+	$(BIN)/python benchmarks/mixed.py --write
 	if [ -f artifacts/report/tradeoff.md ]; then $(BIN)/python benchmarks/results_table.py --write; fi
 
 clean-artifacts:

@@ -28,10 +28,9 @@ def write_build_spec(name: str) -> dict:
     if getattr(recipe, "search", None):
         from pipeline import sensitivity
 
-        tensor_types, searched = formats.module(recipe.format).resolve_search(
-            recipe, sensitivity.load(layout.SENSITIVITY_DIR))
-        spec["build"]["tensor_types"] = tensor_types
-        spec["search"] = searched
+        keys, searched = formats.module(recipe.format).resolve_search(recipe, sensitivity.load(layout.SENSITIVITY_DIR))
+        spec["build"].update(keys)
+        spec["search"] = {**searched, "sets": sorted(keys)}
     host_build_knobs = getattr(formats.module(recipe.format), "host_build_knobs", None)
     if host_build_knobs:
         spec["host"] = host_build_knobs(read_json(layout.HOST_FILE) if layout.HOST_FILE.is_file() else {})
@@ -101,7 +100,7 @@ def with_searched_types(recipe, name: str) -> tuple[Any, dict | None]:
     if "search" not in spec or spec["build"].get("search") != recipe.search.model_dump():
         raise BadInput("the recipe's search has not been solved", where=str(spec_file),
                        fix=f"run `qpipe recipe {name}` (or `dvc repro`) first")
-    return recipe.model_copy(update={"tensor_types": spec["build"]["tensor_types"]}), spec["search"]
+    return recipe.model_copy(update={key: spec["build"][key] for key in spec["search"]["sets"]}), spec["search"]
 
 
 def build_memory_need(info, recipe, source_dir, *, gpu: bool | None = None):

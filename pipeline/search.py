@@ -150,3 +150,28 @@ def solve(spec: SearchSpec, measured: dict, budget_bytes: float | None, *, where
         raise BadInput(f"no choice of types is predicted within mean KLD {spec.max_mean_kld}: the best is "
                        f"{best:.4g}", where=f"{where}.max_mean_kld", fix="raise the budget")
     return choice
+
+
+def resolve(spec: SearchSpec, sensitivity: dict, format_name: str, *, other_weight_bytes: float,
+            where: str) -> tuple[list[tuple[dict, Option]], dict]:
+    """A recipe's search solved on the sensitivity record: each group's record with its chosen
+    option, and what build.json records of the search. `other_weight_bytes`: what the format
+    stores a weight in that no group takes (norms, biases) in."""
+    from collections import Counter
+
+    from pipeline.errors import BadInput
+
+    measured = sensitivity["formats"].get(format_name)
+    if measured is None:
+        raise BadInput(f"the recipe searches its types but the sensitivity stage measured none for {format_name}",
+                       where="params.yaml: sensitivity.formats", fix=f"add {format_name} to sensitivity.formats")
+    fixed_bytes = other_weight_bytes * measured["other_weights"]
+    budget = None if spec.bits_per_weight is None else spec.bits_per_weight * measured["weights"] / 8 - fixed_bytes
+    choice = solve(spec, measured, budget, where=where)
+    chosen_bytes = fixed_bytes + sum(option.bytes for option in choice.values())
+    return [(group, choice[group["name"]]) for group in measured["groups"]], {
+        "predicted_mean_kld": sum(option.damage for option in choice.values()),
+        "predicted_bits_per_weight": 8 * chosen_bytes / measured["weights"],
+        "types": dict(Counter(option.type for option in choice.values()).most_common()),
+        "budget": spec.model_dump(exclude_none=True),
+    }

@@ -91,10 +91,9 @@ def kl_divergence(base_log_probs, logits) -> float:
 def measure(model, windows: list[list[int]], groups: list[Group], candidates: dict[str, list[str]],
             round_trip, *, unquantized_type: str, progress=None) -> dict[str, dict[str, float]]:
     """{group name: {type: mean KLD}} with each group alone put through `round_trip(weight
-    [rows, width] float32 numpy, type) -> numpy` for each of `candidates[group name]`; the
-    `unquantized_type` (the format's unquantized GGUF/checkpoint type) is taken as damage 0.
-    The weights go through float16 first where that is the unquantized type, as the
-    converter writes them before they are quantized."""
+    [rows, width] float32 numpy, type) -> numpy` for each of `candidates[group name]` (the
+    format's quantizer, from the weights as its build holds them); the `unquantized_type` (the
+    format's unquantized file or checkpoint type) is taken as damage 0."""
     import torch
 
     parameters = dict(model.named_parameters())
@@ -112,8 +111,7 @@ def measure(model, windows: list[list[int]], groups: list[Group], candidates: di
         for type_name in candidates[group.name]:
             with torch.no_grad():
                 for name, original in originals.items():
-                    source = original.to(torch.float16) if unquantized_type == "F16" else original
-                    quantized = round_trip(source.float().cpu().numpy(), type_name)
+                    quantized = round_trip(original.float().cpu().numpy(), type_name)
                     parameters[name].copy_(torch.from_numpy(quantized).to(original.dtype))
             damage[group.name][type_name] = kl_divergence(base, window_logits())
             if progress:

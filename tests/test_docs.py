@@ -145,3 +145,4 @@ def test_every_current_estimate_sits_above_every_committed_peak():
              for result in results for row, estimate in memory_table.estimated_rows(result)
              if estimate < row["peak_gb"]]
     assert not below, "a memory factor no longer covers a measured peak: " + "; ".join(below)
+

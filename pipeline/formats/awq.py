@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.config import RecipeBase, SpeedParams
 from pipeline.corpus import calibration_windows
@@ -28,11 +28,23 @@ from pipeline.errors import BadInput, HostLacks, QpipeError, RecipeNotApplicable
 from pipeline.formats.contract import (FormatInfo, calibration_host_knobs, calibration_plan, missing_distribution,
                                        require_installed)
 from pipeline.memory import GIB, Factors
+from pipeline.search import SearchSpec
 
 # 4-bit weight-only integer presets of compressed-tensors that pack as `pack-quantized`.
 SCHEMES = ("W4A16", "W4A16_ASYM")
 # Group sizes vLLM's mixed-precision kernels take (Marlin: -1, 32, 64, 128; Machete: 64, 128).
 KERNEL_GROUP_SIZES = (32, 64, 128)
+# what a `schemes` entry (and the per-tensor search) may give a module: 4 bits, symmetric or with
+# zero points, or 8 bits symmetric (the only int8 Marlin serves: uint8b128), at a kernel group
+# size; or UNQUANTIZED, the layer left in the recipe's dtype
+MODULE_SCHEMES = {f"{preset}_G{group_size}": (preset, group_size)
+                  for preset in ("W4A16", "W4A16_ASYM", "W8A16") for group_size in KERNEL_GROUP_SIZES}
+UNQUANTIZED = "UNQUANTIZED"
+# what the per-tensor search measures and chooses from (docs/sensitivity.md), beside UNQUANTIZED
+SEARCH_TYPES = ("W4A16_ASYM_G128", "W4A16_ASYM_G64", "W4A16_ASYM_G32", "W8A16_G32")
+SEARCH_UNQUANTIZED = UNQUANTIZED
+# the dtype the search assumes a build holds (Recipe.dtype's default) and the bytes of a value in it
+SEARCH_DTYPE, UNQUANTIZED_BYTES = "bfloat16", 2
 BUILD_FILE = "build.json"
 
 
@@ -59,6 +71,35 @@ class Recipe(RecipeBase):
     kv_cache: Literal["auto", "fp8"] = Field("auto", description="the KV cache vLLM serves the checkpoint with "
                                              "(its kv_cache_dtype): auto = the model's dtype; fp8 = e4m3 with scale "
                                              "1.0, since the checkpoint carries no calibrated KV scales")
+    schemes: dict[str, str] = Field(default_factory=dict, description="per-module schemes (compressed-tensors "
+                                    "config groups): a regular expression matched from the start of each Linear's "
+                                    f"name -> {', '.join(MODULE_SCHEMES)} or {UNQUANTIZED}; the first match wins, an "
+                                    "unmatched Linear takes scheme/group_size; the modules vLLM fuses (q/k/v, "
+                                    "gate/up) must resolve to one scheme")
+    search: SearchSpec | None = Field(None, description="choose `schemes` from the sensitivity stage's measurement "
+                                      "under a budget (docs/sensitivity.md)")
+
+    @field_validator("schemes")
+    @classmethod
+    def _known_module_schemes(cls, schemes: dict[str, str]) -> dict[str, str]:
+        for pattern, scheme in schemes.items():
+            try:
+                re.compile(pattern)
+            except re.error as problem:
+                raise ValueError(f"{pattern!r} is not a regular expression ({problem})") from None
+            if scheme.upper() not in (*MODULE_SCHEMES, UNQUANTIZED):
+                raise ValueError(f"unknown scheme {scheme!r} for {pattern!r}; valid: "
+                                 f"{', '.join((*MODULE_SCHEMES, UNQUANTIZED))}")
+        return {pattern: scheme.upper() for pattern, scheme in schemes.items()}
+
+    @model_validator(mode="after")
+    def _schemes_or_search(self) -> "Recipe":
+        if self.search and self.schemes:
+            raise ValueError("set schemes or search, not both: the search writes schemes")
+        unknown = [t for t in (self.search.types or []) if t.upper() not in SEARCH_TYPES] if self.search else []
+        if unknown:
+            raise ValueError(f"search.types: {', '.join(unknown)} not among {', '.join(SEARCH_TYPES)}")
+        return self
 
     @field_validator("scheme", mode="before")
     @classmethod
@@ -190,17 +231,85 @@ def captured_llmcompressor_warnings() -> Iterator[list[str]]:
         logger.remove(sink)
 
 
-def modifiers(recipe: Recipe) -> list:
-    from compressed_tensors.quantization import QuantizationScheme
+def weight_args(recipe: Recipe, module_scheme: str | None = None):
+    """compressed-tensors' QuantizationArgs of the recipe's scheme, or of one of MODULE_SCHEMES."""
     from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
+
+    if module_scheme is None:
+        return preset_name_to_scheme(recipe.scheme, ["Linear"]).weights.model_copy(
+            update={"group_size": recipe.group_size})
+    return module_weight_args(module_scheme)
+
+
+def module_weight_args(module_scheme: str):
+    """compressed-tensors' QuantizationArgs of one of MODULE_SCHEMES."""
+    from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
+
+    preset, group_size = MODULE_SCHEMES[module_scheme]
+    return preset_name_to_scheme(preset, ["Linear"]).weights.model_copy(update={"group_size": group_size})
+
+
+def module_schemes(recipe: Recipe, names) -> dict[str, str]:
+    """Each Linear's entry of `schemes` (the first pattern matching from the start of its name),
+    for the Linears an entry names."""
+    chosen = {}
+    for name in names:
+        scheme = next((scheme for pattern, scheme in recipe.schemes.items() if re.match(pattern, name)), None)
+        if scheme is not None:
+            chosen[name] = scheme
+    return chosen
+
+
+def config_groups(recipe: Recipe, names) -> tuple[dict, list[str]]:
+    """(config groups, ignore): the recipe's scheme on every Linear, and each module `schemes`
+    gives another one in a group of its exact names (compressed-tensors matches an exact name
+    before a class name); modules kept unquantized join `ignore`, which wins over any target."""
+    from compressed_tensors.quantization import QuantizationScheme
+
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weight_args(recipe))}
+    ignore = list(recipe.ignore)
+    by_scheme: dict[str, list[str]] = {}
+    for name, module_scheme in module_schemes(recipe, names).items():
+        by_scheme.setdefault(module_scheme, []).append(name)
+    for index, (module_scheme, targets) in enumerate(sorted(by_scheme.items()), start=1):
+        if module_scheme == UNQUANTIZED:
+            ignore += targets
+        else:
+            groups[f"group_{index}"] = QuantizationScheme(targets=targets, weights=weight_args(recipe, module_scheme))
+    return groups, ignore
+
+
+def check_module_schemes(recipe: Recipe, widths: dict[str, int]) -> None:
+    """Every quantized Linear's group size divides its input width (RecipeNotApplicable), and the
+    Linears vLLM fuses into one (q/k/v, gate/up) resolve to one scheme: vLLM takes the first
+    shard's and does not say so (BadInput)."""
+    from pipeline.sensitivity import groups_of
+
+    chosen = module_schemes(recipe, widths)
+    effective = {name: chosen.get(name, f"{recipe.scheme} group {recipe.group_size}") for name in widths
+                 if not is_ignored(name, recipe.ignore)}
+    for name, scheme in effective.items():
+        group_size = MODULE_SCHEMES[scheme][1] if scheme in MODULE_SCHEMES else recipe.group_size
+        if scheme != UNQUANTIZED and widths[name] % group_size:
+            raise RecipeNotApplicable(f"{scheme} (group {group_size}) does not divide the input width "
+                                      f"{widths[name]} of layer {name}", where=recipe.where("schemes"),
+                                      fix="give that layer a group size that divides it, or leave it unquantized")
+    groups, _ = groups_of((f"{name}.weight", (0, width)) for name, width in widths.items())
+    for group in groups:
+        shards = {effective.get(parameter.removesuffix(".weight")) for parameter in group.parameters}
+        if len(shards) > 1:
+            raise BadInput(f"the layers vLLM fuses into one ({', '.join(p.removesuffix('.weight') for p in group.parameters)}) "
+                           f"resolve to different schemes: {', '.join(sorted(map(str, shards)))}",
+                           where=recipe.where("schemes"), fix="give them one scheme: vLLM serves the fused layer "
+                                                               "with the first shard's")
+
+
+def modifiers(recipe: Recipe, names) -> list:
+    """llm-compressor's modifiers for the recipe, `names` being the model's Linear modules."""
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
-    scheme = preset_name_to_scheme(recipe.scheme, ["Linear"])
-    weights = scheme.weights.model_copy(update={"group_size": recipe.group_size})
-    quantize = QuantizationModifier(
-        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-        ignore=list(recipe.ignore),
-    )
+    groups, ignore = config_groups(recipe, names)
+    quantize = QuantizationModifier(config_groups=groups, ignore=ignore)
     if recipe.algorithm == "rtn":
         return [quantize]
     from llmcompressor.modifiers.transform.awq import AWQModifier
@@ -226,7 +335,10 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     tools = tool_versions()
     require_installed(INFO, recipe.where("format"))
     device, samples = calibration_plan(recipe, threads)
-    check_group_size(linear_widths(source_dir), recipe.group_size, recipe.ignore, recipe.where("group_size"))
+    widths = linear_widths(source_dir)
+    unmatched = {name: width for name, width in widths.items() if name not in module_schemes(recipe, widths)}
+    check_group_size(unmatched, recipe.group_size, recipe.ignore, recipe.where("group_size"))
+    check_module_schemes(recipe, widths)
     mapping = (check_awq_mapping(meta_model(source_dir), recipe.where("algorithm"))
                if recipe.algorithm == "awq" else None)
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
@@ -241,7 +353,8 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     log(f"{recipe.algorithm.upper()} {recipe.scheme} group {recipe.group_size} in {recipe.dtype} on {device}"
         + (f": {samples} calibration samples x {recipe.calibration_seq_len} tokens" if mapping else ""))
     with cpu_pinning_disabled() as pinning_skipped, captured_llmcompressor_warnings() as warnings:
-        _oneshot(model, recipe, windows if mapping else None, device=device, model_bytes=model_bytes)
+        _oneshot(model, recipe, windows if mapping else None, device=device, model_bytes=model_bytes,
+                 names=list(widths))
     timings["quantize_s"] = time.perf_counter() - started
     peak_gpu_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1) if device == "cuda" else None
 
@@ -285,7 +398,8 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     }
 
 
-def _oneshot(model, recipe: Recipe, windows: list[list[int]] | None, *, device: str, model_bytes: int) -> None:
+def _oneshot(model, recipe: Recipe, windows: list[list[int]] | None, *, device: str, model_bytes: int,
+             names: list[str]) -> None:
     import torch
     from llmcompressor import oneshot
 
@@ -297,7 +411,7 @@ def _oneshot(model, recipe: Recipe, windows: list[list[int]] | None, *, device: 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
-        oneshot(model=model, dataset=dataset, recipe=modifiers(recipe),
+        oneshot(model=model, dataset=dataset, recipe=modifiers(recipe, names),
                 num_calibration_samples=len(windows or []) or 1,
                 max_seq_length=recipe.calibration_seq_len, shuffle_calibration_samples=False)
     except (torch.OutOfMemoryError, MemoryError) as exc:
@@ -357,6 +471,66 @@ def _tensor_table(build_dir: Path) -> list[tuple[str, tuple[int, ...], int]]:
 
 
 _PACKING_TENSORS = (".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_g_idx")
+
+
+# ---------------------------------------------------------------- per-tensor search
+
+
+def search_candidates(group, types: list[str] | None = None) -> list[str]:
+    """The search schemes (or those of `types`) whose group size divides every row of a group of
+    Linears; llm-compressor quantizes Linears only, so the embedding and output groups have none."""
+    if group.kind in ("embedding", "output"):
+        return []
+    wanted = [t.upper() for t in types] if types else list(SEARCH_TYPES)
+    return [t for t in SEARCH_TYPES if t in wanted and all(width % MODULE_SCHEMES[t][1] == 0
+                                                           for width in group.row_width)]
+
+
+def search_round_trip(weight: np.ndarray, type_name: str, *, threads: int) -> np.ndarray:
+    """compressed-tensors' arithmetic on a weight held in SEARCH_DTYPE: per-group min/max (the
+    memoryless min-max observer llm-compressor gives weights), its qparams and fake quantization;
+    what an `rtn` build stores, and AWQ before its scaling."""
+    import torch
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = module_weight_args(type_name)
+    held = torch.from_numpy(weight).to(getattr(torch, SEARCH_DTYPE))
+    rows, width = held.shape
+    grouped = held.reshape(rows, width // args.group_size, args.group_size)
+    scale, zero_point = calculate_qparams(grouped.amin(dim=-1), grouped.amax(dim=-1), args)
+    return fake_quantize(held, scale, zero_point, args).float().numpy()
+
+
+def search_bytes(group, type_name: str) -> int:
+    """A group's bytes as compressed-tensors packs it (pack-quantized): the codes, a scale per
+    group in the model's dtype, packed zero points where asymmetric, the logical shape."""
+    if type_name == UNQUANTIZED:
+        return UNQUANTIZED_BYTES * group.weights()
+    args = module_weight_args(type_name)
+    total = 0
+    for rows, width in group.shapes:
+        groups = rows * (width // args.group_size)
+        total += rows * width * args.num_bits // 8 + UNQUANTIZED_BYTES * groups + 16
+        if not args.symmetric:
+            total += math.ceil(rows * args.num_bits / 32) * 4 * (width // args.group_size)
+    return total
+
+
+def resolve_search(recipe: Recipe, sensitivity: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The recipe's search solved on the measurement: ({"schemes": one exact-name entry per
+    Linear of each group}, what build.json records of the search). Norms stay in the model's dtype."""
+    from pipeline import search
+
+    chosen, facts = search.resolve(recipe.search, sensitivity, "awq", other_weight_bytes=UNQUANTIZED_BYTES,
+                                   where=recipe.where("search"))
+    schemes = {}
+    for group, option in chosen:
+        if group["kind"] in ("embedding", "output"):
+            continue
+        for parameter in group["parameters"]:
+            schemes[re.escape(parameter.removesuffix(".weight")) + "$"] = option.type
+    return {"schemes": schemes}, facts
 
 
 def bits_per_weight(build_dir: Path) -> float:

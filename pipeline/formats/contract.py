@@ -102,7 +102,7 @@ OPTIONAL_HOOKS: dict[str, tuple[str, ...]] = {
     "tools": (),
     # the per-tensor search (docs/sensitivity.md), with SEARCH_TYPES and SEARCH_UNQUANTIZED:
     # the types a sensitivity group's rows take, the format's quantizer and back, a group's
-    # bytes at a type, and a recipe's `search:` solved into its per-tensor keys
+    # bytes at a type, and a recipe's `search:` solved into its per-tensor recipe keys
     "search_candidates": ("group", "types"),
     "search_round_trip": ("weight", "type_name", "threads"),
     "search_bytes": ("group", "type_name"),

@@ -534,9 +534,10 @@ def search_candidates(group, types: list[str] | None = None) -> list[str]:
 
 
 def search_round_trip(weight: np.ndarray, type_name: str, *, threads: int) -> np.ndarray:
+    """llama-quantize's arithmetic on a weight: from the f16 the converter writes, through ggml."""
     from pipeline.runtimes.llama_cpp import round_trip
 
-    return round_trip(weight, type_name, threads=threads)
+    return round_trip(weight.astype(np.float16).astype(np.float32), type_name, threads=threads)
 
 
 def search_bytes(group, type_name: str) -> int:
@@ -554,27 +555,15 @@ def group_pattern(group: dict[str, Any]) -> str:
     return rf"^blk\.{group['layer']}\.{GROUP_TENSORS[group['kind']]}\.weight$"
 
 
-def resolve_search(recipe: Recipe, sensitivity: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
-    """The recipe's search solved on the measurement: (tensor_types, what build.json records of
-    the search). llama.cpp keeps norms and every weight no group takes in float32."""
+def resolve_search(recipe: Recipe, sensitivity: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The recipe's search solved on the measurement: ({"tensor_types": ...}, what build.json
+    records of the search). llama.cpp keeps norms and every weight no group takes in float32."""
     from pipeline import search
 
-    measured = sensitivity["formats"].get("gguf")
-    if measured is None:
-        raise BadInput("the recipe searches tensor types but the sensitivity stage measured no GGUF types",
-                       where="params.yaml: sensitivity.formats", fix="add gguf to sensitivity.formats")
-    fixed_bytes = 4 * measured["other_weights"]
-    budget = None if recipe.search.bits_per_weight is None else \
-        recipe.search.bits_per_weight * measured["weights"] / 8 - fixed_bytes
-    choice = search.solve(recipe.search, measured, budget, where=recipe.where("search"))
-    tensor_types = {group_pattern(group): choice[group["name"]].type for group in measured["groups"]}
-    chosen_bytes = fixed_bytes + sum(option.bytes for option in choice.values())
-    return tensor_types, {
-        "predicted_mean_kld": sum(option.damage for option in choice.values()),
-        "predicted_bits_per_weight": 8 * chosen_bytes / measured["weights"],
-        "types": dict(Counter(option.type for option in choice.values()).most_common()),
-        "budget": recipe.search.model_dump(exclude_none=True),
-    }
+    chosen, facts = search.resolve(recipe.search, sensitivity, "gguf", other_weight_bytes=4,
+                                   where=recipe.where("search"))
+    return {"tensor_types": {group_pattern(group): option.type for group, option in chosen}}, facts
+
 
 
 def tensor_type_mix(path: Path) -> dict[str, Any]:

@@ -246,3 +246,66 @@ def test_a_checkpoint_no_vllm_kernel_takes_is_scored_through_transformers_and_it
     monkeypatch.setattr(vllm, "kernel_problems", problems)
     awq.speed_unavailable_reason(out)
     assert asked["dtype"] == "bfloat16"
+
+
+# ---------------------------------------------------------------- per-module schemes and the search
+
+
+def test_per_module_schemes_are_built_as_compressed_tensors_stores_them_and_the_search_round_trip_matches(
+        convertible_llama, tmp_path):
+    """An rtn build with per-module schemes: config groups of exact names, unquantized layers
+    ignored, and each layer's stored weights (decompressed by transformers) equal to what the
+    search's round trip gives, bit for bit; its bytes as search_bytes counts them."""
+    import torch
+
+    from pipeline.files import safetensors_table
+    from pipeline.runtimes.transformers import load_causal_lm
+    from pipeline.sensitivity import Group
+
+    schemes = {r"model\.layers\.0\.mlp\.down_proj$": "W8A16_G128", r".*self_attn\.(q|k|v)_proj$": "unquantized",
+               r"model\.layers\.1\.mlp\.(gate|up)_proj$": "W8A16_G32"}
+    out, facts = build(convertible_llama, tmp_path, algorithm="rtn", group_size=32, schemes=schemes)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    eight_bit = {(g["weights"]["group_size"], *g["targets"]) for g in config["config_groups"].values()
+                 if g["weights"]["num_bits"] == 8}
+    assert eight_bit == {(128, "model.layers.0.mlp.down_proj"),
+                         (32, "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj")}
+    assert "model.layers.1.self_attn.k_proj" in config["ignore"]
+    source = dict(load_causal_lm(convertible_llama, dtype=torch.bfloat16).named_parameters())
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    decompressed = load_causal_lm(out, dtype=torch.bfloat16, quantization_config=CompressedTensorsConfig(run_compressed=False))
+    stored = dict(decompressed.named_parameters())
+    for name, scheme in (("model.layers.0.mlp.down_proj.weight", "W8A16_G128"),
+                         ("model.layers.1.mlp.down_proj.weight", "W4A16_ASYM_G32"),
+                         ("model.layers.1.self_attn.o_proj.weight", "W4A16_ASYM_G32"),
+                         ("model.layers.1.mlp.up_proj.weight", "W8A16_G32")):
+        expected = awq.search_round_trip(source[name].detach().float().numpy(), scheme, threads=1)
+        assert torch.equal(stored[name].float(), torch.from_numpy(expected)), name
+    assert torch.equal(stored["model.layers.0.self_attn.q_proj.weight"], source["model.layers.0.self_attn.q_proj.weight"])
+    table = {name: size for name, _, size in safetensors_table(out)}
+    for module, scheme in (("model.layers.0.mlp.down_proj", "W8A16_G128"), ("model.layers.1.mlp.down_proj", "W4A16_ASYM_G32")):
+        stored_bytes = sum(size for name, size in table.items() if name.startswith(module + "."))
+        group = Group("g", "mlp_down", 0, (module + ".weight",), ((96, 256),))
+        assert awq.search_bytes(group, scheme) == stored_bytes, module
+
+
+def test_schemes_that_split_a_module_vllm_fuses_are_refused():
+    widths = {f"model.layers.0.self_attn.{p}_proj": 96 for p in "qkvo"}
+    with pytest.raises(BadInput, match="fuses"):
+        awq.check_module_schemes(recipe(schemes={r".*q_proj$": "W8A16_G128"}), widths)
+    awq.check_module_schemes(recipe(schemes={r".*(q|k|v)_proj$": "W8A16_G128"}, group_size=32), {
+        **widths, **{f"model.layers.0.self_attn.{p}_proj": 128 for p in "qkv"}})
+    with pytest.raises(RecipeNotApplicable, match="does not divide the input width 96"):
+        awq.check_module_schemes(recipe(schemes={r".*(q|k|v)_proj$": "W8A16_G128"}, group_size=32), widths)
+
+
+def test_the_search_gives_no_scheme_to_embeddings_and_only_group_sizes_that_divide():
+    from pipeline.sensitivity import Group
+
+    narrow = Group("layers.0.attn_qkv", "attn_qkv", 0, ("a",), ((96, 96),))
+    wide = Group("layers.0.mlp_down", "mlp_down", 0, ("b",), ((96, 256),))
+    assert awq.search_candidates(narrow) == ["W4A16_ASYM_G32", "W8A16_G32"]
+    assert awq.search_candidates(wide) == list(awq.SEARCH_TYPES)
+    assert awq.search_candidates(Group("embedding", "embedding", None, ("e",), ((100, 96),))) == []
+    assert awq.search_bytes(wide, awq.UNQUANTIZED) == 2 * 96 * 256
