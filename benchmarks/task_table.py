@@ -4,7 +4,7 @@ by benchmarks/task_gate.py with --out; the commands are in the files).
     python benchmarks/task_table.py            # print them
     python benchmarks/task_table.py --write    # put them into the docs (`make docs` runs this)
 
-- README "Task gates": per recipe and task, recovery against the unquantized model and its
+- docs/tasks.md "The embedded model's recovery": per recipe and task, recovery against the unquantized model and its
   paired 95 % interval; a recovery whose interval excludes 1 is marked, the rest are within
   the noise of that many documents.
 - docs/tasks.md "What it costs": seconds per document, per task and model, of both benchmarks.
@@ -98,7 +98,7 @@ def render_cost() -> str:
 
 
 # (doc, name of the block, the function that renders it)
-BLOCKS = [(REPO / "README.md", "tasks", render_recovery), (REPO / "docs/tasks.md", "cost", render_cost)]
+BLOCKS = [(REPO / "docs/tasks.md", "tasks", render_recovery), (REPO / "docs/tasks.md", "cost", render_cost)]
 
 
 def main() -> None:

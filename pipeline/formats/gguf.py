@@ -496,17 +496,18 @@ def quantize(source: Path, out: Path, qtype: str, *, imatrix: Path | None, threa
 
 
 def check_tensor_types(path: Path, tensor_types: dict[str, str], where: str) -> int:
-    """Read the types llama.cpp wrote back from the file: every tensor a tensor_types pattern
+    """Read the types llama.cpp wrote back from the file: every matrix a tensor_types pattern
     matches (the first, as llama-quantize matches) must hold that type. llama.cpp falls back to
-    another type where a row does not tile, and has ignored overrides before (#22544).
-    Returns how many tensors the patterns matched."""
+    another type where a row does not tile, and has ignored overrides before (#22544); it never
+    quantizes a 1-D tensor (norms stay float32), whatever a pattern says. Returns how many
+    matrices the patterns matched."""
     from pipeline.runtimes.llama_cpp import read_header
 
     compiled = [(re.compile(pattern), tensor_type) for pattern, tensor_type in tensor_types.items()]
     matched, differing = 0, []
     for tensor in read_header(path).tensors:
         wanted = next((tensor_type for pattern, tensor_type in compiled if pattern.search(tensor.name)), None)
-        if wanted is None:
+        if wanted is None or len(tensor.shape) < 2:
             continue
         matched += 1
         if tensor.type.upper() != wanted:

@@ -209,10 +209,12 @@ def test_tensor_types_the_rows_take_are_written_as_asked(convertible_llama, tmp_
 
     recipe = fmt.Recipe.model_validate({"format": "gguf", "type": "Q8_0",
                                         "tensor_types": {r"^blk\.0\.ffn_down\.weight$": "q5_0",
-                                                         r"ffn_down": "q4_k", r"^token_embd": "f16"}})
+                                                         r"ffn_down": "q4_k", r"^token_embd": "f16",
+                                                         r"norm": "q8_0"}})   # 1-D: llama.cpp keeps them f32
     facts = fmt.build(recipe, source_dir=convertible_llama, calibration_text=convertible_llama.parent / "calibration.txt",
                       out_dir=tmp_path, threads=1, log=lambda _: None)
     types = {t.name: t.type.upper() for t in read_header(tmp_path / fmt.ARTIFACT_FILE).tensors}
     assert (types["blk.0.ffn_down.weight"], types["blk.1.ffn_down.weight"]) == ("Q5_0", "Q4_K")
     assert types["token_embd.weight"] == "F16" and types["blk.0.attn_q.weight"] == "Q8_0"
+    assert types["blk.0.attn_norm.weight"] == "F32"
     assert facts["fallback"]["tensor_types_matched"] == 3
