@@ -7,8 +7,8 @@ size, side by side in one run, on the project's source and reference.
    with `search: {bits_per_weight: <the uniform artifact's own>}`, solved and built (a GGUF's
    types read back from the file).
 3. Every artifact is scored by the accuracy gate's code against the reference (all windows, full
-   vocabulary): mean KLD and 99.9 % KLD. A searched artifact is compared with the best uniform one
-   no more than 1 % larger than it.
+   vocabulary): mean KLD and 99.9 % KLD. A searched GGUF is held against the best uniform one no
+   more than 1 % larger than it; a searched AWQ recipe against its own uniform recipe (VERSUS).
 4. GGUF, --check-groups N: the search's premise, checked on N groups spread over the model: each
    group alone at IQ4_NL (everything else f16) built by llama.cpp and scored there, against the
    damage the sensitivity stage measured in transformers; Spearman's rank correlation.
@@ -40,6 +40,10 @@ RESULTS = {"gguf": BENCHMARKS / "results" / "mixed-smollm2-135m.json",
            "awq": BENCHMARKS / "results" / "mixed-awq-smollm2-135m.json"}
 UNIFORM = {"gguf": ["gguf-q4_0", "gguf-iq4_xs", "gguf-q4_k_m", "gguf-q5_k_m", "gguf-q6_k", "gguf-q8_0"],
            "awq": ["rtn-w4a16", "awq-w4a16"]}
+# what a searched recipe is held against: the best uniform one no more than 1 % larger (GGUF's
+# stock types are alternatives to each other), or its own uniform recipe (AWQ's rtn and awq are
+# two algorithms, each searched as itself)
+VERSUS = {"gguf": "best", "awq": "own"}
 SIZE_TOLERANCE = 0.01
 
 
@@ -71,18 +75,32 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(*ranks)[0, 1])
 
 
+def held_against(results: dict) -> list[tuple[dict, dict | None]]:
+    """Each row with the uniform row its searched recipe is held against (VERSUS), or None."""
+    rows = results["rows"]
+    pairs = []
+    for row in rows:
+        size = row["searched"]["bytes"]
+        peers = [other for other in rows if other["uniform_figures"]["bytes"] <= size * (1 + SIZE_TOLERANCE)
+                 and (VERSUS[results["format"]] == "best" or other is row)]
+        pairs.append((row, min(peers, key=lambda other: other["uniform_figures"]["mean_kld"]) if peers else None))
+    return pairs
+
+
 def table(results: dict) -> str:
-    """The README's rows: each searched recipe against the best uniform one no more than 1 % larger."""
+    """The README's rows: each searched recipe against the uniform one it is held against."""
     lines = []
-    for row in results["rows"]:
-        best, searched = row["best_uniform_at_size"], row["searched"]
-        if not best:
+    for row, against in held_against(results):
+        if against is None:
             continue
+        best, searched = {"recipe": against["uniform"], **against["uniform_figures"]}, row["searched"]
         types = ", ".join(f"{name} {count}" for name, count in searched["types"].items())
         lines.append(f"| {row['uniform']} ({row['uniform_figures']['bits_per_weight']:.2f}) | "
                      f"{searched['bytes'] / 1e6:.1f} | {best['recipe']} | {best['bytes'] / 1e6:.1f} | "
-                     f"{best['mean_kld']:.4f} → {searched['mean_kld']:.4f} (−{100 * row['mean_kld_reduction']:.0f} %) | "
-                     f"{best['p999_kld']:.3f} → {searched['p999_kld']:.3f} (−{100 * row['p999_kld_reduction']:.0f} %) | "
+                     f"{best['mean_kld']:.4f} → {searched['mean_kld']:.4f} "
+                     f"({100 * (searched['mean_kld'] / best['mean_kld'] - 1):+.0f} %) | "
+                     f"{best['p999_kld']:.3f} → {searched['p999_kld']:.3f} "
+                     f"({100 * (searched['p999_kld'] / best['p999_kld'] - 1):+.0f} %) | "
                      f"{types} |")
     return "\n".join(lines) + "\n"
 
@@ -98,7 +116,7 @@ def note(results: dict) -> str:
 
 def render() -> str:
     runs = [json.loads(path.read_text()) for path in RESULTS.values() if path.is_file()]
-    lines = ["| budget: the bits/w of | searched MB | best uniform at that size | its MB | mean KLD | 99.9 % KLD | "
+    lines = ["| budget: the bits/w of | searched MB | held against | its MB | mean KLD | 99.9 % KLD | "
              "types chosen |", "|---|---|---|---|---|---|---|"]
     lines += [line for results in runs for line in table(results).splitlines()]
     reference = runs[0]["reference"]
@@ -153,16 +171,6 @@ def main() -> None:
                   f"p99.9 {uniform['p999_kld']:.3f} | searched {searched['bytes'] / 1e6:6.1f} MB "
                   f"KLD {searched['mean_kld']:.4f} (predicted {searched['predicted_mean_kld']:.4f}) "
                   f"p99.9 {searched['p999_kld']:.3f} {searched['types']}", flush=True)
-
-        for row in rows:
-            size = row["searched"]["bytes"]
-            peers = [other for other in rows if other["uniform_figures"]["bytes"] <= size * (1 + SIZE_TOLERANCE)]
-            best = min(peers, key=lambda other: other["uniform_figures"]["mean_kld"]) if peers else None
-            row["best_uniform_at_size"] = best and {"recipe": best["uniform"], **{
-                key: best["uniform_figures"][key] for key in ("bytes", "mean_kld", "p999_kld")}}
-            if best:
-                row["mean_kld_reduction"] = 1 - row["searched"]["mean_kld"] / best["uniform_figures"]["mean_kld"]
-                row["p999_kld_reduction"] = 1 - row["searched"]["p999_kld"] / best["uniform_figures"]["p999_kld"]
 
         checked = []
         groups = measured["formats"][args.format]["groups"]

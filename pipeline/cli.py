@@ -226,6 +226,7 @@ def check_command(allow_not_judged: bool = typer.Option(
     from pipeline.errors import GateFailed
     from pipeline.gates import load_results
     from pipeline.gates.stale import FIX, stale_results
+    from pipeline.limits import notes
 
     params = _params()
     results = load_results(params.recipes)
@@ -233,6 +234,8 @@ def check_command(allow_not_judged: bool = typer.Option(
     failed = []
     for result in results:
         name = result["recipe"]
+        for note in notes(result):
+            log(f"      {name}: limit {note}")
         if name in stale:
             failed.append(name)
             log(f"STALE {name} (verdict {result['verdict']} under what it was judged against): {stale[name]}")
@@ -444,6 +447,47 @@ def add_recipe_command(
 
     for path in recipe_listing.add(name, copy_of, description):
         log(f"wrote {path}")
+
+
+limits_app = typer.Typer(help="Limits fitted to a run you trust (docs/checkpoints.md, limits for your model).",
+                         no_args_is_help=True)
+app.add_typer(limits_app, name="limits")
+
+
+@limits_app.command("suggest")
+@stage
+def limits_suggest_command(
+        margin: float = typer.Option(1.5, min=1.0, help="each limit this many times its figure's interval bound's "
+                                                        "distance from lossless"),
+        write: bool = typer.Option(False, "--write", help="write them into params.yaml `limits:` (each recipe's "
+                                                          "entry replaced); else print them"),
+):
+    """The params `limits` that would guard the last run's artifacts (pipeline/limits.py: the rule)."""
+    import datetime
+    import subprocess
+
+    import yaml
+
+    from pipeline import limits as fitting
+    from pipeline.config import PARAMS_FILE, Params, validate
+    from pipeline.gates import load_results
+
+    params = _params()
+    fitted, skipped = fitting.suggest(load_results(params.recipes), margin)
+    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    suggested = (f"qpipe limits suggest --margin {margin:g}: the gate results of {revision or 'this tree'}, "
+                 f"{datetime.date.today().isoformat()}")
+    for reason in skipped:
+        log(f"not suggested: {reason}")
+    if not write:
+        typer.echo(yaml.safe_dump({"limits": fitted}, sort_keys=False, width=120), nl=False)
+        return
+    text = fitting.with_limits(PARAMS_FILE.read_text(), fitted, suggested)
+    validate(Params, yaml.safe_load(text), PARAMS_FILE)
+    from pipeline.files import write_text
+
+    write_text(PARAMS_FILE, text)
+    log(f"wrote the limits of {len(fitted)} recipes into {PARAMS_FILE} `limits:`")
 
 
 ci_app = typer.Typer(help="Run qpipe in a team's CI: one job per recipe, a shared DVC remote (docs/ci.md).",

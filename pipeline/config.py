@@ -62,6 +62,11 @@ class Limit:
     keyed_by: Literal["task", "position bucket"] | None = None
     column: str | None = None        # the figure's column in `qpipe compare` / `recommend`
     recommend_flag: str | None = None  # `qpipe recommend`'s constraint on that column
+    # the figure of a lossless artifact (KLD 0, ppl ratio 1, top-1 1), from which a limit's and a
+    # measurement's distances are compared (pipeline.limits); None: a speed, which has none
+    lossless: float | None = None
+    # the path of the figure's 95 % interval ({low, high}) in its section, "{key}" for a keyed one
+    interval: str | None = None
 
     @property
     def keyed(self) -> bool:
@@ -81,41 +86,43 @@ class Limit:
 # in the order of the recipe keys (build.json's resolved recipe and docs/recipes.md list them so)
 LIMITS: tuple[Limit, ...] = (
     Limit("max_ppl_ratio", "accuracy", "ppl_ratio", "<=", 0.0, False, None, "largest ppl / reference ppl",
-          column="ppl_ratio", recommend_flag="--max-ppl-ratio"),
+          column="ppl_ratio", recommend_flag="--max-ppl-ratio", lossless=1.0, interval="ci95.ppl_ratio"),
     Limit("max_mean_kld", "accuracy", "mean_kld", "<=", 0.0, True, None,
           "largest mean KL divergence from the reference, over the whole vocabulary",
-          column="mean_kld", recommend_flag="--max-kld"),
+          column="mean_kld", recommend_flag="--max-kld", lossless=0.0, interval="ci95.mean_kld"),
     Limit("min_top1_agreement", "accuracy", "top1_agreement", ">=", 0.0, True, 1.0,
           "smallest share of positions whose argmax is the reference's",
-          column="top1_agreement", recommend_flag="--min-top1"),
+          column="top1_agreement", recommend_flag="--min-top1", lossless=1.0, interval="ci95.top1_agreement"),
     Limit("min_decode_speedup", "speed", "decode_speedup", ">=", 0.0, False, None,
           "smallest decode tok/s over the unquantized model's in the same format (baseline)",
           column="decode_speedup"),
     Limit("min_roofline_fraction", "speed", "roofline_fraction", ">=", 0.0, True, None,
           "smallest decode tok/s over the host's bandwidth roofline", column="roofline_fraction"),
     Limit("max_tokenizer_mismatch", "accuracy", "tokenizer_mismatch", "<=", 0.0, True, 1.0,
-          "largest share of reference tokens the artifact's tokenizer splits otherwise"),
+          "largest share of reference tokens the artifact's tokenizer splits otherwise", lossless=0.0),
     # the same limits on the bound of the figure's 95 % interval (accuracy ci95)
     Limit("max_ppl_ratio_upper", "accuracy", "ci95.ppl_ratio.high", "<=", 0.0, False, None,
-          "max_ppl_ratio on the upper bound of its 95 % interval"),
+          "max_ppl_ratio on the upper bound of its 95 % interval", lossless=1.0),
     Limit("max_mean_kld_upper", "accuracy", "ci95.mean_kld.high", "<=", 0.0, True, None,
-          "max_mean_kld on the upper bound of its 95 % interval"),
+          "max_mean_kld on the upper bound of its 95 % interval", lossless=0.0),
     Limit("min_top1_agreement_lower", "accuracy", "ci95.top1_agreement.low", ">=", 0.0, True, 1.0,
-          "min_top1_agreement on the lower bound of its 95 % interval"),
+          "min_top1_agreement on the lower bound of its 95 % interval", lossless=1.0),
     Limit("min_task_recovery", "tasks", "min_recovery", ">=", 0.0, False, None,
           "smallest task recovery (score / the unquantized model's score, params `tasks`): a number for every "
           "task, or {task: number} for the tasks named", keyed_figure="recovery.{key}", keyed_by="task",
-          column="task_recovery", recommend_flag="--min-recovery"),
+          column="task_recovery", recommend_flag="--min-recovery", lossless=1.0, interval="recovery_ci95.{key}"),
     Limit("min_task_recovery_lower", "tasks", "min_recovery_low", ">=", 0.0, False, None,
           "min_task_recovery on the lower bound of recovery's paired 95 % interval (bootstrap over documents)",
-          keyed_figure="recovery_ci95.{key}.low", keyed_by="task"),
+          keyed_figure="recovery_ci95.{key}.low", keyed_by="task", lossless=1.0),
     # per position bucket (accuracy by_position): only {bucket: number}
     Limit("max_mean_kld_at", "accuracy", None, "<=", 0.0, True, None,
           "max_mean_kld at the positions of a bucket of params `reference.position_buckets`: "
-          "{bucket: number}, e.g. {2048+: 0.1}", keyed_figure="by_position.{key}.mean_kld", keyed_by="position bucket"),
+          "{bucket: number}, e.g. {2048+: 0.1}", keyed_figure="by_position.{key}.mean_kld", keyed_by="position bucket",
+          lossless=0.0, interval="by_position.{key}.ci95.mean_kld"),
     Limit("min_top1_agreement_at", "accuracy", None, ">=", 0.0, True, 1.0,
           "min_top1_agreement at the positions of a bucket of params `reference.position_buckets`: "
-          "{bucket: number}", keyed_figure="by_position.{key}.top1_agreement", keyed_by="position bucket"),
+          "{bucket: number}", keyed_figure="by_position.{key}.top1_agreement", keyed_by="position bucket",
+          lossless=1.0, interval="by_position.{key}.ci95.top1_agreement"),
 )
 LIMIT_BY_KEY = {limit.key: limit for limit in LIMITS}
 # the limits a number or a RelativeLimit sets (the others are keyed: per task or per position bucket)
@@ -196,6 +203,8 @@ class GateLimitOverrides(GateLimits):
     """params.yaml `limits.<recipe>`: the keys given replace the recipe's own."""
 
     require: list[GateName] | None = None
+    suggested: str | None = Field(None, description="where these limits came from when `qpipe limits suggest "
+                                  "--write` wrote them (its rule and run); every check they set names it")
 
 
 class RecipeBase(Strict):
@@ -343,10 +352,11 @@ def effective_limits(recipe: RecipeBase, name: str, params: Params) -> tuple[Gat
     """The recipe's gate limits with params.yaml `limits.<name>` applied, and for each limit
     set, where it was set (`recipes/R.yaml: gates.key` or `params.yaml: limits.R.key`)."""
     override = params.limits.get(name)
-    given = {key: getattr(override, key) for key in override.model_fields_set} if override else {}
+    given = {key: getattr(override, key) for key in override.model_fields_set - {"suggested"}} if override else {}
     limits = recipe.gates.model_copy(update=given)
     recipe_file = recipe._path or Path(RECIPES_DIR) / f"{name}.yaml"
-    set_in = {key: (f"{PARAMS_FILE}: limits.{name}.{key}" if key in given else f"{recipe_file}: gates.{key}")
+    suggested = f" (suggested: {override.suggested})" if override and override.suggested else ""
+    set_in = {key: (f"{PARAMS_FILE}: limits.{name}.{key}{suggested}" if key in given else f"{recipe_file}: gates.{key}")
               for key in LIMIT_BY_KEY if getattr(limits, key) is not None}
     return limits, set_in
 
@@ -402,7 +412,7 @@ def _relative_anchors(name: str, params: Params, path: Path) -> dict[str, tuple[
     except (BadInput, ValidationError):
         gates = GateLimits()
     override = params.limits.get(name)
-    given = {key: getattr(override, key) for key in override.model_fields_set} if override else {}
+    given = {key: getattr(override, key) for key in override.model_fields_set - {"suggested"}} if override else {}
     for key in LIMIT_KEYS:
         limit = given[key] if key in given else getattr(gates, key)
         if isinstance(limit, RelativeLimit):

@@ -93,7 +93,15 @@ def row(result: dict[str, Any], build: dict[str, Any] | None) -> dict[str, Any]:
         "speed_noise": {key: (speed.get("spread") or {}).get(key, {}).get("stdev")
                         for key in ("prefill_tok_s", "decode_tok_s")},
         "per_window": _per_window(accuracy),
+        # limits that guard nothing, verdicts on noise (pipeline.limits)
+        "limit_notes": limit_notes(result),
     }
+
+
+def limit_notes(result: dict[str, Any]) -> list[str]:
+    from pipeline.limits import notes
+
+    return notes(result)
 
 
 def _per_window(accuracy: dict[str, Any]) -> dict[str, list[float]] | None:
@@ -209,6 +217,8 @@ def markdown(rows: list[dict[str, Any]], reference_meta: dict[str, Any], host: d
             lines.append(f"  - stale: {r['stale']}; {FIX}")
         for reason in r.get("reasons", []):
             lines.append(f"  - {r['verdict']}: {reason}")
+        for note in r.get("limit_notes") or []:
+            lines.append(f"  - limit: {note}")
     lines += ["", f"Pareto front: lower mean KLD and higher decode tok/s, a difference within the measured noise "
                   f"being a tie ({TIE_SIGMAS:g} sd of the speed repeats; {TIE_SIGMAS:g} standard errors of the paired "
                   "per-window KLD); `n/a` = a figure was not measured.", ""]

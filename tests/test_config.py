@@ -305,7 +305,8 @@ def test_gate_limits_are_the_limit_table_then_require():
     from pipeline.config import GateLimitOverrides, GateLimits
 
     assert list(GateLimits.model_fields) == [limit.key for limit in LIMITS] + ["require"]
-    assert list(GateLimitOverrides.model_fields) == list(GateLimits.model_fields)
+    # params may also say where its limits came from (`qpipe limits suggest --write`)
+    assert list(GateLimitOverrides.model_fields) == list(GateLimits.model_fields) + ["suggested"]
     for limit in LIMITS:
         assert GateLimits.model_fields[limit.key].description == limit.description
 
