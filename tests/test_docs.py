@@ -146,3 +146,10 @@ def test_every_current_estimate_sits_above_every_committed_peak():
              if estimate < row["peak_gb"]]
     assert not below, "a memory factor no longer covers a measured peak: " + "; ".join(below)
 
+
+
+def test_the_per_tensor_search_table_in_the_readme_is_what_the_committed_benchmark_gives():
+    mixed = benchmark_module("mixed")
+    for doc, name, render in mixed.BLOCKS:
+        assert mixed.doc_blocks.current(doc, mixed.SCRIPT, name) == render(), \
+            f"{doc.name}'s {name} table is out of date: run `python benchmarks/mixed.py --write`"

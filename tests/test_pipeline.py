@@ -37,6 +37,7 @@ recipes:
   - trtllm-fp8
   - trtllm-int8-sq
 limits: {}
+sensitivity: {formats: []}
 """ + lm_eval_tasks.PARAMS
 
 
@@ -62,9 +63,13 @@ gates:
 
 
 # ModelOpt with a tiny calibration (2 x 128 tokens) and a 2-window cross-check; no engine here.
+# The cross-check's gap on 2 windows after so short a calibration is host-dependent: FP8 measured
+# 1.61 % on an Intel Xeon with AMX, under 1 % on AMD EPYC (the shipped recipe's 1 % holds at its
+# own calibration: 0.37 % on both), so this flow test allows 3 %.
 TINY_MODELOPT = """calibration_samples: 2
 calibration_seq_len: 128
 crosscheck_windows: 2
+max_crosscheck_ppl_gap: 0.03
 gates:
   max_ppl_ratio: 2.0
   max_tokenizer_mismatch: 0.01
@@ -247,7 +252,7 @@ def test_modelopt_checkpoints_are_scored_as_written(repo):
                 assert weight.get_shape() == [9 * 64, 576] and weight.get_dtype() == "F8_E4M3"
         check = build["crosscheck"]
         for export in check["exports"].values():
-            assert export["gap"] <= check["limit"] == 0.01
+            assert export["gap"] <= check["limit"] == 0.03   # TINY_MODELOPT's
         engine = json.loads((root / "artifacts" / "engines" / name / "engine.json").read_text())
         assert engine["status"] == "not_run"
         assert ("ships the unified checkpoint" if layout == "hf" else "TensorRT-LLM") in engine["reason"]

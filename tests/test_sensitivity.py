@@ -116,7 +116,7 @@ def test_a_format_without_a_search_is_refused_naming_the_key(tmp_path):
     from pipeline.errors import BadInput
 
     with pytest.raises(BadInput) as refused:
-        sensitivity.run(SensitivityParams(formats=["awq"]), tmp_path, tmp_path / "c.txt", tmp_path / "out",
+        sensitivity.run(SensitivityParams(formats=["modelopt"]), tmp_path, tmp_path / "c.txt", tmp_path / "out",
                         threads=1, log=lambda _: None)
-    assert refused.value.where == "params.yaml: sensitivity.formats" and "gguf" in refused.value.fix
+    assert refused.value.where == "params.yaml: sensitivity.formats" and "gguf, awq" in refused.value.fix
     assert not (tmp_path / "out").exists()

@@ -42,7 +42,7 @@ def flow(tmp_path_factory):
             (origin / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, origin / name)
     params = (SMALL_PARAMS.split("recipes:")[0] + "recipes:\n" + "".join(f"  - {r}\n" for r in RECIPES)
-              + "limits: {}\ntasks: []\n")
+              + "limits: {}\nsensitivity: {formats: []}\ntasks: []\n")
     write(origin / "params.yaml", params)
     for name in RECIPES:
         recipe = origin / "recipes" / f"{name}.yaml"

@@ -293,7 +293,7 @@ def test_per_module_schemes_are_built_as_compressed_tensors_stores_them_and_the_
 def test_schemes_that_split_a_module_vllm_fuses_are_refused():
     widths = {f"model.layers.0.self_attn.{p}_proj": 96 for p in "qkvo"}
     with pytest.raises(BadInput, match="fuses"):
-        awq.check_module_schemes(recipe(schemes={r".*q_proj$": "W8A16_G128"}), widths)
+        awq.check_module_schemes(recipe(schemes={r".*q_proj$": "W8A16_G32"}, group_size=32), widths)
     awq.check_module_schemes(recipe(schemes={r".*(q|k|v)_proj$": "W8A16_G128"}, group_size=32), {
         **widths, **{f"model.layers.0.self_attn.{p}_proj": 128 for p in "qkv"}})
     with pytest.raises(RecipeNotApplicable, match="does not divide the input width 96"):
