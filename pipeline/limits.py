@@ -21,18 +21,12 @@ import math
 from typing import Any
 
 from pipeline.config import LIMIT_BY_KEY
+from pipeline.gates.verdict import figure_value
 
 DEFAULT_MARGIN = 1.5
 LOOSE_FACTOR = 5.0
 # the limits `suggest` fits: the accuracy figures with an interval, and per-task recovery
 SUGGESTED = ("max_ppl_ratio", "max_mean_kld", "min_top1_agreement", "min_task_recovery")
-
-
-def section_path(section: dict[str, Any], path: str) -> Any:
-    value: Any = section
-    for part in path.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
 
 
 def _spec_and_key(check: dict[str, Any]):
@@ -65,7 +59,7 @@ def within_interval(check: dict[str, Any], result: dict[str, Any]) -> str | None
     spec, keyed = _spec_and_key(check)
     if spec.interval is None:
         return None
-    interval = section_path(result.get(spec.gate) or {}, spec.interval.format(key=keyed))
+    interval = figure_value(result.get(spec.gate) or {}, spec.interval.format(key=keyed))
     if not isinstance(interval, dict) or interval.get("low") is None:
         return None
     if interval["low"] <= check["limit"] <= interval["high"]:
@@ -111,13 +105,13 @@ def suggest(results: list[dict[str, Any]], margin: float = DEFAULT_MARGIN) -> tu
             side = "high" if spec.comparison == "<=" else "low"
             if spec.keyed:
                 per_key = {}
-                for task, interval in (section_path(section, spec.interval.split(".")[0]) or {}).items():
+                for task, interval in (figure_value(section, spec.interval.split(".")[0]) or {}).items():
                     if interval and interval.get(side) is not None:
                         per_key[task] = _suggested_limit(spec, interval[side], margin)
                 if per_key:
                     suggested[key] = per_key
                 continue
-            interval = section_path(section, spec.interval)
+            interval = figure_value(section, spec.interval)
             if not interval or interval.get(side) is None:
                 skipped.append(f"{name}: {key}: no 95 % interval of {spec.figure}")
                 continue
