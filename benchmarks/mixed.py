@@ -12,9 +12,12 @@ size, side by side in one run, on the project's source and reference.
 4. GGUF, --check-groups N: the search's premise, checked on N groups spread over the model: each
    group alone at IQ4_NL (everything else f16) built by llama.cpp and scored there, against the
    damage the sensitivity stage measured in transformers; Spearman's rank correlation.
+5. --budgets: more searched points on the size/KLD curve, each built from the first uniform
+   recipe's keys at that many bits per weight and held against the best uniform one its size.
 
     python benchmarks/mixed.py --out benchmarks/results/mixed-smollm2-135m.json
     python benchmarks/mixed.py --format awq --uniform rtn-w4a16 awq-w4a16 --out benchmarks/results/mixed-awq-smollm2-135m.json
+    python benchmarks/mixed.py --format modelopt --budgets 5.5 7 --out benchmarks/results/mixed-modelopt-smollm2-135m.json
     python benchmarks/mixed.py --write    # render the committed results into the README (`make docs`)
 
 Needs `dvc repro reference` first. Prints a table and writes the figures as JSON.
@@ -37,13 +40,15 @@ import doc_blocks  # noqa: E402 (beside this script)
 
 SCRIPT = Path(__file__).name
 RESULTS = {"gguf": BENCHMARKS / "results" / "mixed-smollm2-135m.json",
-           "awq": BENCHMARKS / "results" / "mixed-awq-smollm2-135m.json"}
+           "awq": BENCHMARKS / "results" / "mixed-awq-smollm2-135m.json",
+           "modelopt": BENCHMARKS / "results" / "mixed-modelopt-smollm2-135m.json"}
 UNIFORM = {"gguf": ["gguf-q4_0", "gguf-iq4_xs", "gguf-q4_k_m", "gguf-q5_k_m", "gguf-q6_k", "gguf-q8_0"],
-           "awq": ["rtn-w4a16", "awq-w4a16"]}
+           "awq": ["rtn-w4a16", "awq-w4a16"],
+           "modelopt": ["trtllm-nvfp4", "trtllm-fp8"]}
 # what a searched recipe is held against: the best uniform one no more than 1 % larger (GGUF's
-# stock types are alternatives to each other), or its own uniform recipe (AWQ's rtn and awq are
-# two algorithms, each searched as itself)
-VERSUS = {"gguf": "best", "awq": "own"}
+# stock types, and ModelOpt's NVFP4 and FP8, are alternatives to each other), or its own uniform
+# recipe (AWQ's rtn and awq are two algorithms, each searched as itself)
+VERSUS = {"gguf": "best", "awq": "own", "modelopt": "best"}
 SIZE_TOLERANCE = 0.01
 
 
@@ -81,7 +86,8 @@ def held_against(results: dict) -> list[tuple[dict, dict | None]]:
     pairs = []
     for row in rows:
         size = row["searched"]["bytes"]
-        peers = [other for other in rows if other["uniform_figures"]["bytes"] <= size * (1 + SIZE_TOLERANCE)
+        peers = [other for other in rows if other["uniform_figures"]
+                 and other["uniform_figures"]["bytes"] <= size * (1 + SIZE_TOLERANCE)
                  and (VERSUS[results["format"]] == "best" or other is row)]
         pairs.append((row, min(peers, key=lambda other: other["uniform_figures"]["mean_kld"]) if peers else None))
     return pairs
@@ -95,7 +101,9 @@ def table(results: dict) -> str:
             continue
         best, searched = {"recipe": against["uniform"], **against["uniform_figures"]}, row["searched"]
         types = ", ".join(f"{name} {count}" for name, count in searched["types"].items())
-        lines.append(f"| {row['uniform']} ({row['uniform_figures']['bits_per_weight']:.2f}) | "
+        budget = (f"{row['uniform']} ({row['uniform_figures']['bits_per_weight']:.2f})" if row["uniform_figures"]
+                  else f"{searched['budget']['bits_per_weight']:g} bits/w")
+        lines.append(f"| {budget} | "
                      f"{searched['bytes'] / 1e6:.1f} | {best['recipe']} | {best['bytes'] / 1e6:.1f} | "
                      f"{best['mean_kld']:.4f} → {searched['mean_kld']:.4f} "
                      f"({100 * (searched['mean_kld'] / best['mean_kld'] - 1):+.0f} %) | "
@@ -114,8 +122,10 @@ def note(results: dict) -> str:
                f"{check['spearman']:.2f}" if check["groups"] else "") + f"; `{results['command']}`")
 
 
-def render() -> str:
-    runs = [json.loads(path.read_text()) for path in RESULTS.values() if path.is_file()]
+def render(formats: tuple[str, ...]) -> str:
+    runs = [json.loads(RESULTS[name].read_text()) for name in formats if RESULTS[name].is_file()]
+    if not runs:
+        return "No results committed yet: run the commands in benchmarks/mixed.py.\n"
     lines = ["| budget: the bits/w of | searched MB | held against | its MB | mean KLD | 99.9 % KLD | "
              "types chosen |", "|---|---|---|---|---|---|---|"]
     lines += [line for results in runs for line in table(results).splitlines()]
@@ -126,7 +136,8 @@ def render() -> str:
 
 
 # (doc, name of the block, the function that renders it)
-BLOCKS = [(REPO / "README.md", "mixed", render)]
+BLOCKS = [(REPO / "README.md", "mixed", lambda: render(("gguf", "awq"))),
+          (REPO / "docs" / "sensitivity.md", "mixed-modelopt", lambda: render(("modelopt",)))]
 
 
 def main() -> None:
@@ -136,6 +147,7 @@ def main() -> None:
     parser.add_argument("--uniform", nargs="+", help="recipes to compare at their own sizes (default: per format)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--check-groups", type=int, default=8, help="GGUF: groups checked in llama.cpp (0: none)")
+    parser.add_argument("--budgets", type=float, nargs="*", default=[], help="more bits-per-weight budgets to search")
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = parser.parse_args()
     if args.write:
@@ -171,6 +183,17 @@ def main() -> None:
                   f"p99.9 {uniform['p999_kld']:.3f} | searched {searched['bytes'] / 1e6:6.1f} MB "
                   f"KLD {searched['mean_kld']:.4f} (predicted {searched['predicted_mean_kld']:.4f}) "
                   f"p99.9 {searched['p999_kld']:.3f} {searched['types']}", flush=True)
+        for bits in args.budgets:
+            keys = formats.load_recipe((args.uniform or UNIFORM[args.format])[0]).model_dump(
+                exclude={"gates", "description"})
+            searched_keys, searched_facts = fmt.resolve_search(
+                fmt.Recipe.model_validate({**keys, "search": {"bits_per_weight": bits}}), measured)
+            searched = build(fmt, {**keys, **searched_keys}, scratch / f"searched-{bits}", args.threads)
+            searched.update(score(fmt, scratch / f"searched-{bits}", reference, args.threads), **searched_facts)
+            rows.append({"uniform": None, "uniform_figures": None, "searched": searched})
+            print(f"{bits:g} bits/w   searched {searched['bytes'] / 1e6:6.1f} MB KLD {searched['mean_kld']:.4f} "
+                  f"(predicted {searched['predicted_mean_kld']:.4f}) p99.9 {searched['p999_kld']:.3f} "
+                  f"{searched['types']}", flush=True)
 
         checked = []
         groups = measured["formats"][args.format]["groups"]

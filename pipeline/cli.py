@@ -357,16 +357,20 @@ def doctor_command(checkpoint: Path = typer.Option(None, "--checkpoint", help="a
 
 def stage_needs(checkpoint: Path, params, *, device: str, gpu: bool | None = None) -> list:
     """(stage, ``memory.Need``) for each heavy stage of `params` on `checkpoint`, nothing loaded
-    (its config and a meta-device model): the reference on `device`, then each recipe's build
+    (its config and a meta-device model): the reference on `device` (and the sensitivity stage
+    where it measures a format), then each recipe's build
     (on the GPU where it calibrates and `gpu`, None: this host has a usable one) and gate. A
     GGUF gate maps its artifact, counted here at the checkpoint's 16-bit size (no GGUF is
     larger), so its estimate is an upper bound until the build exists."""
-    from pipeline import formats, memory, reference
+    from pipeline import formats, memory, reference, sensitivity
     from pipeline.builds import build_memory_need
     from pipeline.gates import gate_memory_need
 
     size = memory.ModelSize.of(checkpoint)
     needs = [(f"reference ({params.reference.dtype})", reference.memory_need(params.reference, checkpoint, device))]
+    if params.sensitivity.formats:
+        needs.append((f"sensitivity ({params.sensitivity.dtype})",
+                      sensitivity.memory_need(params.sensitivity, checkpoint, device)))
     for name in params.recipes:
         recipe = formats.load_recipe(name)
         info = formats.module(recipe.format).INFO

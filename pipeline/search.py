@@ -12,6 +12,7 @@ within it. docs/sensitivity.md says what this assumes and how the gates check it
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from pydantic import Field, model_validator
@@ -34,6 +35,46 @@ class SearchSpec(Strict):
         if (self.bits_per_weight is None) == (self.max_mean_kld is None):
             raise ValueError("set exactly one budget: bits_per_weight or max_mean_kld")
         return self
+
+
+def checked_patterns(patterns: dict[str, str], allowed, key: str) -> dict[str, str]:
+    """A recipe's per-tensor key (``{regular expression: type}``) with its types upper-cased;
+    ValueError naming `key` for a pattern that does not compile or a type not in `allowed`."""
+    for pattern, type_name in patterns.items():
+        try:
+            re.compile(pattern)
+        except re.error as problem:
+            raise ValueError(f"{key}: {pattern!r} is not a regular expression ({problem})") from None
+        if type_name.upper() not in allowed:
+            raise ValueError(f"{key}: unknown type {type_name!r} for {pattern!r}; valid: {', '.join(allowed)}")
+    return {pattern: type_name.upper() for pattern, type_name in patterns.items()}
+
+
+def check_search_keys(search: SearchSpec | None, patterns: dict[str, str], key: str, search_types) -> None:
+    """A recipe sets its per-tensor `key` or `search`, not both, and searches only measured types."""
+    if search and patterns:
+        raise ValueError(f"set {key} or search, not both: the search writes {key}")
+    unknown = [t for t in (search.types or []) if t.upper() not in search_types] if search else []
+    if unknown:
+        raise ValueError(f"search.types: {', '.join(unknown)} not among the types the sensitivity stage "
+                         f"measures for this format ({', '.join(search_types)})")
+
+
+def first_match(patterns: dict[str, str], names) -> dict[str, str]:
+    """{name: the type of the first pattern matching from the start of it}, for the names one matches."""
+    chosen = {}
+    for name in names:
+        type_name = next((type_name for pattern, type_name in patterns.items() if re.match(pattern, name)), None)
+        if type_name is not None:
+            chosen[name] = type_name
+    return chosen
+
+
+def linear_entries(chosen) -> dict[str, str]:
+    """A solved search as a per-module recipe key: one exact-name pattern per Linear of each
+    decoder-layer group -> its group's type (for formats that quantize Linears only)."""
+    return {re.escape(parameter.removesuffix(".weight")) + "$": option.type for group, option in chosen
+            if group["kind"] not in ("embedding", "output") for parameter in group["parameters"]}
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,26 @@ def groups_of(named_parameters) -> tuple[list[Group], list[str]]:
     return groups, unsearched
 
 
+def types_that_tile(group: Group, types: list[str] | None, search_types: tuple[str, ...], block_of) -> list[str]:
+    """The search types (or those of `types`, in search order) whose block, ``block_of(type)``
+    values a scale, divides every row of the group."""
+    wanted = [t.upper() for t in types] if types else list(search_types)
+    return [t for t in search_types if t in wanted and all(width % block_of(t) == 0 for width in group.row_width)]
+
+
+def fused_disagreement(type_of_linear: dict[str, str]) -> tuple[list[str], list[str]] | None:
+    """The first set of Linears a runtime fuses into one layer (a group: q/k/v, gate/up) whose
+    types in ``type_of_linear`` ({Linear module name: its type}) differ, as (names, types);
+    None where every fused set agrees."""
+    groups, _ = groups_of((f"{name}.weight", (0, 0)) for name in type_of_linear)
+    for group in groups:
+        names = [parameter.removesuffix(".weight") for parameter in group.parameters]
+        types = sorted({type_of_linear[name] for name in names})
+        if len(types) > 1:
+            return names, types
+    return None
+
+
 def kl_divergence(base_log_probs, logits) -> float:
     """Mean over positions of KL(base || quantized), full vocabulary ([T, V] each, torch)."""
     import torch
@@ -89,14 +109,31 @@ def kl_divergence(base_log_probs, logits) -> float:
 
 
 def measure(model, windows: list[list[int]], groups: list[Group], candidates: dict[str, list[str]],
-            round_trip, *, unquantized_type: str, progress=None) -> dict[str, dict[str, float]]:
+            round_trip, *, unquantized_type: str, input_round_trip=None, progress=None) -> dict[str, dict[str, float]]:
     """{group name: {type: mean KLD}} with each group alone put through `round_trip(weight
     [rows, width] float32 numpy, type) -> numpy` for each of `candidates[group name]` (the
-    format's quantizer, from the weights as its build holds them); the `unquantized_type` (the
-    format's unquantized file or checkpoint type) is taken as damage 0."""
+    format's quantizer, from the weights as its build holds them), and for a format that
+    quantizes activations too, the group's inputs through `input_round_trip(tensor, type) ->
+    tensor` (every window in one batch, so a max-calibrated scale sees them all); the
+    `unquantized_type` (the format's unquantized file or checkpoint type) is taken as damage 0."""
+    import contextlib
+
     import torch
 
     parameters = dict(model.named_parameters())
+
+    @contextlib.contextmanager
+    def inputs_quantized(group: Group, type_name: str):
+        handles = [] if input_round_trip is None else [
+            model.get_submodule(name.removesuffix(".weight")).register_forward_pre_hook(
+                lambda module, args: (input_round_trip(args[0], type_name), *args[1:]))
+            for name in group.parameters]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     ids = torch.as_tensor(np.asarray(windows), dtype=torch.long, device=model.device)
 
     def window_logits():
@@ -113,7 +150,8 @@ def measure(model, windows: list[list[int]], groups: list[Group], candidates: di
                 for name, original in originals.items():
                     quantized = round_trip(original.float().cpu().numpy(), type_name)
                     parameters[name].copy_(torch.from_numpy(quantized).to(original.dtype))
-            damage[group.name][type_name] = kl_divergence(base, window_logits())
+            with inputs_quantized(group, type_name):
+                damage[group.name][type_name] = kl_divergence(base, window_logits())
             if progress:
                 progress()
         with torch.no_grad():
@@ -155,12 +193,21 @@ def run(params, source_dir: Path, calibration_text: Path, out_dir: Path, *, thre
     return record
 
 
+def memory_need(params, source_dir: Path, device: str):
+    """What the stage needs for the checkpoint at `source_dir` (``memory.Need``): every window's
+    logits are held at once."""
+    from pipeline import memory
+
+    return memory.Need(memory.SENSITIVITY, memory.ModelSize.of(source_dir),
+                       window_tokens=params.windows * params.window_tokens, dtype=params.dtype, device=device)
+
+
 def measure_formats(params, source_dir: Path, calibration_text: Path, *, threads: int, log) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from pipeline import formats
+    from pipeline import formats, memory
     from pipeline.corpus import calibration_windows
     from pipeline.runtimes.transformers import load_causal_lm, torch_device
 
@@ -170,6 +217,12 @@ def measure_formats(params, source_dir: Path, calibration_text: Path, *, threads
     windows = calibration_windows(tokenizer, calibration_text, params.windows, params.window_tokens,
                                   "params.yaml: sensitivity.windows / sensitivity.window_tokens")
     device = torch_device()
+    memory.ensure_fits(memory_need(params, source_dir, device), stage=f"the sensitivity stage in {params.dtype}",
+                       fix="set sensitivity.dtype: bfloat16 in params.yaml (half the weights' memory), or lower "
+                           "sensitivity.windows / window_tokens (every window is scored in one batch)"
+                       if params.dtype == "float32" else
+                       "lower sensitivity.windows / window_tokens (every window is scored in one batch), or run on "
+                       "a host with more memory or a GPU")
     model = load_causal_lm(source_dir, dtype=getattr(torch, params.dtype)).to(device).eval()
     groups, unsearched = groups_of((name, tuple(p.shape)) for name, p in model.named_parameters())
     weights = sum(p.numel() for p in model.parameters())
@@ -184,7 +237,9 @@ def measure_formats(params, source_dir: Path, calibration_text: Path, *, threads
         with tqdm(total=count, desc=f"sensitivity {format_name}", unit="pass", leave=False) as bar:
             damage = measure(model, windows, groups, candidates,
                              lambda weight, type_name: fmt.search_round_trip(weight, type_name, threads=threads),
-                             unquantized_type=fmt.SEARCH_UNQUANTIZED, progress=lambda: bar.update(1))
+                             unquantized_type=fmt.SEARCH_UNQUANTIZED,
+                             input_round_trip=getattr(fmt, "search_input_round_trip", None),
+                             progress=lambda: bar.update(1))
         measured[format_name] = {
             "unquantized_type": fmt.SEARCH_UNQUANTIZED,
             "weights": weights,

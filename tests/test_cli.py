@@ -55,6 +55,11 @@ def test_doctor_says_which_stages_a_checkpoint_fits_before_anything_loads(projec
     stages = [line.split()[:2] for line in lines[2:]]
     assert ["build", "gguf-q8_0"] in stages and ["gate", "trtllm-fp8"] in stages
     assert ["build", "gguf-q6_k"] not in stages and ["gate", "trtllm-int8-sq"] not in stages  # params' recipes only
+    assert not any(line.startswith("sensitivity") for line in lines)  # no format searched
+    write(project / "params.yaml", (project / "params.yaml").read_text().replace(
+        "sensitivity:\n  formats: []", "sensitivity:\n  formats: [gguf]"))
+    result = runner.invoke(app, ["doctor", "--checkpoint", str(tiny_llama)])
+    assert result.output.splitlines()[2].startswith("sensitivity (float32)"), result.output
     # the default 40 x 512 windows of its 130-token vocabulary, 2 bytes a log-prob
     assert lines[-1].startswith(f"reference log-probs          needs     0.0 GB of disk") and lines[-1].endswith(": fits")
     monkeypatch.setattr(reference, "free_disk_bytes", lambda out_dir: 40 * 511 * 130 * 2 - 1)

@@ -85,6 +85,35 @@ def test_the_damage_is_the_kl_divergence_of_the_quantized_model(tiny_model):
     assert damage[down.name]["Q5_0"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_a_format_that_quantizes_activations_has_the_groups_inputs_quantized_while_it_is_measured(tiny_model):
+    """ModelOpt's round trips: the weight alone, then weight and inputs, of one group; the
+    inputs' quantizer runs only on the group's Linears, only while that group is measured."""
+    import torch
+
+    from pipeline.formats import modelopt
+
+    windows = [list(range(1, 65)), list(range(30, 94))]
+    groups, _ = sensitivity.groups_of((n, tuple(p.shape)) for n, p in tiny_model.named_parameters())
+    down = next(g for g in groups if g.name == "layers.1.mlp_down")
+    seen = []
+
+    def inputs_round_trip(inputs, type_name):
+        seen.append((tuple(inputs.shape), type_name))
+        return modelopt.search_input_round_trip(inputs, type_name)
+
+    def measure(input_round_trip):
+        return sensitivity.measure(tiny_model, windows, [down], {down.name: ["NVFP4"]},
+                                   lambda w, t: modelopt.search_round_trip(w, t, threads=1),
+                                   unquantized_type="UNQUANTIZED", input_round_trip=input_round_trip)[down.name]
+
+    weights_only, with_inputs = measure(None), measure(inputs_round_trip)
+    assert seen == [((2, 64, 192), "NVFP4")]  # one pass, every window in it
+    assert with_inputs["NVFP4"] > weights_only["NVFP4"] > 0
+    assert not any(module._forward_pre_hooks for module in tiny_model.modules())
+    baseline = measure(None)
+    assert baseline == weights_only and torch.is_grad_enabled()
+
+
 def test_the_stage_without_formats_loads_nothing(tmp_path, monkeypatch):
     import pipeline.runtimes.transformers as transformers_runtime
 
@@ -112,11 +141,29 @@ def test_the_stage_measures_every_group_of_a_named_format(tiny_llama, tmp_path):
         np.prod(shape) for g in measured["groups"] for shape in g["shapes"])
 
 
+def test_the_stage_refuses_before_loading_when_its_windows_and_model_do_not_fit(tiny_llama, tmp_path, monkeypatch):
+    from pipeline import memory
+    from pipeline.errors import HostLacks
+
+    (tiny_llama / "source.json").write_text("{}")
+    params = SensitivityParams(formats=["gguf"], windows=2, window_tokens=64)
+    need = sensitivity.memory_need(params, tiny_llama, "cpu")
+    assert need.window_tokens == 128 and need.dtype == "float32"  # every window's logits at once
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": need.bytes - 1)
+    monkeypatch.setattr("pipeline.runtimes.transformers.load_causal_lm",
+                        lambda *a, **k: pytest.fail("loaded the model before checking its memory"))
+    with pytest.raises(HostLacks, match="the sensitivity stage in float32 needs about") as refused:
+        sensitivity.run(params, tiny_llama, tiny_llama.parent / "calibration.txt", tmp_path / "out",
+                        threads=1, log=lambda _: None)
+    assert "sensitivity.dtype: bfloat16" in refused.value.fix
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_format_without_a_search_is_refused_naming_the_key(tmp_path):
     from pipeline.errors import BadInput
 
     with pytest.raises(BadInput) as refused:
-        sensitivity.run(SensitivityParams(formats=["modelopt"]), tmp_path, tmp_path / "c.txt", tmp_path / "out",
+        sensitivity.run(SensitivityParams(formats=["myquant"]), tmp_path, tmp_path / "c.txt", tmp_path / "out",
                         threads=1, log=lambda _: None)
-    assert refused.value.where == "params.yaml: sensitivity.formats" and "gguf, awq" in refused.value.fix
+    assert refused.value.where == "params.yaml: sensitivity.formats" and "gguf, awq, modelopt" in refused.value.fix
     assert not (tmp_path / "out").exists()

@@ -28,7 +28,7 @@ from pipeline.errors import BadInput, HostLacks, QpipeError, RecipeNotApplicable
 from pipeline.formats.contract import (FormatInfo, calibration_host_knobs, calibration_plan, missing_distribution,
                                        require_installed)
 from pipeline.memory import GIB, Factors
-from pipeline.search import SearchSpec
+from pipeline.search import SearchSpec, check_search_keys, checked_patterns, first_match
 
 # 4-bit weight-only integer presets of compressed-tensors that pack as `pack-quantized`.
 SCHEMES = ("W4A16", "W4A16_ASYM")
@@ -79,26 +79,10 @@ class Recipe(RecipeBase):
     search: SearchSpec | None = Field(None, description="choose `schemes` from the sensitivity stage's measurement "
                                       "under a budget (docs/sensitivity.md)")
 
-    @field_validator("schemes")
-    @classmethod
-    def _known_module_schemes(cls, schemes: dict[str, str]) -> dict[str, str]:
-        for pattern, scheme in schemes.items():
-            try:
-                re.compile(pattern)
-            except re.error as problem:
-                raise ValueError(f"{pattern!r} is not a regular expression ({problem})") from None
-            if scheme.upper() not in (*MODULE_SCHEMES, UNQUANTIZED):
-                raise ValueError(f"unknown scheme {scheme!r} for {pattern!r}; valid: "
-                                 f"{', '.join((*MODULE_SCHEMES, UNQUANTIZED))}")
-        return {pattern: scheme.upper() for pattern, scheme in schemes.items()}
-
     @model_validator(mode="after")
     def _schemes_or_search(self) -> "Recipe":
-        if self.search and self.schemes:
-            raise ValueError("set schemes or search, not both: the search writes schemes")
-        unknown = [t for t in (self.search.types or []) if t.upper() not in SEARCH_TYPES] if self.search else []
-        if unknown:
-            raise ValueError(f"search.types: {', '.join(unknown)} not among {', '.join(SEARCH_TYPES)}")
+        self.schemes = checked_patterns(self.schemes, (*MODULE_SCHEMES, UNQUANTIZED), "schemes")
+        check_search_keys(self.search, self.schemes, "schemes", SEARCH_TYPES)
         return self
 
     @field_validator("scheme", mode="before")
@@ -135,17 +119,6 @@ def build_unavailable_reason() -> str | None:
 
 
 # ---------------------------------------------------------------- checks before calibrating
-
-
-def linear_widths(source_dir: Path) -> dict[str, int]:
-    """Input width of every nn.Linear of the checkpoint's model, built on the meta device
-    (no weights are read)."""
-    import torch
-
-    from pipeline.runtimes.transformers import meta_model
-
-    return {name: module.in_features for name, module in meta_model(source_dir).named_modules()
-            if isinstance(module, torch.nn.Linear)}
 
 
 def is_ignored(name: str, ignore: list[str]) -> bool:
@@ -249,17 +222,6 @@ def module_weight_args(module_scheme: str):
     return preset_name_to_scheme(preset, ["Linear"]).weights.model_copy(update={"group_size": group_size})
 
 
-def module_schemes(recipe: Recipe, names) -> dict[str, str]:
-    """Each Linear's entry of `schemes` (the first pattern matching from the start of its name),
-    for the Linears an entry names."""
-    chosen = {}
-    for name in names:
-        scheme = next((scheme for pattern, scheme in recipe.schemes.items() if re.match(pattern, name)), None)
-        if scheme is not None:
-            chosen[name] = scheme
-    return chosen
-
-
 def config_groups(recipe: Recipe, names) -> tuple[dict, list[str]]:
     """(config groups, ignore): the recipe's scheme on every Linear, and each module `schemes`
     gives another one in a group of its exact names (compressed-tensors matches an exact name
@@ -269,7 +231,7 @@ def config_groups(recipe: Recipe, names) -> tuple[dict, list[str]]:
     groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weight_args(recipe))}
     ignore = list(recipe.ignore)
     by_scheme: dict[str, list[str]] = {}
-    for name, module_scheme in module_schemes(recipe, names).items():
+    for name, module_scheme in first_match(recipe.schemes, names).items():
         by_scheme.setdefault(module_scheme, []).append(name)
     for index, (module_scheme, targets) in enumerate(sorted(by_scheme.items()), start=1):
         if module_scheme == UNQUANTIZED:
@@ -283,9 +245,9 @@ def check_module_schemes(recipe: Recipe, widths: dict[str, int]) -> None:
     """Every quantized Linear's group size divides its input width (RecipeNotApplicable), and the
     Linears vLLM fuses into one (q/k/v, gate/up) resolve to one scheme: vLLM takes the first
     shard's and does not say so (BadInput)."""
-    from pipeline.sensitivity import groups_of
+    from pipeline.sensitivity import fused_disagreement
 
-    chosen = module_schemes(recipe, widths)
+    chosen = first_match(recipe.schemes, widths)
     effective = {name: chosen.get(name, f"{recipe.scheme} group {recipe.group_size}") for name in widths
                  if not is_ignored(name, recipe.ignore)}
     for name, scheme in effective.items():
@@ -294,14 +256,12 @@ def check_module_schemes(recipe: Recipe, widths: dict[str, int]) -> None:
             raise RecipeNotApplicable(f"{scheme} (group {group_size}) does not divide the input width "
                                       f"{widths[name]} of layer {name}", where=recipe.where("schemes"),
                                       fix="give that layer a group size that divides it, or leave it unquantized")
-    groups, _ = groups_of((f"{name}.weight", (0, width)) for name, width in widths.items())
-    for group in groups:
-        shards = {effective.get(parameter.removesuffix(".weight")) for parameter in group.parameters}
-        if len(shards) > 1:
-            raise BadInput(f"the layers vLLM fuses into one ({', '.join(p.removesuffix('.weight') for p in group.parameters)}) "
-                           f"resolve to different schemes: {', '.join(sorted(map(str, shards)))}",
-                           where=recipe.where("schemes"), fix="give them one scheme: vLLM serves the fused layer "
-                                                               "with the first shard's")
+    disagreement = fused_disagreement({name: effective.get(name, UNQUANTIZED) for name in widths})
+    if disagreement:
+        names, shards = disagreement
+        raise BadInput(f"the layers vLLM fuses into one ({', '.join(names)}) resolve to different schemes: "
+                       f"{', '.join(shards)}", where=recipe.where("schemes"),
+                       fix="give them one scheme: vLLM serves the fused layer with the first shard's")
 
 
 def modifiers(recipe: Recipe, names) -> list:
@@ -330,13 +290,13 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     import torch
     from transformers import AutoTokenizer
 
-    from pipeline.runtimes.transformers import load_causal_lm, meta_model
+    from pipeline.runtimes.transformers import linear_widths, load_causal_lm, meta_model
 
     tools = tool_versions()
     require_installed(INFO, recipe.where("format"))
     device, samples = calibration_plan(recipe, threads)
     widths = linear_widths(source_dir)
-    unmatched = {name: width for name, width in widths.items() if name not in module_schemes(recipe, widths)}
+    unmatched = {name: width for name, width in widths.items() if name not in first_match(recipe.schemes, widths)}
     check_group_size(unmatched, recipe.group_size, recipe.ignore, recipe.where("group_size"))
     check_module_schemes(recipe, widths)
     mapping = (check_awq_mapping(meta_model(source_dir), recipe.where("algorithm"))
@@ -479,11 +439,11 @@ _PACKING_TENSORS = (".weight_scale", ".weight_zero_point", ".weight_shape", ".we
 def search_candidates(group, types: list[str] | None = None) -> list[str]:
     """The search schemes (or those of `types`) whose group size divides every row of a group of
     Linears; llm-compressor quantizes Linears only, so the embedding and output groups have none."""
+    from pipeline.sensitivity import types_that_tile
+
     if group.kind in ("embedding", "output"):
         return []
-    wanted = [t.upper() for t in types] if types else list(SEARCH_TYPES)
-    return [t for t in SEARCH_TYPES if t in wanted and all(width % MODULE_SCHEMES[t][1] == 0
-                                                           for width in group.row_width)]
+    return types_that_tile(group, types, SEARCH_TYPES, lambda type_name: MODULE_SCHEMES[type_name][1])
 
 
 def search_round_trip(weight: np.ndarray, type_name: str, *, threads: int) -> np.ndarray:
@@ -524,13 +484,7 @@ def resolve_search(recipe: Recipe, sensitivity: dict[str, Any]) -> tuple[dict[st
 
     chosen, facts = search.resolve(recipe.search, sensitivity, "awq", other_weight_bytes=UNQUANTIZED_BYTES,
                                    where=recipe.where("search"))
-    schemes = {}
-    for group, option in chosen:
-        if group["kind"] in ("embedding", "output"):
-            continue
-        for parameter in group["parameters"]:
-            schemes[re.escape(parameter.removesuffix(".weight")) + "$"] = option.type
-    return {"schemes": schemes}, facts
+    return {"schemes": search.linear_entries(chosen)}, facts
 
 
 def bits_per_weight(build_dir: Path) -> float:

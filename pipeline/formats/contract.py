@@ -105,6 +105,8 @@ OPTIONAL_HOOKS: dict[str, tuple[str, ...]] = {
     # bytes at a type, and a recipe's `search:` solved into its per-tensor recipe keys
     "search_candidates": ("group", "types"),
     "search_round_trip": ("weight", "type_name", "threads"),
+    # a format that quantizes activations too: a Linear's inputs through that type's quantizer
+    "search_input_round_trip": ("inputs", "type_name"),
     "search_bytes": ("group", "type_name"),
     "resolve_search": ("recipe", "sensitivity"),
 }

@@ -29,7 +29,7 @@ from pipeline.errors import BadInput, HostLacks, QpipeError, RecipeNotApplicable
 from pipeline.formats.contract import FormatInfo
 from pipeline.memory import GIB, Factors
 from pipeline.runtimes.llama_cpp import F16_CACHE, llama_tool
-from pipeline.search import SearchSpec
+from pipeline.search import SearchSpec, check_search_keys, checked_patterns
 
 ARTIFACT_FILE = "model.gguf"
 IMATRIX_FILE = "imatrix.gguf"
@@ -111,21 +111,8 @@ class Recipe(RecipeBase):
         self.type = self.type.upper()
         if self.type in NEEDS_IMATRIX and not self.imatrix:
             raise ValueError(f"GGUF type {self.type} needs `imatrix: true`")
-        for pattern, tensor_type in self.tensor_types.items():
-            try:
-                re.compile(pattern)
-            except re.error as problem:
-                raise ValueError(f"tensor_types: {pattern!r} is not a regular expression ({problem})") from None
-            if tensor_type.upper() not in TENSOR_TYPES:
-                raise ValueError(f"tensor_types: unknown ggml type {tensor_type!r} for {pattern!r}; "
-                                 f"valid: {', '.join(TENSOR_TYPES)}")
-        self.tensor_types = {pattern: tensor_type.upper() for pattern, tensor_type in self.tensor_types.items()}
-        if self.search and self.tensor_types:
-            raise ValueError("set tensor_types or search, not both: the search writes tensor_types")
-        for tensor_type in (self.search.types or []) if self.search else []:
-            if tensor_type.upper() not in SEARCH_TYPES:
-                raise ValueError(f"search.types: {tensor_type!r} is not a type the sensitivity stage measures "
-                                 f"for GGUF ({', '.join(SEARCH_TYPES)})")
+        self.tensor_types = checked_patterns(self.tensor_types, TENSOR_TYPES, "tensor_types")
+        check_search_keys(self.search, self.tensor_types, "tensor_types", SEARCH_TYPES)
         self.kv_cache = self.kv_cache.lower()
         self.kv_cache_v = self.kv_cache_v.lower() if self.kv_cache_v else None
         for value in (self.kv_cache, self.kv_cache_v or self.kv_cache):
@@ -529,9 +516,9 @@ def search_candidates(group, types: list[str] | None = None) -> list[str]:
     takes no K-quant."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    wanted = [t.upper() for t in types] if types else list(SEARCH_TYPES)
-    return [t for t in SEARCH_TYPES if t in wanted
-            and all(width % GGML_QUANT_SIZES[GGMLQuantizationType[t]][0] == 0 for width in group.row_width)]
+    from pipeline.sensitivity import types_that_tile
+
+    return types_that_tile(group, types, SEARCH_TYPES, lambda type_name: GGML_QUANT_SIZES[GGMLQuantizationType[type_name]][0])
 
 
 def search_round_trip(weight: np.ndarray, type_name: str, *, threads: int) -> np.ndarray:

@@ -31,6 +31,7 @@ from pipeline.errors import BadInput, QpipeError, RecipeNotApplicable
 from pipeline.formats.contract import (FormatInfo, calibration_host_knobs, calibration_plan, missing_distribution,
                                        require_installed)
 from pipeline.memory import GIB, Factors
+from pipeline.search import SearchSpec, check_search_keys, checked_patterns
 
 # ModelOpt configs this format builds, exports and emulates -> the quant_algo they export as
 CONFIGS = {
@@ -72,6 +73,23 @@ UNIFIED_RUNTIMES = {
                          "through Marlin before Blackwell), SGLang",
     "INT8_WEIGHT_ONLY_CFG": "TensorRT-LLM PyTorch backend (WeightOnlyQuantLinearMethod)",
 }
+# a unified checkpoint whose Linears differ (`module_formats`, or a search): ModelOpt exports it as
+# quant_algo MIXED_PRECISION with each quantized layer's quant_algo under quantized_layers (a
+# layer left out is unquantized). TensorRT-LLM's PyTorch backend reads that table (its fused
+# qkv_proj / gate_up_proj silently take q_proj's / gate_proj's entry) and vLLM's modelopt_mixed
+# does (it raises where a fused layer's shards differ), so fused shards must agree.
+MIXED_PRECISION = "MIXED_PRECISION"
+MIXED_RUNTIMES = ("TensorRT-LLM PyTorch backend (NVFP4 layers on Blackwell GPUs), vLLM (modelopt_mixed: FP8 and "
+                  "NVFP4 layers, compute capability 8.9+)")
+# what a `module_formats` entry (and the per-tensor search) may give a decoder layer's Linear:
+# the weight and input quantizers of one of these configs, or none
+MODULE_FORMATS = {"FP8": "FP8_DEFAULT_CFG", "NVFP4": "NVFP4_DEFAULT_CFG"}
+UNQUANTIZED = "UNQUANTIZED"
+# what the per-tensor search measures and chooses from (docs/sensitivity.md), beside UNQUANTIZED
+SEARCH_TYPES = ("NVFP4", "FP8")
+SEARCH_UNQUANTIZED = UNQUANTIZED
+# the dtype the search assumes a build exports (Recipe.dtype's default) and the bytes of a value in it
+SEARCH_DTYPE, UNQUANTIZED_BYTES = "bfloat16", 2
 UNIFIED_NOT_LOADED = {
     "INT8_SMOOTHQUANT_CFG": "neither TensorRT-LLM's PyTorch backend nor vLLM loads a unified INT8 SmoothQuant "
                             "(W8A8_SQ_PER_CHANNEL) checkpoint",
@@ -125,6 +143,14 @@ class Recipe(RecipeBase):
                                           "between the exported files (emulated) and the fake-quant model")
     engine: EngineKnobs = Field(default_factory=EngineKnobs, description="the engine@R stage's trtllm-build "
                                 "settings (TensorRT-LLM 1.2.x's legacy engine backend: the INT8 recipes)")
+    module_formats: dict[str, str] = Field(default_factory=dict, description="per-Linear formats in the unified "
+                                           "checkpoint: a regular expression matched from the start of each decoder "
+                                           f"layer Linear's name -> {', '.join(MODULE_FORMATS)} or {UNQUANTIZED}; the "
+                                           "first match wins, an unmatched Linear takes `config`'s; the Linears "
+                                           "TensorRT-LLM and vLLM fuse (q/k/v, gate/up) must resolve to one format; "
+                                           f"exported as quant_algo {MIXED_PRECISION}")
+    search: SearchSpec | None = Field(None, description="choose `module_formats` from the sensitivity stage's "
+                                      "measurement under a budget (docs/sensitivity.md)")
 
     @field_validator("config")
     @classmethod
@@ -141,6 +167,11 @@ class Recipe(RecipeBase):
         if self.kv_cache == "nvfp4" and self.config not in UNIFIED_EXPORT_CONFIGS:
             raise ValueError(f"kv_cache: nvfp4 ships only in the unified checkpoint of {' or '.join(UNIFIED_EXPORT_CONFIGS)}"
                              f"; TensorRT-LLM's checkpoint of {self.config} has no NVFP4 KV cache")
+        self.module_formats = checked_patterns(self.module_formats, (*MODULE_FORMATS, UNQUANTIZED), "module_formats")
+        check_search_keys(self.search, self.module_formats, "module_formats", SEARCH_TYPES)
+        if (self.module_formats or self.search) and self.config not in UNIFIED_EXPORT_CONFIGS:
+            raise ValueError(f"module_formats and search ship only in the unified checkpoint of "
+                             f"{' or '.join(UNIFIED_EXPORT_CONFIGS)}; {self.config} exports TensorRT-LLM's legacy one")
         return self
 
     def build_memory(self, format_factors):
@@ -230,12 +261,16 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
+    from pipeline.runtimes.transformers import linear_widths
+
     tools = tool_versions()
     require_installed(INFO, recipe.where("format"))
     device, samples = calibration_plan(recipe, threads)
     architecture = AutoConfig.from_pretrained(source_dir).architectures[0]
     plan = export_plan(recipe, architecture, f"{source_dir}/config.json: architectures")
     config = quant_config(recipe)
+    formats = linear_formats(recipe, linear_widths(source_dir))
+    config["quant_cfg"] = list(config["quant_cfg"]) + module_quant_cfg(formats, CONFIGS[recipe.config])
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     calibration, held_out = split_calibration_text(tokenizer, calibration_text, recipe, samples)
     dtype = getattr(torch, recipe.dtype)
@@ -252,7 +287,8 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     if model.dtype != dtype:
         model = model.to(dtype)
     model.config.dtype = dtype  # the exporters read the dtype from the config
-    fp4_on_cpu = (recipe.config in FP4_CONFIGS or recipe.kv_cache == "nvfp4") and device == "cpu"
+    fp4_on_cpu = (recipe.config in FP4_CONFIGS or recipe.kv_cache == "nvfp4" or "NVFP4" in formats.values()) \
+        and device == "cpu"
     with nvfp4_fake_quant_on_cpu(model) if fp4_on_cpu else contextlib.nullcontext():
         started = time.perf_counter()
         fake_quant_ppl = windows_ppl(_model_logits(model, held_out), held_out)
@@ -267,7 +303,11 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
             exports["trtllm"] = export_trtllm(model, plan["decoder"], dtype, out_dir / TRTLLM_DIR, source_dir)
         if plan["hf"]:
             exports["hf"] = export_hf(model, dtype, out_dir / HF_DIR, source_dir)
-            exports["hf"]["runs_on"] = UNIFIED_RUNTIMES[recipe.config]
+            exports["hf"]["runs_on"] = (MIXED_RUNTIMES if exports["hf"]["quant_algo"] == MIXED_PRECISION
+                                        else UNIFIED_RUNTIMES[recipe.config])
+            if formats:
+                exports["hf"]["linear_formats"] = check_exported_formats(out_dir / HF_DIR, formats,
+                                                                         recipe.where("module_formats"))
         timings["export_s"] = time.perf_counter() - started
     del model
     log(f"exported {', '.join(exports)} checkpoint(s); fake-quant ppl {fake_quant_ppl:.4f} on "
@@ -306,6 +346,106 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
         "exports": exports,
         "crosscheck": crosscheck,
     }
+
+
+def linear_formats(recipe: Recipe, widths: dict[str, int]) -> dict[str, str]:
+    """Each decoder layer Linear's format, its `module_formats` entry or else `config`'s, for a
+    recipe with module_formats (empty otherwise), checked before any weight is loaded: NVFP4
+    only where its blocks of 16 divide the input width (RecipeNotApplicable), and the Linears
+    TensorRT-LLM and vLLM fuse resolve to one format (BadInput). ModelOpt keeps the embedding
+    and lm_head unquantized whatever a pattern says."""
+    from pipeline.runtimes.checkpoint_emulation import NVFP4_BLOCK
+    from pipeline.search import first_match
+    from pipeline.sensitivity import LAYER_INDEX, fused_disagreement
+
+    if not recipe.module_formats:
+        return {}
+    layer_linears = [name for name in widths if LAYER_INDEX.search(name)]
+    chosen = first_match(recipe.module_formats, layer_linears)
+    formats = {name: chosen.get(name, CONFIGS[recipe.config]) for name in layer_linears}
+    for name, module_format in formats.items():
+        if module_format == "NVFP4" and widths[name] % NVFP4_BLOCK:
+            raise RecipeNotApplicable(f"NVFP4's blocks of {NVFP4_BLOCK} do not divide the input width {widths[name]} "
+                                      f"of layer {name}", where=recipe.where("module_formats"),
+                                      fix="give that layer FP8, or leave it unquantized")
+    disagreement = fused_disagreement(formats)
+    if disagreement:
+        names, shard_formats = disagreement
+        raise BadInput(f"the layers TensorRT-LLM and vLLM fuse into one ({', '.join(names)}) resolve to different "
+                       f"formats: {', '.join(shard_formats)}", where=recipe.where("module_formats"),
+                       fix="give them one format: vLLM refuses such a checkpoint and TensorRT-LLM serves the fused "
+                           "layer with the first shard's")
+    return formats
+
+
+def module_quant_cfg(formats: dict[str, str], base_format: str) -> list[dict[str, Any]]:
+    """ModelOpt quant_cfg entries that give each Linear whose format is not `base_format` the
+    weight and input quantizers of its format's config, or disable them, by exact quantizer
+    name. Appended after the config's own entries, they win (ModelOpt applies the list in order)."""
+    import modelopt.torch.quantization as mtq
+
+    entries = []
+    for name, module_format in formats.items():
+        if module_format == base_format:
+            continue
+        for quantizer in ("weight_quantizer", "input_quantizer"):
+            if module_format == UNQUANTIZED:
+                entries.append({"quantizer_name": f"{name}.{quantizer}", "enable": False})
+                continue
+            preset = next(entry for entry in getattr(mtq, MODULE_FORMATS[module_format])["quant_cfg"]
+                          if entry["quantizer_name"] == f"*{quantizer}")
+            entries.append({"quantizer_name": f"{name}.{quantizer}", "cfg": copy.deepcopy(preset["cfg"])})
+    return entries
+
+
+# a stored weight's safetensors dtype -> the format it is written in (anything else: unquantized)
+STORED_FORMATS = {"F8_E4M3": "FP8", "U8": "NVFP4"}
+
+
+def exported_formats(checkpoint_dir: Path, names) -> dict[str, dict[str, str]]:
+    """For each Linear of `names`, the format its weight is stored in and the one the table
+    runtimes read declares (hf_quant_config.json: quantized_layers, or the one quant_algo less
+    exclude_modules): {name: {"stored": ..., "declared": ...}}."""
+    import fnmatch
+
+    from safetensors import safe_open
+
+    stored = {}
+    for path in sorted(Path(checkpoint_dir).glob("*.safetensors")):
+        with safe_open(path, framework="pt") as tensors:
+            for key in tensors.keys():
+                module, _, suffix = key.rpartition(".")
+                if suffix == "weight" and module in names:
+                    stored[module] = STORED_FORMATS.get(tensors.get_slice(key).get_dtype(), UNQUANTIZED)
+    quant = json.loads((Path(checkpoint_dir) / "hf_quant_config.json").read_text())["quantization"]
+    layers = quant.get("quantized_layers") or {}
+    excluded = quant.get("exclude_modules") or []
+
+    def declared(name: str) -> str:
+        if quant.get("quant_algo") == MIXED_PRECISION:
+            return layers.get(name, {}).get("quant_algo", UNQUANTIZED)
+        if quant.get("quant_algo") is None or any(fnmatch.fnmatch(name, pattern) for pattern in excluded):
+            return UNQUANTIZED
+        return quant["quant_algo"]
+
+    return {name: {"stored": stored.get(name, "missing"), "declared": declared(name)} for name in names}
+
+
+def check_exported_formats(checkpoint_dir: Path, formats: dict[str, str], where: str) -> dict[str, int]:
+    """Every Linear is stored, and declared to the runtimes, in the format the recipe gave it;
+    ToolFailed (exit 4) naming those that are not. Returns how many Linears took each format."""
+    from collections import Counter
+
+    from pipeline.errors import ToolFailed
+
+    written = exported_formats(checkpoint_dir, set(formats))
+    differing = [f"{name}: {formats[name]} asked, {facts['stored']} stored, {facts['declared']} declared"
+                 for name, facts in written.items() if {facts["stored"], facts["declared"]} != {formats[name]}]
+    if differing:
+        raise ToolFailed(f"ModelOpt did not export the formats module_formats asks for: {'; '.join(differing[:5])}"
+                         + (f" (and {len(differing) - 5} more)" if len(differing) > 5 else ""), where=where,
+                         fix="report it with build.json's tool versions")
+    return dict(Counter(formats.values()).most_common())
 
 
 def load_calibration_model(source_dir: Path, device: str):
@@ -468,6 +608,75 @@ def tool_versions() -> dict[str, str | None]:
     from pipeline.host import package_version
 
     return {package: package_version(package) for package in ("nvidia-modelopt", "transformers", "torch")}
+
+
+# ---------------------------------------------------------------- per-tensor search
+
+
+def search_candidates(group, types: list[str] | None = None) -> list[str]:
+    """The search formats (or those of `types`) a group of decoder-layer Linears takes: NVFP4
+    where its blocks of 16 divide every row, FP8 always. ModelOpt keeps the embedding and the
+    output layer unquantized, so those groups have none."""
+    from pipeline.runtimes.checkpoint_emulation import NVFP4_BLOCK
+    from pipeline.sensitivity import types_that_tile
+
+    if group.kind in ("embedding", "output"):
+        return []
+    return types_that_tile(group, types, SEARCH_TYPES, lambda type_name: NVFP4_BLOCK if type_name == "NVFP4" else 1)
+
+
+def fake_quantize(values, type_name: str):
+    """ModelOpt's max-calibrated quantize-dequantize of a tensor in its dtype: FP8 with the
+    per-tensor scale amax / 448; NVFP4 with the per-tensor scale amax / (6 x 448) and an e4m3
+    scale per block of 16 along the last dimension (what its weight quantizers store, and its
+    input quantizers apply after calibrating on these values)."""
+    from pipeline.runtimes.checkpoint_emulation import E2M1_MAX, fake_quantize_nvfp4
+    from pipeline.runtimes.transformers import FP8_E4M3_MAX, fake_quantize_fp8
+
+    amax = values.abs().amax().float()
+    if type_name == "FP8":
+        return fake_quantize_fp8(values, amax / FP8_E4M3_MAX).to(values.dtype)
+    return fake_quantize_nvfp4(values, amax / (E2M1_MAX * FP8_E4M3_MAX)).to(values.dtype)
+
+
+def search_round_trip(weight: np.ndarray, type_name: str, *, threads: int) -> np.ndarray:
+    """A weight, held in SEARCH_DTYPE as the build calibrates it, through its format's weight quantizer."""
+    import torch
+
+    held = torch.from_numpy(weight).to(getattr(torch, SEARCH_DTYPE))
+    return fake_quantize(held, type_name).float().numpy()
+
+
+def search_input_round_trip(inputs, type_name: str):
+    """A Linear's inputs through its format's input quantizer, calibrated by max on these inputs
+    (FP8 and NVFP4 quantize activations too: a weight-only measure would understate them)."""
+    return fake_quantize(inputs, type_name)
+
+
+def search_bytes(group, type_name: str) -> int:
+    """A group's bytes in the unified checkpoint, as ModelOpt exports each Linear: FP8 a byte a
+    weight and two fp32 scalars (weight_scale, input_scale); NVFP4 half a byte a weight, an e4m3
+    weight_scale a block of 16 and two fp32 scalars (weight_scale_2, input_scale); unquantized
+    two bytes a weight."""
+    from pipeline.runtimes.checkpoint_emulation import NVFP4_BLOCK
+
+    if type_name == UNQUANTIZED:
+        return UNQUANTIZED_BYTES * group.weights()
+    if type_name == "FP8":
+        return sum(rows * width + 2 * 4 for rows, width in group.shapes)
+    return sum(rows * width // 2 + rows * width // NVFP4_BLOCK + 2 * 4 for rows, width in group.shapes)
+
+
+def resolve_search(recipe: Recipe, sensitivity: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The recipe's search solved on the measurement: ({"module_formats": one exact-name entry
+    per Linear of each group}, what build.json records of the search). The embedding, lm_head
+    and norms stay in the model's dtype."""
+    from pipeline import search
+
+    chosen, facts = search.resolve(recipe.search, sensitivity, INFO.name, other_weight_bytes=UNQUANTIZED_BYTES,
+                                   where=recipe.where("search"))
+    module_formats = search.linear_entries(chosen)
+    return {"module_formats": module_formats}, facts
 
 
 # ---------------------------------------------------------------- artifact facts
@@ -655,8 +864,12 @@ def _unified(build_dir: Path) -> bool:
     return artifact_path(build_dir).name == HF_DIR
 
 
-def _quant_algo(checkpoint_dir: Path) -> str | None:
-    return json.loads((checkpoint_dir / "hf_quant_config.json").read_text())["quantization"].get("quant_algo")
+def _quant_algos(checkpoint_dir: Path) -> set[str | None]:
+    """The unified checkpoint's quant_algo, or each layer's where it is MIXED_PRECISION."""
+    quant = json.loads((checkpoint_dir / "hf_quant_config.json").read_text())["quantization"]
+    if quant.get("quant_algo") == MIXED_PRECISION:
+        return {layer.get("quant_algo") for layer in (quant.get("quantized_layers") or {}).values()}
+    return {quant.get("quant_algo")}
 
 
 def backend_unavailable_reason(build_dir: Path | None) -> str | None:
@@ -667,7 +880,7 @@ def backend_unavailable_reason(build_dir: Path | None) -> str | None:
 
     if build_dir is None or _unified(build_dir):
         reason = tensorrt_llm.unavailable_reason()
-        if reason is None and build_dir is not None and _quant_algo(artifact_path(build_dir)) == "NVFP4":
+        if reason is None and build_dir is not None and "NVFP4" in _quant_algos(artifact_path(build_dir)):
             reason = tensorrt_llm.nvfp4_unavailable_reason()
         return reason
     reason = tensorrt_llm.engine_unavailable_reason()

@@ -41,6 +41,10 @@ The arithmetic, per ``quant_algo`` (scales are dequantization scales, real = cod
   scale computed from the block (TensorRT-LLM's fp4_quantize): s = e4m3(min(amax / (6 x
   input_scale), 448)), x = e2m1(x / (s x input_scale)) x s x input_scale, rounding to the
   nearest e2m1 value, ties to the even code, saturating at 6.
+- ``MIXED_PRECISION`` (the unified checkpoint only; ModelOpt writes it when the Linears differ):
+  each Linear takes its own ``quant_algo`` from hf_quant_config.json's ``quantized_layers``, with
+  that algorithm's arithmetic above; a Linear not listed is unquantized, as TensorRT-LLM's
+  PyTorch backend and vLLM load it.
 - ``kv_cache_quant_algo: FP8``: keys (after RoPE) and values are quantized to e4m3 with the
   layer's ``kv_cache_scaling_factor`` before attention, as a cache would store them.
 
@@ -78,7 +82,9 @@ QUANT_ALGOS = {
     "W8A8_SQ_PER_CHANNEL": "SmoothQuant int8 weights per channel, int8 activations per tensor",
     "W8A16": "int8 weights per channel, bf16 activations",
     "NVFP4": "fp4 e2m1 weights and activations, fp8 e4m3 scales per block of 16 and a per-tensor scale",
+    "MIXED_PRECISION": "each Linear's own quant_algo (quantized_layers), the rest bf16",
 }
+MIXED_PRECISION = "MIXED_PRECISION"
 KV_CACHE_ALGOS = {None: "bf16 KV cache", "FP8": "fp8 e4m3 KV cache",
                   "NVFP4": "nvfp4 KV cache (e2m1, an e4m3 scale a 16 values of a head)"}
 # ModelOpt decoder types whose legacy TensorRT-LLM tensor names this module maps back to HF modules
@@ -106,10 +112,14 @@ def unavailable_reason() -> str | None:
 
 def describe(checkpoint_dir: Path) -> str:
     """``emulated:<what it emulates>`` for one checkpoint, the gate's runtime field."""
+    from collections import Counter
+
     from pipeline.host import package_version
 
     config = read_config(checkpoint_dir)
-    return (f"emulated:{config['layout']} checkpoint {config['quant_algo'] or 'unquantized'}"
+    layers = Counter(config.get("layer_algos", {}).values())
+    mixture = f" ({', '.join(f'{algo} x{count}' for algo, count in sorted(layers.items()))})" if layers else ""
+    return (f"emulated:{config['layout']} checkpoint {config['quant_algo'] or 'unquantized'}{mixture}"
             f" + {KV_CACHE_ALGOS[config['kv_cache_quant_algo']]} ({QUANT_ALGOS.get(config['quant_algo'], 'bf16')}), "
             f"TensorRT-LLM arithmetic in PyTorch {package_version('torch')}")
 
@@ -137,6 +147,9 @@ def read_config(checkpoint_dir: Path, hf_config: dict[str, Any] | None = None) -
         facts = {"layout": "hf", "architecture": (config.get("architectures") or ["?"])[0],
                  "quant_algo": quant.get("quant_algo"), "kv_cache_quant_algo": quant.get("kv_cache_quant_algo"),
                  "dtype": config.get("dtype") or config.get("torch_dtype") or "bfloat16"}
+        if quant.get("quant_algo") == MIXED_PRECISION:
+            facts["layer_algos"] = {name: layer.get("quant_algo")
+                                    for name, layer in (quant.get("quantized_layers") or {}).items()}
     else:
         raise UnsupportedCheckpoint(
             "not a ModelOpt checkpoint: config.json has neither TensorRT-LLM's `quantization` nor a "
@@ -147,6 +160,13 @@ def read_config(checkpoint_dir: Path, hf_config: dict[str, Any] | None = None) -
         raise UnsupportedCheckpoint(
             f"quant_algo {facts['quant_algo']!r} is not one the emulation knows; it refuses rather than guess",
             where=where, fix=f"use a recipe whose export is one of: {', '.join(QUANT_ALGOS)}")
+    unknown_layers = {name: algo for name, algo in facts.get("layer_algos", {}).items()
+                      if algo not in CODE_DTYPES}
+    if unknown_layers:
+        name, algo = next(iter(unknown_layers.items()))
+        raise UnsupportedCheckpoint(f"layer {name}'s quant_algo {algo!r} is not one the emulation knows "
+                                    f"({len(unknown_layers)} such layers)", where=f"{where}: quantized_layers",
+                                    fix=f"use a recipe whose layers are among: {', '.join(CODE_DTYPES)}")
     if facts["kv_cache_quant_algo"] not in KV_CACHE_ALGOS:
         raise UnsupportedCheckpoint(
             f"kv_cache_quant_algo {facts['kv_cache_quant_algo']!r} is not one the emulation knows",
@@ -300,6 +320,19 @@ INPUT_FORMAT = {"FP8": "fp8", "W8A8_SQ_PER_CHANNEL": "int8", "W8A16": None, "NVF
 # the stored dtype of each quant_algo's weight codes
 CODE_DTYPES = {"FP8": torch.float8_e4m3fn, "W8A8_SQ_PER_CHANNEL": torch.int8, "W8A16": torch.int8,
                "NVFP4": torch.uint8}
+
+
+def linear_quant_algo(facts: dict[str, Any], module_name: str, tensors: dict[str, Any]) -> str | None:
+    """A Linear's quant_algo: the checkpoint's, or in a MIXED_PRECISION one its quantized_layers
+    entry (None where it has none), which must be the algorithm its weight is stored for."""
+    if "layer_algos" not in facts:
+        return facts["quant_algo"]
+    algo = facts["layer_algos"].get(module_name)
+    if algo is not None and tensors["weight"].dtype != CODE_DTYPES[algo]:
+        raise UnsupportedCheckpoint(f"layer {module_name} is declared {algo} but its weight is stored as "
+                                    f"{tensors['weight'].dtype}", where="hf_quant_config.json: quantized_layers",
+                                    fix="re-export the checkpoint")
+    return algo
 
 
 def linear_from_tensors(tensors: dict[str, Any], quant_algo: str | None, out_dtype: torch.dtype) -> torch.nn.Module:
@@ -491,7 +524,8 @@ def load(checkpoint_dir: Path, threads: int):
     for module_name, tensors in linears.items():
         parent_name, _, child = module_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        parent.register_module(child, linear_from_tensors(tensors, facts["quant_algo"], dtype))
+        parent.register_module(child, linear_from_tensors(tensors, linear_quant_algo(facts, module_name, tensors),
+                                                          dtype))
     result = model.load_state_dict(plain, strict=False, assign=True)
     if result.unexpected_keys:
         raise UnsupportedCheckpoint(f"the checkpoint has {len(result.unexpected_keys)} tensors "

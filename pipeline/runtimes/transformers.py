@@ -119,6 +119,14 @@ def meta_model(model_dir: Path):
         return AutoModelForCausalLM.from_config(config)
 
 
+def linear_widths(model_dir: Path) -> dict[str, int]:
+    """Input width of every nn.Linear of the checkpoint's model, from ``meta_model`` (no weights read)."""
+    import torch
+
+    return {name: module.in_features for name, module in meta_model(model_dir).named_modules()
+            if isinstance(module, torch.nn.Linear)}
+
+
 def torch_device() -> str:
     """Where torch runs a model here: a CUDA GPU if there is one, else the CPU."""
     import torch

@@ -184,9 +184,9 @@ def test_tensor_types_are_validated_and_exclude_a_search():
     recipe = fmt.Recipe.model_validate({"format": "gguf", "type": "Q8_0", "tensor_types": {r"ffn_down": "q6_k"}})
     assert recipe.tensor_types == {"ffn_down": "Q6_K"}
     for bad, message in (({"tensor_types": {"(": "q8_0"}}, "not a regular expression"),
-                         ({"tensor_types": {"x": "q9_9"}}, "unknown ggml type"),
+                         ({"tensor_types": {"x": "q9_9"}}, "unknown type"),
                          ({"tensor_types": {"x": "q8_0"}, "search": {"bits_per_weight": 5}}, "not both"),
-                         ({"search": {"bits_per_weight": 5, "types": ["Q2_K"]}}, "not a type the sensitivity")):
+                         ({"search": {"bits_per_weight": 5, "types": ["Q2_K"]}}, "not among the types the sensitivity")):
         with pytest.raises(ValueError, match=message):
             fmt.Recipe.model_validate({"format": "gguf", "type": "Q8_0", **bad})
 

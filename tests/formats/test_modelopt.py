@@ -401,3 +401,154 @@ def test_the_emulations_nvfp4_kv_cast_is_modelopts_quantizer_with_the_exported_s
     ours, _ = emulation.nvfp4_kv_cast(scale, scale)(keys, keys)
     assert torch.equal(ours, theirs) and not torch.equal(ours, keys)
     assert not torch.allclose(emulation.fake_quantize_nvfp4(keys, scale), theirs)  # the scale itself is not it
+
+
+# ---------------------------------------------------------------- per-module formats (MIXED_PRECISION)
+
+MIXED_RECIPE = {**NVFP4_RECIPE, "kv_cache": "none", "module_formats": {
+    r"model\.layers\.0\.self_attn\.(q|k|v)_proj$": "fp8", r".*layers\.1\.self_attn\.o_proj$": "unquantized"}}
+
+
+@pytest.fixture(scope="module")
+def mixed_build(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mixed") / "build"
+    out.mkdir()
+    facts = modelopt.build(recipe(**MIXED_RECIPE), source_dir=tiny_llama,
+                           calibration_text=tiny_llama.parent / "calibration.txt", out_dir=out, threads=1,
+                           log=lambda _: None)
+    return out, facts
+
+
+def test_module_formats_export_a_mixed_precision_checkpoint_the_runtimes_read_layer_by_layer(mixed_build):
+    """On an NVFP4 base, layer 0's q/k/v take FP8 and layer 1's o_proj none: the weights are
+    stored so, quantized_layers (what TensorRT-LLM's PyTorch backend and vLLM read) says so, and
+    the emulation reads each layer with its own arithmetic and agrees with the fake-quant model."""
+    out, facts = mixed_build
+    checkpoint = out / "hf_checkpoint"
+    quant = json.loads((checkpoint / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == "MIXED_PRECISION"
+    layers = quant["quantized_layers"]
+    assert layers["model.layers.0.self_attn.k_proj"] == {"quant_algo": "FP8"}
+    assert layers["model.layers.0.self_attn.o_proj"]["quant_algo"] == "NVFP4"
+    assert "model.layers.1.self_attn.o_proj" not in layers  # unquantized: absent, as the runtimes read it
+    written = modelopt.exported_formats(checkpoint, {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.o_proj",
+                                                     "model.layers.1.mlp.down_proj"})
+    assert written == {"model.layers.0.self_attn.q_proj": {"stored": "FP8", "declared": "FP8"},
+                       "model.layers.1.self_attn.o_proj": {"stored": "UNQUANTIZED", "declared": "UNQUANTIZED"},
+                       "model.layers.1.mlp.down_proj": {"stored": "NVFP4", "declared": "NVFP4"}}
+    assert facts["exports"]["hf"]["linear_formats"] == {"NVFP4": 10, "FP8": 3, "UNQUANTIZED": 1}
+    assert facts["exports"]["hf"]["runs_on"] == modelopt.MIXED_RUNTIMES
+    assert facts["crosscheck"]["exports"]["hf"]["gap"] <= facts["crosscheck"]["limit"]
+    assert modelopt.runtime_name(out).startswith("emulated:hf checkpoint MIXED_PRECISION (FP8 x3, NVFP4 x10)")
+
+
+def test_a_layer_exported_in_another_format_than_asked_fails_the_build(mixed_build, tmp_path):
+    import shutil
+
+    from pipeline.errors import ToolFailed
+
+    out, _ = mixed_build
+    checkpoint = shutil.copytree(out / "hf_checkpoint", tmp_path / "hf_checkpoint")
+    path = checkpoint / "hf_quant_config.json"
+    config = json.loads(path.read_text())
+    config["quantization"]["quantized_layers"]["model.layers.0.self_attn.q_proj"] = {"quant_algo": "NVFP4"}
+    path.write_text(json.dumps(config))
+    formats = {"model.layers.0.self_attn.q_proj": "FP8", "model.layers.0.self_attn.k_proj": "FP8"}
+    with pytest.raises(ToolFailed, match="q_proj: FP8 asked, FP8 stored, NVFP4 declared") as info:
+        modelopt.check_exported_formats(checkpoint, formats, "recipes/r.yaml: module_formats")
+    assert "k_proj" not in info.value.what
+
+
+def test_module_formats_are_checked_before_any_weight_is_loaded():
+    from pipeline.errors import RecipeNotApplicable
+
+    widths = {f"model.layers.0.{name}": 64 for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                         "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")}
+    widths.update({"model.layers.0.mlp.down_proj": 200, "lm_head": 64})
+    fp8 = recipe(module_formats={r".*down_proj$": "FP8"})
+    assert modelopt.linear_formats(fp8, widths) == {**{name: "FP8" for name in widths if name != "lm_head"}}
+    with pytest.raises(RecipeNotApplicable, match="blocks of 16 do not divide the input width 200"):
+        modelopt.linear_formats(recipe(module_formats={r".*down_proj$": "NVFP4"}), widths)
+    with pytest.raises(BadInput, match=r"fuse into one \(.*q_proj, .*k_proj, .*v_proj\) resolve to different "
+                                       r"formats: FP8, NVFP4") as info:
+        modelopt.linear_formats(recipe(module_formats={r".*q_proj$": "NVFP4"}), widths)
+    assert "vLLM refuses" in info.value.fix
+    assert modelopt.linear_formats(recipe(), widths) == {}  # a uniform recipe: the config alone
+    for bad, message in (({"config": "INT8_WEIGHT_ONLY_CFG", "module_formats": {"x": "FP8"}}, "unified checkpoint"),
+                         ({"module_formats": {"x": "INT4"}}, "unknown type 'INT4'"),
+                         ({"module_formats": {"x": "FP8"}, "search": {"bits_per_weight": 6}}, "not both"),
+                         ({"search": {"bits_per_weight": 6, "types": ["W4A16"]}}, "not among")):
+        with pytest.raises(ValueError, match=message):
+            recipe(**bad)
+
+
+def test_overrides_are_appended_by_exact_quantizer_name():
+    entries = modelopt.module_quant_cfg({"m.layers.0.a": "FP8", "m.layers.0.b": "NVFP4", "m.layers.0.c": "UNQUANTIZED"},
+                                        "FP8")
+    assert [entry["quantizer_name"] for entry in entries] == [
+        "m.layers.0.b.weight_quantizer", "m.layers.0.b.input_quantizer",
+        "m.layers.0.c.weight_quantizer", "m.layers.0.c.input_quantizer"]
+    assert entries[0]["cfg"]["num_bits"] == (2, 1) and entries[2] == {"quantizer_name": "m.layers.0.c.weight_quantizer",
+                                                                       "enable": False}
+
+
+def test_the_search_round_trips_are_modelopts_quantizers(mixed_build):
+    """Weights and inputs through the search's round trips equal ModelOpt's own max-calibrated
+    quantizers on the same values (NVFP4 through its NVFP4QTensor arithmetic on the CPU)."""
+    import modelopt.torch.quantization as mtq
+    import numpy as np
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    weight = (torch.randn(48, 64, generator=generator) * 0.05).to(torch.bfloat16)
+    inputs = (torch.randn(2, 9, 64, generator=generator) * torch.logspace(-2, 1, 64)).to(torch.bfloat16)
+    for type_name, config in (("FP8", mtq.FP8_DEFAULT_CFG), ("NVFP4", mtq.NVFP4_DEFAULT_CFG)):
+        layer = torch.nn.Sequential(torch.nn.Linear(64, 48, bias=False, dtype=torch.bfloat16))
+        layer[0].weight.data = weight.clone()
+        layer = mtq.quantize(layer, config, lambda model: model(inputs))
+        with modelopt.nvfp4_fake_quant_on_cpu(layer), torch.no_grad():
+            theirs_weight = layer[0].weight_quantizer(layer[0].weight)
+            theirs_inputs = layer[0].input_quantizer(inputs)
+        ours = modelopt.search_round_trip(weight.float().numpy(), type_name, threads=1)
+        assert np.array_equal(ours, theirs_weight.float().numpy()), type_name
+        assert torch.equal(modelopt.search_input_round_trip(inputs, type_name), theirs_inputs), type_name
+
+
+def test_search_bytes_are_the_stored_bytes_and_nvfp4_needs_rows_its_blocks_tile(mixed_build):
+    from pipeline.files import safetensors_table
+    from pipeline.sensitivity import Group
+
+    out, _ = mixed_build
+    table = safetensors_table(out / "hf_checkpoint")
+
+    def stored(module):
+        return sum(size for name, _, size in table if name.rpartition(".")[0] == module)
+
+    for module, type_name, shape in (("model.layers.0.self_attn.q_proj", "FP8", (64, 64)),
+                                     ("model.layers.0.mlp.down_proj", "NVFP4", (64, 192)),
+                                     ("model.layers.1.self_attn.o_proj", "UNQUANTIZED", (64, 64))):
+        group = Group(name="g", kind="attn_out", layer=0, parameters=(module + ".weight",), shapes=(shape,))
+        assert modelopt.search_bytes(group, type_name) == stored(module), module
+    group = Group(name="g", kind="mlp_down", layer=0, parameters=("w",), shapes=((64, 200),))
+    assert modelopt.search_candidates(group) == ["FP8"]
+    assert modelopt.search_candidates(Group("e", "embedding", None, ("w",), ((64, 64),))) == []
+
+
+def test_a_search_resolves_to_one_exact_entry_per_linear_that_the_build_applies():
+    names = [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
+    shapes = [[64, 64], [32, 64], [32, 64]]
+    options = {"UNQUANTIZED": {"bytes": 2 * 8192, "mean_kld": 0.0}, "FP8": {"bytes": 8192 + 24, "mean_kld": 0.01},
+               "NVFP4": {"bytes": 4096 + 512 + 24, "mean_kld": 0.05}}
+    sensitivity = {"formats": {"modelopt": {
+        "weights": 8192 + 4096, "other_weights": 0, "unquantized_type": "UNQUANTIZED",
+        "groups": [{"name": "layers.0.attn_qkv", "kind": "attn_qkv", "layer": 0, "parameters": names, "shapes": shapes,
+                    "options": options},
+                   {"name": "embedding", "kind": "embedding", "layer": None, "parameters": ["model.embed_tokens.weight"],
+                    "shapes": [[64, 64]], "options": {"UNQUANTIZED": {"bytes": 8192, "mean_kld": 0.0}}}]}}}
+    searched = recipe(search={"bits_per_weight": 11})
+    keys, facts = modelopt.resolve_search(searched, sensitivity)
+    assert keys == {"module_formats": {rf"model\.layers\.0\.self_attn\.{p}_proj$": "FP8" for p in "qkv"}}
+    assert facts["types"] == {"FP8": 1, "UNQUANTIZED": 1} and facts["predicted_mean_kld"] == pytest.approx(0.01)
+    built = recipe(module_formats=keys["module_formats"])
+    widths = {name.removesuffix(".weight"): 64 for name in names}
+    assert set(modelopt.linear_formats(built, widths).values()) == {"FP8"}

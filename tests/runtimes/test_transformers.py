@@ -73,3 +73,11 @@ def test_an_fp8_kv_cache_casts_keys_and_values_as_vllm_stores_them(tiny_llama):
             assert produced[step] == int(logits[-1].argmax())
     moved = np.abs(cast - plain).max()
     assert 0 < moved < 0.1 * np.abs(plain).max()
+
+
+def test_linear_widths_come_from_the_config_alone(tiny_llama):
+    from pipeline.runtimes.transformers import linear_widths
+
+    widths = linear_widths(tiny_llama)
+    assert widths["model.layers.0.mlp.down_proj"] == 192 and widths["lm_head"] == 64
+    assert len(widths) == 2 * 7 + 1
