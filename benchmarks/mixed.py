@@ -17,7 +17,7 @@ size, side by side in one run, on the project's source and reference.
 
     python benchmarks/mixed.py --out benchmarks/results/mixed-smollm2-135m.json
     python benchmarks/mixed.py --format awq --uniform rtn-w4a16 awq-w4a16 --out benchmarks/results/mixed-awq-smollm2-135m.json
-    python benchmarks/mixed.py --format modelopt --budgets 5.5 7 --out benchmarks/results/mixed-modelopt-smollm2-135m.json
+    python benchmarks/mixed.py --format modelopt --budgets 7.5 8.5 --out benchmarks/results/mixed-modelopt-smollm2-135m.json
     python benchmarks/mixed.py --write    # render the committed results into the README (`make docs`)
 
 Needs `dvc repro reference` first. Prints a table and writes the figures as JSON.
