@@ -60,6 +60,7 @@ docs: setup
 	$(BIN)/python benchmarks/kv_cache.py --write
 	$(BIN)/python benchmarks/mixed.py --write
 	if [ -f artifacts/report/tradeoff.md ]; then $(BIN)/python benchmarks/results_table.py --write; fi
+	$(BIN)/python benchmarks/limit_forms.py --write   # reads the README's results table
 
 clean-artifacts:
 	find artifacts -mindepth 1 -not -name README.md -delete

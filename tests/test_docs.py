@@ -153,3 +153,23 @@ def test_the_per_tensor_search_table_in_the_readme_is_what_the_committed_benchma
     for doc, name, render in mixed.BLOCKS:
         assert mixed.doc_blocks.current(doc, mixed.SCRIPT, name) == render(), \
             f"{doc.name}'s {name} table is out of date: run `python benchmarks/mixed.py --write`"
+
+
+def test_the_limit_forms_table_is_current_and_the_recipes_ship_the_form_it_chooses():
+    from pipeline.config import RelativeLimit
+    from pipeline.formats import load_recipe
+
+    limit_forms = benchmark_module("limit_forms")
+    for doc, name, render in limit_forms.BLOCKS:
+        assert limit_forms.doc_blocks.current(doc, limit_forms.SCRIPT, name) == render(), \
+            f"{doc.name}'s {name} table is out of date: run `python benchmarks/limit_forms.py --write`"
+    rows = limit_forms.forms()
+    assert {row["ships"] for row in rows} == {"relative", "absolute", "neither"}
+    for row in rows:
+        shipped = load_recipe(row["recipe"]).gates.max_mean_kld
+        if row["ships"] == "relative":
+            assert isinstance(shipped, RelativeLimit) and shipped.relative_to == limit_forms.ANCHOR, row["recipe"]
+            # the fitted factor, rounded up by at most 5 %
+            assert row["factor"] <= shipped.factor <= 1.05 * row["factor"], row["recipe"]
+        else:
+            assert isinstance(shipped, float), row["recipe"]

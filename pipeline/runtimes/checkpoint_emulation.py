@@ -24,8 +24,9 @@ Two layouts, both written by ModelOpt's exporters:
 The arithmetic, per ``quant_algo`` (scales are dequantization scales, real = code x scale):
 
 - ``FP8``: weight = fp8(e4m3) codes x per-tensor ``weights_scaling_factor``; the input is
-  quantized to e4m3 with the per-tensor ``activation_scaling_factor`` (x / s, saturated at
-  +-448, rounded to nearest even by the cast) and dequantized; the product accumulates in fp32.
+  quantized to e4m3 with the per-tensor ``activation_scaling_factor`` (x x fl(1 / s) in fp32,
+  saturated at +-448, rounded to nearest even by the cast, as TensorRT-LLM's kernel does) and
+  dequantized; the product accumulates in fp32.
 - ``W8A8_SQ_PER_CHANNEL`` (SmoothQuant): the input is first multiplied by the stored
   ``prequant_scaling_factor`` (the smoothing vector), then quantized to int8 with the
   per-tensor ``activation_scaling_factor`` (round half to even, clamp to [-128, 127]); weight =

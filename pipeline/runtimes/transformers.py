@@ -59,11 +59,14 @@ KV_CAST = "qpipe_kv_cast"
 
 
 def fake_quantize_fp8(x, scale):
-    """Quantize to e4m3 with a per-tensor scale and back (what an engine's fp8 input or cache holds)."""
+    """Quantize to e4m3 with a per-tensor dequantization scale and back (what an engine's fp8
+    input or cache holds): x times the fp32 reciprocal of the scale, saturated at +-448, rounded
+    to nearest even, as TensorRT-LLM's per-tensor quantize kernel computes it
+    (cudaFp8Utils.cu, ``factor = 1.0f / s``); a true division rounds some ties the other way."""
     import torch
 
     scale = scale.float().reshape(())
-    codes = (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    codes = (x.float() * (1.0 / scale)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return codes.to(torch.float32) * scale
 
 
