@@ -596,7 +596,9 @@ def quantized_products_in_fp32(model) -> Iterator[None]:
 
 def is_fp8_per_tensor(quantizer) -> bool:
     """An enabled ModelOpt TensorQuantizer of e4m3 with one amax (FP8_DEFAULT_CFG's, FP8_KV_CFG's)."""
-    return (type(quantizer).__name__ == "TensorQuantizer" and quantizer.is_enabled
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return (isinstance(quantizer, TensorQuantizer) and quantizer.is_enabled
             and quantizer.num_bits == (4, 3) and quantizer.block_sizes is None
             and quantizer.amax is not None and quantizer.amax.numel() == 1)
 
