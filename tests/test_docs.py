@@ -103,6 +103,13 @@ def test_every_quoted_version_tag_is_one_publish_writes():
             f"{page}: --rev {rev} is no version tag of {name} that `qpipe publish --gto-tag` writes"
 
 
+def assert_blocks_current(script) -> None:
+    """Each generated block a benchmark script writes (its BLOCKS) is what it renders now."""
+    for doc, name, render in script.BLOCKS:
+        assert script.doc_blocks.current(doc, script.SCRIPT, name) == render(), \
+            f"{doc.name}'s {name} table is out of date: run `python benchmarks/{script.SCRIPT} --write`"
+
+
 def benchmark_module(name: str):
     import importlib.util
 
@@ -118,23 +125,17 @@ def memory_table_module():
 
 def test_the_memory_tables_in_the_docs_are_what_the_results_and_the_code_give():
     memory_table = memory_table_module()
-    for doc, name, render in memory_table.BLOCKS:
-        assert memory_table.doc_blocks.current(doc, memory_table.SCRIPT, name) == render(), \
-            f"{doc.name}'s {name} table is out of date: run `python benchmarks/memory_table.py --write`"
+    assert_blocks_current(memory_table)
 
 
 def test_the_task_tables_in_the_docs_are_what_the_committed_task_benchmarks_give():
     task_table = benchmark_module("task_table")
-    for doc, name, render in task_table.BLOCKS:
-        assert task_table.doc_blocks.current(doc, task_table.SCRIPT, name) == render(), \
-            f"{doc.name}'s {name} table is out of date: run `python benchmarks/task_table.py --write`"
+    assert_blocks_current(task_table)
 
 
 def test_the_kv_cache_table_in_the_readme_is_what_the_committed_benchmark_gives():
     kv_cache = benchmark_module("kv_cache")
-    for doc, name, render in kv_cache.BLOCKS:
-        assert kv_cache.doc_blocks.current(doc, kv_cache.SCRIPT, name) == render(), \
-            f"{doc.name}'s {name} table is out of date: run `python benchmarks/kv_cache.py --write`"
+    assert_blocks_current(kv_cache)
 
 
 def test_every_current_estimate_sits_above_every_committed_peak():
@@ -150,9 +151,7 @@ def test_every_current_estimate_sits_above_every_committed_peak():
 
 def test_the_per_tensor_search_table_in_the_readme_is_what_the_committed_benchmark_gives():
     mixed = benchmark_module("mixed")
-    for doc, name, render in mixed.BLOCKS:
-        assert mixed.doc_blocks.current(doc, mixed.SCRIPT, name) == render(), \
-            f"{doc.name}'s {name} table is out of date: run `python benchmarks/mixed.py --write`"
+    assert_blocks_current(mixed)
 
 
 def test_the_limit_forms_table_is_current_and_the_recipes_ship_the_form_it_chooses():
@@ -160,9 +159,7 @@ def test_the_limit_forms_table_is_current_and_the_recipes_ship_the_form_it_choos
     from pipeline.formats import load_recipe
 
     limit_forms = benchmark_module("limit_forms")
-    for doc, name, render in limit_forms.BLOCKS:
-        assert limit_forms.doc_blocks.current(doc, limit_forms.SCRIPT, name) == render(), \
-            f"{doc.name}'s {name} table is out of date: run `python benchmarks/limit_forms.py --write`"
+    assert_blocks_current(limit_forms)
     rows = limit_forms.forms()
     assert {row["ships"] for row in rows} == {"relative", "absolute", "neither"}
     for row in rows:
