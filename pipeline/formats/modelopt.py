@@ -272,7 +272,7 @@ def build(recipe: Recipe, *, source_dir: Path, calibration_text: Path, out_dir: 
     architecture = AutoConfig.from_pretrained(source_dir).architectures[0]
     plan = export_plan(recipe, architecture, f"{source_dir}/config.json: architectures")
     config = quant_config(recipe)
-    formats = linear_formats(recipe, linear_widths(source_dir))
+    formats = linear_formats(recipe, linear_widths(source_dir)) if recipe.module_formats else {}
     config["quant_cfg"] = list(config["quant_cfg"]) + module_quant_cfg(formats, CONFIGS[recipe.config])
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     calibration, held_out = split_calibration_text(tokenizer, calibration_text, recipe, samples)
