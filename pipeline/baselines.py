@@ -66,8 +66,9 @@ def measure(fmt, prompt: list[int], speed_params, host_info: dict[str, Any], thr
         return {"format": name, "status": "not_run", "reason": reason}
     log(f"baseline {name}: unquantized speed, {len(prompt)}-token prompt, {speed_params.gen_tokens} tokens")
     try:
-        with speed.HostLock() as held:
-            measured = fmt.baseline_speed(layout.SOURCE_DIR, prompt, speed_params, threads=threads)
+        measured, lock_record = speed.measure_uncontended(
+            lambda: fmt.baseline_speed(layout.SOURCE_DIR, prompt, speed_params, threads=threads),
+            cpu_runtime=not has_usable_gpu(host_info), log=log)
     except Exception as error:  # any failure: the gates of this format go on without a speedup
         first_line = (str(error).strip().splitlines() or [""])[0]
         log(f"baseline {name}: not measured ({type(error).__name__}: {first_line})")
@@ -76,4 +77,4 @@ def measure(fmt, prompt: list[int], speed_params, host_info: dict[str, Any], thr
     result = {"format": name, "status": "ok", "runtime": fmt.runtime_name(None), "threads": threads,
               "prompt_tokens": len(prompt), "gen_tokens": speed_params.gen_tokens, **measured}
     log(f"baseline {name}: decode {measured['decode_tok_s']:.1f} tok/s, prefill {measured['prefill_tok_s']:.0f} tok/s")
-    return speed.contended(result, held.record(), cpu_runtime=not has_usable_gpu(host_info))
+    return speed.contended(result, lock_record, cpu_runtime=not has_usable_gpu(host_info))

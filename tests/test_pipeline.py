@@ -74,8 +74,16 @@ gates:
 """
 
 
+# no dvc call here takes a quarter of this; one that hangs (a queued experiment's worker once did)
+# fails the test instead of stalling CI
+RUN_TIMEOUT_S = 1800
+
+
 def run(args, env, check=True):
-    result = subprocess.run(args, capture_output=True, text=True, env=env)
+    try:
+        result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired as expired:
+        raise AssertionError(f"{args} did not finish in {RUN_TIMEOUT_S} s\n{(expired.stdout or b'')[-3000:]!r}") from None
     if check and result.returncode != 0:
         raise AssertionError(f"{args} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result

@@ -207,8 +207,9 @@ def run_speed(session, fmt, build_dir, ref, speed_params, host_info, threads: in
     prompt = speed.speed_prompt(ref, speed_params)
     log(f"speed: {len(prompt)}-token prompt, {speed_params.gen_tokens} generated tokens, "
         f"{speed_params.warmup} warm-up + {speed_params.repeats} runs, {threads} threads")
-    with speed.HostLock() as held:
-        measured = session.measure_speed(prompt, speed_params)
+    cpu_runtime = not has_usable_gpu(host_info)
+    measured, lock_record = speed.measure_uncontended(lambda: session.measure_speed(prompt, speed_params),
+                                               cpu_runtime=cpu_runtime, log=log)
     bytes_per_token = fmt.decode_bytes_per_token(
         build_dir, speed.mean_decode_context(len(prompt), speed_params.gen_tokens))
     section = speed.section(measured, runtime=session.runtime, prompt_tokens=len(prompt),
@@ -222,7 +223,7 @@ def run_speed(session, fmt, build_dir, ref, speed_params, host_info, threads: in
             bandwidth_gb_s=section["bandwidth_gb_s"], baseline=baseline,
             bytes_at=lambda context: fmt.decode_bytes_per_token(build_dir, context))
     section = speed.with_speedup(section, baseline)
-    return speed.contended(section, held.record(), cpu_runtime=not has_usable_gpu(host_info))
+    return speed.contended(section, lock_record, cpu_runtime=cpu_runtime)
 
 
 def _baseline(format_name: str) -> dict[str, Any] | None:

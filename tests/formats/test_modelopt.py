@@ -121,7 +121,7 @@ def test_fp8_build_writes_the_unified_checkpoint_as_documented(fp8_build):
 
 def test_exported_files_compute_exactly_what_the_fake_quant_model_does_in_the_runtimes_arithmetic(
         fp8_build, nvfp4_build, mixed_build):
-    """The fake-quant model, computing as TensorRT-LLM does (quantized_products_in_fp32), and the
+    """The fake-quant model, computing as TensorRT-LLM does (as_the_runtime_computes), and the
     emulation of the exported files agree to the bit, layer by layer and in perplexity: FP8
     with its KV cache, NVFP4, and a mix of FP8, NVFP4 and unquantized layers."""
     for (_, facts), quantized_layers in ((fp8_build, 14), (nvfp4_build, 14), (mixed_build, 13)):

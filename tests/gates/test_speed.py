@@ -121,6 +121,38 @@ def test_a_second_speed_measurement_waits_for_the_first(tmp_path, monkeypatch):
     assert held.record()["other_cpu_cores"] >= 0 and held.record()["held_from"] <= held.record()["held_until"]
 
 
+def test_a_contended_cpu_measurement_is_taken_again_until_quiet_or_out_of_tries(tmp_path, monkeypatch):
+    import itertools
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(speed, "CONTENDED_PAUSE_S", 0.0)
+    monkeypatch.setattr(speed, "own_cpu_seconds", lambda: 0.0)
+    busy_tries = {1, 2}
+    tries, clock = [], itertools.count(1)
+
+    def measure():
+        tries.append(len(tries) + 1)
+        return {"decode_tok_s": float(len(tries))}
+
+    def cpu_busy_seconds():  # others add 1000 CPU seconds during each busy try
+        return 1000.0 * next(clock) if tries and tries[-1] in busy_tries else 0.0
+
+    monkeypatch.setattr(speed, "cpu_busy_seconds", cpu_busy_seconds)
+    said = []
+    measured, record = speed.measure_uncontended(measure, cpu_runtime=True, log=said.append)
+    assert measured == {"decode_tok_s": 3.0} and record["tries"] == 3 and record["other_cpu_cores"] == 0.0
+    assert len(said) == 2 and "measuring again" in said[0] and "try 2 of 3" in said[0]
+
+    busy_tries, tries[:] = {1, 2, 3, 4}, []
+    measured, record = speed.measure_uncontended(measure, cpu_runtime=True, log=said.append)
+    assert record["tries"] == speed.MEASUREMENT_TRIES and record["other_cpu_cores"] > speed.MAX_OTHER_CORES
+    assert speed.contended({"status": "ok"}, record, cpu_runtime=True)["status"] == "contended"
+
+    tries[:] = []  # a GPU runtime's figure does not depend on the CPUs: measured once
+    measured, record = speed.measure_uncontended(measure, cpu_runtime=False, log=said.append)
+    assert record["tries"] == 1 and tries == [1]
+
+
 def test_a_cpu_figure_taken_while_others_kept_cores_busy_is_recorded_but_not_judged():
     from pipeline.config import GateLimits
     from pipeline.gates import verdict
