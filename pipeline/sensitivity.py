@@ -9,12 +9,14 @@ format offers for its row width, the group's weights are put through that format
 quantizer and back (GGUF: ggml_quantize_chunk, what llama-quantize calls) while every other
 tensor stays as the checkpoint holds it, and the damage is the mean KL divergence, over the
 full vocabulary and every position of the calibration windows, from the unquantized model's
-next-token distribution. Cost: one forward pass of the windows per (group, candidate), with
-the model loaded once and one group's original weights kept aside (docs/sensitivity.md).
+next-token distribution. Cost: one forward pass of the windows per (group, candidate), from
+the group's own decoder layer on, with the model loaded once and one group's original weights
+kept aside (docs/sensitivity.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -109,15 +111,16 @@ def kl_divergence(base_log_probs, logits) -> float:
 
 
 def measure(model, windows: list[list[int]], groups: list[Group], candidates: dict[str, list[str]],
-            round_trip, *, unquantized_type: str, input_round_trip=None, progress=None) -> dict[str, dict[str, float]]:
+            round_trip, *, unquantized_type: str, input_round_trip=None, progress=None,
+            replay_layers: bool = True) -> dict[str, dict[str, float]]:
     """{group name: {type: mean KLD}} with each group alone put through `round_trip(weight
     [rows, width] float32 numpy, type) -> numpy` for each of `candidates[group name]` (the
     format's quantizer, from the weights as its build holds them), and for a format that
     quantizes activations too, the group's inputs through `input_round_trip(tensor, type) ->
     tensor` (every window in one batch, so a max-calibrated scale sees them all); the
-    `unquantized_type` (the format's unquantized file or checkpoint type) is taken as damage 0."""
-    import contextlib
-
+    `unquantized_type` (the format's unquantized file or checkpoint type) is taken as damage 0.
+    A group's pass starts at its own decoder layer (``layers_replayed``; `replay_layers` False:
+    every pass runs the whole model, which benchmarks/sensitivity_cost.py compares)."""
     import torch
 
     parameters = dict(model.named_parameters())
@@ -135,22 +138,26 @@ def measure(model, windows: list[list[int]], groups: list[Group], candidates: di
                 handle.remove()
 
     ids = torch.as_tensor(np.asarray(windows), dtype=torch.long, device=model.device)
+    layers = decoder_layers(model, groups) if replay_layers else {}
+    unquantized_outputs: dict[int, Any] = {}
 
     def window_logits():
         with torch.inference_mode():
-            return model(ids).logits
+            return model(ids, use_cache=False).logits
 
-    base = torch.log_softmax(window_logits().float(), dim=-1)
+    with kept_outputs(layers, unquantized_outputs):
+        base = torch.log_softmax(window_logits().float(), dim=-1)
     damage: dict[str, dict[str, float]] = {}
     for group in groups:
         originals = {name: parameters[name].detach().clone() for name in group.parameters}
         damage[group.name] = {unquantized_type: 0.0}
+        first_changed = max(layers, default=-1) + 1 if group.kind == "output" else group.layer or 0
         for type_name in candidates[group.name]:
             with torch.no_grad():
                 for name, original in originals.items():
                     quantized = round_trip(original.float().cpu().numpy(), type_name)
                     parameters[name].copy_(torch.from_numpy(quantized).to(original.dtype))
-            with inputs_quantized(group, type_name):
+            with inputs_quantized(group, type_name), layers_replayed(layers, unquantized_outputs, first_changed):
                 damage[group.name][type_name] = kl_divergence(base, window_logits())
             if progress:
                 progress()
@@ -158,6 +165,50 @@ def measure(model, windows: list[list[int]], groups: list[Group], candidates: di
             for name, original in originals.items():
                 parameters[name].copy_(original)
     return damage
+
+
+def decoder_layers(model, groups: list[Group]) -> dict[int, Any]:
+    """{layer index: the decoder layer module} of the layers the groups' parameters sit in."""
+    layers = {}
+    for group in groups:
+        if group.layer is not None:
+            name = group.parameters[0]
+            layers[group.layer] = model.get_submodule(name[:LAYER_INDEX.search(name).end() - 1])
+    return dict(sorted(layers.items()))
+
+
+@contextlib.contextmanager
+def kept_outputs(layers: dict[int, Any], outputs: dict[int, Any]):
+    """Inside the block, each decoder layer's output (whatever it returns) is kept in `outputs`."""
+    handles = [layer.register_forward_hook(lambda module, args, output, index=index: outputs.__setitem__(index, output))
+               for index, layer in layers.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def layers_replayed(layers: dict[int, Any], outputs: dict[int, Any], first_changed: int):
+    """Inside the block, the decoder layers before `first_changed` return their unquantized
+    outputs without computing: their weights and inputs are the unquantized pass's, so the
+    figures are the same as a whole pass's, for half the passes' work on average. The last one
+    returns a copy, in case a later layer writes into its input."""
+    import torch
+
+    def copied(output):
+        return output.clone() if isinstance(output, torch.Tensor) else type(output)(copied(o) for o in output)
+
+    replayed = [index for index in layers if index < first_changed]
+    for index in replayed:
+        output = copied(outputs[index]) if index == replayed[-1] else outputs[index]
+        layers[index].forward = lambda *args, output=output, **kwargs: output
+    try:
+        yield
+    finally:
+        for index in replayed:
+            del layers[index].forward
 
 
 def load(directory: Path) -> dict[str, Any]:
@@ -195,11 +246,15 @@ def run(params, source_dir: Path, calibration_text: Path, out_dir: Path, *, thre
 
 def memory_need(params, source_dir: Path, device: str):
     """What the stage needs for the checkpoint at `source_dir` (``memory.Need``): every window's
-    logits are held at once."""
+    logits are held at once, and every decoder layer's unquantized output (``kept_outputs``)."""
     from pipeline import memory
 
-    return memory.Need(memory.SENSITIVITY, memory.ModelSize.of(source_dir),
-                       window_tokens=params.windows * params.window_tokens, dtype=params.dtype, device=device)
+    config = json.loads((Path(source_dir) / "config.json").read_text())
+    text = {**config, **(config.get("text_config") or {})}
+    tokens = params.windows * params.window_tokens
+    layer_outputs = int(text["num_hidden_layers"]) * int(text["hidden_size"]) * tokens * memory.DTYPE_BYTES[params.dtype]
+    return memory.Need(memory.SENSITIVITY, memory.ModelSize.of(source_dir), window_tokens=tokens,
+                       dtype=params.dtype, mapped_bytes=layer_outputs, device=device)
 
 
 def measure_formats(params, source_dir: Path, calibration_text: Path, *, threads: int, log) -> dict[str, Any]:

@@ -138,6 +138,19 @@ def test_modelopt_exports_and_the_files_match_the_fake_quant_model(checkpoint, t
         assert (written.get("rotary_scaling") or {}).get("type", "default") == rope["rope_type"]
 
 
+def test_sensitivity_replays_each_familys_layers_exactly(checkpoint):
+    """The sensitivity stage starts each group's pass at its own decoder layer; every family's
+    layers (sliding windows, fused projections, untied outputs) give the whole pass's figure."""
+    import torch
+
+    from pipeline.runtimes.transformers import load_causal_lm
+    from tests.test_sensitivity import assert_replayed_layers_change_nothing
+
+    family, source, _, _ = checkpoint
+    model = load_causal_lm(source, dtype=torch.float32).eval()
+    assert_replayed_layers_change_nothing(model, [list(range(3, 99)), list(range(40, 136))])
+
+
 @pytest.mark.parametrize("change, reason", [
     ({"layer_types": ["sliding_attention", "full_attention"] * 3}, "layer_types differ"),
     ({"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 50000.0},

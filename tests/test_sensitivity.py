@@ -85,6 +85,46 @@ def test_the_damage_is_the_kl_divergence_of_the_quantized_model(tiny_model):
     assert damage[down.name]["Q5_0"] == pytest.approx(expected, rel=1e-5)
 
 
+def whole_pass_damage(model, windows, group, type_name) -> float:
+    """One group's damage from two whole forward passes, nothing replayed."""
+    import torch
+
+    ids = torch.tensor(windows)
+    parameters = dict(model.named_parameters())
+    originals = {name: parameters[name].detach().clone() for name in group.parameters}
+    with torch.no_grad():
+        base = torch.log_softmax(model(ids).logits.float(), -1)
+        for name, original in originals.items():
+            parameters[name].copy_(torch.from_numpy(
+                gguf.search_round_trip(original.float().numpy(), type_name, threads=1)).to(original.dtype))
+        damage = sensitivity.kl_divergence(base, model(ids).logits)
+        for name, original in originals.items():
+            parameters[name].copy_(original)
+    return damage
+
+
+def assert_replayed_layers_change_nothing(model, windows):
+    """Every group's figure, its pass started at its own layer, equals two whole passes'."""
+    import torch
+
+    groups, _ = sensitivity.groups_of((n, tuple(p.shape)) for n, p in model.named_parameters())
+    damage = sensitivity.measure(model, windows, groups, {g.name: ["Q8_0"] for g in groups},
+                                 lambda w, t: gguf.search_round_trip(w, t, threads=1), unquantized_type="F16")
+    assert {g.layer for g in groups} - {None} == set(range(model.config.get_text_config().num_hidden_layers))
+    for group in groups:
+        assert damage[group.name]["Q8_0"] == pytest.approx(whole_pass_damage(model, windows, group, "Q8_0"),
+                                                           rel=1e-6, abs=1e-12), group.name
+    assert not any("forward" in vars(module) for module in model.modules())  # every layer computes again
+    assert not any(module._forward_hooks for module in model.modules())
+    ids = torch.tensor(windows)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_a_groups_pass_starting_at_its_own_layer_scores_as_a_whole_pass(tiny_model):
+    assert_replayed_layers_change_nothing(tiny_model, [list(range(1, 65)), list(range(30, 94))])
+
+
 def test_a_format_that_quantizes_activations_has_the_groups_inputs_quantized_while_it_is_measured(tiny_model):
     """ModelOpt's round trips: the weight alone, then weight and inputs, of one group; the
     inputs' quantizer runs only on the group's Linears, only while that group is measured."""
@@ -149,6 +189,7 @@ def test_the_stage_refuses_before_loading_when_its_windows_and_model_do_not_fit(
     params = SensitivityParams(formats=["gguf"], windows=2, window_tokens=64)
     need = sensitivity.memory_need(params, tiny_llama, "cpu")
     assert need.window_tokens == 128 and need.dtype == "float32"  # every window's logits at once
+    assert need.mapped_bytes == 2 * 64 * 128 * 4  # and 2 layers' fp32 outputs of width 64 for 128 tokens
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": need.bytes - 1)
     monkeypatch.setattr("pipeline.runtimes.transformers.load_causal_lm",
                         lambda *a, **k: pytest.fail("loaded the model before checking its memory"))
