@@ -1,6 +1,7 @@
 """The README's table of the default run, from that run's own outputs: artifacts/report/tradeoff.md
 (written by `dvc repro`'s report stage) and the unquantized f16 GGUF's speed
-(artifacts/baselines/gguf.json).
+(artifacts/baselines/gguf.json); and docs/checkpoints.md's table of the limits that
+`qpipe limits suggest` fits to that run (artifacts/gates/), beside the shipped ones.
 
     python benchmarks/results_table.py            # print it
     python benchmarks/results_table.py --write    # put it into the README (`make docs` runs this
@@ -19,12 +20,13 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
-sys.path[:0] = [str(BENCHMARKS)]
+sys.path[:0] = [str(REPO), str(BENCHMARKS)]
 
 import doc_blocks  # noqa: E402 (beside this script)
 
 SCRIPT = Path(__file__).name
 DOC = REPO / "README.md"
+LIMITS_DOC = REPO / "docs" / "checkpoints.md"
 REPORT = REPO / "artifacts/report/tradeoff.md"
 BASELINE = REPO / "artifacts/baselines/gguf.json"
 HEADER = ("| recipe | size MB | bits/w | ppl ratio | mean KLD (95 % CI) | top-1 | prefill tok/s | decode tok/s (± sd) "
@@ -56,6 +58,42 @@ def render() -> str:
     return table(REPORT.read_text(), json.loads(BASELINE.read_text()))
 
 
+# the accuracy limits `qpipe limits suggest` fits, with the interval bound each is fitted to
+SUGGESTED = (("max_mean_kld", "mean KLD"), ("max_ppl_ratio", "ppl ratio"), ("min_top1_agreement", "top-1"))
+
+
+def suggested_table(results: list[dict]) -> str:
+    """Per recipe and accuracy limit: the figure's 95 % bound, the limit the run was judged by
+    and where it was set, and the one `qpipe limits suggest` (margin 1.5) fits to the run."""
+    from pipeline.config import LIMIT_BY_KEY
+    from pipeline.gates.verdict import figure_value
+    from pipeline.limits import DEFAULT_MARGIN, suggest
+
+    fitted, _ = suggest(results, DEFAULT_MARGIN)
+    lines = ["| recipe | " + " | ".join(f"{label}: 95 % bound / shipped / suggested" for _, label in SUGGESTED) + " |",
+             "|---" * (1 + len(SUGGESTED)) + "|"]
+    for result in results:
+        checks = {check["name"]: check for check in result["checks"]}
+        cells = []
+        for key, _ in SUGGESTED:
+            spec = LIMIT_BY_KEY[key]
+            interval = figure_value(result.get(spec.gate) or {}, spec.interval) or {}
+            bound = interval.get("high" if spec.comparison == "<=" else "low")
+            shipped = checks.get(key, {}).get("limit")
+            suggested = fitted.get(result["recipe"], {}).get(key)
+            cells.append(" / ".join("—" if value is None else f"{value:.4g}" for value in (bound, shipped, suggested)))
+        lines.append(f"| {result['recipe']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\nMargin {DEFAULT_MARGIN:g}; shipped: the limit the run was judged by (a relative one " \
+        "resolved); `qpipe limits suggest` on the default run, `python benchmarks/results_table.py`.\n"
+
+
+def render_suggested() -> str:
+    from pipeline.config import load_params
+    from pipeline.gates import load_results
+
+    return suggested_table(load_results(load_params().recipes))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", action="store_true", help="replace the table in the README")
@@ -63,7 +101,8 @@ def main() -> int:
     if not REPORT.is_file() or not BASELINE.is_file():
         print(f"no {REPORT.relative_to(REPO)} or {BASELINE.relative_to(REPO)}: run `make repro` first", file=sys.stderr)
         return 2
-    doc_blocks.show_or_write([(DOC, "results", render)], SCRIPT, write_them=args.write)
+    doc_blocks.show_or_write([(DOC, "results", render), (LIMITS_DOC, "suggested-limits", render_suggested)], SCRIPT,
+                             write_them=args.write)
     return 0
 
 
