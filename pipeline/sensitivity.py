@@ -168,13 +168,13 @@ def measure(model, windows: list[list[int]], groups: list[Group], candidates: di
 
 
 def decoder_layers(model, groups: list[Group]) -> dict[int, Any]:
-    """{layer index: the decoder layer module} of the layers the groups' parameters sit in."""
-    layers = {}
+    """{layer index: decoder layer module} of the whole decoder stack the groups' layers sit in
+    (every layer, whether or not a group measured here is in it; {} where no group is)."""
     for group in groups:
         if group.layer is not None:
             name = group.parameters[0]
-            layers[group.layer] = model.get_submodule(name[:LAYER_INDEX.search(name).end() - 1])
-    return dict(sorted(layers.items()))
+            return dict(enumerate(model.get_submodule(name[:LAYER_INDEX.search(name).start()] + ".layers")))
+    return {}
 
 
 @contextlib.contextmanager
