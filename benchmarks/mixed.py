@@ -73,13 +73,6 @@ def build(fmt, recipe_keys: dict, out_dir: Path, threads: int) -> dict:
     return {"bits_per_weight": fmt.bits_per_weight(out_dir), "bytes": artifact_bytes(fmt.artifact_path(out_dir))}
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    import numpy as np
-
-    ranks = [np.argsort(np.argsort(values)) for values in (a, b)]
-    return float(np.corrcoef(*ranks)[0, 1])
-
-
 def held_against(results: dict) -> list[tuple[dict, dict | None]]:
     """Each row with the uniform row its searched recipe is held against (VERSUS), or None."""
     rows = results["rows"]
@@ -211,7 +204,7 @@ def main() -> None:
                 print(f"check {group['name']:<22} transformers {checked[-1]['transformers_mean_kld']:.5f} "
                       f"llama.cpp {llama_cpp_kld:.5f}", flush=True)
 
-    correlation = spearman([c["transformers_mean_kld"] for c in checked],
+    correlation = sensitivity.rank_correlation([c["transformers_mean_kld"] for c in checked],
                            [c["llama_cpp_mean_kld"] for c in checked]) if len(checked) > 2 else None
     record = {"command": "python benchmarks/mixed.py " + " ".join(sys.argv[1:]), "host": host_line(),
               "format": args.format,

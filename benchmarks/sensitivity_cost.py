@@ -1,7 +1,9 @@
 """What the sensitivity stage costs, against one calibration pass of the AWQ build, side by side.
 
 1. For each format of --formats, the sensitivity stage itself (pipeline.sensitivity.run, the
-   project's params.yaml sensitivity windows), timed from loading to the written record.
+   project's params.yaml sensitivity windows) with each method of --methods, timed from loading
+   to the written record. With both methods, the scaled figures are checked against the passed
+   ones on every group (Spearman's rank correlation, median relative error).
 2. A sample of --sample groups spread over the model, measured again both ways: each pass
    started at its group's decoder layer (what the stage does) and the whole model run for every
    pass (``replay_layers=False``). The figures must be equal; the seconds say what starting at
@@ -62,6 +64,29 @@ def sample_comparison(format_name: str, params, count: int, threads: int) -> dic
             "largest_difference": max(differences), "identical": figures[True] == figures[False]}
 
 
+def scaled_against_measured(scaled: dict, measured: dict) -> dict:
+    """The stage's estimate check (``sensitivity.estimate_check``) on every group: each scaled
+    figure of the scaled stage's record against the measured stage's pass."""
+    from pipeline import sensitivity
+
+    figures = {method: {group["name"]: {type_name: option["mean_kld"] for type_name, option in group["options"].items()}
+                        for group in record["groups"]} for method, record in (("scaled", scaled), ("measured", measured))}
+    scaled_groups = {group["name"]: group for group in scaled["groups"]
+                     if any(option["scaled"] for option in group["options"].values())}
+    anchors = {name: next(type_name for type_name, option in group["options"].items()
+                          if not option["scaled"] and option["mean_kld"] > 0) for name, group in scaled_groups.items()}
+    return sensitivity.estimate_check(figures["scaled"], {name: figures["measured"][name] for name in scaled_groups},
+                                      anchors)
+
+
+def summary(check: dict | None) -> dict | None:
+    return None if check is None else {
+        "pairs": len(check["pairs"]),
+        "spearman": None if check["spearman"] is None else round(check["spearman"], 3),
+        "median_relative_error": None if check["median_relative_error"] is None
+        else round(check["median_relative_error"], 3)}
+
+
 def awq_calibration(recipe_name: str, scratch: Path, threads: int) -> dict:
     from pipeline import formats, layout
 
@@ -78,6 +103,7 @@ def awq_calibration(recipe_name: str, scratch: Path, threads: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--formats", nargs="+", default=["gguf", "awq", "modelopt"])
+    parser.add_argument("--methods", nargs="+", choices=["scaled", "measured"], default=["scaled", "measured"])
     parser.add_argument("--sample", type=int, default=6, help="groups measured both ways (0: none)")
     parser.add_argument("--awq", default="awq-w4a16", help="the AWQ recipe whose calibration pass is the yardstick")
     parser.add_argument("--threads", type=int, default=2)
@@ -96,27 +122,44 @@ def main() -> None:
         scratch = Path(scratch)
         record["awq_calibration"] = awq_calibration(args.awq, scratch, args.threads)
         for format_name in args.formats:
-            started = time.perf_counter()
-            measured = sensitivity.run(params.model_copy(update={"formats": [format_name]}), layout.SOURCE_DIR,
-                                       layout.CALIBRATION_TEXT, scratch / f"sensitivity-{format_name}",
-                                       threads=args.threads, log=print)["formats"][format_name]
-            stage_s = time.perf_counter() - started
+            stages = {}
+            for method in args.methods:
+                started = time.perf_counter()
+                stages[method] = sensitivity.run(
+                    params.model_copy(update={"formats": [format_name], "method": method}), layout.SOURCE_DIR,
+                    layout.CALIBRATION_TEXT, scratch / f"sensitivity-{format_name}-{method}",
+                    threads=args.threads, log=print)["formats"][format_name]
+                stages[method]["stage_s"] = time.perf_counter() - started
             record["formats"][format_name] = {
-                "stage_s": round(stage_s, 1), "groups": len(measured["groups"]),
-                "passes": sum(len(group["options"]) - 1 for group in measured["groups"]),
-                "per_awq_calibration": round(stage_s / record["awq_calibration"]["quantize_s"], 2),
+                "groups": len(next(iter(stages.values()))["groups"]),
+                "methods": {method: {"stage_s": round(stage["stage_s"], 1), "passes": stage["passes"],
+                                     "per_awq_calibration": round(stage["stage_s"] / record["awq_calibration"]["quantize_s"], 2),
+                                     "estimate_check": summary(stage["estimate_check"])}
+                            for method, stage in stages.items()},
+                "scaled_against_measured": summary(scaled_against_measured(stages["scaled"], stages["measured"]))
+                if len(stages) == 2 else None,
                 "sample": sample_comparison(format_name, params, args.sample, args.threads) if args.sample else None}
 
     awq = record["awq_calibration"]
     print(f"\n{awq['recipe']} calibration pass (quantize_s): {awq['quantize_s']:.0f} s")
-    print(f"{'format':<10}{'groups':>7}{'passes':>8}{'stage s':>9}{'x AWQ':>7}  sample: replayed / whole s, equal")
+    print(f"{'format':<10}{'method':<10}{'groups':>7}{'passes':>8}{'stage s':>9}{'x AWQ':>7}  scaled figures, "
+          "against passes: Spearman, median error")
     for name, figures in record["formats"].items():
+        for method, stage in figures["methods"].items():
+            check = stage["estimate_check"] if method == "scaled" else None
+            print(f"{name:<10}{method:<10}{figures['groups']:>7}{stage['passes']:>8}{stage['stage_s']:>9.0f}"
+                  f"{stage['per_awq_calibration']:>7.2f}  " + (
+                      f"{check['pairs']} pairs on the stage's sample: {check['spearman']}, {check['median_relative_error']}"
+                      if check else "-"))
+        whole = figures["scaled_against_measured"]
+        if whole:
+            print(f"{name:<10}every group, scaled against measured: {whole['pairs']} pairs, Spearman "
+                  f"{whole['spearman']}, median relative error {whole['median_relative_error']}")
         sample = figures["sample"]
-        print(f"{name:<10}{figures['groups']:>7}{figures['passes']:>8}{figures['stage_s']:>9.0f}"
-              f"{figures['per_awq_calibration']:>7.2f}  " + (
-                  f"{sample['replayed_s']:.0f} / {sample['whole_s']:.0f} ({sample['passes']} passes), "
-                  f"{'identical' if sample['identical'] else 'differ by ' + format(sample['largest_difference'], '.2e')}"
-                  if sample else "-"))
+        if sample:
+            print(f"{name:<10}sample, replayed / whole passes: {sample['replayed_s']:.0f} / {sample['whole_s']:.0f} s "
+                  f"({sample['passes']} passes), " + ("identical" if sample["identical"]
+                                                      else f"differ by {sample['largest_difference']:.2e}"))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=2) + "\n")

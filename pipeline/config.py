@@ -306,6 +306,11 @@ class SensitivityParams(Strict):
     window_tokens: int = Field(512, ge=8, description="tokens per sensitivity window")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="the model's dtype while "
                                                              "measuring, as reference.dtype")
+    method: Literal["scaled", "measured"] = Field("scaled", description="scaled: one forward pass per group, at "
+                                                  "its smallest type, the other types' figures scaled by their "
+                                                  "output error; measured: a pass for every (group, type)")
+    check_groups: int = Field(4, ge=0, description="scaled: this many groups also measured at every type, and "
+                              "the scaled figures' rank correlation with them recorded")
 
 
 class TaskSpec(Strict):

@@ -102,28 +102,56 @@ def fused_disagreement(type_of_linear: dict[str, str]) -> tuple[list[str], list[
     return None
 
 
-def kl_divergence(base_log_probs, logits) -> float:
-    """Mean over positions of KL(base || quantized), full vocabulary ([T, V] each, torch)."""
+@dataclass(frozen=True)
+class Distribution:
+    """The unquantized model's next-token distribution over the windows ([..., V] float32 torch
+    each): its logits, its probabilities and their sums (1 but for rounding)."""
+    logits: Any
+    probs: Any
+    prob_sums: Any
+
+    @classmethod
+    def of(cls, logits) -> Distribution:
+        import torch
+
+        logits = logits.float()
+        probs = torch.softmax(logits, dim=-1)
+        return cls(logits, probs, probs.sum(dim=-1))
+
+
+def kl_divergence(base: Distribution, logits) -> float:
+    """Mean over positions of KL(base || quantized), full vocabulary. With d the base logits less
+    the quantized ones and p the base probabilities over their sum s,
+    KL = sum(p d) / s + log1p(sum(p expm1(-d)) / s): it sums only small differences, never two
+    log-normalizers of size ~10, and expm1 / log1p keep the second-order terms that are the
+    divergence (float64's figure to ~1e-7 at a KLD of 5e-7, where log_softmax's is off by %),
+    with one exponential per value where log_softmax and exp take two."""
     import torch
 
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return float((base_log_probs.exp() * (base_log_probs - log_probs)).sum(dim=-1).mean())
+    difference = base.logits - logits.float()
+    linear = (base.probs * difference).sum(dim=-1)
+    exponential = difference.neg_().expm1_().mul_(base.probs).sum(dim=-1)
+    return float((linear / base.prob_sums + torch.log1p(exponential / base.prob_sums)).mean())
 
 
 def measure(model, windows: list[list[int]], groups: list[Group], candidates: dict[str, list[str]],
-            round_trip, *, unquantized_type: str, input_round_trip=None, progress=None,
-            replay_layers: bool = True) -> dict[str, dict[str, float]]:
+            round_trip, *, unquantized_type: str, input_round_trip=None, scaled_from: dict[str, str] | None = None,
+            progress=None, replay_layers: bool = True) -> dict[str, dict[str, float]]:
     """{group name: {type: mean KLD}} with each group alone put through `round_trip(weight
     [rows, width] float32 numpy, type) -> numpy` for each of `candidates[group name]` (the
     format's quantizer, from the weights as its build holds them), and for a format that
     quantizes activations too, the group's inputs through `input_round_trip(tensor, type) ->
     tensor` (every window in one batch, so a max-calibrated scale sees them all); the
     `unquantized_type` (the format's unquantized file or checkpoint type) is taken as damage 0.
-    A group's pass starts at its own decoder layer (``layers_replayed``; `replay_layers` False:
-    every pass runs the whole model, which benchmarks/sensitivity_cost.py compares)."""
+    A group of `scaled_from` ({group name: type}, Linears only) is passed through the model at
+    that type alone; its other types' figures are that one's scaled by their output error
+    (``output_error``). A group's pass starts at its own decoder layer (``layers_replayed``;
+    `replay_layers` False: every pass runs the whole model, which benchmarks/sensitivity_cost.py
+    compares)."""
     import torch
 
     parameters = dict(model.named_parameters())
+    scaled_from = scaled_from or {}
 
     @contextlib.contextmanager
     def inputs_quantized(group: Group, type_name: str):
@@ -145,26 +173,78 @@ def measure(model, windows: list[list[int]], groups: list[Group], candidates: di
         with torch.inference_mode():
             return model(ids, use_cache=False).logits
 
+    def quantized(name: str, type_name: str):  # float32; copy_ casts it to the parameter's dtype
+        return torch.from_numpy(round_trip(originals[name].float().cpu().numpy(), type_name)).to(model.device)
+
     with kept_outputs(layers, unquantized_outputs):
-        base = torch.log_softmax(window_logits().float(), dim=-1)
+        base = Distribution.of(window_logits())
     damage: dict[str, dict[str, float]] = {}
     for group in groups:
         originals = {name: parameters[name].detach().clone() for name in group.parameters}
         damage[group.name] = {unquantized_type: 0.0}
         first_changed = max(layers, default=-1) + 1 if group.kind == "output" else group.layer or 0
-        for type_name in candidates[group.name]:
+        passed = [scaled_from[group.name]] if group.name in scaled_from else candidates[group.name]
+        inputs: dict[str, list] = {}
+        for type_name in passed:
             with torch.no_grad():
-                for name, original in originals.items():
-                    quantized = round_trip(original.float().cpu().numpy(), type_name)
-                    parameters[name].copy_(torch.from_numpy(quantized).to(original.dtype))
-            with inputs_quantized(group, type_name), layers_replayed(layers, unquantized_outputs, first_changed):
+                for name in originals:
+                    parameters[name].copy_(quantized(name, type_name))
+            with (inputs_kept(model, group, inputs) if group.name in scaled_from else contextlib.nullcontext(),
+                  inputs_quantized(group, type_name), layers_replayed(layers, unquantized_outputs, first_changed)):
                 damage[group.name][type_name] = kl_divergence(base, window_logits())
             if progress:
                 progress()
         with torch.no_grad():
             for name, original in originals.items():
                 parameters[name].copy_(original)
+        if group.name in scaled_from:
+            anchor = scaled_from[group.name]
+            errors = {type_name: output_error(originals, inputs, lambda name, t=type_name: quantized(name, t),
+                                              None if input_round_trip is None else
+                                              lambda x, t=type_name: input_round_trip(x, t))
+                      for type_name in candidates[group.name]}
+            for type_name in candidates[group.name]:
+                damage[group.name][type_name] = (damage[group.name][anchor] * errors[type_name] / errors[anchor]
+                                                 if errors[anchor] > 0 else 0.0)
     return damage
+
+
+@contextlib.contextmanager
+def inputs_kept(model, group: Group, inputs: dict[str, list]):
+    """Inside the block, the inputs each of the group's modules is called with (before any hook
+    that quantizes them) are appended to `inputs[parameter name]`."""
+    handles = [model.get_submodule(name.removesuffix(".weight")).register_forward_pre_hook(
+        lambda module, args, name=name: inputs.setdefault(name, []).append(args[0].detach()), prepend=True)
+        for name in group.parameters]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def output_error(weights: dict[str, Any], inputs: dict[str, list], quantized, input_round_trip=None) -> float:
+    """The squared error the group's Linears make on the inputs they were called with:
+    sum over its Linears of ||q(X) quantized(W)^T - X W^T||^2, q the format's input round trip (or
+    none). A KL divergence from small output changes is a quadratic form in them, so for one
+    group the ratio of two types' output errors stands in for the ratio of their damages, where
+    the quantizers' errors have alike directions (the stage checks this, ``estimate_check``)."""
+    import torch
+
+    total = 0.0
+    with torch.inference_mode():
+        for name, weight in weights.items():
+            weight = weight.float()
+            weight_error = quantized(name) - weight
+            for called_with in inputs.get(name, []):
+                x = called_with.float()
+                x_quantized = x if input_round_trip is None else input_round_trip(called_with).float()
+                # = q(x) Wq^T - x W^T, without subtracting two near-equal outputs
+                error = x_quantized @ weight_error.T
+                if input_round_trip is not None:
+                    error += (x_quantized - x) @ weight.T
+                total += float(error.square().sum())
+    return total
 
 
 def decoder_layers(model, groups: list[Group]) -> dict[int, Any]:
@@ -211,6 +291,31 @@ def layers_replayed(layers: dict[int, Any], outputs: dict[int, Any], first_chang
             del layers[index].forward
 
 
+def spread(items: list, count: int) -> list:
+    """`count` of `items` evenly spaced from the first (all of them where there are fewer)."""
+    return items[::max(1, len(items) // count)][:count] if count else []
+
+
+def estimate_check(scaled: dict[str, dict[str, float]], passed: dict[str, dict[str, float]],
+                   scaled_from: dict[str, str]) -> dict[str, Any]:
+    """Each type of each group in `passed` whose figure in `scaled` was scaled, not passed, both
+    figures; Spearman's rank correlation over them (None under 3) and the median relative error."""
+    pairs = [{"group": group, "type": type_name, "scaled": scaled[group][type_name], "passed": figure}
+             for group, figures in passed.items() for type_name, figure in figures.items()
+             if type_name != scaled_from[group] and figure > 0]
+    errors = sorted(abs(pair["scaled"] - pair["passed"]) / pair["passed"] for pair in pairs)
+    return {"pairs": pairs,
+            "spearman": rank_correlation([p["scaled"] for p in pairs], [p["passed"] for p in pairs])
+            if len(pairs) > 2 else None,
+            "median_relative_error": float(np.median(errors)) if errors else None}
+
+
+def rank_correlation(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (no ties expected: measured figures)."""
+    ranks = [np.argsort(np.argsort(values)) for values in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
 def load(directory: Path) -> dict[str, Any]:
     path = Path(directory) / SENSITIVITY_FILE
     if not path.is_file():
@@ -246,15 +351,16 @@ def run(params, source_dir: Path, calibration_text: Path, out_dir: Path, *, thre
 
 def memory_need(params, source_dir: Path, device: str):
     """What the stage needs for the checkpoint at `source_dir` (``memory.Need``): every window's
-    logits are held at once, and every decoder layer's unquantized output (``kept_outputs``)."""
+    logits are held at once, every decoder layer's unquantized output (``kept_outputs``) and a
+    scaled group's inputs, at most the MLP's down projection's (``inputs_kept``)."""
     from pipeline import memory
 
     config = json.loads((Path(source_dir) / "config.json").read_text())
     text = {**config, **(config.get("text_config") or {})}
     tokens = params.windows * params.window_tokens
-    layer_outputs = int(text["num_hidden_layers"]) * int(text["hidden_size"]) * tokens * memory.DTYPE_BYTES[params.dtype]
-    return memory.Need(memory.SENSITIVITY, memory.ModelSize.of(source_dir), window_tokens=tokens,
-                       dtype=params.dtype, mapped_bytes=layer_outputs, device=device)
+    widths = int(text["num_hidden_layers"]) * int(text["hidden_size"]) + int(text.get("intermediate_size") or 0)
+    return memory.Need(memory.SENSITIVITY, memory.ModelSize.of(source_dir), window_tokens=tokens, dtype=params.dtype,
+                       mapped_bytes=widths * tokens * memory.DTYPE_BYTES[params.dtype], device=device)
 
 
 def measure_formats(params, source_dir: Path, calibration_text: Path, *, threads: int, log) -> dict[str, Any]:
@@ -285,28 +391,51 @@ def measure_formats(params, source_dir: Path, calibration_text: Path, *, threads
     for format_name in params.formats:
         fmt = formats.module(format_name)
         candidates = {group.name: fmt.search_candidates(group, params.types.get(format_name)) for group in groups}
-        count = sum(len(types) for types in candidates.values())
+        scaled_from = {} if params.method == "measured" else {
+            group.name: min(candidates[group.name], key=lambda type_name, group=group: fmt.search_bytes(group, type_name))
+            for group in groups if len(candidates[group.name]) > 1 and all(
+                isinstance(model.get_submodule(name.removesuffix(".weight")), torch.nn.Linear)
+                for name in group.parameters)}
+        checked = spread([group for group in groups if group.name in scaled_from], params.check_groups)
+        count = (sum(1 if name in scaled_from else len(types) for name, types in candidates.items())
+                 + sum(len(candidates[group.name]) for group in checked))
         log(f"sensitivity ({format_name}): {len(groups)} groups, {count} quantized forward passes of "
-            f"{params.windows} x {params.window_tokens} tokens ({device})")
+            f"{params.windows} x {params.window_tokens} tokens ({device}; {params.method}"
+            + (f", the estimate checked on {len(checked)} groups" if checked else "") + ")")
         started = time.perf_counter()
         with tqdm(total=count, desc=f"sensitivity {format_name}", unit="pass", leave=False) as bar:
-            damage = measure(model, windows, groups, candidates,
-                             lambda weight, type_name: fmt.search_round_trip(weight, type_name, threads=threads),
-                             unquantized_type=fmt.SEARCH_UNQUANTIZED,
-                             input_round_trip=getattr(fmt, "search_input_round_trip", None),
-                             progress=lambda: bar.update(1))
+            def measured_at(measured_groups, scaled):
+                return measure(model, windows, measured_groups, candidates,
+                               lambda weight, type_name: fmt.search_round_trip(weight, type_name, threads=threads),
+                               unquantized_type=fmt.SEARCH_UNQUANTIZED, scaled_from=scaled,
+                               input_round_trip=getattr(fmt, "search_input_round_trip", None),
+                               progress=lambda: bar.update(1))
+
+            damage = measured_at(groups, scaled_from)
+            passed = measured_at(checked, None) if checked else {}
+        check = estimate_check(damage, passed, scaled_from) if scaled_from else None
+        if check and check["pairs"]:
+            log(f"sensitivity ({format_name}): the scaled figures against passes on {len(checked)} groups: Spearman "
+                + (f"{check['spearman']:.2f}" if check["spearman"] is not None else "not judged (under 3 pairs)")
+                + f", median relative error {check['median_relative_error']:.0%}")
+        damage.update(passed)
         measured[format_name] = {
             "unquantized_type": fmt.SEARCH_UNQUANTIZED,
             "weights": weights,
             "groups": [{"name": group.name, "kind": group.kind, "layer": group.layer,
                         "parameters": list(group.parameters), "shapes": [list(shape) for shape in group.shapes],
                         "options": {type_name: {"bytes": fmt.search_bytes(group, type_name),
-                                                "mean_kld": damage[group.name][type_name]}
+                                                "mean_kld": damage[group.name][type_name],
+                                                "scaled": group.name in scaled_from and group.name not in passed
+                                                and type_name not in (scaled_from[group.name], fmt.SEARCH_UNQUANTIZED)}
                                     for type_name in damage[group.name]}}
                        for group in groups],
             "unsearched": unsearched,
             # norms, biases and any weight no group takes: kept as the format keeps them
             "other_weights": weights - sum(group.weights() for group in groups),
+            "method": params.method,
+            "passes": count,
+            "estimate_check": check,
             "seconds": round(time.perf_counter() - started, 1),
         }
         log(f"sensitivity ({format_name}): {measured[format_name]['seconds']:.0f} s")
