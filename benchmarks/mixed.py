@@ -109,8 +109,12 @@ def table(results: dict) -> str:
 def note(results: dict) -> str:
     sensitivity = results["sensitivity"]
     check = results["group_check"]
+    method = sensitivity.get("method", "measured")  # runs before the scaled method passed every type
+    estimate = sensitivity.get("estimate_check") or {}
     return (f"{results['format']}: sensitivity {sensitivity['seconds'] / 60:.0f} min ({sensitivity['groups']} groups, "
-            f"{sensitivity['windows']} x {sensitivity['window_tokens']} calibration tokens)"
+            f"{sensitivity['windows']} x {sensitivity['window_tokens']} calibration tokens, {method}"
+            + (f"; its scaled figures against passes on {len({p['group'] for p in estimate['pairs']})} groups: "
+               f"Spearman {estimate['spearman']:.2f}" if estimate.get("spearman") is not None else "") + ")"
             + (f", against llama.cpp's own figures on {len(check['groups'])} groups alone at IQ4_NL: Spearman "
                f"{check['spearman']:.2f}" if check["groups"] else "") + f"; `{results['command']}`")
 
@@ -209,6 +213,8 @@ def main() -> None:
     record = {"command": "python benchmarks/mixed.py " + " ".join(sys.argv[1:]), "host": host_line(),
               "format": args.format,
               "sensitivity": {"seconds": round(sensitivity_s, 1), "windows": sensitivity_params.windows,
+                              "method": measured["formats"][args.format]["method"],
+                              "estimate_check": measured["formats"][args.format]["estimate_check"],
                               "window_tokens": sensitivity_params.window_tokens, "groups": len(groups)},
               "reference": {"windows": int(reference.tokens.shape[0]), "window_tokens": int(reference.tokens.shape[1])},
               "rows": rows, "group_check": {"groups": checked, "spearman": correlation}}
