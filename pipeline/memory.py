@@ -54,8 +54,8 @@ class Factors(NamedTuple):
 # the unquantized model in reference.dtype; logits, their fp32 copy, a chunk's log-softmax
 REFERENCE = Factors(0.85 * GIB, 1.0, 14.0)
 # the sensitivity stage: the unquantized model in sensitivity.dtype; the logits of all its windows
-# at once (window_tokens counts them all): the base log-probs in fp32, a pass's logits, their
-# log-softmax and the KL terms; one group's weights kept aside plus the fp32 round trip's copies,
+# at once (window_tokens counts them all): the base logits and probabilities in fp32, a pass's
+# logits and the KL terms; one group's weights kept aside plus the fp32 round trip's copies,
 # at most the largest tensor (the embedding) in fp32 three times; every decoder layer's output,
 # held besides (``sensitivity.memory_need``). Derived from REFERENCE's
 # terms, not fitted like the others: benchmarks/memory_estimate.py does not run this stage yet.

@@ -124,7 +124,7 @@ def kl_divergence(base: Distribution, logits) -> float:
     the quantized ones and p the base probabilities over their sum s,
     KL = sum(p d) / s + log1p(sum(p expm1(-d)) / s): it sums only small differences, never two
     log-normalizers of size ~10, and expm1 / log1p keep the second-order terms that are the
-    divergence (float64's figure to ~1e-7 at a KLD of 5e-7, where log_softmax's is off by %),
+    divergence (float64's figure to ~1e-7 at a KLD of 5e-7, where log_softmax's is off by 1 %),
     with one exponential per value where log_softmax and exp take two."""
     import torch
 
