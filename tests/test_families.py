@@ -140,15 +140,18 @@ def test_modelopt_exports_and_the_files_match_the_fake_quant_model(checkpoint, t
 
 def test_sensitivity_replays_each_familys_layers_exactly(checkpoint):
     """The sensitivity stage starts each group's pass at its own decoder layer; every family's
-    layers (sliding windows, fused projections, untied outputs) give the whole pass's figure."""
+    layers (sliding windows, fused projections, untied outputs) give the whole pass's figure,
+    and a scaled figure weighs every Linear of its group."""
     import torch
 
     from pipeline.runtimes.transformers import load_causal_lm
-    from tests.test_sensitivity import assert_replayed_layers_change_nothing
+    from tests.test_sensitivity import assert_replayed_layers_change_nothing, assert_scaled_figures_weigh_every_linear
 
     family, source, _, _ = checkpoint
     model = load_causal_lm(source, dtype=torch.float32).eval()
-    assert_replayed_layers_change_nothing(model, [list(range(3, 99)), list(range(40, 136))])
+    windows = [list(range(3, 99)), list(range(40, 136))]
+    assert_replayed_layers_change_nothing(model, windows)
+    assert_scaled_figures_weigh_every_linear(model, windows)
 
 
 @pytest.mark.parametrize("change, reason", [

@@ -121,6 +121,33 @@ def assert_replayed_layers_change_nothing(model, windows):
         assert torch.equal(model(ids).logits, model(ids).logits)
 
 
+def assert_scaled_figures_weigh_every_linear(model, windows):
+    """Every Linear group scaled from Q8_0 to Q5_0: the anchor's figure is its pass's, and the
+    scaled one is larger, so each of the group's Linears was seen called (fused or not)."""
+    import torch
+
+    groups, _ = sensitivity.groups_of((n, tuple(p.shape)) for n, p in model.named_parameters())
+    linear = [g for g in groups if all(isinstance(model.get_submodule(name.removesuffix(".weight")), torch.nn.Linear)
+                                       for name in g.parameters)]
+    candidates = {g.name: ["Q8_0", "Q5_0"] for g in linear}
+
+    def round_trip(w, t):
+        return gguf.search_round_trip(w, t, threads=1)
+
+    scaled = sensitivity.measure(model, windows, linear, candidates, round_trip, unquantized_type="F16",
+                                 scaled_from={g.name: "Q8_0" for g in linear})
+    passed = sensitivity.measure(model, windows, linear, {g.name: ["Q8_0"] for g in linear}, round_trip,
+                                 unquantized_type="F16")
+    for group in linear:
+        assert scaled[group.name]["Q8_0"] == passed[group.name]["Q8_0"], group.name
+        assert scaled[group.name]["Q5_0"] > scaled[group.name]["Q8_0"] > 0, group.name
+        inputs = {}
+        with torch.inference_mode(), sensitivity.inputs_kept(model, group, inputs):
+            model(torch.tensor(windows))
+        assert set(inputs) == set(group.parameters), group.name
+    assert not any(module._forward_pre_hooks for module in model.modules())
+
+
 def test_a_groups_pass_starting_at_its_own_layer_scores_as_a_whole_pass(tiny_model):
     assert_replayed_layers_change_nothing(tiny_model, [list(range(1, 65)), list(range(30, 94))])
 
