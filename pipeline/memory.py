@@ -55,11 +55,11 @@ class Factors(NamedTuple):
 REFERENCE = Factors(0.85 * GIB, 1.0, 14.0)
 # the sensitivity stage: the unquantized model in sensitivity.dtype; the logits of all its windows
 # at once (window_tokens counts them all): the base logits and probabilities in fp32, a pass's
-# logits and the KL terms; one group's weights kept aside plus the fp32 round trip's copies,
+# logits and their fp32 copy (the KL terms are worked a few positions at a time); one group's weights kept aside plus the fp32 round trip's copies,
 # at most the largest tensor (the embedding) in fp32 three times; every decoder layer's output,
 # held besides (``sensitivity.memory_need``). Derived from REFERENCE's
 # terms, not fitted like the others: benchmarks/memory_estimate.py does not run this stage yet.
-SENSITIVITY = Factors(0.85 * GIB, 1.0, 24.0, 12.0)
+SENSITIVITY = Factors(0.85 * GIB, 1.0, 16.0, 12.0)
 
 
 @dataclass(frozen=True)

@@ -119,19 +119,29 @@ class Distribution:
         return cls(logits, probs, probs.sum(dim=-1))
 
 
+KL_CHUNK_POSITIONS = 16  # positions whose full-vocabulary terms are worked at once, in cache
+
+
 def kl_divergence(base: Distribution, logits) -> float:
     """Mean over positions of KL(base || quantized), full vocabulary. With d the base logits less
     the quantized ones and p the base probabilities over their sum s,
     KL = sum(p d) / s + log1p(sum(p expm1(-d)) / s): it sums only small differences, never two
     log-normalizers of size ~10, and expm1 / log1p keep the second-order terms that are the
-    divergence (float64's figure to ~1e-7 at a KLD of 5e-7, where log_softmax's is off by 1 %),
-    with one exponential per value where log_softmax and exp take two."""
+    divergence (float64's figure to ~1e-7 at a KLD of 5e-7, where log_softmax's is off by 1 %).
+    A few positions at a time: whole [T, V] temporaries made it memory-bound, 7x slower."""
     import torch
 
-    difference = base.logits - logits.float()
-    linear = (base.probs * difference).sum(dim=-1)
-    exponential = difference.neg_().expm1_().mul_(base.probs).sum(dim=-1)
-    return float((linear / base.prob_sums + torch.log1p(exponential / base.prob_sums)).mean())
+    vocabulary = base.logits.shape[-1]
+    base_logits, probs = base.logits.reshape(-1, vocabulary), base.probs.reshape(-1, vocabulary)
+    prob_sums, logits = base.prob_sums.reshape(-1), logits.reshape(-1, vocabulary)
+    total = 0.0
+    for start in range(0, base_logits.shape[0], KL_CHUNK_POSITIONS):
+        rows = slice(start, start + KL_CHUNK_POSITIONS)
+        difference = base_logits[rows] - logits[rows].float()
+        linear = (probs[rows] * difference).sum(dim=-1)
+        exponential = difference.neg_().expm1_().mul_(probs[rows]).sum(dim=-1)
+        total += float((linear / prob_sums[rows] + torch.log1p(exponential / prob_sums[rows])).sum())
+    return total / base_logits.shape[0]
 
 
 def measure(model, windows: list[list[int]], groups: list[Group], candidates: dict[str, list[str]],
@@ -194,15 +204,19 @@ def measure(model, windows: list[list[int]], groups: list[Group], candidates: di
                 damage[group.name][type_name] = kl_divergence(base, window_logits())
             if progress:
                 progress()
+        errors = {}
+        if group.name in scaled_from:
+            # the anchor's weights as the pass used them, still in the parameters: no second round trip
+            errors = {type_name: output_error(
+                originals, inputs, (lambda name: parameters[name]) if type_name == passed[0] else
+                (lambda name, t=type_name: quantized(name, t).to(originals[name].dtype)),
+                None if input_round_trip is None else lambda x, t=type_name: input_round_trip(x, t))
+                for type_name in candidates[group.name]}
         with torch.no_grad():
             for name, original in originals.items():
                 parameters[name].copy_(original)
-        if group.name in scaled_from:
+        if errors:
             anchor = scaled_from[group.name]
-            errors = {type_name: output_error(originals, inputs, lambda name, t=type_name: quantized(name, t),
-                                              None if input_round_trip is None else
-                                              lambda x, t=type_name: input_round_trip(x, t))
-                      for type_name in candidates[group.name]}
             for type_name in candidates[group.name]:
                 damage[group.name][type_name] = (damage[group.name][anchor] * errors[type_name] / errors[anchor]
                                                  if errors[anchor] > 0 else 0.0)
@@ -235,7 +249,7 @@ def output_error(weights: dict[str, Any], inputs: dict[str, list], quantized, in
     with torch.inference_mode():
         for name, weight in weights.items():
             weight = weight.float()
-            weight_error = quantized(name) - weight
+            weight_error = quantized(name).float() - weight
             for called_with in inputs.get(name, []):
                 x = called_with.float()
                 x_quantized = x if input_round_trip is None else input_round_trip(called_with).float()

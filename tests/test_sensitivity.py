@@ -139,7 +139,7 @@ def assert_scaled_figures_weigh_every_linear(model, windows):
     passed = sensitivity.measure(model, windows, linear, {g.name: ["Q8_0"] for g in linear}, round_trip,
                                  unquantized_type="F16")
     for group in linear:
-        assert scaled[group.name]["Q8_0"] == passed[group.name]["Q8_0"], group.name
+        assert scaled[group.name]["Q8_0"] == pytest.approx(passed[group.name]["Q8_0"], rel=1e-9), group.name
         assert scaled[group.name]["Q5_0"] > scaled[group.name]["Q8_0"] > 0, group.name
         inputs = {}
         with torch.inference_mode(), sensitivity.inputs_kept(model, group, inputs):
@@ -221,7 +221,7 @@ def test_a_scaled_group_is_passed_at_its_anchor_type_and_the_others_scaled_by_th
     assert len(passes) == len(layer_groups)
     parameters = dict(tiny_model.named_parameters())
     for group in layer_groups:
-        assert scaled[group.name]["IQ4_NL"] == measured[group.name]["IQ4_NL"]
+        assert scaled[group.name]["IQ4_NL"] == pytest.approx(measured[group.name]["IQ4_NL"], rel=1e-9)
         assert scaled[group.name]["IQ4_NL"] > scaled[group.name]["Q5_0"] > scaled[group.name]["Q8_0"] > 0
         inputs = {}
         with torch.inference_mode(), sensitivity.inputs_kept(tiny_model, group, inputs):
