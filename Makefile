@@ -59,6 +59,7 @@ docs: setup
 	$(BIN)/python benchmarks/task_table.py --write
 	$(BIN)/python benchmarks/kv_cache.py --write
 	$(BIN)/python benchmarks/mixed.py --write
+	$(BIN)/python benchmarks/sensitivity_cost.py --write
 	if [ -f artifacts/report/tradeoff.md ]; then $(BIN)/python benchmarks/results_table.py --write; fi
 	$(BIN)/python benchmarks/limit_forms.py --write   # reads the README's results table
 

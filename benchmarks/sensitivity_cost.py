@@ -12,6 +12,7 @@
    oneshot, AWQ's scale search over the recipe's calibration samples).
 
     python benchmarks/sensitivity_cost.py --out benchmarks/results/sensitivity-cost-smollm2-135m.json
+    python benchmarks/sensitivity_cost.py --write   # render the committed result into docs/sensitivity.md (`make docs`)
 
 Needs `dvc repro source corpus` first. Prints a table and writes the figures as JSON.
 """
@@ -28,6 +29,32 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
 sys.path[:0] = [str(REPO), str(BENCHMARKS)]
+
+import doc_blocks  # noqa: E402 (beside this script)
+
+SCRIPT = Path(__file__).name
+RESULTS = BENCHMARKS / "results" / "sensitivity-cost-smollm2-135m.json"
+
+
+def render() -> str:
+    """docs/sensitivity.md's cost table, from the committed result."""
+    results = json.loads(RESULTS.read_text())
+    awq = results["awq_calibration"]
+    lines = ["| format | method | forward passes | stage s | x the AWQ calibration pass | scaled figures against "
+             "their passes: pairs, Spearman, median relative error |", "|---|---|---|---|---|---|"]
+    for name, figures in results["formats"].items():
+        for method, stage in figures["methods"].items():
+            check = figures["scaled_against_measured"] if method == "scaled" else None
+            lines.append(f"| {name} | {method} | {stage['passes']} | {stage['stage_s']:.0f} | "
+                         f"{stage['per_awq_calibration']:.2f} | " + (
+                             f"{check['pairs']} (every scaled figure), {check['spearman']:.2f}, "
+                             f"{check['median_relative_error']:.0%}" if check else "-") + " |")
+    return ("\n".join(lines) + f"\n\nThe embedded model, {results['windows']} x {results['window_tokens']} calibration "
+            f"tokens in {results['dtype']}; the yardstick is {awq['recipe']}'s calibration pass (`quantize_s`, llm-compressor's oneshot): "
+            f"{awq['quantize_s']:.0f} s on {awq['calibration']['samples']} x {awq['calibration']['seq_len']} tokens; {results['host']}; `{results['command']}`.\n")
+
+
+BLOCKS = [(REPO / "docs" / "sensitivity.md", "sensitivity-cost", render)]
 
 
 def sample_comparison(format_name: str, params, count: int, threads: int) -> dict:
@@ -108,7 +135,11 @@ def main() -> None:
     parser.add_argument("--awq", default="awq-w4a16", help="the AWQ recipe whose calibration pass is the yardstick")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
+    parser.add_argument("--write", action="store_true", help="only render the committed result into the docs")
     args = parser.parse_args()
+    if args.write:
+        doc_blocks.show_or_write(BLOCKS, SCRIPT, write_them=True)
+        return
 
     from memory_estimate import host_line
 

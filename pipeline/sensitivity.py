@@ -163,17 +163,9 @@ def measure(model, windows: list[list[int]], groups: list[Group], candidates: di
     parameters = dict(model.named_parameters())
     scaled_from = scaled_from or {}
 
-    @contextlib.contextmanager
     def inputs_quantized(group: Group, type_name: str):
-        handles = [] if input_round_trip is None else [
-            model.get_submodule(name.removesuffix(".weight")).register_forward_pre_hook(
-                lambda module, args: (input_round_trip(args[0], type_name), *args[1:]))
-            for name in group.parameters]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        return contextlib.nullcontext() if input_round_trip is None else pre_hooks(
+            model, group, lambda name, args: (input_round_trip(args[0], type_name), *args[1:]))
 
     ids = torch.as_tensor(np.asarray(windows), dtype=torch.long, device=model.device)
     layers = decoder_layers(model, groups) if replay_layers else {}
@@ -224,17 +216,23 @@ def measure(model, windows: list[list[int]], groups: list[Group], candidates: di
 
 
 @contextlib.contextmanager
-def inputs_kept(model, group: Group, inputs: dict[str, list]):
-    """Inside the block, the inputs each of the group's modules is called with (before any hook
-    that quantizes them) are appended to `inputs[parameter name]`."""
+def pre_hooks(model, group: Group, hook, *, prepend: bool = False):
+    """Inside the block, ``hook(parameter name, args)`` runs before each of the group's modules
+    (what it returns, if anything, replaces their arguments)."""
     handles = [model.get_submodule(name.removesuffix(".weight")).register_forward_pre_hook(
-        lambda module, args, name=name: inputs.setdefault(name, []).append(args[0].detach()), prepend=True)
-        for name in group.parameters]
+        lambda module, args, name=name: hook(name, args), prepend=prepend) for name in group.parameters]
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def inputs_kept(model, group: Group, inputs: dict[str, list]):
+    """Inside the block, the inputs each of the group's modules is called with (before any hook
+    that quantizes them) are appended to `inputs[parameter name]`."""
+    return pre_hooks(model, group, lambda name, args: inputs.setdefault(name, []).append(args[0].detach()),
+                     prepend=True)
 
 
 def output_error(weights: dict[str, Any], inputs: dict[str, list], quantized, input_round_trip=None) -> float:

@@ -154,6 +154,10 @@ def test_the_per_tensor_search_table_in_the_readme_is_what_the_committed_benchma
     assert_blocks_current(mixed)
 
 
+def test_the_sensitivity_cost_table_is_what_the_committed_benchmark_gives():
+    assert_blocks_current(benchmark_module("sensitivity_cost"))
+
+
 def test_the_limit_forms_table_is_current_and_the_recipes_ship_the_form_it_chooses():
     from pipeline.config import RelativeLimit
     from pipeline.formats import load_recipe
