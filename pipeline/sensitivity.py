@@ -175,8 +175,8 @@ def measure(model, windows: list[list[int]], groups: list[Group], candidates: di
         with torch.inference_mode():
             return model(ids, use_cache=False).logits
 
-    def quantized(name: str, type_name: str):  # float32; copy_ casts it to the parameter's dtype
-        return torch.from_numpy(round_trip(originals[name].float().cpu().numpy(), type_name)).to(model.device)
+    def quantized(original, type_name: str):  # float32; copy_ casts it to the parameter's dtype
+        return torch.from_numpy(round_trip(original.float().cpu().numpy(), type_name)).to(model.device)
 
     with kept_outputs(layers, unquantized_outputs):
         base = Distribution.of(window_logits())
@@ -189,8 +189,8 @@ def measure(model, windows: list[list[int]], groups: list[Group], candidates: di
         inputs: dict[str, list] = {}
         for type_name in passed:
             with torch.no_grad():
-                for name in originals:
-                    parameters[name].copy_(quantized(name, type_name))
+                for name, original in originals.items():
+                    parameters[name].copy_(quantized(original, type_name))
             with (inputs_kept(model, group, inputs) if group.name in scaled_from else contextlib.nullcontext(),
                   inputs_quantized(group, type_name), layers_replayed(layers, unquantized_outputs, first_changed)):
                 damage[group.name][type_name] = kl_divergence(base, window_logits())
@@ -201,7 +201,7 @@ def measure(model, windows: list[list[int]], groups: list[Group], candidates: di
             # the anchor's weights as the pass used them, still in the parameters: no second round trip
             errors = {type_name: output_error(
                 originals, inputs, (lambda name: parameters[name]) if type_name == passed[0] else
-                (lambda name, t=type_name: quantized(name, t).to(originals[name].dtype)),
+                (lambda name, t=type_name: quantized(originals[name], t).to(originals[name].dtype)),
                 None if input_round_trip is None else lambda x, t=type_name: input_round_trip(x, t))
                 for type_name in candidates[group.name]}
         with torch.no_grad():
